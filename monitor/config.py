@@ -1,0 +1,244 @@
+"""MonitorConfig: defaults, YAML/TOML files, dicts and MONITOR_* environment overrides.
+
+Every section is a small validated model with documented fields. An invalid
+config fails here, at load time, with the dotted key and what was expected,
+never later in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "MONITOR_"
+# Environment variables that are not config overrides.
+_ENV_RESERVED = {"MONITOR_RUN_DIR", "MONITOR_CONFIG"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (dotted path) and the source."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MetricsConfig(_Section):
+    """The per-process Prometheus endpoint."""
+
+    enabled: bool = Field(True, description="Serve /metrics from the training process.")
+    host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
+    port: int = Field(
+        9740, ge=0, le=65535,
+        description="Base port; each process binds port + LOCAL_RANK, or the next free one. 0 picks any free port.",
+    )
+    port_search: int = Field(50, ge=1, description="How many consecutive ports to try on conflict.")
+
+
+class TensorBoardConfig(_Section):
+    """Per-rank TensorBoard event files in the run directory."""
+
+    enabled: bool = Field(True, description="Write events.out.tfevents.* files.")
+    flush_secs: float = Field(2.0, gt=0, description="Flush interval, so tailers and TensorBoard see steps promptly.")
+    param_norms_every: int = Field(
+        50, ge=0, description="Write per-parameter gradient norms every N steps (0: never). They are many series.",
+    )
+
+
+class CollectorConfig(_Section):
+    """What the training thread gathers per optimizer step."""
+
+    queue_size: int = Field(
+        1024, ge=1, description="Records buffered for the publisher; beyond this they are dropped and counted.",
+    )
+    param_norms_every: int = Field(
+        1, ge=0,
+        description="Compute per-parameter gradient norms every N optimizer steps (0: never). "
+        "When the loop does not clip they come free with the global norm.",
+    )
+    count_tokens: bool = Field(True, description="Count integer input elements of the model's forward as tokens.")
+
+
+class ConsoleConfig(_Section):
+    enabled: bool = Field(True, description="Print each alert as one line on stderr.")
+
+
+class MonitorConfig(_Section):
+    """Configuration of `monitor.attach` (and of the rules in `monitor check`)."""
+
+    run_name: str | None = Field(None, description="Run id; defaults to the run directory's name.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tensorboard: TensorBoardConfig = Field(default_factory=TensorBoardConfig)
+    collector: CollectorConfig = Field(default_factory=CollectorConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
+    rules: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-rule options by rule id, e.g. {'loss.spike': {'z_critical': 9}, 'amp.overflow': {'enabled': False}}.",
+    )
+    halt_on: Literal["warning", "critical"] | None = Field(
+        None, description="Raise monitor.TrainingHalted at the next optimizer.step() after an alert this severe.",
+    )
+    on_alert: Callable[[Any], Any] | None = Field(
+        None, description="Called with each Alert on the publisher thread; errors are caught and counted.",
+        exclude=True,
+    )
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _rules_mapping(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            raise ValueError("must be a mapping of rule id to options")
+        for rule_id, opts in v.items():
+            if opts is not None and not isinstance(opts, Mapping):
+                raise ValueError(f"options of rule {rule_id!r} must be a mapping")
+        return {k: dict(o or {}) for k, o in v.items()}
+
+    @model_validator(mode="after")
+    def _validate_rule_options(self) -> MonitorConfig:
+        # Rule options are validated against each rule's own config model, so a
+        # typo in a threshold fails here. Lazy import: rules depend on config, not
+        # the other way round at import time.
+        from monitor.rules.registry import validate_rule_options
+
+        validate_rule_options(self.rules)
+        return self
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if p != "__root__")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = _dotted(e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if not key and msg.startswith("Value error, "):
+            # Raised by a model validator whose message already names its keys.
+            lines.extend(f"  {line}" for line in msg[len("Value error, "):].splitlines())
+            continue
+        lines.append(f"  {key or '(top level)'}: {msg}")
+    return f"invalid trainmon config ({source}):\n" + "\n".join(lines)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: unsupported extension {suffix!r} (use .yaml, .yml, .toml or .json)")
+    except ConfigError:
+        raise
+    except Exception as e:  # parse errors of any of the three formats
+        raise ConfigError(f"config file {path} could not be parsed: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+    # A file may hold the monitor's config under a `monitor:` key beside other tools' settings.
+    if set(data) == {"monitor"} and isinstance(data["monitor"], dict):
+        data = data["monitor"]
+    return data
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """MONITOR_<SECTION>__<FIELD>=value (double underscore nests), e.g. MONITOR_METRICS__PORT=9800.
+
+    Rule options: MONITOR_RULES__<RULE_ID>__<OPTION>, where the rule id is written with
+    underscores for dots (MONITOR_RULES__LOSS_SPIKE__Z_CRITICAL=9 -> rules['loss.spike'].z_critical).
+    """
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in _ENV_RESERVED:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not parts:
+            continue
+        if parts[0] == "rules" and len(parts) == 3:
+            from monitor.rules.registry import rule_id_from_env
+
+            parts[1] = rule_id_from_env(parts[1])
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name} conflicts with another MONITOR_* variable")
+        node[parts[-1]] = _parse_env_value(raw)
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(
+    source: MonitorConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> MonitorConfig:
+    """Build a validated MonitorConfig from a config object, a dict, or a YAML/TOML/JSON path.
+
+    MONITOR_* environment variables override what the source says; `$MONITOR_CONFIG`
+    names a file used when no source is given. Raises ConfigError naming the key.
+    """
+    environ = os.environ if environ is None else environ
+    if source is None and environ.get("MONITOR_CONFIG"):
+        source = environ["MONITOR_CONFIG"]
+    if isinstance(source, MonitorConfig):
+        data = source.model_dump(exclude={"on_alert"})
+        on_alert = source.on_alert
+        where = "MonitorConfig"
+    elif isinstance(source, Mapping):
+        data, on_alert, where = dict(source), None, "dict"
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        data, on_alert, where = _read_file(path), None, str(path)
+    elif source is None:
+        data, on_alert, where = {}, None, "defaults"
+    else:
+        raise TypeError(f"config must be a MonitorConfig, a dict or a path, got {type(source).__name__}")
+    overrides = env_overrides(environ)
+    if overrides:
+        data = _merge(data, overrides)
+        where += " + MONITOR_* environment"
+    if on_alert is not None:
+        data["on_alert"] = on_alert
+    try:
+        return MonitorConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, where)) from None

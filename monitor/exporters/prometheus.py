@@ -1,0 +1,136 @@
+"""Prometheus exposition of one training process (one rank).
+
+Metric names and labels are a contract (DESIGN.md). A fresh CollectorRegistry
+is passed in, so the user's default registry is untouched and tests use their
+own. Global statistics (LR, grad norms, loss scale) come from rank 0 only: after
+the all-reduce they are identical on every rank.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from monitor.schema import Alert, Severity, StepRecord
+
+RUN_LABELS = ("run", "rank")
+# Step times from a few ms (small models on GPUs) to minutes (huge ones).
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class TrainMetrics:
+    """The trainmon_* metrics of one (run, rank), updated from StepRecords and Alerts."""
+
+    def __init__(self, registry: CollectorRegistry, run: str, rank: int, *, global_stats: bool | None = None) -> None:
+        self.run, self.rank = run, str(rank)
+        self.global_stats = rank == 0 if global_stats is None else global_stats
+        lab = RUN_LABELS
+        r = registry
+        self.loss = Gauge("trainmon_loss", "Training loss of the last optimizer step (mean over micro-batches).", lab, registry=r)
+        self.lr = Gauge("trainmon_learning_rate", "Learning rate per param group used by the last step.", (*lab, "group"), registry=r)
+        self.grad_norm = Gauge("trainmon_grad_norm", "Global L2 norm of the gradients before clipping.", lab, registry=r)
+        self.grad_norm_clipped = Gauge("trainmon_grad_norm_clipped", "Global L2 norm of the gradients after clipping.", lab, registry=r)
+        self.clip_coef = Gauge("trainmon_clip_coefficient", "Factor gradient clipping applied (1 when it did not clip).", lab, registry=r)
+        self.loss_scale = Gauge("trainmon_loss_scale", "GradScaler loss scale used by the last step.", lab, registry=r)
+        self.steps = Counter("trainmon_optimizer_steps", "Optimizer steps (including GradScaler-skipped ones).", lab, registry=r)
+        self.skipped = Counter("trainmon_skipped_steps", "Optimizer steps GradScaler skipped for inf/NaN gradients.", lab, registry=r)
+        self.step_duration = Histogram("trainmon_step_duration_seconds", "Wall time per optimizer step.", lab,
+                                       buckets=STEP_BUCKETS, registry=r)
+        self.tokens = Counter("trainmon_tokens", "Tokens (input elements) processed.", lab, registry=r)
+        self.attn_entropy = Gauge("trainmon_attention_entropy_ratio", "Attention entropy / log(visible keys), mean over heads.",
+                                  (*lab, "layer"), registry=r)
+        self.attn_max_logit = Gauge("trainmon_attention_max_logit", "Largest attention logit.", (*lab, "layer"), registry=r)
+        self.last_step = Gauge("trainmon_last_step_timestamp_seconds", "Unix time the last optimizer step ended.", lab, registry=r)
+        self.alerts_total = Counter("trainmon_alerts", "Alerts raised.", (*lab, "rule", "severity"), registry=r)
+        self.alert_active = Gauge("trainmon_alert_active", "1 while an alert of this rule and severity is firing.",
+                                  (*lab, "rule", "severity"), registry=r)
+        self.dropped = Counter("trainmon_dropped_records", "Step records dropped because the publisher queue was full.", lab, registry=r)
+        self.errors = Counter("trainmon_internal_errors", "Errors caught inside the monitor (never raised into training).",
+                              lab, registry=r)
+        # Children that exist from the first scrape, so rate() and alert rules see a 0, not an absence.
+        self._steps = self.steps.labels(run, self.rank)
+        self._skipped = self.skipped.labels(run, self.rank)
+        self._tokens = self.tokens.labels(run, self.rank)
+        self._dropped = self.dropped.labels(run, self.rank)
+        self._errors = self.errors.labels(run, self.rank)
+        self._duration = self.step_duration.labels(run, self.rank)
+        # Gauges appear with the first step: a loss or timestamp of 0 before it would be a lie.
+
+    def _g(self, gauge: Gauge, value: float | None, *extra: str) -> None:
+        if value is not None:
+            gauge.labels(self.run, self.rank, *extra).set(value)
+
+    def observe(self, rec: StepRecord) -> None:
+        self._steps.inc()
+        if rec.skipped:
+            self._skipped.inc()
+        self._g(self.loss, rec.loss)
+        if rec.tokens:
+            self._tokens.inc(rec.tokens)
+        if rec.step_time is not None and math.isfinite(rec.step_time):
+            self._duration.observe(rec.step_time)
+        self._g(self.last_step, rec.time)
+        if not self.global_stats:
+            return
+        for i, lr in enumerate(rec.lr):
+            self.lr.labels(self.run, self.rank, str(i)).set(lr)
+        self._g(self.grad_norm, rec.grad_norm)
+        self._g(self.grad_norm_clipped, rec.grad_norm_clipped)
+        self._g(self.clip_coef, rec.clip_coef)
+        self._g(self.loss_scale, rec.loss_scale)
+        for layer, stats in (rec.attention or {}).items():
+            self._g(self.attn_entropy, stats.get("entropy_ratio"), layer)
+            self._g(self.attn_max_logit, stats.get("max_logit"), layer)
+
+    def emit(self, alert: Alert) -> None:
+        """Alert sink: counters and the active gauge (one active severity per rule)."""
+        rank = str(alert.rank)
+        if alert.status == "resolved":
+            self.alert_active.labels(self.run, rank, alert.rule, alert.severity.value).set(0)
+            return
+        self.alerts_total.labels(self.run, rank, alert.rule, alert.severity.value).inc()
+        for sev in Severity:
+            self.alert_active.labels(self.run, rank, alert.rule, sev.value).set(1 if sev == alert.severity else 0)
+
+    def count_dropped(self, n: int = 1) -> None:
+        self._dropped.inc(n)
+
+    def count_error(self, n: int = 1) -> None:
+        self._errors.inc(n)
+
+
+@dataclass
+class MetricsServer:
+    host: str
+    port: int
+    _server: WSGIServer
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9740, tries: int = 50) -> MetricsServer:
+    """Start /metrics on `port`, or the next free port on conflict (port 0: any free port)."""
+    last: OSError | None = None
+    for p in [0] if port == 0 else range(port, min(port + tries, 65536)):
+        try:
+            server, thread = start_http_server(p, addr=host, registry=registry)
+        except OSError as e:
+            if e.errno not in (errno.EADDRINUSE, errno.EACCES):
+                raise
+            last = e
+            continue
+        return MetricsServer(host, server.server_port, server, thread)
+    raise OSError(f"no free port for the metrics endpoint on {host} in {port}..{port + tries - 1}: {last}")

@@ -1,0 +1,319 @@
+"""`monitor.attach(...)`: the one call that wires a training loop to the monitor."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from monitor.config import MonitorConfig, load_config
+from monitor.exporters.console import ConsoleSink
+from monitor.exporters.prometheus import MetricsServer, TrainMetrics, serve
+from monitor.hooks import introspect
+from monitor.hooks.collector import StepCollector, TrainingHalted
+from monitor.hooks.guard import ErrorGuard
+from monitor.hooks.publisher import Publisher
+from monitor.rules.engine import RulesEngine
+from monitor.runlog.events import EventWriter
+from monitor.runlog.rundir import ALERTS_JSONL, JsonlAlertSink, RunDir, RunDirError, default_run_dir
+from monitor.schema import Alert, Endpoint, RunInfo
+
+log = logging.getLogger("monitor")
+
+__all__ = ["Monitor", "RunDirError", "TrainingHalted", "attach"]
+
+
+def _check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, max_steps) -> None:
+    def bad(name: str, want: str, got: Any) -> TypeError:
+        return TypeError(f"monitor.attach: `{name}` must be {want}, got {type(got).__name__}")
+
+    if not isinstance(model, torch.nn.Module):
+        raise bad("model", "a torch.nn.Module", model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise bad("optimizer", "a torch.optim.Optimizer", optimizer)
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise bad("scaler", "a torch.amp.GradScaler or None", scaler)
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise bad("scheduler", "an LR scheduler (an object with a step() method) or None", scheduler)
+    if loss_fn is not None and not isinstance(loss_fn, torch.nn.Module):
+        raise bad("loss_fn", "a torch.nn.Module (e.g. nn.CrossEntropyLoss()) or None", loss_fn)
+    if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
+        raise bad("run_dir", "a path (str or os.PathLike) or None", run_dir)
+    if config is not None and not isinstance(config, (MonitorConfig, Mapping, str, os.PathLike)):
+        raise bad("config", "a MonitorConfig, a dict, a YAML/TOML path or None", config)
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)):
+        raise bad("max_steps", "an int or None", max_steps)
+    if max_steps is not None and max_steps <= 0:
+        raise ValueError(f"monitor.attach: `max_steps` must be positive, got {max_steps}")
+    if not any(True for g in optimizer.param_groups for _ in g["params"]):
+        raise ValueError("monitor.attach: `optimizer` has no parameters")
+
+
+def _agree_on_run_dir(run_dir: str | os.PathLike[str] | None, dist: introspect.DistInfo) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    path = default_run_dir()
+    if dist.initialized and dist.world_size > 1 and "MONITOR_RUN_DIR" not in os.environ:
+        # Ranks start at slightly different times: rank 0's name wins (one collective, at attach only).
+        box = [str(path)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        path = Path(box[0])
+    return path
+
+
+class Monitor:
+    """A running monitor. Create it with `monitor.attach(...)`; close it with `close()` or a `with` block."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None = None,
+        scheduler: Any | None = None,
+        loss_fn: torch.nn.Module | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        config: MonitorConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        max_steps: int | None = None,
+    ) -> None:
+        _check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, max_steps)
+        self.config = cfg = load_config(config)  # ConfigError names the key, before anything starts
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._server: MetricsServer | None = None
+        self._collector: StepCollector | None = None
+        self._publisher: Publisher | None = None
+        self._events: EventWriter | None = None
+        self._jsonl: JsonlAlertSink | None = None
+        self._halt: Alert | None = None
+        self._halt_raised = False
+        self.guard = ErrorGuard()
+
+        dist = introspect.dist_info()
+        self.rank, self.local_rank, self.world_size = dist.rank, dist.local_rank, dist.world_size
+        self.rundir = RunDir(_agree_on_run_dir(run_dir, dist), dist.rank)  # RunDirError names the path
+        self.run_dir = self.rundir.path
+        self.run_id = cfg.run_name or self.rundir.run_id
+
+        params = introspect.optimizer_params(optimizer)
+        names = introspect.param_names(model, params)
+        start_step = introspect.resumed_step(optimizer)
+        self.info = RunInfo(
+            run_id=self.run_id,
+            hostname=introspect.hostname(),
+            world_size=dist.world_size,
+            max_steps=max_steps,
+            start_step=start_step,
+            torch_version=torch.__version__,
+            cuda_version=torch.version.cuda,
+            device=str(params[0].device),
+            model=introspect.model_info(model, names),
+            optimizer=introspect.optimizer_info(optimizer),
+            scaler=self._scaler_info(scaler),
+            scheduler=type(scheduler).__name__ if scheduler is not None else None,
+            config=cfg.model_dump(mode="json"),
+        )
+        try:
+            self._start(cfg, model, optimizer, scaler, scheduler, loss_fn, params, names, start_step)
+        except BaseException:
+            self._teardown()
+            raise
+        atexit.register(self.close)
+
+    @staticmethod
+    def _scaler_info(scaler: torch.amp.GradScaler | None) -> dict[str, Any] | None:
+        if scaler is None:
+            return None
+        enabled = scaler.is_enabled()
+        info: dict[str, Any] = {"enabled": enabled}
+        if enabled:
+            info.update(init_scale=scaler._init_scale, growth_factor=scaler._growth_factor,
+                        backoff_factor=scaler._backoff_factor, growth_interval=scaler._growth_interval)
+        return info
+
+    def _start(self, cfg, model, optimizer, scaler, scheduler, loss_fn, params, names, start_step) -> None:
+        registry = CollectorRegistry()
+        self.metrics = TrainMetrics(registry, self.run_id, self.rank)
+        self.guard.listeners.append(self.metrics.count_error)
+
+        sinks: list[Any] = []
+        if cfg.console.enabled:
+            sinks.append(ConsoleSink())
+        self._jsonl = JsonlAlertSink(self.run_dir / ALERTS_JSONL)
+        sinks += [self._jsonl, self.metrics, _CallbackSink(self._on_alert)]
+        self.engine = RulesEngine(self.info, cfg.rules, sinks=sinks, on_error=self.guard.record)
+
+        if cfg.metrics.enabled:
+            self._server = serve(registry, cfg.metrics.host,
+                                 cfg.metrics.port + self.local_rank if cfg.metrics.port else 0,
+                                 cfg.metrics.port_search)
+            ep = Endpoint(rank=self.rank, local_rank=self.local_rank, host=cfg.metrics.host,
+                          port=self._server.port, url=self._server.url)
+            self.info.endpoints = [ep]
+        if self.rank == 0:
+            self.rundir.write_run_info(self.info)
+        if self._server is not None:
+            self.rundir.add_endpoint(self.info.endpoints[0], self.run_id)
+
+        outputs = []
+        if cfg.tensorboard.enabled:
+            self._events = EventWriter(self.rundir.events_dir, self.rank, flush_secs=cfg.tensorboard.flush_secs,
+                                       param_norms_every=cfg.tensorboard.param_norms_every)
+            outputs.append(("tensorboard writer", self._events.write))
+        outputs += [("prometheus metrics", self.metrics.observe), ("rules engine", self.engine.observe)]
+        self._publisher = Publisher(
+            rank=self.rank, param_names=names, outputs=outputs, guard=self.guard,
+            queue_size=cfg.collector.queue_size, on_drop=self.metrics.count_dropped,
+            idle=self._events.maybe_flush if self._events else None,
+        )
+        self._collector = StepCollector(
+            model=model, optimizer=optimizer, scaler=scaler, scheduler=scheduler, loss_fn=loss_fn,
+            params=params, start_step=start_step, param_norms_every=cfg.collector.param_norms_every,
+            count_tokens=cfg.collector.count_tokens, handoff=self._publisher.submit, guard=self.guard,
+            halt_check=self._halt_check,
+        )
+
+    # -- alerts ----------------------------------------------------------------------------
+
+    def _on_alert(self, alert: Alert) -> None:
+        """Publisher thread: the user's callback and the halt request."""
+        if alert.status != "firing":
+            return
+        cfg = self.config
+        if cfg.halt_on is not None and self._halt is None and alert.severity.at_least(cfg.halt_on):
+            self._halt = alert
+        if cfg.on_alert is not None:
+            cfg.on_alert(alert)
+
+    def _halt_check(self) -> None:
+        alert = self._halt
+        if alert is None or self._halt_raised:
+            return
+        self._halt_raised = True  # raise once; a loop that catches it may go on
+        self.flush()
+        raise TrainingHalted(
+            f"trainmon halted training (halt_on={self.config.halt_on!r}): {alert.line()} Run dir: {self.run_dir}"
+        )
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Alerts raised (status 'firing') in this process so far, including preflight findings."""
+        return [a for a in self.engine.alerts if a.status == "firing"]
+
+    @property
+    def active_alerts(self) -> list[Alert]:
+        return self.engine.active()
+
+    @property
+    def step(self) -> int:
+        """The index the next optimizer step will get."""
+        return self._collector.step if self._collector else 0
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self._server.url if self._server else None
+
+    @property
+    def dropped_records(self) -> int:
+        return self._publisher.dropped if self._publisher else 0
+
+    @property
+    def internal_errors(self) -> int:
+        return self.guard.count
+
+    def log(self, loss: Any = None, tokens: int | None = None, **scalars: Any) -> None:
+        """Report values no hook can see: the loss (averaged over the step's calls), tokens, any scalar."""
+        if self._collector is not None and not self._closed:
+            self._collector.log(loss=loss, tokens=tokens, **scalars)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every finished step is written, exported and checked by the rules."""
+        ok = self._publisher.flush(timeout) if self._publisher else True
+        if self._events is not None:
+            try:
+                self._events.flush()
+            except Exception as e:
+                self.guard.record("event file flush", e)
+        return ok
+
+    def close(self) -> None:
+        """Flush and stop everything; restores the hooked objects. Idempotent; also runs at exit."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        atexit.unregister(self.close)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        def step(where: str, fn) -> None:
+            try:
+                fn()
+            except Exception as e:
+                self.guard.record(where, e)
+
+        if self._collector is not None:
+            step("removing hooks", self._collector.remove)
+        if self._publisher is not None:
+            step("publisher shutdown", self._publisher.close)
+        if self._events is not None:
+            step("event file close", self._events.close)
+        if self._jsonl is not None:
+            step("alerts.jsonl close", self._jsonl.close)
+        if self._server is not None:
+            step("metrics endpoint", self._server.close)
+            step("targets.json", lambda: self.rundir.remove_endpoint(self.rank))
+        if self.rank == 0 and self._publisher is not None:
+            step("run.json", self._write_summary)
+
+    def _write_summary(self) -> None:
+        summary = {"ended": time.time(), "steps": self.step, "records_published": self._publisher.published,
+                   "dropped_records": self.dropped_records, "internal_errors": self.internal_errors}
+        self.rundir.update_json("run.json", lambda old: {**(old or {}), **summary}, {})
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Monitor(run_id={self.run_id!r}, rank={self.rank}, step={self.step}, run_dir={str(self.run_dir)!r})"
+
+
+class _CallbackSink:
+    def __init__(self, fn) -> None:
+        self.emit = fn
+
+
+def attach(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
+    scheduler: Any | None = None,
+    loss_fn: torch.nn.Module | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    config: MonitorConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    max_steps: int | None = None,
+) -> Monitor:
+    """Install the monitor's hooks on a training loop; call once, before the loop.
+
+    Loss, LR per group, pre-clip gradient norms, clip coefficient, loss scale and
+    skipped steps, step time and tokens are captured per optimizer step without
+    further calls in the loop. Results go to `run_dir` (TensorBoard events,
+    alerts.jsonl, run.json, targets.json) and to a Prometheus endpoint.
+    Raises TypeError naming a wrong argument, ConfigError naming a bad config key,
+    RunDirError naming an unwritable run directory.
+    """
+    return Monitor(model, optimizer, scaler=scaler, scheduler=scheduler, loss_fn=loss_fn, run_dir=run_dir,
+                   config=config, max_steps=max_steps)
+

@@ -1,0 +1,449 @@
+"""The training-thread side: hooks that gather one optimizer step's values.
+
+Hooks only keep references (detached loss tensors, the clip's norm) and run
+tensor ops that stay on the device. At the step boundary every tensor value is
+stacked into ONE tensor and handed to the publisher; on CUDA that tensor is
+copied non_blocking to pinned host memory and an event is recorded, so the
+training thread never waits for the device on the monitor's behalf. Nothing
+here calls .item(), .tolist() or float() on a device tensor.
+
+Step boundaries: without a GradScaler the optimizer's step pre/post hooks; with
+one, `scaler.step(optimizer)`, because a skipped step never calls
+optimizer.step(). Every hook body runs under the ErrorGuard: a failure is
+counted and the training loop never sees it (TrainingHalted excepted, which is
+the user's own request).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+
+from monitor.hooks import clip as clip_patch
+from monitor.hooks.guard import ErrorGuard
+
+# Order of the loss sources: an explicit mon.log() wins; then a loss module's
+# output, then the model's own output; scaler.scale() sees the loss after the
+# user divided it by the accumulation steps, so it is the last resort.
+_LOSS_SOURCES = ("log", "loss_fn", "model", "scaler")
+
+
+class TrainingHalted(RuntimeError):
+    """Raised at optimizer.step() after an alert at or above `halt_on`; the run dir was flushed first."""
+
+
+@dataclass
+class Packet:
+    """One step, handed from the training thread to the publisher."""
+
+    step: int
+    layout: tuple[str, ...]  # names of the leading entries of `values`; the rest are param norms
+    values: torch.Tensor | None  # host tensor (or pinned buffer being filled on CUDA)
+    event: Any  # torch.cuda.Event to wait on, or None
+    param_index: tuple[int, ...] | None  # which params the norms belong to; None: all, in order
+    lrs: list[float]
+    time: float
+    step_time: float | None
+    tokens: int | None
+    micro_batches: int
+    scheduler_steps: int | None
+    max_norm: float | None
+    loss_value: float | None = None
+    scalars: dict[str, float] = field(default_factory=dict)
+
+
+def find_loss(output: Any) -> torch.Tensor | None:
+    """The loss in a forward output: a 0-dim float tensor, a tuple element, `.loss` or ['loss']."""
+    if isinstance(output, torch.Tensor):
+        return output if output.dim() == 0 and output.is_floating_point() else None
+    if isinstance(output, dict):
+        v = output.get("loss")
+        return v if isinstance(v, torch.Tensor) and v.dim() == 0 else None
+    if isinstance(output, (tuple, list)):
+        for v in output:
+            if isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point():
+                return v
+        return None
+    v = getattr(output, "loss", None)
+    return v if isinstance(v, torch.Tensor) and v.dim() == 0 else None
+
+
+def _count_tokens(args: tuple, kwargs: dict) -> int:
+    # Integer tensors fed to the model are token ids; numel is metadata (no sync).
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor) and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool:
+            return v.numel()
+    return 0
+
+
+class StepCollector:
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: Any | None,
+        scheduler: Any | None,
+        loss_fn: torch.nn.Module | None,
+        params: list[torch.Tensor],
+        start_step: int,
+        param_norms_every: int,
+        count_tokens: bool,
+        handoff: Callable[[Packet], None],
+        guard: ErrorGuard,
+        halt_check: Callable[[], None],
+    ) -> None:
+        self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
+        self.params = params
+        self._param_ids = {id(p) for p in params}
+        self.step = start_step
+        self._every = param_norms_every
+        self._count_tokens = count_tokens
+        self._handoff = handoff
+        self._guard = guard
+        self._halt_check = halt_check
+        self._handles: list[Any] = []
+        self._patched: list[tuple[Any, str]] = []
+        self._in_scaler_step = False
+        self._prev_end: float | None = None
+        self._reset()
+        self._install(loss_fn)
+
+    # -- per-step state ----------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._losses: dict[str, list] = {s: [] for s in _LOSS_SOURCES}
+        self._tokens = 0
+        self._logged_tokens: int | None = None
+        self._micro = 0
+        self._sched_steps = 0
+        self._t_first: float | None = None
+        self._clips: list[tuple[torch.Tensor, float]] = []
+        self._norm_total: torch.Tensor | None = None
+        self._param_norms: list[torch.Tensor] | None = None
+        self._param_index: tuple[int, ...] | None = None
+        self._lrs: list | None = None
+        self._scalars: dict[str, Any] = {}
+
+    def _want_param_norms(self) -> bool:
+        return self._every > 0 and self.step % self._every == 0
+
+    # -- installation ------------------------------------------------------------------
+
+    def _install(self, loss_fn: torch.nn.Module | None) -> None:
+        m = self.model
+        self._handles.append(m.register_forward_pre_hook(self._forward_pre, with_kwargs=True))
+        self._handles.append(m.register_forward_hook(self._forward_post_model))
+        if loss_fn is not None:
+            self._handles.append(loss_fn.register_forward_hook(self._forward_post_loss_fn))
+        self._handles.append(self.optimizer.register_step_pre_hook(self._optimizer_pre))
+        self._handles.append(self.optimizer.register_step_post_hook(self._optimizer_post))
+        clip_patch.add_listener(self._on_clip)
+        if self.scaler is not None:
+            self._patch(self.scaler, "scale", self._wrap_scale)
+            self._patch(self.scaler, "step", self._wrap_scaler_step)
+        if self.scheduler is not None and callable(getattr(self.scheduler, "step", None)):
+            self._patch(self.scheduler, "step", self._wrap_scheduler_step)
+
+    def _patch(self, obj: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+        original = getattr(obj, name)
+        wrapper = make(original)
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        setattr(obj, name, wrapper)  # an instance attribute shadows the class method
+        self._patched.append((obj, name))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        clip_patch.remove_listener(self._on_clip)
+        for obj, name in self._patched:
+            if name in vars(obj):
+                delattr(obj, name)
+        self._patched.clear()
+
+    # -- hooks (training thread) -------------------------------------------------------------
+
+    @staticmethod
+    def _training(module: torch.nn.Module) -> bool:
+        # Evaluation passes (model.eval() or no_grad) are not part of the step.
+        return module.training and torch.is_grad_enabled()
+
+    def _forward_pre(self, module, args, kwargs):
+        try:
+            if not self._training(module):
+                return None
+            if self._t_first is None:
+                self._t_first = time.perf_counter()
+            self._micro += 1
+            if self._count_tokens:
+                self._tokens += _count_tokens(args, kwargs)
+        except Exception as e:
+            self._guard.record("forward pre-hook", e)
+        return None
+
+    def _forward_post_model(self, module, args, output):
+        self._capture_output("model", module, output)
+
+    def _forward_post_loss_fn(self, module, args, output):
+        self._capture_output("loss_fn", module, output)
+
+    def _capture_output(self, source: str, module, output) -> None:
+        try:
+            if torch.is_grad_enabled() and (source == "loss_fn" or module.training):
+                loss = find_loss(output)
+                if loss is not None:
+                    self._losses[source].append(loss.detach())
+        except Exception as e:
+            self._guard.record(f"{source} forward hook", e)
+
+    def _wrap_scale(self, original):
+        def scale(outputs):
+            try:
+                if isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
+                    self._losses["scaler"].append(outputs.detach())
+                    if self._t_first is None:
+                        self._t_first = time.perf_counter()
+            except Exception as e:
+                self._guard.record("GradScaler.scale hook", e)
+            return original(outputs)
+
+        return scale
+
+    def _wrap_scheduler_step(self, original):
+        def step(*args, **kwargs):
+            self._sched_steps += 1
+            return original(*args, **kwargs)
+
+        return step
+
+    def _on_clip(self, parameters, max_norm, total_norm) -> None:
+        try:
+            if isinstance(parameters, torch.Tensor):
+                parameters = [parameters]
+            if not isinstance(parameters, (list, tuple)) or not parameters:
+                return  # a generator here would be consumed by looking at it: leave it alone
+            if id(parameters[0]) not in self._param_ids:
+                return  # clipping some other model's parameters
+            self._clips.append((total_norm, float(max_norm)))
+            if self._want_param_norms() and self._param_norms is None:
+                # Gradients are still unclipped here: one extra read of them, on sampled steps only.
+                self._compute_norms(total=False)
+        except Exception as e:
+            self._guard.record("clip_grad_norm_ hook", e)
+
+    def _optimizer_pre(self, optimizer, args, kwargs):
+        self._halt_check()  # may raise TrainingHalted: deliberately outside the guard
+        try:
+            self._begin_step(in_optimizer=True)
+        except Exception as e:
+            self._guard.record("optimizer step pre-hook", e)
+        return None
+
+    def _optimizer_post(self, optimizer, args, kwargs):
+        if self._in_scaler_step:
+            return None  # scaler.step() finalizes, skipped or not
+        try:
+            self._finalize(found_inf=None)
+        except Exception as e:
+            self._guard.record("optimizer step post-hook", e)
+        return None
+
+    def _wrap_scaler_step(self, original):
+        def step(optimizer, *args, **kwargs):
+            if optimizer is not self.optimizer:
+                return original(optimizer, *args, **kwargs)
+            self._halt_check()
+            self._in_scaler_step = True
+            try:
+                ret = original(optimizer, *args, **kwargs)
+            finally:
+                self._in_scaler_step = False
+            try:
+                self._scaler_step_done()
+            except Exception as e:
+                self._guard.record("GradScaler.step hook", e)
+            return ret
+
+        return step
+
+    # -- step assembly (training thread, no host sync) ---------------------------------------
+
+    def _begin_step(self, in_optimizer: bool) -> None:
+        if self._lrs is None:
+            self._lrs = [g["lr"] for g in self.optimizer.param_groups]
+        if self._clips or self._norm_total is not None:
+            return
+        divide_by = None
+        if in_optimizer and self._in_scaler_step:
+            # Optimizers that unscale inside their fused step get the scale as an attribute.
+            gs = getattr(self.optimizer, "grad_scale", None)
+            divide_by = gs if isinstance(gs, torch.Tensor) else None
+        self._compute_norms(total=True, divide_by=divide_by)
+
+    def _compute_norms(self, total: bool, divide_by: torch.Tensor | None = None) -> None:
+        """Per-parameter norms with torch._foreach_norm and, when the loop did not clip, the total
+        computed exactly as clip_grad_norm_ would (same grouping, same reduction)."""
+        with torch.no_grad():
+            grads = [p.grad for p in self.params]
+            present = [g is not None for g in grads]
+            index = None if all(present) else tuple(i for i, ok in enumerate(present) if ok)
+            if index is not None:
+                grads = [grads[i] for i in index]
+            if not grads:
+                return
+            grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True)
+            norms: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
+            order: list[torch.Tensor] = []
+            for (device, _dtype), ([group], indices) in grouped.items():
+                if _has_foreach_support(group, device):
+                    gn = torch._foreach_norm(group, 2.0)
+                else:  # the same fallback clip_grad_norm_ takes (e.g. tensor subclasses)
+                    gn = [torch.linalg.vector_norm(g, 2.0) for g in group]
+                order.extend(gn)
+                for j, n in zip(indices, gn):
+                    norms[j] = n
+            if divide_by is not None:
+                norms = [n / divide_by for n in norms]
+            first = grads[0].device
+            if total:
+                if divide_by is not None:
+                    order = [n / divide_by for n in order]
+                self._norm_total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in order]), 2.0)
+            if self._want_param_norms():
+                self._param_norms = norms
+                self._param_index = index
+
+    def _scaler_step_done(self) -> None:
+        if self._lrs is None or (not self._clips and self._norm_total is None):
+            # A skipped step never reached optimizer.step(): the grads are unscaled now (inf included).
+            self._begin_step(in_optimizer=False)
+        found_inf = None
+        scale = None
+        if getattr(self.scaler, "_enabled", False):
+            state = self.scaler._per_optimizer_states.get(id(self.optimizer), {})
+            per_device = list(state.get("found_inf_per_device", {}).values())
+            if per_device:
+                found_inf = per_device[0] if len(per_device) == 1 else torch.stack(
+                    [t.to(per_device[0].device) for t in per_device]).sum()
+            scale = self.scaler._scale  # the scale this step's backward used (update() comes after)
+        self._finalize(found_inf=found_inf, scale=scale)
+
+    def _finalize(self, found_inf: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
+        if self._lrs is None:
+            self._begin_step(in_optimizer=False)
+        now = time.perf_counter()
+        wall = time.time()
+        start = self._prev_end if self._prev_end is not None else self._t_first
+        step_time = now - start if start is not None else None
+        self._prev_end = now
+
+        layout: list[str] = []
+        parts: list[torch.Tensor] = []
+        loss_value = None  # a Python float passed to mon.log(loss=...)
+        for source in _LOSS_SOURCES:
+            ls = self._losses[source]
+            if not ls:
+                continue
+            tensors = [x for x in ls if isinstance(x, torch.Tensor)]
+            if tensors:  # mon.log mixing floats and tensors in one step: the tensors count
+                loss = tensors[0].float() if len(tensors) == 1 else torch.stack([x.float() for x in tensors]).mean()
+                layout.append("loss")
+                parts.append(loss)
+            else:
+                loss_value = sum(ls) / len(ls)
+            break
+        max_norm = None
+        if self._clips:
+            if len(self._clips) == 1:
+                total, max_norm = self._clips[0]
+            else:  # several clip calls (e.g. per sub-model): the global norm over all of them
+                total = torch.linalg.vector_norm(torch.stack([c[0].float() for c in self._clips]), 2.0)
+                max_norm = min(c[1] for c in self._clips)
+            # Same formula as clip_grad_norm_'s coefficient.
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            layout += ["grad_norm", "clip_coef"]
+            parts += [total, coef]
+        elif self._norm_total is not None:
+            layout.append("grad_norm")
+            parts.append(self._norm_total)
+        if scale is not None:
+            layout.append("loss_scale")
+            parts.append(scale)
+        if found_inf is not None:
+            layout.append("found_inf")
+            parts.append(found_inf)
+        lrs: list[float] = []
+        for i, lr in enumerate(self._lrs or []):
+            if isinstance(lr, torch.Tensor):  # capturable/tensor LR: stays on device
+                layout.append(f"lr:{i}")
+                parts.append(lr)
+                lrs.append(float("nan"))
+            else:
+                lrs.append(float(lr))
+        scalars: dict[str, float] = {}
+        for k, v in self._scalars.items():
+            if isinstance(v, torch.Tensor):
+                layout.append(f"s:{k}")
+                parts.append(v.detach())
+            else:
+                scalars[k] = float(v)
+        param_index = self._param_index
+        values, event = self._to_host(parts, self._param_norms)
+        tokens = self._logged_tokens if self._logged_tokens is not None else (self._tokens or None)
+        packet = Packet(
+            step=self.step, layout=tuple(layout), values=values, event=event, param_index=param_index,
+            lrs=lrs, time=wall, step_time=step_time, tokens=tokens, micro_batches=self._micro,
+            scheduler_steps=self._sched_steps if self.scheduler is not None else None,
+            max_norm=max_norm, loss_value=loss_value, scalars=scalars,
+        )
+        self.step += 1
+        self._reset()
+        self._handoff(packet)
+
+    @staticmethod
+    def _to_host(scalars: list[torch.Tensor], norms: list[torch.Tensor] | None) -> tuple[torch.Tensor | None, Any]:
+        """One float32 tensor of the step's values; on CUDA a non_blocking copy into pinned memory."""
+        pieces = []
+        device = (scalars or norms or [None])[0]
+        if device is None:
+            return None, None
+        device = device.device
+        if scalars:
+            # found_inf has shape [1], the others are 0-dim: flatten each to one element.
+            pieces.append(torch.stack([t.detach().to(device=device, dtype=torch.float32).reshape(()) for t in scalars]))
+        if norms:
+            if all(n.device == device for n in norms):
+                pieces.append(torch.stack(norms).to(torch.float32))
+            else:  # a model spread over devices
+                pieces.append(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
+        stacked = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if device.type == "cuda":
+            # Pinned destination + event: the publisher waits on the event, the training thread never does.
+            host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            host.copy_(stacked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return host, event
+        if device.type != "cpu":
+            # Other accelerators: an asynchronous copy where the backend supports it.
+            return stacked.to("cpu", non_blocking=True), None
+        return stacked, None
+
+    # -- explicit API -------------------------------------------------------------------------
+
+    def log(self, loss: Any = None, tokens: int | None = None, **scalars: Any) -> None:
+        try:
+            if loss is not None:
+                self._losses["log"].append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
+            if tokens is not None:
+                self._logged_tokens = (self._logged_tokens or 0) + int(tokens)
+            for k, v in scalars.items():
+                self._scalars[k] = v.detach() if isinstance(v, torch.Tensor) else float(v)
+        except Exception as e:
+            self._guard.record("mon.log", e)

@@ -1,0 +1,101 @@
+"""What attach() learns once about the process, the model and the optimizer (for run.json and the rules)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from monitor.schema import ModelInfo, OptimizerInfo, ParamGroupInfo
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def initialized(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size from torch.distributed when initialized, else from torchrun's environment."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return DistInfo(torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size())
+    return DistInfo(int(os.environ.get("RANK", "0") or 0), local_rank, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside DDP/FSDP-style wrappers and torch.compile."""
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, torch.nn.Module):
+            return unwrap(inner)
+    return model
+
+
+def param_names(model: torch.nn.Module, params: list[torch.Tensor]) -> list[str]:
+    by_id = {id(p): n for n, p in unwrap(model).named_parameters(remove_duplicate=False)}
+    return [by_id.get(id(p), f"param{i}") for i, p in enumerate(params)]
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _num(v) -> float | None:
+    if isinstance(v, torch.Tensor):
+        # One host read at attach time (not per step): the hyperparameter may be a tensor.
+        return float(v.detach().cpu()) if v.numel() == 1 else None
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def optimizer_info(optimizer: torch.optim.Optimizer) -> OptimizerInfo:
+    groups = []
+    for g in optimizer.param_groups:
+        betas = g.get("betas")
+        groups.append(ParamGroupInfo(
+            lr=_num(g.get("lr")),
+            betas=[_num(b) for b in betas] if isinstance(betas, (tuple, list)) else None,
+            eps=_num(g.get("eps")),
+            weight_decay=_num(g.get("weight_decay")),
+            momentum=_num(g.get("momentum")),
+            params=len(g["params"]),
+            numel=sum(p.numel() for p in g["params"]),
+        ))
+    return OptimizerInfo(name=type(optimizer).__name__, groups=groups)
+
+
+def model_info(model: torch.nn.Module, names: list[str]) -> ModelInfo:
+    inner = unwrap(model)
+    ps = list(inner.parameters())
+    return ModelInfo(
+        name=type(inner).__name__,
+        parameters=sum(p.numel() for p in ps),
+        trainable=sum(p.numel() for p in ps if p.requires_grad),
+        param_names=names,
+    )
+
+
+def resumed_step(optimizer: torch.optim.Optimizer) -> int:
+    """The optimizer's own step count when it was loaded from a checkpoint (0 for a fresh run).
+
+    One host read at attach time, not per step.
+    """
+    for state in optimizer.state.values():
+        step = state.get("step") if isinstance(state, dict) else None
+        if step is not None:
+            try:
+                return int(step.item() if isinstance(step, torch.Tensor) else step)
+            except (TypeError, ValueError):
+                return 0
+    return 0
+
+
+def hostname() -> str:
+    return socket.gethostname()

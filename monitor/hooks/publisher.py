@@ -1,0 +1,158 @@
+"""The publisher thread: turns Packets into StepRecords and hands them to the outputs.
+
+Everything slow (waiting for the device, building records, writing events,
+Prometheus, rules) happens here, off the training thread. The queue is bounded:
+when it is full the training thread drops the record and counts it instead of
+waiting.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from monitor.hooks.collector import Packet
+from monitor.hooks.guard import ErrorGuard
+from monitor.schema import StepRecord
+
+_STOP = object()
+
+
+def build_record(p: Packet, rank: int, param_names: list[str]) -> StepRecord:
+    if p.event is not None:
+        p.event.synchronize()  # publisher thread: waits for the non_blocking copy, never the trainer
+    values = p.values.tolist() if p.values is not None else []
+    fields: dict = {}
+    lrs = list(p.lrs)
+    scalars = dict(p.scalars)
+    n = len(p.layout)
+    for name, v in zip(p.layout, values):
+        if name.startswith("lr:"):
+            lrs[int(name[3:])] = v
+        elif name.startswith("s:"):
+            scalars[name[2:]] = v
+        else:
+            fields[name] = v
+    found_inf = fields.pop("found_inf", None)
+    grad_norm = fields.get("grad_norm")
+    coef = fields.get("clip_coef")
+    if grad_norm is not None:
+        fields["grad_norm_clipped"] = grad_norm * coef if coef is not None else grad_norm
+        if coef is None:
+            fields["clip_coef"] = 1.0  # the loop did not clip: nothing was scaled
+    param_norms = None
+    if len(values) > n:
+        norms = values[n:]
+        index = p.param_index if p.param_index is not None else range(len(norms))
+        param_norms = {param_names[i]: v for i, v in zip(index, norms)}
+    if "loss" not in fields and p.loss_value is not None:
+        fields["loss"] = p.loss_value
+    return StepRecord.model_construct(
+        step=p.step, rank=rank, time=p.time, loss=fields.get("loss"), lr=lrs,
+        grad_norm=grad_norm, grad_norm_clipped=fields.get("grad_norm_clipped"),
+        clip_coef=fields.get("clip_coef"), max_norm=p.max_norm, loss_scale=fields.get("loss_scale"),
+        skipped=bool(found_inf) if found_inf is not None else False,
+        step_time=p.step_time, tokens=p.tokens, micro_batches=p.micro_batches,
+        scheduler_steps=p.scheduler_steps, param_norms=param_norms, attention=None, scalars=scalars,
+    )
+
+
+class Publisher:
+    def __init__(
+        self,
+        *,
+        rank: int,
+        param_names: list[str],
+        outputs: list[tuple[str, Callable[[StepRecord], object]]],
+        guard: ErrorGuard,
+        queue_size: int,
+        on_drop: Callable[[], None],
+        idle: Callable[[], None] | None = None,
+        idle_secs: float = 1.0,
+    ) -> None:
+        self.rank = rank
+        self.param_names = param_names
+        self.outputs = outputs
+        self.guard = guard
+        self.dropped = 0
+        self.published = 0
+        self._on_drop = on_drop
+        self._idle = idle
+        self._idle_secs = idle_secs
+        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._run, name="trainmon-publisher", daemon=True)
+        self._thread.start()
+
+    # -- training thread ---------------------------------------------------------
+
+    def submit(self, packet: Packet) -> None:
+        try:
+            self._q.put_nowait(packet)
+        except queue.Full:
+            self.dropped += 1
+            self._on_drop()
+
+    # -- any thread ----------------------------------------------------------------
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every submitted packet is published; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._q.all_tasks_done:
+            while self._q.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._q.all_tasks_done.wait(min(left, 0.1))
+        return True
+
+    def close(self, timeout: float = 30.0) -> bool:
+        ok = self.flush(timeout)
+        if self._thread.is_alive():
+            try:
+                self._q.put(_STOP, timeout=1.0)
+            except queue.Full:
+                pass
+            self._thread.join(timeout=5.0)
+        return ok
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- publisher thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._q.get(timeout=self._idle_secs)
+            except queue.Empty:
+                self._call_idle()
+                continue
+            try:
+                if item is _STOP:
+                    return
+                self._publish(item)
+            finally:
+                self._q.task_done()
+
+    def _call_idle(self) -> None:
+        if self._idle is not None:
+            try:
+                self._idle()
+            except Exception as e:
+                self.guard.record("publisher idle", e)
+
+    def _publish(self, packet: Packet) -> None:
+        try:
+            rec = build_record(packet, self.rank, self.param_names)
+        except Exception as e:
+            self.guard.record("building a step record", e)
+            return
+        for name, out in self.outputs:
+            try:
+                out(rec)
+            except Exception as e:
+                self.guard.record(name, e)
+        self.published += 1

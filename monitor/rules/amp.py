@@ -1,0 +1,91 @@
+"""Mixed-precision rules: GradScaler skips beyond its calibration."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pydantic import Field
+
+from monitor.rules.base import Finding, Rule, RuleConfig
+from monitor.rules.registry import register
+from monitor.schema import Severity, StepRecord
+
+
+class AmpOverflowConfig(RuleConfig):
+    consecutive_critical: int = Field(3, ge=2, description="Skipped steps in a row (after calibration) that are critical.")
+    window: int = Field(200, ge=10, description="Optimizer steps over which the skip rate is measured.")
+    max_rate: float = Field(
+        0.01, gt=0, lt=1, description="Skip rate in the window above which a warning is raised (GradScaler's normal "
+        "rate is about one per growth_interval, 1/2000 by default).",
+    )
+    calibration_steps: int = Field(
+        40, ge=0, description="At the start, GradScaler skips while its scale falls from init_scale to a working "
+        "value: skips before the first applied step, up to this many, are calibration.",
+    )
+
+
+@register
+class AmpOverflow(Rule):
+    """GradScaler skips optimizer steps beyond its normal calibration.
+
+    Symptom: after the scale has calibrated, `consecutive_critical` steps in a row are skipped for
+    inf/NaN gradients, or more than `max_rate` of the last `window` steps are.
+    Why: a skipped step is lost work, and steady overflow halves the loss scale again and again until
+    small gradients underflow to zero: the run silently stops learning. Occasional skips (the first
+    steps, then about one per growth interval) are GradScaler working as designed.
+    Fix: find the layer whose activations or gradients overflow fp16 (logits, attention scores,
+    large residual streams), lower the LR, or train in bf16, which needs no loss scaling.
+    """
+
+    id = "amp.overflow"
+    family = "amp"
+    severity = Severity.warning
+    Config = AmpOverflowConfig
+
+    def __init__(self, config: AmpOverflowConfig, run) -> None:
+        super().__init__(config, run)
+        self.calibrating = True
+        self.steps = 0
+        self.run_len = 0
+        self.run_start: int | None = None
+        self.recent: deque[bool] = deque(maxlen=config.window)
+        self.skips_in_window = 0
+
+    def observe(self, r: StepRecord) -> Finding | None:
+        c = self.config
+        self.steps += 1
+        if self.calibrating:
+            if not r.skipped or self.steps > c.calibration_steps:
+                self.calibrating = False
+            if r.skipped and self.calibrating:
+                return None
+        if len(self.recent) == self.recent.maxlen:
+            self.skips_in_window -= self.recent[0]
+        self.recent.append(r.skipped)
+        self.skips_in_window += r.skipped
+        if r.skipped:
+            if self.run_len == 0:
+                self.run_start = r.step
+            self.run_len += 1
+        else:
+            self.run_len = 0
+        ev = {"consecutive_skips": self.run_len, "skips_in_window": self.skips_in_window, "window": len(self.recent),
+              "loss_scale": r.loss_scale, "first_step": self.run_start}
+        if self.run_len >= c.consecutive_critical:
+            return Finding(
+                message=f"GradScaler skipped {self.run_len} optimizer steps in a row (since step {self.run_start}); "
+                f"loss scale now {r.loss_scale}.",
+                hint="Find the layer overflowing fp16 (logits, attention scores), lower the LR, or train in bf16.",
+                evidence=ev,
+                severity=Severity.critical,
+            )
+        # Rate over a full window; before that, over what exists but never below the absolute count
+        # the full window would need, so two early skips are not "100%".
+        if self.skips_in_window > c.max_rate * c.window:
+            return Finding(
+                message=f"GradScaler skipped {self.skips_in_window} of the last {len(self.recent)} steps "
+                f"(more than {c.max_rate:.0%}).",
+                hint="Find the layer overflowing fp16 (logits, attention scores), lower the LR, or train in bf16.",
+                evidence=ev,
+            )
+        return None

@@ -1,0 +1,114 @@
+"""Rule base class and the small value types rules return.
+
+A rule is declarative: an id (contract, see DESIGN.md), a family, a default
+severity, a pydantic config model whose fields are documented, and a docstring
+in Symptom / Why / Fix shape from which `monitor rules` and the docs are
+generated. One instance per (run, rank); `observe` sees each StepRecord once and
+must do O(1) amortized work.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from monitor.schema import RunInfo, Severity, StepRecord
+
+
+class RuleConfig(BaseModel):
+    """Options every rule has. Rules subclass this to add their thresholds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Evaluate this rule.")
+    severity: Severity | None = Field(None, description="Override the rule's default severity.")
+    resolve_after: int = Field(
+        50, ge=1, description="Steps without the condition before a firing alert is marked resolved.",
+    )
+    cooldown_steps: int = Field(
+        200, ge=0, description="After an alert resolves, steps during which the same rule stays quiet.",
+    )
+
+
+@dataclass
+class Finding:
+    """What a rule reports for one record; the engine turns it into an Alert (or not, if already active)."""
+
+    message: str
+    hint: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    severity: Severity | None = None  # None: the rule's (configured) severity
+    step: int | None = None  # None: the record's step
+
+
+_DOC_SECTIONS = ("Symptom", "Why", "Fix")
+
+
+class Rule:
+    """Base class of every rule. Subclasses set the class attributes and implement `observe`."""
+
+    id: ClassVar[str]
+    family: ClassVar[str]
+    severity: ClassVar[Severity]
+    Config: ClassVar[type[RuleConfig]] = RuleConfig
+    once: ClassVar[bool] = False  # at most one alert per (run, rank), e.g. a setup mistake
+
+    def __init__(self, config: RuleConfig, run: RunInfo) -> None:
+        self.config = config
+        self.run = run
+
+    def observe(self, record: StepRecord) -> Finding | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- declarative metadata -------------------------------------------------
+
+    @classmethod
+    def default_severity(cls, config: RuleConfig | None = None) -> Severity:
+        if config is not None and config.severity is not None:
+            return config.severity
+        return cls.severity
+
+    @classmethod
+    def doc_sections(cls) -> dict[str, str]:
+        """The docstring's Symptom / Why / Fix paragraphs (validated at registration)."""
+        return parse_doc_sections(cls)
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = inspect.getdoc(cls) or ""
+        return doc.split("\n\n", 1)[0].strip()
+
+    @classmethod
+    def config_fields(cls) -> list[tuple[str, Any, str]]:
+        """(name, default, description) of every option, for `monitor rules` and the docs."""
+        out = []
+        for name, f in cls.Config.model_fields.items():
+            out.append((name, f.get_default(call_default_factory=True), f.description or ""))
+        return out
+
+
+_SECTION_RE = re.compile(r"^(Symptom|Why|Fix):\s*(.*)$")
+
+
+def parse_doc_sections(cls: type) -> dict[str, str]:
+    doc = inspect.getdoc(cls) or ""
+    sections: dict[str, list[str]] = {}
+    current: str | None = None
+    for line in doc.splitlines():
+        m = _SECTION_RE.match(line.strip())
+        if m:
+            current = m.group(1)
+            sections[current] = [m.group(2)] if m.group(2) else []
+        elif current is not None:
+            if not line.strip() and sections[current]:
+                current = None if current == "Fix" else current
+                continue
+            sections[current].append(line.strip())
+    missing = [s for s in _DOC_SECTIONS if not " ".join(sections.get(s, [])).strip()]
+    if missing:
+        raise TypeError(f"rule {getattr(cls, 'id', cls.__name__)}: docstring lacks section(s) {', '.join(missing)}")
+    return {k: " ".join(x for x in sections[k] if x).strip() for k in _DOC_SECTIONS}

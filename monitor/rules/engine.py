@@ -1,0 +1,174 @@
+"""The rules engine: runs every enabled rule over a stream of StepRecords.
+
+It owns the alert lifecycle, so rules only say "the condition holds now":
+a finding opens an alert (firing) unless that rule's alert is already active;
+a more severe finding escalates it; `resolve_after` quiet steps resolve it;
+`cooldown_steps` then keep the rule quiet, so one problem is one alert.
+State is per (rank, rule); the engine serves one run. An exception inside a
+rule or a sink is caught and counted: a broken rule never breaks a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from monitor.rules.base import Finding, Rule, RuleConfig
+from monitor.rules.registry import REGISTRY, RuleRegistry, _load_builtins
+from monitor.schema import Alert, RunInfo, Severity, StepRecord
+
+log = logging.getLogger("monitor.rules")
+
+
+class AlertSink(Protocol):
+    def emit(self, alert: Alert) -> None: ...
+
+
+@dataclass
+class _RuleState:
+    rule: Rule
+    active: Alert | None = None
+    quiet: int = 0
+    fired: bool = False
+    cooldown_until: int = -1
+
+
+class RulesEngine:
+    def __init__(
+        self,
+        run: RunInfo,
+        options: Mapping[str, Any] | None = None,
+        *,
+        registry: RuleRegistry | None = None,
+        sinks: Iterable[AlertSink] = (),
+        on_error: Callable[[str, BaseException], None] | None = None,
+    ) -> None:
+        if registry is None:
+            _load_builtins()
+            registry = REGISTRY
+        parsed = registry.validate_options(options or {})
+        self.run = run
+        self._specs: list[tuple[type[Rule], RuleConfig]] = []
+        for cls in registry:
+            cfg = parsed.get(cls.id) or cls.Config()
+            if cfg.enabled:
+                self._specs.append((cls, cfg))
+        self.sinks: list[AlertSink] = list(sinks)
+        self.alerts: list[Alert] = []
+        self.errors = 0
+        self._on_error = on_error
+        self._reported: set[str] = set()
+        self._states: dict[int, list[_RuleState]] = {}
+
+    @property
+    def rule_ids(self) -> list[str]:
+        return [cls.id for cls, _ in self._specs]
+
+    def _states_for(self, rank: int) -> list[_RuleState]:
+        states = self._states.get(rank)
+        if states is None:
+            states = []
+            for cls, cfg in self._specs:
+                try:
+                    states.append(_RuleState(cls(cfg, self.run)))
+                except Exception as e:  # a rule that cannot start is skipped, not fatal
+                    self._error(f"rule {cls.id} init", e)
+            self._states[rank] = states
+        return states
+
+    def observe(self, record: StepRecord) -> list[Alert]:
+        """Feed one record; returns the alerts (firing or resolved) it caused."""
+        out: list[Alert] = []
+        for st in self._states_for(record.rank):
+            try:
+                finding = st.rule.observe(record)
+            except Exception as e:
+                self._error(f"rule {st.rule.id}", e)
+                continue
+            alert = self._transition(st, record, finding)
+            if alert is not None:
+                out.append(alert)
+                self._deliver(alert)
+        return out
+
+    def observe_many(self, records: Iterable[StepRecord]) -> list[Alert]:
+        out: list[Alert] = []
+        for r in records:
+            out.extend(self.observe(r))
+        return out
+
+    def emit(self, alert: Alert) -> None:
+        """Deliver an alert raised outside the rules (preflight checks) through the same sinks."""
+        if not alert.run:
+            alert = alert.model_copy(update={"run": self.run.run_id})
+        self._deliver(alert)
+
+    def active(self) -> list[Alert]:
+        return [st.active for states in self._states.values() for st in states if st.active is not None]
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def _transition(self, st: _RuleState, record: StepRecord, finding: Finding | None) -> Alert | None:
+        rule = st.rule
+        cfg = rule.config
+        if finding is None:
+            if st.active is None or rule.once:
+                return None
+            st.quiet += 1
+            if st.quiet < cfg.resolve_after:
+                return None
+            resolved = st.active.model_copy(update={"status": "resolved", "step": record.step, "time": time.time()})
+            st.active = None
+            st.cooldown_until = record.step + cfg.cooldown_steps
+            return resolved
+        severity = finding.severity or rule.default_severity(cfg)
+        if cfg.severity is not None:  # a configured severity overrides what the rule chose
+            severity = cfg.severity
+        st.quiet = 0
+        if st.active is not None:
+            if severity.rank <= st.active.severity.rank:
+                return None  # still the same problem: one alert, not one per step
+        else:
+            if rule.once and st.fired:
+                return None
+            if record.step < st.cooldown_until:
+                return None
+        evidence = dict(finding.evidence)
+        if finding.step is not None and finding.step != record.step:
+            evidence.setdefault("detected_at", record.step)  # the alert's step is where the problem began
+        alert = Alert(
+            rule=rule.id,
+            severity=severity,
+            step=finding.step if finding.step is not None else record.step,
+            rank=record.rank,
+            message=finding.message,
+            hint=finding.hint,
+            evidence=evidence,
+            run=self.run.run_id,
+        )
+        st.active = alert
+        st.fired = True
+        return alert
+
+    def _deliver(self, alert: Alert) -> None:
+        self.alerts.append(alert)
+        for sink in self.sinks:
+            try:
+                sink.emit(alert)
+            except Exception as e:
+                self._error(f"sink {type(sink).__name__}", e)
+
+    def _error(self, where: str, exc: BaseException) -> None:
+        self.errors += 1
+        if self._on_error is not None:
+            self._on_error(where, exc)
+        elif where not in self._reported:
+            self._reported.add(where)
+            log.warning("trainmon: error in %s (reported once, counted after): %r", where, exc)
+
+
+def severity_at_least(alert: Alert, threshold: Severity | str) -> bool:
+    return alert.severity.at_least(threshold)

@@ -1,0 +1,124 @@
+"""Gradient-norm rules, judged relative to the LR schedule."""
+
+from __future__ import annotations
+
+import math
+from statistics import median
+
+from pydantic import Field
+
+from monitor.rules.base import Finding, Rule, RuleConfig
+from monitor.rules.registry import register
+from monitor.rules.stats import finite, top_movers
+from monitor.schema import Severity, StepRecord
+
+
+class GradNormGrowthConfig(RuleConfig):
+    block: int = Field(20, ge=2, description="Optimizer steps per block; the trend is judged on block medians.")
+    factor: float = Field(
+        2.0, gt=1, description="Rise of the schedule-normalised grad norm over its post-warmup floor that counts as growth.",
+    )
+    rising_blocks: int = Field(3, ge=1, description="Consecutive rising block medians required (a sustained trend).")
+    normalize_lr: bool = Field(
+        True, description="Judge grad_norm * sqrt(lr / peak_lr): grad norms rise near the end of a decaying "
+        "schedule by design.",
+    )
+
+
+@register
+class GradNormGrowth(Rule):
+    """The gradient norm keeps growing after warmup.
+
+    Symptom: the median of grad_norm * sqrt(lr / peak_lr) over blocks of `block` steps has risen for
+    `rising_blocks` blocks in a row and is `factor` times its post-warmup floor.
+    Why: gradient norms of a healthy run fall during warmup and then stay flat (or rise only as the LR
+    decays, which the sqrt(lr) normalisation removes). Sustained growth means the updates are
+    outgrowing the loss landscape's curvature: the usual prelude to loss spikes and divergence.
+    Fix: lower the peak LR (or lengthen warmup), keep clipping at max_norm 1.0, and check the
+    parameters named in the evidence: their gradients grew the most.
+    """
+
+    id = "grad_norm.growth"
+    family = "grad_norm"
+    severity = Severity.warning
+    Config = GradNormGrowthConfig
+
+    def __init__(self, config: GradNormGrowthConfig, run) -> None:
+        super().__init__(config, run)
+        self.peak_lr = 0.0
+        self.prev_lr: float | None = None
+        self.in_warmup = True
+        self.buf: list[float] = []
+        self.buf_first: int | None = None
+        self.last_norms: dict[str, float] | None = None
+        self.medians: list[tuple[int, float]] = []  # (first step of block, median), last rising_blocks+1 kept
+        self.floor: float | None = None
+        self.floor_step: int | None = None
+        self.floor_norms: dict[str, float] | None = None
+        self.left_band_at: int | None = None
+
+    def _signal(self, r: StepRecord) -> float | None:
+        g = r.grad_norm
+        if r.skipped or not finite(g) or g <= 0:
+            return None
+        s = math.log(g)
+        lr = r.max_lr
+        if self.config.normalize_lr and lr is not None and lr > 0 and self.peak_lr > 0:
+            s += 0.5 * math.log(lr / self.peak_lr)
+        return s
+
+    def observe(self, r: StepRecord) -> Finding | None:
+        lr = r.max_lr
+        if lr is not None:
+            # Warmup lasts while the LR still rises; grad norms are meant to move then.
+            if self.prev_lr is not None and lr <= self.prev_lr and lr > 0:
+                self.in_warmup = False
+            self.prev_lr = lr
+            self.peak_lr = max(self.peak_lr, lr)
+            if self.in_warmup:
+                return None
+        s = self._signal(r)
+        if s is None:
+            return None
+        if r.param_norms:
+            self.last_norms = r.param_norms
+        if not self.buf:
+            self.buf_first = r.step
+        self.buf.append(s)
+        if len(self.buf) < self.config.block:
+            return None
+        m = median(self.buf)
+        first = self.buf_first
+        self.buf = []
+        return self._on_block(first, m, r)
+
+    def _on_block(self, first: int, m: float, r: StepRecord) -> Finding | None:
+        c = self.config
+        self.medians.append((first, m))
+        del self.medians[: -(c.rising_blocks + 1)]
+        if self.floor is None or m < self.floor:
+            self.floor, self.floor_step, self.floor_norms = m, first, self.last_norms
+            self.left_band_at = None
+            return None
+        band = self.floor + 0.5 * math.log(c.factor)
+        if m > band and self.left_band_at is None:
+            self.left_band_at = first
+        elif m <= band:
+            self.left_band_at = None
+        rising = len(self.medians) == c.rising_blocks + 1 and all(
+            b[1] > a[1] for a, b in zip(self.medians, self.medians[1:])
+        )
+        growth = math.exp(m - self.floor)
+        if not (rising and growth >= c.factor):
+            return None
+        movers = top_movers(self.floor_norms, self.last_norms)
+        named = ", ".join(f"{p['param']} x{p['ratio']:.1f}" for p in movers)
+        return Finding(
+            message=f"the LR-normalised gradient norm has grown {growth:.1f}x over its floor at step "
+            f"{self.floor_step} and rose for {c.rising_blocks} blocks of {c.block} steps"
+            + (f"; grew most: {named}." if named else "."),
+            hint="Lower the peak LR or lengthen warmup, keep clipping at max_norm 1.0, and check the parameters "
+            "whose gradients grew most.",
+            evidence={"grad_norm": r.grad_norm, "growth": round(growth, 3), "floor_step": self.floor_step,
+                      "first_step": self.left_band_at, "lr": r.max_lr, "top_params": movers},
+        )

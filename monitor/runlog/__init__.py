@@ -1,0 +1,1 @@
+"""Run directory: writer, reader, TensorBoard event encoding."""

@@ -1,0 +1,166 @@
+"""StepRecords <-> TensorBoard events.
+
+One Event per optimizer step holds every scalar of that step as simple_value
+summaries (what TensorBoard's scalar dashboard and EventAccumulator read).
+Tags are namespaced `trainmon/...` so they never collide with a user's own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+
+from monitor.runlog.tfrecord import encode_record
+from monitor.schema import StepRecord
+
+PREFIX = "trainmon/"
+# StepRecord field -> tag, for the plain scalar fields.
+FIELD_TAGS = {
+    "loss": "trainmon/loss",
+    "grad_norm": "trainmon/grad_norm",
+    "grad_norm_clipped": "trainmon/grad_norm_clipped",
+    "clip_coef": "trainmon/clip_coef",
+    "max_norm": "trainmon/max_norm",
+    "loss_scale": "trainmon/loss_scale",
+    "skipped": "trainmon/skipped",
+    "step_time": "trainmon/step_time",
+    "tokens": "trainmon/tokens",
+    "micro_batches": "trainmon/micro_batches",
+    "scheduler_steps": "trainmon/scheduler_steps",
+}
+TAG_FIELDS = {v: k for k, v in FIELD_TAGS.items()}
+LR_TAG = "trainmon/lr/group{}"
+PARAM_TAG = "trainmon/param_grad_norm/"
+ATTENTION_TAG = "trainmon/attention/"  # trainmon/attention/<stat>/<layer>
+SCALAR_TAG = "trainmon/scalars/"
+_INT_FIELDS = {"tokens", "micro_batches", "scheduler_steps"}
+
+
+def event_file_name(rank: int) -> str:
+    # TensorBoard only needs "tfevents" in the name; host, pid and rank keep
+    # concurrent writers and restarts apart.
+    return f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.rank{rank}"
+
+
+def record_values(r: StepRecord, *, param_norms: bool = True) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for field, tag in FIELD_TAGS.items():
+        v = getattr(r, field)
+        if v is None or (field == "skipped" and r.loss_scale is None and not v):
+            continue
+        out.append((tag, float(v)))
+    out.extend((LR_TAG.format(i), lr) for i, lr in enumerate(r.lr))
+    if param_norms and r.param_norms:
+        out.extend((PARAM_TAG + name, v) for name, v in r.param_norms.items())
+    if r.attention:
+        for layer, stats in r.attention.items():
+            out.extend((f"{ATTENTION_TAG}{stat}/{layer}", v) for stat, v in stats.items())
+    out.extend((SCALAR_TAG + k, v) for k, v in r.scalars.items())
+    return out
+
+
+def encode_step(r: StepRecord, *, param_norms: bool = True) -> bytes:
+    summary = summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in record_values(r, param_norms=param_norms)]
+    )
+    return event_pb2.Event(wall_time=r.time, step=r.step, summary=summary).SerializeToString()
+
+
+class EventWriter:
+    """Appends step events to one event file; synchronous, called from the publisher thread only."""
+
+    def __init__(self, directory: Path, rank: int, *, flush_secs: float = 2.0, param_norms_every: int = 50) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / event_file_name(rank)
+        self._f = open(self.path, "ab")  # noqa: SIM115 (kept open for the run)
+        self._flush_secs = flush_secs
+        self._param_norms_every = param_norms_every
+        self._last_flush = time.monotonic()
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        self.flush()
+
+    def _write(self, data: bytes) -> None:
+        self._f.write(encode_record(data))
+
+    def write(self, r: StepRecord) -> None:
+        every = self._param_norms_every
+        self._write(encode_step(r, param_norms=bool(every) and r.step % every == 0))
+        if time.monotonic() - self._last_flush >= self._flush_secs:
+            self.flush()
+
+    def maybe_flush(self) -> None:
+        if time.monotonic() - self._last_flush >= self._flush_secs:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            self._f.close()
+
+
+class StepAssembler:
+    """Rebuilds StepRecords from decoded events (values are float32 as stored)."""
+
+    def __init__(self, rank: int = 0) -> None:
+        self.rank = rank
+
+    def from_event(self, ev: event_pb2.Event) -> StepRecord | None:
+        if not ev.HasField("summary"):
+            return None
+        fields: dict = {}
+        lrs: dict[int, float] = {}
+        params: dict[str, float] = {}
+        attention: dict[str, dict[str, float]] = {}
+        scalars: dict[str, float] = {}
+        seen = False
+        for v in ev.summary.value:
+            tag = v.tag
+            if not tag.startswith(PREFIX) or v.WhichOneof("value") != "simple_value":
+                continue
+            seen = True
+            x = float(v.simple_value)
+            field = TAG_FIELDS.get(tag)
+            if field is not None:
+                if field == "skipped":
+                    fields[field] = x != 0.0
+                elif field in _INT_FIELDS:
+                    fields[field] = int(x) if math.isfinite(x) else None
+                else:
+                    fields[field] = x
+            elif tag.startswith("trainmon/lr/group"):
+                lrs[int(tag[len("trainmon/lr/group"):])] = x
+            elif tag.startswith(PARAM_TAG):
+                params[tag[len(PARAM_TAG):]] = x
+            elif tag.startswith(ATTENTION_TAG):
+                stat, _, layer = tag[len(ATTENTION_TAG):].partition("/")
+                attention.setdefault(layer, {})[stat] = x
+            elif tag.startswith(SCALAR_TAG):
+                scalars[tag[len(SCALAR_TAG):]] = x
+        if not seen:
+            return None
+        return StepRecord(
+            step=ev.step, rank=self.rank, time=ev.wall_time, lr=[lrs[i] for i in sorted(lrs)],
+            param_norms=params or None, attention=attention or None, scalars=scalars, **fields,
+        )
+
+
+def decode_records(datas: Iterable[bytes], rank: int = 0) -> list[StepRecord]:
+    asm = StepAssembler(rank)
+    out = []
+    for data in datas:
+        ev = event_pb2.Event.FromString(data)
+        r = asm.from_event(ev)
+        if r is not None:
+            out.append(r)
+    return out

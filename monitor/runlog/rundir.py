@@ -1,0 +1,151 @@
+"""The run directory: run.json, targets.json, alerts.jsonl and per-rank event files.
+
+Layout (see DESIGN.md): rank 0 writes its event file into the run directory
+itself; rank N > 0 into `rankN/` (TensorBoard reads one growing file per
+directory at a time, so concurrent writers need a directory each). run.json and
+targets.json are shared by all ranks and updated under a file lock with an
+atomic rename, so readers never see a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from monitor.schema import Alert, Endpoint, RunInfo
+
+RUN_JSON = "run.json"
+TARGETS_JSON = "targets.json"
+ALERTS_JSONL = "alerts.jsonl"
+_LOCK = ".trainmon.lock"
+
+
+class RunDirError(OSError):
+    """The run directory cannot be created or written; the message names the path."""
+
+
+def default_run_dir(environ: dict[str, str] | None = None) -> Path:
+    """$MONITOR_RUN_DIR, else runs/<utc-time>-<host>."""
+    env = os.environ if environ is None else environ
+    if env.get("MONITOR_RUN_DIR"):
+        return Path(env["MONITOR_RUN_DIR"])
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path("runs") / f"{stamp}-{socket.gethostname()}"
+
+
+def rank_dir(run_dir: Path, rank: int) -> Path:
+    return run_dir if rank == 0 else run_dir / f"rank{rank}"
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike[str], rank: int = 0) -> None:
+        self.path = Path(path)
+        self.rank = rank
+        try:
+            self.events_dir.mkdir(parents=True, exist_ok=True)
+            # The real test of writability (permission bits lie for root and read-only mounts).
+            with tempfile.NamedTemporaryFile(dir=self.events_dir, prefix=".probe"):
+                pass
+        except OSError as e:
+            raise RunDirError(f"run_dir {str(self.path)!r} is not writable: {e.strerror or e}") from e
+
+    @property
+    def run_id(self) -> str:
+        return self.path.resolve().name
+
+    @property
+    def events_dir(self) -> Path:
+        return rank_dir(self.path, self.rank)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.path / _LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read_json(self, name: str, default: Any) -> Any:
+        try:
+            return json.loads((self.path / name).read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return default
+
+    def _write_json(self, name: str, data: Any) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, self.path / name)
+
+    def update_json(self, name: str, fn: Callable[[Any], Any], default: Any) -> Any:
+        with self._locked():
+            data = fn(self._read_json(name, default))
+            self._write_json(name, data)
+            return data
+
+    def write_run_info(self, info: RunInfo) -> None:
+        """Write run.json, keeping endpoints other ranks registered already."""
+        new = info.model_dump(mode="json")
+
+        def merge(old: dict) -> dict:
+            eps = {e["rank"]: e for e in old.get("endpoints", [])} if isinstance(old, dict) else {}
+            eps.update({e["rank"]: e for e in new.get("endpoints", [])})
+            new["endpoints"] = [eps[k] for k in sorted(eps)]
+            return new
+
+        self.update_json(RUN_JSON, merge, {})
+
+    def add_endpoint(self, ep: Endpoint, run_id: str) -> None:
+        """Record this rank's /metrics endpoint in run.json and targets.json (Prometheus file_sd)."""
+        epd = ep.model_dump(mode="json")
+
+        def add_to_run(old: dict) -> dict:
+            old = old if isinstance(old, dict) else {"run_id": run_id}
+            eps = [e for e in old.get("endpoints", []) if e.get("rank") != ep.rank] + [epd]
+            old["endpoints"] = sorted(eps, key=lambda e: e["rank"])
+            return old
+
+        def add_to_targets(old: list) -> list:
+            old = [t for t in (old if isinstance(old, list) else [])
+                   if t.get("labels", {}).get("trainmon_rank") != str(ep.rank)]
+            old.append({"targets": [f"{ep.host}:{ep.port}"],
+                        "labels": {"trainmon_run": run_id, "trainmon_rank": str(ep.rank)}})
+            return sorted(old, key=lambda t: int(t["labels"]["trainmon_rank"]))
+
+        self.update_json(RUN_JSON, add_to_run, {})
+        self.update_json(TARGETS_JSON, add_to_targets, [])
+
+    def remove_endpoint(self, rank: int) -> None:
+        """Drop this rank's target once its server is gone, so Prometheus stops scraping a dead port."""
+        self.update_json(
+            TARGETS_JSON,
+            lambda old: [t for t in (old if isinstance(old, list) else [])
+                         if t.get("labels", {}).get("trainmon_rank") != str(rank)],
+            [],
+        )
+
+
+class JsonlAlertSink:
+    """Appends each alert to alerts.jsonl as one line (O_APPEND: concurrent ranks never interleave a line)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def emit(self, alert: Alert) -> None:
+        os.write(self._fd, (alert.model_dump_json() + "\n").encode("utf-8"))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,47 @@
+"""TFRecord framing of TensorBoard event files: writing, and incremental reading.
+
+A record is: uint64 length, uint32 masked crc32c(length), data, uint32 masked
+crc32c(data), little-endian. The reader keeps its byte offset and stops at an
+incomplete trailing record, so a file that is still being written (or was cut
+short by a crash) is read up to its last whole record and can be resumed.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+_HEADER = struct.Struct("<QI")
+_FOOTER = struct.Struct("<I")
+
+
+class CorruptRecord(ValueError):
+    """A record whose checksum does not match: the file is corrupt at this offset."""
+
+
+def encode_record(data: bytes) -> bytes:
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def read_records(f: BinaryIO, offset: int = 0, *, check_crc: bool = True) -> Iterator[tuple[int, bytes]]:
+    """Yield (offset after the record, data) for each whole record from `offset` on."""
+    f.seek(offset)
+    while True:
+        header = f.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return
+        length, length_crc = _HEADER.unpack(header)
+        if check_crc and masked_crc32c(header[:8]) != length_crc:
+            raise CorruptRecord(f"bad length checksum at byte {offset}")
+        body = f.read(length + _FOOTER.size)
+        if len(body) < length + _FOOTER.size:
+            return  # incomplete: the writer has not finished this record yet
+        data = body[:length]
+        if check_crc and masked_crc32c(data) != _FOOTER.unpack(body[length:])[0]:
+            raise CorruptRecord(f"bad data checksum at byte {offset}")
+        offset += _HEADER.size + length + _FOOTER.size
+        yield offset, data

@@ -1,0 +1,146 @@
+"""On-disk and on-wire shapes: StepRecord, Alert, RunInfo.
+
+Pure pydantic, no torch: the daemon and `monitor check` read these without a
+training environment. Field names here are what run.json and alerts.jsonl hold.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Severity(str, Enum):
+    info = "info"
+    warning = "warning"
+    critical = "critical"
+
+    @property
+    def rank(self) -> int:
+        """Order for comparisons: info < warning < critical."""
+        return _SEVERITY_RANK[self]
+
+    def at_least(self, other: Severity | str) -> bool:
+        return self.rank >= Severity(other).rank
+
+
+_SEVERITY_RANK = {Severity.info: 0, Severity.warning: 1, Severity.critical: 2}
+
+
+class StepRecord(BaseModel):
+    """Everything the monitor knows about one optimizer step of one rank.
+
+    A step that GradScaler skipped is a record with ``skipped=True``. Nothing is
+    filtered: a NaN loss is NaN here. Fields a source cannot know are None.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(description="Optimizer step index (0-based; continues after a resume).")
+    rank: int = 0
+    time: float = Field(default_factory=time.time, description="Unix time the step ended.")
+    loss: float | None = Field(None, description="Mean of the step's micro-batch losses.")
+    lr: list[float] = Field(default_factory=list, description="Learning rate per param group, as used by the step.")
+    grad_norm: float | None = Field(None, description="Global L2 norm of unscaled gradients before clipping.")
+    grad_norm_clipped: float | None = Field(None, description="Global norm after clipping.")
+    clip_coef: float | None = Field(None, description="Factor clipping applied (1.0 when it did not clip).")
+    max_norm: float | None = Field(None, description="Clip threshold passed to clip_grad_norm_, when the loop clips.")
+    loss_scale: float | None = Field(None, description="GradScaler scale used for this step's backward.")
+    skipped: bool = Field(False, description="GradScaler skipped the update (inf/NaN gradients).")
+    step_time: float | None = Field(None, description="Seconds since the previous optimizer step ended.")
+    tokens: int | None = Field(None, description="Tokens (input elements) seen in this step, when known.")
+    micro_batches: int | None = Field(None, description="Forward passes that contributed to this step.")
+    scheduler_steps: int | None = Field(None, description="scheduler.step() calls since the previous optimizer step.")
+    param_norms: dict[str, float] | None = Field(None, description="Per-parameter gradient norms (sampled steps).")
+    attention: dict[str, dict[str, float]] | None = Field(None, description="Per-layer attention statistics.")
+    scalars: dict[str, float] = Field(default_factory=dict, description="Extra scalars passed to mon.log().")
+
+    @property
+    def max_lr(self) -> float | None:
+        return max(self.lr) if self.lr else None
+
+
+class Alert(BaseModel):
+    """One finding of a rule. ``hint`` is the fix, in one sentence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: str
+    severity: Severity
+    step: int
+    rank: int = 0
+    message: str
+    hint: str
+    evidence: dict[str, Any] = Field(default_factory=dict)
+    time: float = Field(default_factory=time.time)
+    run: str = ""
+    status: Literal["firing", "resolved"] = "firing"
+
+    def line(self) -> str:
+        """The one-line console form."""
+        head = f"[trainmon] {self.severity.value.upper()} {self.rule}"
+        where = f"step {self.step}" + (f" rank {self.rank}" if self.rank else "")
+        if self.status == "resolved":
+            return f"{head} resolved at {where}"
+        return f"{head} at {where}: {self.message} Fix: {self.hint}"
+
+
+class ParamGroupInfo(BaseModel):
+    lr: float | None = None
+    betas: list[float] | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    params: int = 0
+    numel: int = 0
+
+
+class OptimizerInfo(BaseModel):
+    name: str = ""
+    groups: list[ParamGroupInfo] = Field(default_factory=list)
+
+    @property
+    def adam_family(self) -> bool:
+        return any(k in self.name.lower() for k in ("adam", "lamb", "lion", "adafactor"))
+
+
+class ModelInfo(BaseModel):
+    name: str = ""
+    parameters: int = 0
+    trainable: int = 0
+    param_names: list[str] = Field(default_factory=list)
+
+
+class Endpoint(BaseModel):
+    rank: int
+    local_rank: int = 0
+    host: str
+    port: int
+    url: str
+
+
+class RunInfo(BaseModel):
+    """run.json: what a reader needs to interpret the run's records."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run_id: str
+    created: float = Field(default_factory=time.time)
+    hostname: str = ""
+    world_size: int = 1
+    max_steps: int | None = None
+    start_step: int = 0
+    torch_version: str | None = None
+    cuda_version: str | None = None
+    device: str | None = None
+    model: ModelInfo = Field(default_factory=ModelInfo)
+    optimizer: OptimizerInfo = Field(default_factory=OptimizerInfo)
+    scaler: dict[str, Any] | None = None
+    scheduler: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    preflight: list[Alert] = Field(default_factory=list)
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    source: str = "trainmon"
