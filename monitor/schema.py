@@ -66,7 +66,8 @@ class StepRecord(BaseModel):
 class Alert(BaseModel):
     """One finding of a rule. ``hint`` is the fix, in one sentence."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN/Inf evidence is the point of some alerts: keep it as "NaN"/"Infinity" strings (strict JSON).
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
 
     rule: str
     severity: Severity

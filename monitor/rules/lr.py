@@ -34,6 +34,7 @@ class LrZero(Rule):
     id = "lr.zero"
     family = "lr"
     severity = Severity.critical
+    Config = LrZeroConfig
 
     def __init__(self, config: LrZeroConfig, run) -> None:
         super().__init__(config, run)
@@ -63,4 +64,5 @@ class LrZero(Rule):
             f"(since step {self.first_zero}).",
             hint="Compute the schedule in floating point (step / warmup_steps, not //) and check the LR of the first steps.",
             evidence={"zero_steps": self.zeros, "first_step": self.first_zero, "peak_lr_seen": self.peak},
+            step=self.first_zero,
         )

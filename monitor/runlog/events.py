@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import struct
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,6 +47,16 @@ def event_file_name(rank: int) -> str:
     # TensorBoard only needs "tfevents" in the name; host, pid and rank keep
     # concurrent writers and restarts apart.
     return f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.rank{rank}"
+
+
+def f32_shortest(x: float) -> float:
+    """The shortest decimal that is the same float32: stored LRs read back as 0.001, not 0.0010000000474974513."""
+    packed = struct.pack("<f", x)
+    for digits in (6, 7, 8):
+        y = float(f"{x:.{digits}g}")
+        if struct.pack("<f", y) == packed:
+            return y
+    return x
 
 
 def record_values(r: StepRecord, *, param_norms: bool = True) -> list[tuple[str, float]]:
@@ -139,7 +150,7 @@ class StepAssembler:
                 else:
                     fields[field] = x
             elif tag.startswith("trainmon/lr/group"):
-                lrs[int(tag[len("trainmon/lr/group"):])] = x
+                lrs[int(tag[len("trainmon/lr/group"):])] = f32_shortest(x)
             elif tag.startswith(PARAM_TAG):
                 params[tag[len(PARAM_TAG):]] = x
             elif tag.startswith(ATTENTION_TAG):

@@ -1,0 +1,22 @@
+"""`monitor check`: the rules over a finished (or growing) run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from monitor.config import MonitorConfig
+from monitor.rules.engine import RulesEngine
+from monitor.runlog.reader import RunData, read_run
+from monitor.schema import Alert
+
+
+def check_run(run_dir: Path, config: MonitorConfig) -> tuple[RunData, list[Alert]]:
+    """Replay every rank's records through a fresh engine; returns the firing alerts, preflight first."""
+    data = read_run(run_dir)
+    engine = RulesEngine(data.info, config.rules)
+    for alert in data.info.preflight:
+        engine.emit(alert)
+    # Ranks are independent streams; replay each in step order.
+    for rank in sorted(data.records):
+        engine.observe_many(data.records[rank])
+    return data, [a for a in engine.alerts if a.status == "firing"]

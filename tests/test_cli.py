@@ -1,0 +1,132 @@
+"""The `monitor` CLI through typer's CliRunner, on run directories made by real training steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TinyLM, batches
+from typer.testing import CliRunner
+
+import monitor
+from monitor.cli.app import app
+from monitor.rules import REGISTRY
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run with no warmup (warning) and a NaN loss at step 30 (critical)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "nan-run"
+    class Poisoned(TinyLM):
+        poison = False
+
+        def forward(self, idx, targets=None):
+            logits, loss = super().forward(idx, targets)
+            return logits, loss * float("nan") if self.poison else loss
+
+    torch.manual_seed(0)
+    model = Poisoned()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with monitor.attach(model, opt, run_dir=run_dir, config={"metrics": {"enabled": False},
+                                                             "console": {"enabled": False}}) as mon:
+        for step, (x, y) in enumerate(batches(40)):
+            model.poison = step == 30
+            _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+        mon.flush()
+        in_process = [(a.rule, a.severity.value, a.step) for a in mon.alerts]
+    return run_dir, in_process
+
+
+def test_check_reproduces_in_process_alerts(finished_run):
+    run_dir, in_process = finished_run
+    result = runner.invoke(app, ["check", str(run_dir), "--json"])
+    assert result.exit_code == 1, result.output
+    alerts = json.loads(result.stdout)
+    assert [(a["rule"], a["severity"], a["step"]) for a in alerts] == in_process
+    assert {"warmup.missing", "loss.nonfinite"} <= {a["rule"] for a in alerts}
+    for a in alerts:
+        assert set(a) == {"rule", "severity", "step", "rank", "message", "hint", "evidence"}
+    nan = next(a for a in alerts if a["rule"] == "loss.nonfinite")
+    assert nan["step"] == 30 and nan["evidence"]["loss"] == "NaN"
+
+
+@pytest.mark.parametrize("fail_on, code", [("info", 1), ("warning", 1), ("critical", 1)])
+def test_check_exit_codes(finished_run, fail_on, code):
+    result = runner.invoke(app, ["check", str(finished_run[0]), "--fail-on", fail_on])
+    assert result.exit_code == code
+    assert "loss.nonfinite" in result.stdout and "Fix:" in result.stdout
+
+
+def test_check_passes_when_nothing_reaches_fail_on(finished_run, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rules:\n  loss.nonfinite: {enabled: false}\n")
+    result = runner.invoke(app, ["check", str(finished_run[0]), "--fail-on", "critical", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert "warmup.missing" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["check", "/nonexistent/run"], "no such directory"),
+    (["check", "."], "not a trainmon run directory"),
+    (["check", ".", "--fail-on", "fatal"], "fatal"),
+])
+def test_check_bad_input_exits_2(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_check_bad_config_exits_2_naming_the_key(finished_run, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[rules."loss.spike"]\nz_warning = "six"\n')
+    result = runner.invoke(app, ["check", str(finished_run[0]), "--config", str(cfg)])
+    assert result.exit_code == 2 and "rules.loss.spike.z_warning" in result.output
+
+
+def test_rules_lists_the_catalogue():
+    result = runner.invoke(app, ["rules"])
+    assert result.exit_code == 0
+    for rule_id in REGISTRY.ids():
+        assert rule_id in result.stdout
+    assert result.stdout.count("Symptom:") == len(REGISTRY)
+    rows = json.loads(runner.invoke(app, ["rules", "--json"]).stdout)
+    spike = next(r for r in rows if r["id"] == "loss.spike")
+    assert {o["name"]: o["default"] for o in spike["options"]}["z_critical"] == 8.0
+
+
+def test_rules_validates_a_config_file(tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("rules: {loss.spike: {z_critical: 9}, amp.overflow: {enabled: false}}\n")
+    bad.write_text("rules: {loss.spike: {z_critical: 9, windw: 5}}\n")
+    assert runner.invoke(app, ["rules", "--config", str(good)]).exit_code == 0
+    result = runner.invoke(app, ["rules", "--config", str(bad)])
+    assert result.exit_code == 2 and "rules.loss.spike.windw: unknown option" in result.output
+
+
+def test_committed_rule_docs_are_generated():
+    result = runner.invoke(app, ["rules", "--markdown"])
+    assert result.stdout == (ROOT / "docs" / "rules.md").read_text(), "run `make docs` and commit docs/rules.md"
+
+
+def test_check_and_rules_do_not_import_torch(finished_run):
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from monitor.cli.app import app\n"
+        f"r = CliRunner().invoke(app, ['check', {str(finished_run[0])!r}])\n"
+        "assert r.exit_code == 1, r.output\n"
+        "assert CliRunner().invoke(app, ['rules']).exit_code == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

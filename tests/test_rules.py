@@ -1,0 +1,217 @@
+"""Rules core: registry, engine lifecycle, and table-driven cases per rule on synthetic record streams."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from monitor.rules import REGISTRY, Finding, Rule, RuleConfig, RuleRegistry, RulesEngine
+from monitor.schema import OptimizerInfo, RunInfo, Severity, StepRecord
+
+RUN = RunInfo(run_id="t", optimizer=OptimizerInfo(name="AdamW"))
+
+
+def recs(n: int, *, loss=2.0, lr=1e-3, grad_norm=1.0, skipped=False, start=0, loss_scale=None):
+    """n records; each field is a constant or a function of the step."""
+    def val(v, s):
+        return v(s) if callable(v) else v
+    return [
+        StepRecord(step=s, loss=val(loss, s), lr=[val(lr, s)], grad_norm=val(grad_norm, s),
+                   skipped=val(skipped, s), loss_scale=val(loss_scale, s))
+        for s in range(start, start + n)
+    ]
+
+
+def warmup(peak=1e-3, steps=50):
+    return lambda s: peak * min(1.0, (s + 1) / steps)
+
+
+def cosine(peak=1e-3, warm=50, total=2000):
+    def f(s):
+        if s < warm:
+            return peak * (s + 1) / warm
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))))
+    return f
+
+
+def noisy(base, amp=0.02, period=7):
+    """Deterministic small noise around a base (a number or a function of the step)."""
+    return lambda s: (base(s) if callable(base) else base) * (1 + amp * math.sin(s * 2.399 + s % period))
+
+
+def run_rules(records, rule_ids=None, options=None, run=RUN):
+    opts = dict(options or {})
+    if rule_ids is not None:
+        for cls in REGISTRY:
+            if cls.id not in rule_ids:
+                opts.setdefault(cls.id, {})["enabled"] = False
+    engine = RulesEngine(run, opts)
+    engine.observe_many(records)
+    return [a for a in engine.alerts if a.status == "firing"]
+
+
+CASES = [
+    # (name, records, rule, expected: None = quiet, else (severity, first alert step, max detection step))
+    ("nan loss", recs(30, loss=lambda s: math.nan if s >= 20 else 2.0), "loss.nonfinite", ("critical", 20, 20)),
+    ("inf grad norm", recs(30, grad_norm=lambda s: math.inf if s == 12 else 1.0), "loss.nonfinite", ("critical", 12, 12)),
+    ("inf grad on a skipped step is amp's business", recs(30, grad_norm=lambda s: math.inf if s == 12 else 1.0,
+                                                          skipped=lambda s: s == 12, loss_scale=1024.0),
+     "loss.nonfinite", None),
+    ("healthy loss", recs(400, loss=noisy(lambda s: 3.0 * math.exp(-s / 300) + 1.0)), "loss.spike", None),
+    ("loss spike", recs(300, loss=noisy(lambda s: 8.0 if s == 250 else 2.0)), "loss.spike", ("critical", 250, 250)),
+    ("spike inside the first window is a transient", recs(80, loss=noisy(lambda s: 8.0 if s == 30 else 2.0)),
+     "loss.spike", None),
+    ("constant LR: no warmup", recs(40, lr=1e-3), "warmup.missing", ("warning", 0, 6)),
+    ("cosine from peak: no warmup", recs(40, lr=lambda s: 1e-3 * math.cos(s / 100)), "warmup.missing", ("warning", 0, 6)),
+    ("linear warmup", recs(100, lr=warmup()), "warmup.missing", None),
+    ("peak first, then warmup (scheduler stepped after step 0)",
+     recs(40, lr=lambda s: 1e-4 if s == 0 else 1e-4 * s / 2000), "warmup.missing", ("warning", 0, 1)),
+    ("resumed run: start not seen", recs(40, lr=1e-3, start=5000), "warmup.missing", None),
+    ("LR zero from integer division", recs(40, lr=lambda s: 1e-3 * (s // 100)), "lr.zero", ("critical", 0, 3)),
+    ("LR decays to exactly zero at the end", recs(120, lr=lambda s: max(0.0, 1e-3 * (1 - s / 100))), "lr.zero", None),
+    ("LR drops to zero mid-run", recs(80, lr=lambda s: 0.0 if s >= 40 else 1e-3), "lr.zero", ("critical", 40, 43)),
+    ("GradScaler calibration and growth-interval skips",
+     recs(2000, skipped=lambda s: s < 8 or s % 500 == 499, loss_scale=lambda s: 2.0 ** (16 - min(s, 8))),
+     "amp.overflow", None),
+    ("steady overflow", recs(100, skipped=lambda s: s < 5 or s >= 60, loss_scale=1.0), "amp.overflow",
+     ("critical", 62, 62)),
+    ("skip rate above 1%", recs(400, skipped=lambda s: s < 3 or (s > 50 and s % 40 == 0)), "amp.overflow",
+     ("warning", 160, 160)),
+    ("grad norm flat after warmup", recs(600, lr=cosine(), grad_norm=noisy(1.0, 0.1)), "grad_norm.growth", None),
+    ("grad norm rising as the LR decays (by design)",
+     recs(2000, lr=cosine(), grad_norm=noisy(lambda s: (cosine()(s) / 1e-3) ** -0.5, 0.1)), "grad_norm.growth", None),
+    ("grad norm growing exponentially", recs(400, lr=warmup(), grad_norm=noisy(lambda s: math.exp(max(0, s - 100) / 60))),
+     "grad_norm.growth", ("warning", None, 250)),
+]
+
+
+@pytest.mark.parametrize("name, records, rule, expected", CASES, ids=[c[0] for c in CASES])
+def test_rule_cases(name, records, rule, expected):
+    alerts = run_rules(records, [rule])
+    if expected is None:
+        assert alerts == [], [a.line() for a in alerts]
+        return
+    severity, first_step, max_detect = expected
+    assert alerts, f"{rule} did not fire"
+    a = alerts[0]
+    assert a.rule == rule
+    detected = a.evidence.get("detected_at", a.step)
+    if first_step is not None:
+        assert a.step == first_step
+    assert detected <= max_detect
+    assert any(x.severity == Severity(severity) for x in alerts)
+    assert a.hint and a.message and a.evidence
+
+
+def test_every_builtin_rule_is_declared_and_documented():
+    ids = REGISTRY.ids()
+    assert {"loss.nonfinite", "loss.spike", "warmup.missing", "lr.zero", "amp.overflow", "grad_norm.growth"} <= set(ids)
+    for cls in REGISTRY:
+        doc = cls.doc_sections()
+        assert all(doc[k] for k in ("Symptom", "Why", "Fix"))
+        assert cls.family == cls.id.split(".")[0]
+        assert all(desc for _, _, desc in cls.config_fields()), f"{cls.id}: undocumented option"
+
+
+def _rule(rule_id="custom.thing", doc="A thing.\n\nSymptom: s.\nWhy: w.\nFix: f.\n"):
+    return type("R", (Rule,), {"id": rule_id, "family": "custom", "severity": Severity.warning, "__doc__": doc,
+                               "observe": lambda self, r: None})
+
+
+def test_registry_rejects_duplicates_bad_ids_and_undocumented_rules():
+    reg = RuleRegistry()
+    reg.register(_rule())
+    with pytest.raises(ValueError, match="duplicate rule id 'custom.thing'"):
+        reg.register(_rule())
+    with pytest.raises(ValueError, match="must look like"):
+        reg.register(_rule("NoDots"))
+    with pytest.raises(TypeError, match="lacks section"):
+        reg.register(_rule("custom.nodoc", doc="Only a summary."))
+
+
+class _Threshold(Rule):
+    """Loss above a threshold (a user's own rule).
+
+    Symptom: loss above `limit`.
+    Why: the user says so.
+    Fix: do something.
+    """
+
+    id = "custom.threshold"
+    family = "custom"
+    severity = Severity.warning
+    once = False
+
+    class Config(RuleConfig):
+        limit: float = 5.0
+
+    def observe(self, r):
+        if r.loss is not None and r.loss > self.config.limit:
+            sev = Severity.critical if r.loss > 2 * self.config.limit else None
+            return Finding(message=f"loss {r.loss}", hint="lower it", evidence={"loss": r.loss}, severity=sev)
+        return None
+
+
+def test_engine_lifecycle_one_alert_per_problem_escalation_resolution_cooldown():
+    reg = RuleRegistry()
+    reg.register(_Threshold)
+    engine = RulesEngine(RUN, {"custom.threshold": {"resolve_after": 5, "cooldown_steps": 20}}, registry=reg)
+    losses = [1] * 5 + [6] * 10 + [11] * 3 + [1] * 5 + [6] * 3 + [1] * 30 + [6] * 2
+    out = engine.observe_many(StepRecord(step=i, loss=v) for i, v in enumerate(losses))
+    got = [(a.status, a.severity.value, a.step) for a in out]
+    assert got == [
+        ("firing", "warning", 5),  # one alert for ten bad steps
+        ("firing", "critical", 15),  # escalation
+        ("resolved", "critical", 22),  # five quiet steps
+        # the relapse at 23..25 falls inside the cooldown (until step 42): quiet
+        ("firing", "warning", 56),
+    ]
+
+
+def test_user_rule_is_configurable_and_validated():
+    reg = RuleRegistry()
+    reg.register(_Threshold)
+    engine = RulesEngine(RUN, {"custom.threshold": {"limit": 100}}, registry=reg)
+    assert engine.observe_many(StepRecord(step=i, loss=50.0) for i in range(3)) == []
+    with pytest.raises(ValueError, match=r"rules\.custom\.threshold\.limt: unknown option"):
+        RulesEngine(RUN, {"custom.threshold": {"limt": 1}}, registry=reg)
+    with pytest.raises(ValueError, match=r"rules\.custom\.nope: unknown rule id"):
+        RulesEngine(RUN, {"custom.nope": {}}, registry=reg)
+
+
+def test_broken_rule_is_counted_not_raised():
+    class Broken(_Threshold):
+        """Broken.
+
+        Symptom: s.
+        Why: w.
+        Fix: f.
+        """
+
+        id = "custom.broken"
+
+        def observe(self, r):
+            raise ZeroDivisionError("bug in a rule")
+
+    reg = RuleRegistry()
+    reg.register(Broken)
+    reg.register(_Threshold)
+    seen = []
+    engine = RulesEngine(RUN, {}, registry=reg, on_error=lambda where, e: seen.append(where))
+    out = engine.observe_many(StepRecord(step=i, loss=9.0) for i in range(3))
+    assert engine.errors == 3 and seen == ["rule custom.broken"] * 3
+    assert [a.rule for a in out] == ["custom.threshold"]
+
+
+def test_rules_are_per_rank():
+    engine = RulesEngine(RUN, {})
+    engine.observe_many(StepRecord(step=s, rank=1, lr=[1e-3 * (s + 1) / 50], loss=2.0) for s in range(30))
+    engine.observe_many(StepRecord(step=s, rank=0, lr=[1e-3], loss=2.0) for s in range(30))
+    fired = [(a.rule, a.rank) for a in engine.alerts]
+    assert fired == [("warmup.missing", 0)]
+
+
+def test_sgd_runs_are_not_held_to_adam_warmup():
+    run = RunInfo(run_id="t", optimizer=OptimizerInfo(name="SGD"))
+    assert run_rules(recs(40, lr=0.1), ["warmup.missing"], run=run) == []
