@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import monitor
 from monitor.hooks import clip as clip_patch
+from monitor.runlog.reader import read_run
 
 CONTRACT_METRICS = [
     "trainmon_loss", "trainmon_learning_rate", "trainmon_grad_norm", "trainmon_grad_norm_clipped",
@@ -89,8 +90,6 @@ def test_grad_norm_without_clipping_equals_what_clip_would_return(tmp_path, mon_
         opt.zero_grad()
     mon.flush()
     mon.close()
-    from monitor.runlog.reader import read_run
-
     records = read_run(mon.run_dir).records[0]
     assert [r.grad_norm for r in records] == [torch.tensor(e.item(), dtype=torch.float32).item() for e in expected]
     assert all(r.clip_coef == 1.0 for r in records)
@@ -137,8 +136,6 @@ def test_grad_scaler_loss_scale_and_skipped_step(tmp_path, mon_config):
         assert sample(m, "trainmon_optimizer_steps_total", **labels) == 6
         # the scale used by the last step: halved once by the skip at step 3
         assert sample(m, "trainmon_loss_scale", **labels) == 512.0
-    from monitor.runlog.reader import read_run
-
     recs = read_run(mon.run_dir).records[0]
     assert [r.skipped for r in recs] == [False, False, False, True, False, False]
     assert math.isinf(recs[3].grad_norm) or math.isnan(recs[3].grad_norm)
@@ -358,14 +355,15 @@ def test_close_restores_everything_and_is_idempotent(tmp_path, mon_config):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
     original_clip = torch.nn.utils.clip_grad._clip_grads_with_norm_
+    original_scale = vars(torch.amp.GradScaler)["scale"]
     mon = monitor.attach(model, opt, scaler=scaler, run_dir=tmp_path / "r", config=mon_config)
     assert torch.nn.utils.clip_grad._clip_grads_with_norm_ is not original_clip
-    assert "scale" in vars(scaler)
+    assert "scale" in vars(torch.amp.GradScaler) and "step" in vars(torch.amp.GradScaler)
     url = mon.metrics_url
     mon.close()
     mon.close()
     assert torch.nn.utils.clip_grad._clip_grads_with_norm_ is original_clip
-    assert "scale" not in vars(scaler) and "step" not in vars(scaler)
+    assert vars(torch.amp.GradScaler)["scale"] is original_scale and "scale" not in vars(scaler)
     assert not model._forward_hooks and not model._forward_pre_hooks
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert json.loads((mon.run_dir / "targets.json").read_text()) == []
@@ -437,3 +435,45 @@ def test_port_conflict_takes_the_next_free_port(tmp_path):
             info = json.loads((mon.run_dir / "run.json").read_text())
             assert info["endpoints"][0]["port"] == port
             assert targets_url(mon.run_dir) == mon.metrics_url
+
+
+def test_collector_has_no_host_sync_calls():
+    """The training-thread module never reads a device tensor on the host (GPU runs check this live
+    with torch.cuda.set_sync_debug_mode in scripts/gpu-check.sh)."""
+    import ast
+    import inspect
+
+    from monitor.hooks import collector
+
+    tree = ast.parse(inspect.getsource(collector))
+    syncing = {"item", "tolist", "cpu", "numpy", "synchronize", "wait"}
+    calls = [n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    assert not syncing & set(calls), syncing & set(calls)
+
+
+def test_hooked_objects_still_checkpoint_and_pickle(tmp_path, mon_config):
+    """Nothing is set on the user's objects: scheduler and scaler state_dicts and pickles stay clean."""
+    import copy
+    import io
+
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    scaler = torch.amp.GradScaler("cpu")
+    other = torch.amp.GradScaler("cpu", init_scale=8.0)  # not monitored: passes straight through
+    with monitor.attach(model, opt, scaler=scaler, scheduler=sched, run_dir=tmp_path / "r", config=mon_config) as mon:
+        for x, y in batches(3):
+            _, loss = model(x, y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            sched.step()
+        buf = io.BytesIO()
+        torch.save({"sched": sched.state_dict(), "scaler": scaler.state_dict(), "opt": opt.state_dict()}, buf)
+        copy.deepcopy(scaler)
+        assert other.scale(torch.tensor(2.0)).item() == 16.0
+        mon.flush()
+    recs = read_run(mon.run_dir).records[0]
+    # LambdaLR's last_epoch: 0 before the first step, one scheduler.step() after each optimizer step
+    assert [r.scheduler_steps for r in recs] == [0, 1, 1]

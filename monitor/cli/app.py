@@ -110,6 +110,116 @@ def rules(
         typer.echo(f"    Options: {opts}\n")
 
 
+TrainPreset = Annotated[str, typer.Option("--preset", "-p", help="Trainer preset: tiny, small or medium.")]
+RunDirOpt = Annotated[
+    Path | None, typer.Option("--run-dir", help="Run directory (default: runs/<utc-time>-<host> or $MONITOR_RUN_DIR).")
+]
+
+
+def _fault_opt(default_help: str = ""):
+    # Static text: listing FAULTS here would import torch for every command (check and rules run without it).
+    return typer.Option("--fault", "-f", help="Fault to plant (repeatable), e.g. no-warmup, lr-too-high, "
+                        "fp16-overflow, nan-at:120; --list-faults explains each." + default_help)
+
+
+@app.command()
+def train(
+    preset: TrainPreset = "tiny",
+    fault: Annotated[list[str] | None, _fault_opt()] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (max_steps).")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (with GradScaler).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ...")] = None,
+    data: Annotated[str | None, typer.Option(help="synthetic, or text (Python's stdlib sources by default).")] = None,
+    post_ln: Annotated[bool, typer.Option("--post-ln", help="Post-LN blocks instead of pre-LN.")] = False,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Warmup steps (default: max(2/(1-beta2), 1% of steps)).")] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="cosine, linear, polynomial, inverse_sqrt, constant_cooldown or constant.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of init and data.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Save checkpoints here.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Any TrainConfig field, KEY=VALUE (repeatable).")
+    ] = None,
+    run_dir: RunDirOpt = None,
+    config: ConfigOpt = None,
+    no_monitor: Annotated[bool, typer.Option("--no-monitor", help="Train without the monitor.")] = False,
+    progress: Annotated[bool, typer.Option(help="Progress bar (terminal) or log lines.")] = True,
+    list_faults: Annotated[bool, typer.Option("--list-faults", help="Explain every fault flag and exit.")] = False,
+) -> None:
+    """Train the reference GPT (monitored), optionally with planted faults."""
+    from monitor.cli.train import build_config, parse_sets, run_training, where_to_look
+    from monitor.cli.train import list_faults as faults_text
+
+    if list_faults:
+        typer.echo(faults_text())
+        return
+    try:
+        overrides = {
+            "max_steps": steps, "precision": precision, "device": device, "data": data, "grad_accum": grad_accum,
+            "lr": lr, "warmup_steps": warmup, "schedule": schedule, "seed": seed,
+            "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None, "faults": fault or None,
+        }
+        if post_ln:
+            overrides["post_ln"] = True
+        if resume:
+            overrides["resume"] = True
+        overrides.update(parse_sets(set_ or []))
+        cfg = build_config(preset, overrides)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    mon_cfg = _config(config) if config else None
+    if no_monitor:
+        from monitor.trainer import train as train_fn
+
+        train_fn(cfg, attach_monitor=False, progress=progress)
+        return
+    result, url, halted, mon = run_training(cfg, run_dir=run_dir, monitor_config=mon_cfg, progress=progress)
+    mon_dir = mon.run_dir if mon else run_dir
+    n_alerts = len(mon.alerts) if mon else 0
+    if halted:
+        typer.echo(halted, err=True)
+    if mon_dir is not None:
+        typer.echo(where_to_look(Path(mon_dir), url, n_alerts))
+    if halted:
+        raise typer.Exit(EXIT_FINDINGS)
+
+
+DEMO_FAULTS = ["no-warmup", "nan-at:150"]
+
+
+@app.command()
+def demo(
+    fault: Annotated[list[str] | None, _fault_opt(f" Default: {' '.join(DEMO_FAULTS)}.")] = None,
+    preset: TrainPreset = "tiny",
+    run_dir: RunDirOpt = None,
+    linger: Annotated[
+        float, typer.Option(help="Keep serving /metrics this many seconds after the last step.")
+    ] = 0.0,
+    progress: Annotated[bool, typer.Option(help="Progress bar (terminal) or log lines.")] = True,
+) -> None:
+    """The reference trainer with planted faults: alerts appear live, then where to look.
+
+    By default the run has no LR warmup (a warning a few steps in) and a NaN loss at step 150
+    (critical), and halts on the critical alert, as `halt_on: critical` would in your own run.
+    """
+    from monitor.cli.train import build_config, run_training, where_to_look
+
+    try:
+        cfg = build_config(preset, {"faults": fault or DEMO_FAULTS})
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"trainmon demo: {preset} GPT with fault(s) {', '.join(cfg.faults)}; alerts print as they fire.")
+    result, url, halted, mon = run_training(cfg, run_dir=run_dir, monitor_config={"halt_on": "critical"},
+                                            progress=progress, linger=linger)
+    if halted:
+        typer.echo(f"\n{halted}")
+    if mon is not None:
+        typer.echo(where_to_look(Path(mon.run_dir), url, len(mon.alerts)))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

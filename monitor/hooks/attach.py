@@ -199,7 +199,8 @@ class Monitor:
         self._halt_raised = True  # raise once; a loop that catches it may go on
         self.flush()
         raise TrainingHalted(
-            f"trainmon halted training (halt_on={self.config.halt_on!r}): {alert.line()} Run dir: {self.run_dir}"
+            f"trainmon halted training (halt_on={self.config.halt_on!r}): {alert.line()} Run dir: {self.run_dir}",
+            alert,
         )
 
     # -- public API ---------------------------------------------------------------------------

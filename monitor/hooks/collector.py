@@ -26,6 +26,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_
 
 from monitor.hooks import clip as clip_patch
 from monitor.hooks.guard import ErrorGuard
+from monitor.hooks.intercept import intercept
 
 # Order of the loss sources: an explicit mon.log() wins; then a loss module's
 # output, then the model's own output; scaler.scale() sees the loss after the
@@ -35,6 +36,10 @@ _LOSS_SOURCES = ("log", "loss_fn", "model", "scaler")
 
 class TrainingHalted(RuntimeError):
     """Raised at optimizer.step() after an alert at or above `halt_on`; the run dir was flushed first."""
+
+    def __init__(self, message: str, alert: Any = None) -> None:
+        super().__init__(message)
+        self.alert = alert  # the monitor.Alert that asked for the halt
 
 
 @dataclass
@@ -73,6 +78,19 @@ def find_loss(output: Any) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) and v.dim() == 0 else None
 
 
+# Step counters of torch's LRScheduler and of common hand-written schedulers.
+_SCHEDULER_COUNTERS = ("last_epoch", "current_step", "step_count", "_step_count", "steps")
+
+
+def _scheduler_counter(scheduler: Any) -> str | None:
+    if scheduler is None:
+        return None
+    for name in _SCHEDULER_COUNTERS:
+        if isinstance(getattr(scheduler, name, None), int):
+            return name
+    return None
+
+
 def _count_tokens(args: tuple, kwargs: dict) -> int:
     # Integer tensors fed to the model are token ids; numel is metadata (no sync).
     for v in (*args, *kwargs.values()):
@@ -108,7 +126,7 @@ class StepCollector:
         self._guard = guard
         self._halt_check = halt_check
         self._handles: list[Any] = []
-        self._patched: list[tuple[Any, str]] = []
+        self._undo: list[Callable[[], None]] = []
         self._in_scaler_step = False
         self._prev_end: float | None = None
         self._reset()
@@ -121,7 +139,6 @@ class StepCollector:
         self._tokens = 0
         self._logged_tokens: int | None = None
         self._micro = 0
-        self._sched_steps = 0
         self._t_first: float | None = None
         self._clips: list[tuple[torch.Tensor, float]] = []
         self._norm_total: torch.Tensor | None = None
@@ -145,27 +162,21 @@ class StepCollector:
         self._handles.append(self.optimizer.register_step_post_hook(self._optimizer_post))
         clip_patch.add_listener(self._on_clip)
         if self.scaler is not None:
-            self._patch(self.scaler, "scale", self._wrap_scale)
-            self._patch(self.scaler, "step", self._wrap_scaler_step)
-        if self.scheduler is not None and callable(getattr(self.scheduler, "step", None)):
-            self._patch(self.scheduler, "step", self._wrap_scheduler_step)
-
-    def _patch(self, obj: Any, name: str, make: Callable[[Callable], Callable]) -> None:
-        original = getattr(obj, name)
-        wrapper = make(original)
-        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
-        setattr(obj, name, wrapper)  # an instance attribute shadows the class method
-        self._patched.append((obj, name))
+            self._undo.append(intercept(self.scaler, "scale", self._scaler_scale))
+            self._undo.append(intercept(self.scaler, "step", self._scaler_step))
+        # The scheduler is not wrapped: an attribute set on it would land in its state_dict()
+        # (LRScheduler saves its __dict__) and break the user's checkpoints. Its own step counter is read.
+        self._sched_attr = _scheduler_counter(self.scheduler)
+        self._sched_last = self._read_sched()
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         clip_patch.remove_listener(self._on_clip)
-        for obj, name in self._patched:
-            if name in vars(obj):
-                delattr(obj, name)
-        self._patched.clear()
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
 
     # -- hooks (training thread) -------------------------------------------------------------
 
@@ -202,25 +213,21 @@ class StepCollector:
         except Exception as e:
             self._guard.record(f"{source} forward hook", e)
 
-    def _wrap_scale(self, original):
-        def scale(outputs):
-            try:
-                if isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
-                    self._losses["scaler"].append(outputs.detach())
-                    if self._t_first is None:
-                        self._t_first = time.perf_counter()
-            except Exception as e:
-                self._guard.record("GradScaler.scale hook", e)
-            return original(outputs)
+    def _scaler_scale(self, original, outputs):
+        try:
+            if isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
+                self._losses["scaler"].append(outputs.detach())
+                if self._t_first is None:
+                    self._t_first = time.perf_counter()
+        except Exception as e:
+            self._guard.record("GradScaler.scale hook", e)
+        return original(outputs)
 
-        return scale
-
-    def _wrap_scheduler_step(self, original):
-        def step(*args, **kwargs):
-            self._sched_steps += 1
-            return original(*args, **kwargs)
-
-        return step
+    def _read_sched(self) -> int | None:
+        if self._sched_attr is None:
+            return None
+        v = getattr(self.scheduler, self._sched_attr, None)
+        return v if isinstance(v, int) else None
 
     def _on_clip(self, parameters, max_norm, total_norm) -> None:
         try:
@@ -254,23 +261,20 @@ class StepCollector:
             self._guard.record("optimizer step post-hook", e)
         return None
 
-    def _wrap_scaler_step(self, original):
-        def step(optimizer, *args, **kwargs):
-            if optimizer is not self.optimizer:
-                return original(optimizer, *args, **kwargs)
-            self._halt_check()
-            self._in_scaler_step = True
-            try:
-                ret = original(optimizer, *args, **kwargs)
-            finally:
-                self._in_scaler_step = False
-            try:
-                self._scaler_step_done()
-            except Exception as e:
-                self._guard.record("GradScaler.step hook", e)
-            return ret
-
-        return step
+    def _scaler_step(self, original, optimizer, *args, **kwargs):
+        if optimizer is not self.optimizer:
+            return original(optimizer, *args, **kwargs)
+        self._halt_check()
+        self._in_scaler_step = True
+        try:
+            ret = original(optimizer, *args, **kwargs)
+        finally:
+            self._in_scaler_step = False
+        try:
+            self._scaler_step_done()
+        except Exception as e:
+            self._guard.record("GradScaler.step hook", e)
+        return ret
 
     # -- step assembly (training thread, no host sync) ---------------------------------------
 
@@ -396,10 +400,13 @@ class StepCollector:
         param_index = self._param_index
         values, event = self._to_host(parts, self._param_norms)
         tokens = self._logged_tokens if self._logged_tokens is not None else (self._tokens or None)
+        sched_now = self._read_sched()
+        sched_steps = sched_now - self._sched_last if sched_now is not None and self._sched_last is not None else None
+        self._sched_last = sched_now
         packet = Packet(
             step=self.step, layout=tuple(layout), values=values, event=event, param_index=param_index,
             lrs=lrs, time=wall, step_time=step_time, tokens=tokens, micro_batches=self._micro,
-            scheduler_steps=self._sched_steps if self.scheduler is not None else None,
+            scheduler_steps=sched_steps,
             max_norm=max_norm, loss_value=loss_value, scalars=scalars,
         )
         self.step += 1
