@@ -100,3 +100,18 @@ def test_list_faults_explains_each():
     out = runner.invoke(app, ["train", "--list-faults"]).stdout
     for name in FAULTS:
         assert name in out
+
+
+def test_checkpointing_and_scheduler_faults_work_with_the_monitor_attached(tmp_path):
+    """Regression: the monitor once set an attribute on the scheduler, which broke torch.save of its state."""
+    cfg = TrainConfig.from_preset("tiny", max_steps=60, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=20,
+                                  faults=["resume-without-scheduler:30"])
+    res = train(cfg, run_dir=tmp_path / "a", monitor_config=QUIET, progress=False)
+    assert res.steps == 60 and sorted(p.name for p in (tmp_path / "ck").iterdir())
+    lrs = [r.lr[0] for r in read_run(tmp_path / "a").records[0]]
+    assert lrs[30] < lrs[29] / 5, "the fresh scheduler restarted warmup"
+
+    cfg = TrainConfig.from_preset("tiny", max_steps=12, faults=["per-microbatch-scheduler"])
+    train(cfg, run_dir=tmp_path / "b", monitor_config=QUIET, progress=False)
+    counts = [r.scheduler_steps for r in read_run(tmp_path / "b").records[0]]
+    assert counts[1:] == [4] * 11  # scheduler.step() four times per optimizer step: the data warmup.per_microbatch needs

@@ -7,6 +7,7 @@ Tags are namespaced `trainmon/...` so they never collide with a user's own.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import socket
@@ -43,10 +44,13 @@ SCALAR_TAG = "trainmon/scalars/"
 _INT_FIELDS = {"tokens", "micro_batches", "scheduler_steps"}
 
 
+_file_seq = itertools.count()
+
+
 def event_file_name(rank: int) -> str:
-    # TensorBoard only needs "tfevents" in the name; host, pid and rank keep
-    # concurrent writers and restarts apart.
-    return f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.rank{rank}"
+    # TensorBoard's own shape (events.out.tfevents.<unix seconds>.<host>...): names sort by creation
+    # time; pid, a per-process sequence and the rank keep concurrent writers and restarts apart.
+    return f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{next(_file_seq)}.rank{rank}"
 
 
 def f32_shortest(x: float) -> float:
