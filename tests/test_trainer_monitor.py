@@ -102,6 +102,7 @@ def test_list_faults_explains_each():
         assert name in out
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
 def test_checkpointing_and_scheduler_faults_work_with_the_monitor_attached(tmp_path):
     """Regression: the monitor once set an attribute on the scheduler, which broke torch.save of its state."""
     cfg = TrainConfig.from_preset("tiny", max_steps=60, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=20,
