@@ -46,7 +46,8 @@ class TensorBoardConfig(_Section):
     enabled: bool = Field(True, description="Write events.out.tfevents.* files.")
     flush_secs: float = Field(2.0, gt=0, description="Flush interval, so tailers and TensorBoard see steps promptly.")
     param_norms_every: int = Field(
-        50, ge=0, description="Write per-parameter gradient norms every N steps (0: never). They are many series.",
+        50, ge=0, description="Also chart per-parameter gradient norms as scalar series every N steps (0: never; "
+        "they are many series). The complete vector is stored with every step that has it, compactly.",
     )
 
 
@@ -84,7 +85,8 @@ class MonitorConfig(_Section):
         None, description="Raise monitor.TrainingHalted at the next optimizer.step() after an alert this severe.",
     )
     on_alert: Callable[[Any], Any] | None = Field(
-        None, description="Called with each Alert on the publisher thread; errors are caught and counted.",
+        None, description="Called with each Alert on the publisher thread (preflight findings: inside attach); "
+        "errors are caught and counted.",
         exclude=True,
     )
 

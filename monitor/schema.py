@@ -53,9 +53,12 @@ class StepRecord(BaseModel):
     step_time: float | None = Field(None, description="Seconds since the previous optimizer step ended.")
     tokens: int | None = Field(None, description="Tokens (input elements) seen in this step, when known.")
     micro_batches: int | None = Field(None, description="Forward passes that contributed to this step.")
+    autocast: str | None = Field(None, description="Autocast dtype of the step's forward passes ('float16', 'bfloat16').")
     scheduler_steps: int | None = Field(None, description="scheduler.step() calls since the previous optimizer step.")
     param_norms: dict[str, float] | None = Field(None, description="Per-parameter gradient norms (sampled steps).")
-    attention: dict[str, dict[str, float]] | None = Field(None, description="Per-layer attention statistics.")
+    attention: dict[str, dict[str, float]] | None = Field(
+        None, description="Per-layer attention statistics: entropy_ratio (mean over heads), entropy_min, max_logit, max_prob.",
+    )
     scalars: dict[str, float] = Field(default_factory=dict, description="Extra scalars passed to mon.log().")
 
     @property
@@ -91,12 +94,15 @@ class Alert(BaseModel):
 
 class ParamGroupInfo(BaseModel):
     lr: float | None = None
+    initial_lr: float | None = None  # set by torch LR schedulers: the base (peak) LR
     betas: list[float] | None = None
     eps: float | None = None
     weight_decay: float | None = None
     momentum: float | None = None
     params: int = 0
     numel: int = 0
+    decay_1d: int = 0  # 1-D parameters (biases, norm gains) in this group, decayed when weight_decay > 0
+    decay_1d_names: list[str] = Field(default_factory=list)
 
 
 class OptimizerInfo(BaseModel):
@@ -141,6 +147,7 @@ class RunInfo(BaseModel):
     optimizer: OptimizerInfo = Field(default_factory=OptimizerInfo)
     scaler: dict[str, Any] | None = None
     scheduler: str | None = None
+    schedule: dict[str, Any] | None = None  # warmup read from the scheduler at attach (LambdaLR), when possible
     config: dict[str, Any] = Field(default_factory=dict)
     preflight: list[Alert] = Field(default_factory=list)
     endpoints: list[Endpoint] = Field(default_factory=list)

@@ -249,7 +249,7 @@ def test_seed_cosine_warmup_scheduler_gets_a_warmup_alert(tmp_path, mon_config):
     assert a.step == 0 and a.evidence["first_lr"] == 1e-4
     assert "LambdaLR" in a.hint or "warmup" in a.hint.lower()
     lines = (mon.run_dir / "alerts.jsonl").read_text().splitlines()
-    assert json.loads(lines[0])["rule"] == a.rule
+    assert a.rule in [json.loads(line)["rule"] for line in lines]
 
 
 @pytest.mark.parametrize(
@@ -376,7 +376,8 @@ def test_close_restores_everything_and_is_idempotent(tmp_path, mon_config):
 def test_full_queue_drops_and_counts_never_blocks(tmp_path, mon_config):
     """A publisher stuck in a slow on_alert callback: the loop keeps going, records are dropped and counted."""
     release = threading.Event()
-    cfg = {**mon_config, "collector": {"queue_size": 2}, "on_alert": lambda alert: release.wait(60)}
+    cfg = {**mon_config, "collector": {"queue_size": 2},
+           "on_alert": lambda alert: alert.rule == "warmup.missing" and release.wait(60)}
     model = TinyLM()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # constant LR: warmup.missing fires at step 5
     mon = monitor.attach(model, opt, run_dir=tmp_path / "r", config=cfg)

@@ -41,7 +41,7 @@ def test_environment_overrides_the_file(tmp_path):
     ({"metrix": {}}, r"metrix: unknown key"),
     ({"halt_on": "sometimes"}, r"halt_on: Input should be 'warning' or 'critical'"),
     ({"rules": {"loss.spike": {"z_critical": -1}}}, r"rules\.loss\.spike\.z_critical: Input should be greater than 0"),
-    ({"rules": {"loss.spikes": {}}}, r"rules\.loss\.spikes: unknown rule id \(known: loss\.nonfinite, loss\.spike\)"),
+    ({"rules": {"loss.spikes": {}}}, r"rules\.loss\.spikes: unknown rule id \(known: loss\.divergence, loss\.nonfinite, loss\.spike\)"),
     ({"rules": {"lr.zero": {"patience": 2, "patients": 3}}}, r"rules\.lr\.zero\.patients: unknown option"),
     ({"rules": ["loss.spike"]}, r"rules: .*mapping"),
 ])

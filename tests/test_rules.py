@@ -7,9 +7,9 @@ import math
 import pytest
 
 from monitor.rules import REGISTRY, Finding, Rule, RuleConfig, RuleRegistry, RulesEngine
-from monitor.schema import OptimizerInfo, RunInfo, Severity, StepRecord
+from monitor.schema import OptimizerInfo, ParamGroupInfo, RunInfo, Severity, StepRecord
 
-RUN = RunInfo(run_id="t", optimizer=OptimizerInfo(name="AdamW"))
+RUN = RunInfo(run_id="t", optimizer=OptimizerInfo(name="AdamW", groups=[ParamGroupInfo(lr=1e-3, betas=[0.9, 0.95])]))
 
 
 def recs(n: int, *, loss=2.0, lr=1e-3, grad_norm=1.0, skipped=False, start=0, loss_scale=None):
@@ -208,10 +208,129 @@ def test_rules_are_per_rank():
     engine = RulesEngine(RUN, {})
     engine.observe_many(StepRecord(step=s, rank=1, lr=[1e-3 * (s + 1) / 50], loss=2.0) for s in range(30))
     engine.observe_many(StepRecord(step=s, rank=0, lr=[1e-3], loss=2.0) for s in range(30))
-    fired = [(a.rule, a.rank) for a in engine.alerts]
+    fired = [(a.rule, a.rank) for a in engine.alerts if a.rule.startswith("warmup.")]
     assert fired == [("warmup.missing", 0)]
 
 
 def test_sgd_runs_are_not_held_to_adam_warmup():
     run = RunInfo(run_id="t", optimizer=OptimizerInfo(name="SGD"))
     assert run_rules(recs(40, lr=0.1), ["warmup.missing"], run=run) == []
+
+
+# --- the rest of the catalogue ------------------------------------------------------------------
+
+def _with(records, **fields):
+    """Set per-step fields (constants or functions of the step) on records."""
+    for r in records:
+        for k, v in fields.items():
+            setattr(r, k, v(r.step) if callable(v) else v)
+    return records
+
+
+def attn(ent, logit, low=None):
+    return lambda s: {"blocks.0.attn": {"entropy_ratio": ent(s), "entropy_min": (low or ent)(s), "max_logit": logit(s)},
+                      "blocks.1.attn": {"entropy_ratio": 0.8, "entropy_min": 0.7, "max_logit": 8.0}}
+
+
+MORE_CASES = [
+    ("loss climbs and stays up", recs(200, lr=warmup(), loss=lambda s: 2.0 if s < 100 else 4.0),
+     "loss.divergence", ("critical", 100, 125)),
+    ("loss falls normally", recs(300, lr=warmup(), loss=noisy(lambda s: 5 * math.exp(-s / 50) + 0.5, 0.1)),
+     "loss.divergence", None),
+    ("warmup of 10 steps with beta2 0.95", recs(60, lr=warmup(steps=10)), "warmup.too_short", ("warning", 9, 10)),
+    ("warmup of 50 steps with beta2 0.95", recs(100, lr=warmup(steps=50)), "warmup.too_short", None),
+    ("scheduler stepped 4x per optimizer step", _with(recs(20), scheduler_steps=4, micro_batches=4),
+     "warmup.per_microbatch", ("critical", 0, 2)),
+    ("scheduler stepped once per step", _with(recs(20), scheduler_steps=1), "warmup.per_microbatch", None),
+    ("warmup replayed at step 150", recs(250, lr=lambda s: warmup()(s) if s < 150 else warmup()(s - 150)),
+     "warmup.restart", ("warning", 150, 151)),
+    ("step decay x0.1", recs(250, lr=lambda s: warmup()(s) * (0.1 if s >= 150 else 1.0)), "warmup.restart", None),
+    ("cosine decay", recs(500, lr=cosine(total=500)), "warmup.restart", None),
+    ("unclipped 8x grad norm spike", recs(300, lr=warmup(), grad_norm=noisy(lambda s: 8.0 if s == 200 else 1.0)),
+     "grad_norm.spike", ("warning", 200, 200)),
+    ("clipped grad norm spike is info", _with(recs(300, lr=warmup(), grad_norm=noisy(lambda s: 8.0 if s == 200 else 1.0)),
+                                              clip_coef=lambda s: 0.125 if s == 200 else 1.0),
+     "grad_norm.spike", ("info", 200, 200)),
+    ("deep clipping on every step", _with(recs(200, lr=warmup()), clip_coef=0.2, max_norm=1.0, grad_norm=5.0),
+     "clip.saturated", ("warning", 99, 99)),
+    ("clipping only during warmup", _with(recs(200, lr=warmup()), clip_coef=lambda s: 0.5 if s < 50 else 1.0),
+     "clip.saturated", None),
+    ("loss scale below 1", recs(60, loss_scale=lambda s: 2.0 ** (10 - s)), "amp.scale_collapse", ("critical", 11, 11)),
+    ("a skip right after each scale growth", recs(600, skipped=lambda s: s % 31 == 30,
+                                                  loss_scale=lambda s: 2.0 ** 17 if s % 31 == 30 else 2.0 ** 16),
+     "amp.overflow", None),
+    ("attention entropy collapses in one layer",
+     _with(recs(300, lr=warmup()), attention=lambda s: attn(lambda t: 0.9 if t < 200 else 0.3, lambda t: 10.0)(s)
+           if s % 10 == 0 else None),
+     "attention.entropy_collapse", ("critical", 200, 200)),
+    ("one head goes one-hot", _with(recs(100), attention=attn(lambda t: 0.8, lambda t: 10.0,
+                                                              lambda t: 0.005 if t >= 50 else 0.6)),
+     "attention.entropy_collapse", ("critical", 50, 50)),
+    ("healthy attention", _with(recs(300, lr=warmup()), attention=attn(noisy(0.85, 0.05), noisy(12.0, 0.1))),
+     "attention.entropy_collapse", None),
+    ("attention logits above 1000", _with(recs(60), attention=attn(lambda t: 0.8, lambda t: 2000.0 if t >= 40 else 10.0)),
+     "attention.logit_growth", ("critical", 40, 40)),
+    ("attention logits growing fast", _with(recs(60), attention=attn(lambda t: 0.8, lambda t: 10.0 * 1.5 ** max(0, t - 30))),
+     "attention.logit_growth", ("warning", None, 36)),
+    ("healthy attention logits", _with(recs(60), attention=attn(lambda t: 0.8, noisy(20.0, 0.2))),
+     "attention.logit_growth", None),
+]
+
+VANISH_RUN = RunInfo(run_id="t", optimizer=OptimizerInfo(name="AdamW"))
+VANISH_RUN.model.param_names = ["a.weight", "b.weight", "dead.weight", "detached.weight"]
+
+
+@pytest.mark.parametrize("name, records, rule, expected", MORE_CASES, ids=[c[0] for c in MORE_CASES])
+def test_more_rule_cases(name, records, rule, expected):
+    test_rule_cases(name, records, rule, expected)
+
+
+def test_grad_vanishing_names_dead_and_detached_parameters():
+    records = _with(recs(40), param_norms=lambda s: {"a.weight": 0.5, "b.weight": 0.3, "dead.weight": 0.0})
+    alerts = run_rules(records, ["grad.vanishing"], run=VANISH_RUN)
+    assert [a.rule for a in alerts] == ["grad.vanishing"]
+    ev = alerts[0].evidence
+    assert ev["params"] == ["dead.weight", "detached.weight"] and ev["grad_none"] == ["detached.weight"]
+    assert alerts[0].step == 0 and ev["detected_at"] == 19
+    healthy = _with(recs(40), param_norms=lambda s: {n: 0.1 + s for n in VANISH_RUN.model.param_names})
+    assert run_rules(healthy, ["grad.vanishing"], run=VANISH_RUN) == []
+
+
+def _facts(name="AdamW", lr=3e-4, betas=(0.9, 0.95), eps=1e-8, wd=0.1, one_d=0, scaler=None):
+    return RunInfo(run_id="t", scaler=scaler, optimizer=OptimizerInfo(name=name, groups=[ParamGroupInfo(
+        lr=lr, betas=list(betas), eps=eps, weight_decay=wd, decay_1d=one_d, decay_1d_names=["ln.weight"] * min(one_d, 1))]))
+
+
+PREFLIGHT = [
+    (_facts(), None, []),
+    (_facts(name="Adam", wd=0.1), None, [("preflight.adam_coupled_weight_decay", "warning")]),
+    (_facts(name="Adam", wd=0.0), None, []),
+    (_facts(one_d=4), None, [("preflight.decay_on_norm_bias", "info")]),
+    (_facts(one_d=4, wd=0.0), None, []),
+    (_facts(lr=1.0), None, [("preflight.lr_range", "warning")]),
+    (_facts(lr=5e-3), None, [("preflight.lr_range", "info")]),
+    (_facts(name="SGD", lr=0.5, betas=()), None, []),
+    (_facts(betas=(0.9, 0.5)), None, [("preflight.adam_hyperparameters", "info")]),
+    (_facts(eps=1e-3), None, [("preflight.adam_hyperparameters", "info")]),
+    (_facts(), "float16", [("preflight.fp16_without_scaler", "critical")]),
+    (_facts(scaler={"enabled": True}), "float16", []),
+    (_facts(scaler={"enabled": True}), "bfloat16", [("preflight.scaler_with_bf16", "info")]),
+    (_facts(), "bfloat16", []),
+]
+
+
+@pytest.mark.parametrize("run, autocast, expected", PREFLIGHT)
+def test_preflight(run, autocast, expected):
+    engine = RulesEngine(run, {})
+    engine.start(0)
+    engine.observe_many(_with(recs(5, lr=warmup()), autocast=autocast, max_norm=1.0))
+    got = [(a.rule, a.severity.value) for a in engine.alerts if a.rule.startswith("preflight.")]
+    assert got == expected
+
+
+def test_preflight_no_clipping_only_for_trainmon_runs():
+    run = _facts()
+    assert [a.rule for a in run_rules(recs(12, lr=warmup()), ["preflight.no_clipping"], run=run)] == [
+        "preflight.no_clipping"]
+    foreign = run.model_copy(update={"source": "huggingface"})
+    assert run_rules(recs(12, lr=warmup()), ["preflight.no_clipping"], run=foreign) == []

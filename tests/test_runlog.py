@@ -98,3 +98,19 @@ def test_alerts_jsonl_append_and_read_back(tmp_path):
         f.write('{"rule": "torn')  # a crashed writer's partial last line
     got = read_alerts(tmp_path)
     assert [x.status for x in got] == ["firing", "resolved"] and got[0].evidence["loss"] == "Infinity"
+
+
+def test_param_norm_vectors_round_trip_exactly(tmp_path):
+    """Every step's per-parameter norms are stored as one vector, so `monitor check` sees what the process saw."""
+    names = ["w", "b", "frozen"]
+    rd = RunDir(tmp_path / "run")
+    rd.write_run_info(RunInfo(run_id="run", model={"param_names": names}))
+    w = EventWriter(rd.events_dir, 0, param_norms_every=0, param_names=names)
+    src = _records(4)
+    src[2].param_norms = {"w": 0.1 + 1e-9, "b": 0.0}  # a zero gradient stays zero; "frozen" had none
+    for r in src:
+        w.write(r)
+    w.close()
+    got = read_run(tmp_path / "run").records[0]
+    assert got[2].param_norms == {"w": float(__import__("numpy").float32(0.1 + 1e-9)), "b": 0.0}
+    assert got[0].param_norms == {"w": 0.25, "b": 0.125}

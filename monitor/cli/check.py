@@ -14,9 +14,8 @@ def check_run(run_dir: Path, config: MonitorConfig) -> tuple[RunData, list[Alert
     """Replay every rank's records through a fresh engine; returns the firing alerts, preflight first."""
     data = read_run(run_dir)
     engine = RulesEngine(data.info, config.rules)
-    for alert in data.info.preflight:
-        engine.emit(alert)
-    # Ranks are independent streams; replay each in step order.
-    for rank in sorted(data.records):
-        engine.observe_many(data.records[rank])
+    # Ranks are independent streams; replay each in step order, preflight (from run.json's facts) first.
+    for rank in sorted(data.records) or [0]:
+        engine.start(rank)
+        engine.observe_many(data.records.get(rank, []))
     return data, [a for a in engine.alerts if a.status == "firing"]

@@ -115,9 +115,10 @@ class Monitor:
             cuda_version=torch.version.cuda,
             device=str(params[0].device),
             model=introspect.model_info(model, names),
-            optimizer=introspect.optimizer_info(optimizer),
+            optimizer=introspect.optimizer_info(optimizer, dict(zip(map(id, params), names))),
             scaler=self._scaler_info(scaler),
             scheduler=type(scheduler).__name__ if scheduler is not None else None,
+            schedule=introspect.schedule_preview(scheduler, max_steps) if start_step == 0 else None,
             config=cfg.model_dump(mode="json"),
         )
         try:
@@ -149,6 +150,8 @@ class Monitor:
         self._jsonl = JsonlAlertSink(self.run_dir / ALERTS_JSONL)
         sinks += [self._jsonl, self.metrics, _CallbackSink(self._on_alert)]
         self.engine = RulesEngine(self.info, cfg.rules, sinks=sinks, on_error=self.guard.record)
+        # Preflight: the checklist verdicts that need no step; they are printed now and kept in run.json.
+        self.info.preflight = self.engine.start(self.rank)
 
         if cfg.metrics.enabled:
             self._server = serve(registry, cfg.metrics.host,
@@ -165,7 +168,7 @@ class Monitor:
         outputs = []
         if cfg.tensorboard.enabled:
             self._events = EventWriter(self.rundir.events_dir, self.rank, flush_secs=cfg.tensorboard.flush_secs,
-                                       param_norms_every=cfg.tensorboard.param_norms_every)
+                                       param_norms_every=cfg.tensorboard.param_norms_every, param_names=names)
             outputs.append(("tensorboard writer", self._events.write))
         outputs += [("prometheus metrics", self.metrics.observe), ("rules engine", self.engine.observe)]
         self._publisher = Publisher(

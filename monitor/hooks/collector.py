@@ -58,6 +58,7 @@ class Packet:
     micro_batches: int
     scheduler_steps: int | None
     max_norm: float | None
+    autocast: str | None = None
     loss_value: float | None = None
     scalars: dict[str, float] = field(default_factory=dict)
 
@@ -119,6 +120,7 @@ class StepCollector:
         self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
         self.params = params
         self._param_ids = {id(p) for p in params}
+        self._device_type = params[0].device.type
         self.step = start_step
         self._every = param_norms_every
         self._count_tokens = count_tokens
@@ -146,6 +148,7 @@ class StepCollector:
         self._param_index: tuple[int, ...] | None = None
         self._lrs: list | None = None
         self._scalars: dict[str, Any] = {}
+        self._autocast: str | None = None
 
     def _want_param_norms(self) -> bool:
         return self._every > 0 and self.step % self._every == 0
@@ -191,6 +194,9 @@ class StepCollector:
                 return None
             if self._t_first is None:
                 self._t_first = time.perf_counter()
+            if self._micro == 0 and torch.is_autocast_enabled(self._device_type):
+                # For the preflight checks (fp16 without GradScaler, GradScaler with bf16).
+                self._autocast = str(torch.get_autocast_dtype(self._device_type)).removeprefix("torch.")
             self._micro += 1
             if self._count_tokens:
                 self._tokens += _count_tokens(args, kwargs)
@@ -407,7 +413,7 @@ class StepCollector:
             step=self.step, layout=tuple(layout), values=values, event=event, param_index=param_index,
             lrs=lrs, time=wall, step_time=step_time, tokens=tokens, micro_batches=self._micro,
             scheduler_steps=sched_steps,
-            max_norm=max_norm, loss_value=loss_value, scalars=scalars,
+            max_norm=max_norm, autocast=self._autocast, loss_value=loss_value, scalars=scalars,
         )
         self.step += 1
         self._reset()

@@ -55,12 +55,17 @@ def _num(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
-def optimizer_info(optimizer: torch.optim.Optimizer) -> OptimizerInfo:
+def optimizer_info(optimizer: torch.optim.Optimizer, names: dict[int, str] | None = None) -> OptimizerInfo:
+    names = names or {}
     groups = []
     for g in optimizer.param_groups:
         betas = g.get("betas")
+        one_d = [p for p in g["params"] if p.dim() <= 1]
         groups.append(ParamGroupInfo(
             lr=_num(g.get("lr")),
+            initial_lr=_num(g.get("initial_lr")),
+            decay_1d=len(one_d),
+            decay_1d_names=[names.get(id(p), "?") for p in one_d[:5]],
             betas=[_num(b) for b in betas] if isinstance(betas, (tuple, list)) else None,
             eps=_num(g.get("eps")),
             weight_decay=_num(g.get("weight_decay")),
@@ -99,3 +104,25 @@ def resumed_step(optimizer: torch.optim.Optimizer) -> int:
 
 def hostname() -> str:
     return socket.gethostname()
+
+
+def schedule_preview(scheduler, max_steps: int | None, limit: int = 20_000) -> dict | None:
+    """The warmup a LambdaLR will produce, read from its multiplier functions before any step.
+
+    LambdaLR (and Hugging Face's get_*_schedule_with_warmup, which return one) applies
+    base_lr * f(k) at optimizer step k, so evaluating f over the run tells the warmup at attach
+    time. Other schedulers are judged from the LR trace as the run goes.
+    """
+    fns = getattr(scheduler, "lr_lambdas", None)
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or not fns or not callable(fns[0]):
+        return None
+    n = min(max_steps or limit, limit)
+    try:
+        values = [float(fns[0](k)) for k in range(n)]
+    except Exception:  # a lambda that needs state we do not have: fall back to the trace
+        return None
+    if not values:
+        return None
+    peak = max(values)
+    return {"source": "LambdaLR", "steps_previewed": n, "first_multiplier": values[0], "peak_multiplier": peak,
+            "warmup_steps": values.index(peak) + 1 if values[0] < peak else 0}

@@ -29,7 +29,9 @@ class AmpOverflow(Rule):
     """GradScaler skips optimizer steps beyond its normal calibration.
 
     Symptom: after the scale has calibrated, `consecutive_critical` steps in a row are skipped for
-    inf/NaN gradients, or more than `max_rate` of the last `window` steps are.
+    inf/NaN gradients, or more than `max_rate` of the last `window` steps are. Skips while the
+    scale calibrates down at the start, and the skip right after each growth of the scale (one per
+    growth_interval), are not counted.
     Why: a skipped step is lost work, and steady overflow halves the loss scale again and again until
     small gradients underflow to zero: the run silently stops learning. Occasional skips (the first
     steps, then about one per growth interval) are GradScaler working as designed.
@@ -50,15 +52,25 @@ class AmpOverflow(Rule):
         self.run_start: int | None = None
         self.recent: deque[bool] = deque(maxlen=config.window)
         self.skips_in_window = 0
+        self.prev_scale: float | None = None
 
-    def observe(self, r: StepRecord) -> Finding | None:
+    def _expected(self, r: StepRecord) -> bool:
+        """Calibration at the start, or the probe right after GradScaler grew its scale."""
         c = self.config
-        self.steps += 1
+        grew = r.loss_scale is not None and self.prev_scale is not None and r.loss_scale > self.prev_scale
+        self.prev_scale = r.loss_scale
         if self.calibrating:
             if not r.skipped or self.steps > c.calibration_steps:
                 self.calibrating = False
             if r.skipped and self.calibrating:
-                return None
+                return True
+        return r.skipped and grew
+
+    def observe(self, r: StepRecord) -> Finding | None:
+        c = self.config
+        self.steps += 1
+        if self._expected(r):
+            return None
         if len(self.recent) == self.recent.maxlen:
             self.skips_in_window -= self.recent[0]
         self.recent.append(r.skipped)
@@ -89,3 +101,45 @@ class AmpOverflow(Rule):
                 evidence=ev,
             )
         return None
+
+
+class AmpScaleCollapseConfig(RuleConfig):
+    floor: float = Field(1.0, gt=0, description="A GradScaler loss scale below this is a collapse.")
+
+
+@register
+class AmpScaleCollapse(Rule):
+    """GradScaler's loss scale has collapsed.
+
+    Symptom: the loss scale used by a step is below `floor` (1.0 by default): GradScaler has halved
+    it again and again because every step overflowed.
+    Why: the scale exists to lift small fp16 gradients above fp16's underflow limit; below 1 it
+    pushes them further down, so most gradients flush to zero and the model stops learning, even
+    if steps stop being skipped.
+    Fix: find what overflows fp16 on every step (a layer's activations or logits, an attention
+    score, a loss computed in fp16), fix or upcast it, or train in bf16.
+    """
+
+    id = "amp.scale_collapse"
+    family = "amp"
+    severity = Severity.critical
+    Config = AmpScaleCollapseConfig
+
+    def __init__(self, config: AmpScaleCollapseConfig, run) -> None:
+        super().__init__(config, run)
+        self.since: int | None = None
+
+    def observe(self, r: StepRecord) -> Finding | None:
+        s = r.loss_scale
+        if s is None or s >= self.config.floor:
+            self.since = None
+            return None
+        if self.since is None:
+            self.since = r.step
+        return Finding(
+            message=f"the GradScaler loss scale is {s:.3g} (below {self.config.floor:g}) since step {self.since}: "
+            "fp16 gradients now underflow to zero.",
+            hint="Find and fix (or upcast) what overflows fp16 every step, or train in bf16.",
+            evidence={"loss_scale": s, "floor": self.config.floor, "first_step": self.since, "skipped": r.skipped},
+            step=self.since,
+        )

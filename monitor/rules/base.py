@@ -64,6 +64,10 @@ class Rule:
     def observe(self, record: StepRecord) -> Finding | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def on_start(self) -> Finding | None:
+        """A finding from the run's facts alone (RunInfo), before any step: preflight checks."""
+        return None
+
     # -- declarative metadata -------------------------------------------------
 
     @classmethod

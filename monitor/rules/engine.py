@@ -94,6 +94,22 @@ class RulesEngine:
                 self._deliver(alert)
         return out
 
+    def start(self, rank: int = 0) -> list[Alert]:
+        """Run the checks that need only the run's facts (preflight); call once per rank, before its steps."""
+        out: list[Alert] = []
+        at = StepRecord.model_construct(step=self.run.start_step, rank=rank)
+        for st in self._states_for(rank):
+            try:
+                finding = st.rule.on_start()
+            except Exception as e:
+                self._error(f"rule {st.rule.id} start", e)
+                continue
+            alert = self._transition(st, at, finding) if finding is not None else None
+            if alert is not None:
+                out.append(alert)
+                self._deliver(alert)
+        return out
+
     def observe_many(self, records: Iterable[StepRecord]) -> list[Alert]:
         out: list[Alert] = []
         for r in records:

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
-from monitor.rules.stats import finite, top_movers
+from monitor.rules.stats import ParamBaseline, RobustWindow, describe_movers, finite, top_movers
 from monitor.schema import Severity, StepRecord
 
 
@@ -112,7 +112,7 @@ class GradNormGrowth(Rule):
         if not (rising and growth >= c.factor):
             return None
         movers = top_movers(self.floor_norms, self.last_norms)
-        named = ", ".join(f"{p['param']} x{p['ratio']:.1f}" for p in movers)
+        named = describe_movers(movers)
         return Finding(
             message=f"the LR-normalised gradient norm has grown {growth:.1f}x over its floor at step "
             f"{self.floor_step} and rose for {c.rising_blocks} blocks of {c.block} steps"
@@ -122,3 +122,73 @@ class GradNormGrowth(Rule):
             evidence={"grad_norm": r.grad_norm, "growth": round(growth, 3), "floor_step": self.floor_step,
                       "first_step": self.left_band_at, "lr": r.max_lr, "top_params": movers},
         )
+
+
+class GradNormSpikeConfig(RuleConfig):
+    window: int = Field(100, ge=10, description="Trailing optimizer steps forming the baseline (median/MAD of log grad norm).")
+    z_threshold: float = Field(6.0, gt=0, description="Robust z-score of log grad norm that counts as a spike.")
+    min_ratio: float = Field(
+        2.0, gt=1, description="A spike must also be at least this multiple of the baseline median (info below "
+        "warning_ratio: single clipped outliers of a few x are common on real text).",
+    )
+    warning_ratio: float = Field(
+        5.0, gt=1, description="Spikes of at least this multiple of the median that clipping did not absorb are warnings.",
+    )
+    resolve_after: int = Field(20, ge=1, description="Steps without a spike before the alert resolves.")
+    cooldown_steps: int = Field(50, ge=0, description="After an alert resolves, steps during which the rule stays quiet.")
+
+
+@register
+class GradNormSpike(Rule):
+    """A gradient norm far above the recent baseline.
+
+    Symptom: log(grad_norm) is more than z_threshold robust standard deviations above the median of
+    the trailing window and at least min_ratio times that median: a warning when it is warning_ratio
+    times the median and clipping did not bound the update, info otherwise.
+    Why: a sudden gradient spike means one batch or one layer produced an outsized update; clipping
+    bounds what reaches the weights (hard batches of real text do this now and then), but an
+    unclipped spike goes straight into them and into Adam's moment estimates, and spikes that
+    recur often precede loss spikes and divergence.
+    Fix: look at the parameters named in the evidence and at this step's batch; if spikes recur,
+    lower the LR, keep clipping at max_norm 1.0, or lower Adam's beta2 (0.95) so it adapts faster.
+    """
+
+    id = "grad_norm.spike"
+    family = "grad_norm"
+    severity = Severity.warning
+    Config = GradNormSpikeConfig
+
+    def __init__(self, config: GradNormSpikeConfig, run) -> None:
+        super().__init__(config, run)
+        self.window = RobustWindow(config.window)
+        self.params = ParamBaseline()
+
+    def observe(self, r: StepRecord) -> Finding | None:
+        g = r.grad_norm
+        if r.skipped or not finite(g) or g <= 0:
+            return None
+        c = self.config
+        x = math.log(g)
+        finding = None
+        if self.window.full:
+            med = self.window.median
+            z = self.window.zscore(x, min_sigma=1e-3)
+            if z >= c.z_threshold and x - med >= math.log(c.min_ratio):
+                base = math.exp(med)
+                absorbed = r.clip_coef is not None and r.clip_coef < 1.0
+                sev = Severity.warning if g >= c.warning_ratio * base and not absorbed else Severity.info
+                movers = self.params.movers(r.param_norms)
+                finding = Finding(
+                    message=f"gradient norm {g:.4g} is {g / base:.1f}x the median {base:.4g} of the last {c.window} "
+                    f"steps (robust z {z:.1f})" + (f"; grew most: {describe_movers(movers)}." if movers else "."),
+                    hint="Check this step's batch and the parameters named; if spikes recur, lower the LR or beta2 and "
+                    "keep clipping on.",
+                    evidence={"grad_norm": g, "baseline_median": base, "z": round(z, 2), "loss": r.loss,
+                              "clip_coef": r.clip_coef,
+                              "lr": r.max_lr, "first_step": r.step, "top_params": movers},
+                    severity=sev,
+                )
+        if finding is None:
+            self.params.update(r.param_norms)
+        self.window.push(x)
+        return finding

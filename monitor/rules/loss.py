@@ -8,7 +8,7 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
-from monitor.rules.stats import RobustWindow, finite
+from monitor.rules.stats import Ema, ParamBaseline, RobustWindow, describe_movers, finite
 from monitor.schema import Severity, StepRecord
 
 
@@ -76,6 +76,7 @@ class LossSpike(Rule):
     def __init__(self, config: LossSpikeConfig, run) -> None:
         super().__init__(config, run)
         self.window = RobustWindow(config.window)
+        self.params = ParamBaseline()
 
     def observe(self, r: StepRecord) -> Finding | None:
         c = self.config
@@ -90,14 +91,84 @@ class LossSpike(Rule):
             if z >= c.z_warning and x - med >= math.log1p(c.min_jump):
                 sev = Severity.critical if z >= c.z_critical else Severity.warning
                 base = math.exp(med)
+                movers = self.params.movers(r.param_norms)
                 finding = Finding(
                     message=f"loss {r.loss:.4g} is {r.loss / base:.2f}x the median {base:.4g} of the last "
-                    f"{c.window} steps (robust z {z:.1f}).",
+                    f"{c.window} steps (robust z {z:.1f})"
+                    + (f"; gradients grew most in {describe_movers(movers)}." if movers else "."),
                     hint="Inspect this step's batch; if spikes recur, lower the peak LR, lengthen warmup or "
                     "tighten gradient clipping.",
                     evidence={"loss": r.loss, "baseline_median": base, "z": round(z, 2), "grad_norm": r.grad_norm,
-                              "lr": r.max_lr, "first_step": r.step},
+                              "lr": r.max_lr, "first_step": r.step, "top_params": movers},
                     severity=sev,
                 )
+        if finding is None:
+            self.params.update(r.param_norms)
         self.window.push(x)
         return finding
+
+
+class LossDivergenceConfig(RuleConfig):
+    span: int = Field(20, ge=1, description="Span (steps) of the loss EMA that smooths step-to-step noise.")
+    ratio: float = Field(1.5, gt=1, description="EMA of the loss above this multiple of its running minimum counts as diverging.")
+    patience: int = Field(20, ge=1, description="Consecutive optimizer steps above the ratio before alerting.")
+    resolve_after: int = Field(50, ge=1, description="Steps back below the ratio before the alert resolves.")
+
+
+@register
+class LossDivergence(Rule):
+    """The loss has climbed well above the best it reached and stays there.
+
+    Symptom: the loss EMA stays above `ratio` times its running minimum for `patience` optimizer
+    steps.
+    Why: a loss that rises and stays up means the optimizer has left the basin it was in: the LR
+    is too high for the current curvature, or a spike has damaged the weights. Training on usually
+    wastes everything after the minimum.
+    Fix: roll back to a checkpoint from before the rise, then lower the peak LR (often 2-10x), keep
+    warmup and clipping, and consider a lower beta2 (0.95) so Adam reacts faster.
+    """
+
+    id = "loss.divergence"
+    family = "loss"
+    severity = Severity.critical
+    Config = LossDivergenceConfig
+
+    def __init__(self, config: LossDivergenceConfig, run) -> None:
+        super().__init__(config, run)
+        self.ema = Ema(config.span)
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.above = 0
+        self.since: int | None = None
+        self.params = ParamBaseline()
+
+    def observe(self, r: StepRecord) -> Finding | None:
+        c = self.config
+        if not finite(r.loss) or r.loss <= 0:
+            return None
+        ema = self.ema.push(r.loss)
+        if self.best is None or ema < self.best:
+            self.best, self.best_step = ema, r.step
+        limit = c.ratio * self.best
+        # The first raw loss above the limit dates the problem; the EMA (which lags) confirms it.
+        if r.loss > limit and self.since is None:
+            self.since = r.step
+        if ema <= limit:
+            self.above = 0
+            if r.loss <= limit:
+                self.since = None
+            self.params.update(r.param_norms)
+            return None
+        self.above += 1
+        if self.above < c.patience:
+            return None
+        movers = self.params.movers(r.param_norms)
+        return Finding(
+            message=f"the loss (EMA {ema:.4g}) has stayed above {c.ratio}x its minimum {self.best:.4g} (step "
+            f"{self.best_step}) for {self.above} steps since step {self.since}"
+            + (f"; gradients grew most in {describe_movers(movers)}." if movers else "."),
+            hint="Roll back to a checkpoint from before the rise and lower the peak LR; keep warmup and clipping.",
+            evidence={"loss_ema": ema, "min_loss_ema": self.best, "min_step": self.best_step,
+                      "first_step": self.since, "lr": r.max_lr, "grad_norm": r.grad_norm, "top_params": movers},
+            step=self.since,
+        )

@@ -74,7 +74,7 @@ class RuleRegistry:
         parsed: dict[str, Any] = {}
         for rule_id, opts in options.items():
             if rule_id not in self._rules:
-                close = [i for i in self._rules if i.split(".")[0] == str(rule_id).split(".")[0]]
+                close = [i for i in self.ids() if i.split(".")[0] == str(rule_id).split(".")[0]]
                 known = ", ".join(close or self.ids())
                 errors.append(f"rules.{rule_id}: unknown rule id (known: {known})")
                 continue

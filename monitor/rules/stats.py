@@ -73,8 +73,93 @@ def top_movers(before: dict[str, float] | None, after: dict[str, float] | None, 
     rows = []
     for name, b in before.items():
         a = after.get(name)
-        if a is None or not (finite(a) and finite(b)) or b <= 0:
+        if a is None or not finite(b) or b <= 0:
             continue
-        rows.append({"param": name, "before": b, "after": a, "ratio": a / b})
+        ratio = a / b if finite(a) else math.inf  # a NaN/Inf gradient is the strongest lead
+        rows.append({"param": name, "before": b, "after": a, "ratio": ratio})
     rows.sort(key=lambda r: r["ratio"], reverse=True)
     return rows[:k]
+
+
+class Ema:
+    """Exponential moving average with span-style smoothing (alpha = 2 / (span + 1))."""
+
+    def __init__(self, span: float) -> None:
+        self.alpha = 2.0 / (span + 1.0)
+        self.value: float | None = None
+        self.count = 0
+
+    def push(self, x: float) -> float:
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+        self.count += 1
+        return self.value
+
+
+class LrTrace:
+    """What the LR trace says about warmup: first LR, peak so far, and when warmup ended.
+
+    Warmup lasts while the (max over groups) LR rises; it has ended at the first step whose LR is
+    not above the previous one. `warmup_steps` counts the steps up to and including the peak.
+    """
+
+    def __init__(self) -> None:
+        self.first_lr: float | None = None
+        self.first_step: int | None = None
+        self.prev: float | None = None
+        self.peak = 0.0
+        self.peak_step: int | None = None
+        self.warmup_done = False
+        self.warmup_steps: int | None = None
+        self.rose = False
+
+    def push(self, step: int, lr: float | None) -> None:
+        if lr is None:
+            return
+        if self.first_lr is None:
+            self.first_lr, self.first_step = lr, step
+        if lr > self.peak:
+            self.peak, self.peak_step = lr, step
+        if self.prev is not None and not self.warmup_done:
+            if lr > self.prev:
+                self.rose = True
+            elif lr > 0:
+                self.warmup_done = True
+                self.warmup_steps = (self.peak_step - self.first_step + 1) if self.rose else 0
+        self.prev = lr
+
+    @property
+    def in_warmup(self) -> bool:
+        return not self.warmup_done
+
+
+class ParamBaseline:
+    """A slow EMA of each parameter's log gradient norm, to name the ones that moved most.
+
+    Updated only from records that carry per-parameter norms (every step in-process, sampled in
+    event files), and only while the rule calling it sees nothing abnormal, so an incident does
+    not become its own baseline.
+    """
+
+    def __init__(self, span: float = 50.0) -> None:
+        self.alpha = 2.0 / (span + 1.0)
+        self.log_norms: dict[str, float] = {}
+
+    def update(self, norms: dict[str, float] | None) -> None:
+        if not norms:
+            return
+        a = self.alpha
+        for name, v in norms.items():
+            if finite(v) and v > 0:
+                lv = math.log(v)
+                old = self.log_norms.get(name)
+                self.log_norms[name] = lv if old is None else old + a * (lv - old)
+
+    def movers(self, norms: dict[str, float] | None, k: int = 3) -> list[dict]:
+        if not norms or not self.log_norms:
+            return []
+        before = {n: math.exp(v) for n, v in self.log_norms.items()}
+        return top_movers(before, norms, k)
+
+
+def describe_movers(movers: list[dict]) -> str:
+    return ", ".join(f"{m['param']} x{m['ratio']:.1f}" for m in movers)

@@ -6,6 +6,7 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
+from monitor.rules.stats import LrTrace
 from monitor.schema import Severity, StepRecord
 
 
@@ -53,6 +54,21 @@ class WarmupMissing(Rule):
         self.seen = 0
         self.done = run.start_step > 0 or (bool(run.optimizer.name) and not run.optimizer.adam_family)
 
+    def on_start(self) -> Finding | None:
+        sched = self.run.schedule
+        if self.done or not sched or not sched.get("peak_multiplier"):
+            return None
+        first, peak = sched["first_multiplier"], sched["peak_multiplier"]
+        if first < self.config.ratio * peak:
+            return None
+        self.done = True
+        return Finding(
+            message=f"the {sched['source']} schedule starts at {first / peak:.0%} of its peak multiplier: the first "
+            "optimizer steps will run at (near) the peak LR, with no warmup.",
+            hint="Add a linear warmup from ~0 over at least 2/(1-beta2) steps (1-5% of training).",
+            evidence={"first_multiplier": first, "peak_multiplier": peak, "source": sched["source"]},
+        )
+
     def observe(self, r: StepRecord) -> Finding | None:
         if self.done or r.max_lr is None:
             return None
@@ -91,3 +107,198 @@ class WarmupMissing(Rule):
                     step=self.first_step,
                 )
         return None
+
+
+def _beta2(run) -> float | None:
+    for g in run.optimizer.groups:
+        if g.betas and len(g.betas) == 2 and g.betas[1] is not None:
+            return g.betas[1]
+    return None
+
+
+class WarmupTooShortConfig(RuleConfig):
+    beta2_factor: float = Field(
+        2.0, gt=0, description="Warmup shorter than beta2_factor / (1 - beta2) steps is too short (RAdam: Adam's "
+        "second-moment estimate needs about 2/(1-beta2) steps).",
+    )
+    min_fraction: float = Field(0.01, ge=0, lt=1, description="Warmup shorter than this fraction of max_steps (when known).")
+
+
+@register
+class WarmupTooShort(Rule):
+    """The LR warmup is shorter than Adam needs.
+
+    Symptom: the LR rises to its peak in fewer than beta2_factor/(1-beta2) optimizer steps (beta2
+    from the optimizer), or in less than `min_fraction` of max_steps when max_steps is known.
+    Why: Adam's second-moment estimate averages about 1/(1-beta2) steps of squared gradients; until
+    it has, the effective step size is too large, which is what warmup exists to absorb. A warmup
+    shorter than that only looks like one.
+    Fix: lengthen the warmup to at least 2/(1-beta2) steps (40 for beta2=0.95, 2000 for 0.999) and
+    about 1-5% of training, or lower beta2.
+    """
+
+    id = "warmup.too_short"
+    family = "warmup"
+    severity = Severity.warning
+    Config = WarmupTooShortConfig
+    once = True
+
+    def __init__(self, config: WarmupTooShortConfig, run) -> None:
+        super().__init__(config, run)
+        self.trace = LrTrace()
+        self.beta2 = _beta2(run)
+        self.done = run.start_step > 0 or (bool(run.optimizer.name) and not run.optimizer.adam_family)
+
+    def on_start(self) -> Finding | None:
+        sched = self.run.schedule
+        if self.done or not sched or not sched.get("warmup_steps"):
+            return None
+        return self._judge(sched["warmup_steps"], f"the {sched['source']} schedule", {"source": sched["source"]},
+                           self.run.start_step)
+
+    def observe(self, r: StepRecord) -> Finding | None:
+        if self.done:
+            return None
+        if self.trace.first_step is None and r.step > 1:
+            self.done = True  # joined late: the warmup was never seen
+            return None
+        self.trace.push(r.step, r.max_lr)
+        t = self.trace
+        if not t.warmup_done:
+            return None
+        self.done = True
+        steps = t.warmup_steps or 0
+        if steps == 0 or not t.first_lr or t.first_lr >= 0.5 * t.peak:
+            return None  # no warmup at all is warmup.missing's finding
+        return self._judge(steps, f"the LR (peak {t.peak:.3g} at step {t.peak_step})",
+                           {"peak_lr": t.peak, "peak_step": t.peak_step, "first_step": t.first_step}, t.peak_step)
+
+    def _judge(self, steps: int, what: str, evidence: dict, step: int | None) -> Finding | None:
+        needs = []
+        if self.beta2 is not None and self.beta2 < 1:
+            needs.append((self.config.beta2_factor / (1 - self.beta2), f"{self.config.beta2_factor:g}/(1-beta2) with beta2={self.beta2:g}"))
+        if self.run.max_steps:
+            needs.append((self.config.min_fraction * self.run.max_steps,
+                          f"{self.config.min_fraction:.0%} of max_steps={self.run.max_steps}"))
+        short = [(n, why) for n, why in needs if steps < n]
+        if not short:
+            return None
+        self.done = True
+        need, why = max(short)
+        return Finding(
+            message=f"{what} warms up in {steps} optimizer steps; it should take at least {need:.0f} ({why}).",
+            hint=f"Lengthen the warmup to at least {need:.0f} steps (about 1-5% of training).",
+            evidence={"warmup_steps": steps, "needed": round(need, 1), "beta2": self.beta2,
+                      "max_steps": self.run.max_steps, **evidence},
+            step=step,
+        )
+
+
+class WarmupPerMicrobatchConfig(RuleConfig):
+    patience: int = Field(3, ge=1, description="Consecutive optimizer steps with more than one scheduler.step().")
+
+
+@register
+class WarmupPerMicrobatch(Rule):
+    """The LR scheduler is stepped more than once per optimizer step.
+
+    Symptom: scheduler.step() runs several times between optimizer steps (seen from the scheduler's
+    own step counter, when the scheduler is passed to monitor.attach) for `patience` steps in a row.
+    Why: with gradient accumulation, calling scheduler.step() inside the micro-batch loop runs the
+    whole schedule grad_accum times too fast: warmup is over in a fraction of its steps and the LR
+    reaches its floor long before the end of training.
+    Fix: call scheduler.step() once per optimizer step, after optimizer.step() (or scaler.step()),
+    outside the micro-batch loop.
+    """
+
+    id = "warmup.per_microbatch"
+    family = "warmup"
+    severity = Severity.critical
+    Config = WarmupPerMicrobatchConfig
+
+    def __init__(self, config: WarmupPerMicrobatchConfig, run) -> None:
+        super().__init__(config, run)
+        self.run_len = 0
+        self.since: int | None = None
+
+    def observe(self, r: StepRecord) -> Finding | None:
+        n = r.scheduler_steps
+        if n is None or n <= 1:
+            self.run_len, self.since = 0, None
+            return None
+        if self.run_len == 0:
+            self.since = r.step
+        self.run_len += 1
+        if self.run_len < self.config.patience:
+            return None
+        micro = f" ({r.micro_batches} forward passes per step)" if r.micro_batches and r.micro_batches > 1 else ""
+        return Finding(
+            message=f"scheduler.step() ran {n} times per optimizer step{micro} for {self.run_len} steps since step "
+            f"{self.since}: the schedule runs {n}x too fast.",
+            hint="Call scheduler.step() once per optimizer step, after optimizer.step(), outside the micro-batch loop.",
+            evidence={"scheduler_steps_per_step": n, "micro_batches": r.micro_batches, "first_step": self.since,
+                      "lr": r.max_lr},
+            step=self.since,
+        )
+
+
+class WarmupRestartConfig(RuleConfig):
+    drop: float = Field(
+        0.5, gt=0, lt=1, description="A one-step fall of the LR below this fraction of the previous step's LR ...",
+    )
+    floor: float = Field(0.2, gt=0, lt=1, description="... to below this fraction of the peak ...")
+    confirm: int = Field(5, ge=1, description="... followed within this many steps by a rise again is a restart.")
+
+
+@register
+class WarmupRestart(Rule):
+    """The LR schedule jumps back to the start of its warmup in the middle of the run.
+
+    Symptom: after warmup, the LR falls in one step to a small fraction of the peak and then climbs
+    again: the warmup is being replayed.
+    Why: this is what resuming from a checkpoint without the scheduler's state looks like: a fresh
+    scheduler starts over, the run re-warms from a near-zero LR (wasting steps) and then trains
+    with a schedule that no longer matches its progress (too high an LR late in training).
+    Fix: save scheduler.state_dict() in checkpoints and load it on resume (and GradScaler's too),
+    or rebuild the scheduler with last_epoch set to the resumed step.
+    """
+
+    id = "warmup.restart"
+    family = "warmup"
+    severity = Severity.warning
+    Config = WarmupRestartConfig
+
+    def __init__(self, config: WarmupRestartConfig, run) -> None:
+        super().__init__(config, run)
+        self.trace = LrTrace()
+        self.drop_step: int | None = None
+        self.drop_lr = 0.0
+        self.before = 0.0
+        self.prev: float | None = None
+
+    def observe(self, r: StepRecord) -> Finding | None:
+        lr = r.max_lr
+        if lr is None:
+            return None
+        c = self.config
+        warm = self.trace.warmup_done
+        self.trace.push(r.step, lr)
+        prev, self.prev = self.prev, lr
+        finding = None
+        if self.drop_step is not None:
+            if lr > self.drop_lr * 1.01:
+                finding = Finding(
+                    message=f"the LR fell from {self.before:.3g} to {self.drop_lr:.3g} at step {self.drop_step} and is "
+                    f"rising again ({lr:.3g}): the warmup restarted mid-run (a resume without scheduler state?).",
+                    hint="Save and load scheduler.state_dict() with checkpoints (or rebuild it with last_epoch "
+                    "set to the resumed step).",
+                    evidence={"lr_before": self.before, "lr_after": self.drop_lr, "lr_now": lr,
+                              "peak_lr": self.trace.peak, "first_step": self.drop_step},
+                    step=self.drop_step,
+                )
+                self.drop_step = None
+            elif r.step - self.drop_step >= c.confirm:
+                self.drop_step = None  # a step decay, not a restart
+        if warm and prev is not None and lr < c.drop * prev and lr < c.floor * self.trace.peak:
+            self.drop_step, self.drop_lr, self.before = r.step, lr, prev
+        return finding

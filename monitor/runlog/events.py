@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
 from monitor.runlog.tfrecord import encode_record
 from monitor.schema import StepRecord
@@ -37,8 +37,15 @@ FIELD_TAGS = {
     "scheduler_steps": "trainmon/scheduler_steps",
 }
 TAG_FIELDS = {v: k for k, v in FIELD_TAGS.items()}
+AUTOCAST_TAG = "trainmon/autocast"
+AUTOCAST_CODES = {"float16": 1.0, "bfloat16": 2.0}  # a scalar series, like everything else in the file
+AUTOCAST_NAMES = {v: k for k, v in AUTOCAST_CODES.items()}
 LR_TAG = "trainmon/lr/group{}"
-PARAM_TAG = "trainmon/param_grad_norm/"
+PARAM_TAG = "trainmon/param_grad_norm/"  # sampled scalar series, for TensorBoard's charts
+# Every per-parameter norm of a step as one float32 vector in run.json's model.param_names order
+# (-1: the parameter had no gradient), so readers see exactly what the in-process rules saw.
+PARAM_VECTOR_TAG = "trainmon/param_grad_norms"
+NO_GRAD = -1.0
 ATTENTION_TAG = "trainmon/attention/"  # trainmon/attention/<stat>/<layer>
 SCALAR_TAG = "trainmon/scalars/"
 _INT_FIELDS = {"tokens", "micro_batches", "scheduler_steps"}
@@ -71,6 +78,8 @@ def record_values(r: StepRecord, *, param_norms: bool = True) -> list[tuple[str,
             continue
         out.append((tag, float(v)))
     out.extend((LR_TAG.format(i), lr) for i, lr in enumerate(r.lr))
+    if r.autocast in AUTOCAST_CODES:
+        out.append((AUTOCAST_TAG, AUTOCAST_CODES[r.autocast]))
     if param_norms and r.param_norms:
         out.extend((PARAM_TAG + name, v) for name, v in r.param_norms.items())
     if r.attention:
@@ -80,22 +89,35 @@ def record_values(r: StepRecord, *, param_norms: bool = True) -> list[tuple[str,
     return out
 
 
-def encode_step(r: StepRecord, *, param_norms: bool = True) -> bytes:
-    summary = summary_pb2.Summary(
-        value=[summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in record_values(r, param_norms=param_norms)]
+def _param_vector(r: StepRecord, names: list[str]) -> summary_pb2.Summary.Value:
+    values = [r.param_norms.get(n, NO_GRAD) for n in names]
+    tensor = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(values))]),
+        tensor_content=struct.pack(f"<{len(values)}f", *values),
     )
+    return summary_pb2.Summary.Value(tag=PARAM_VECTOR_TAG, tensor=tensor)
+
+
+def encode_step(r: StepRecord, *, param_norms: bool = True, param_names: list[str] | None = None) -> bytes:
+    values = [summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in record_values(r, param_norms=param_norms)]
+    if r.param_norms and param_names:
+        values.append(_param_vector(r, param_names))
+    summary = summary_pb2.Summary(value=values)
     return event_pb2.Event(wall_time=r.time, step=r.step, summary=summary).SerializeToString()
 
 
 class EventWriter:
     """Appends step events to one event file; synchronous, called from the publisher thread only."""
 
-    def __init__(self, directory: Path, rank: int, *, flush_secs: float = 2.0, param_norms_every: int = 50) -> None:
+    def __init__(self, directory: Path, rank: int, *, flush_secs: float = 2.0, param_norms_every: int = 50,
+                 param_names: list[str] | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / event_file_name(rank)
         self._f = open(self.path, "ab")  # noqa: SIM115 (kept open for the run)
         self._flush_secs = flush_secs
         self._param_norms_every = param_norms_every
+        self._param_names = param_names
         self._last_flush = time.monotonic()
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
         self.flush()
@@ -105,7 +127,7 @@ class EventWriter:
 
     def write(self, r: StepRecord) -> None:
         every = self._param_norms_every
-        self._write(encode_step(r, param_norms=bool(every) and r.step % every == 0))
+        self._write(encode_step(r, param_norms=bool(every) and r.step % every == 0, param_names=self._param_names))
         if time.monotonic() - self._last_flush >= self._flush_secs:
             self.flush()
 
@@ -127,8 +149,16 @@ class EventWriter:
 class StepAssembler:
     """Rebuilds StepRecords from decoded events (values are float32 as stored)."""
 
-    def __init__(self, rank: int = 0) -> None:
+    def __init__(self, rank: int = 0, param_names: list[str] | None = None) -> None:
         self.rank = rank
+        self.param_names = param_names or []
+
+    def _param_vector(self, t: tensor_pb2.TensorProto) -> dict[str, float] | None:
+        n = len(t.tensor_content) // 4
+        if t.dtype != types_pb2.DT_FLOAT or n != len(self.param_names):
+            return None  # written for another parameter list: fall back to the sampled scalars
+        values = struct.unpack(f"<{n}f", t.tensor_content)
+        return {name: x for name, x in zip(self.param_names, values) if x != NO_GRAD}
 
     def from_event(self, ev: event_pb2.Event) -> StepRecord | None:
         if not ev.HasField("summary"):
@@ -136,11 +166,18 @@ class StepAssembler:
         fields: dict = {}
         lrs: dict[int, float] = {}
         params: dict[str, float] = {}
+        params_full: dict[str, float] | None = None
         attention: dict[str, dict[str, float]] = {}
         scalars: dict[str, float] = {}
         seen = False
         for v in ev.summary.value:
             tag = v.tag
+            if tag == PARAM_VECTOR_TAG and v.WhichOneof("value") == "tensor":
+                vector = self._param_vector(v.tensor)
+                if vector is not None:
+                    seen = True
+                    params_full = vector
+                continue
             if not tag.startswith(PREFIX) or v.WhichOneof("value") != "simple_value":
                 continue
             seen = True
@@ -153,6 +190,8 @@ class StepAssembler:
                     fields[field] = int(x) if math.isfinite(x) else None
                 else:
                     fields[field] = x
+            elif tag == AUTOCAST_TAG:
+                fields["autocast"] = AUTOCAST_NAMES.get(x)
             elif tag.startswith("trainmon/lr/group"):
                 lrs[int(tag[len("trainmon/lr/group"):])] = f32_shortest(x)
             elif tag.startswith(PARAM_TAG):
@@ -166,12 +205,12 @@ class StepAssembler:
             return None
         return StepRecord(
             step=ev.step, rank=self.rank, time=ev.wall_time, lr=[lrs[i] for i in sorted(lrs)],
-            param_norms=params or None, attention=attention or None, scalars=scalars, **fields,
+            param_norms=params_full if params_full is not None else (params or None), attention=attention or None, scalars=scalars, **fields,
         )
 
 
-def decode_records(datas: Iterable[bytes], rank: int = 0) -> list[StepRecord]:
-    asm = StepAssembler(rank)
+def decode_records(datas: Iterable[bytes], rank: int = 0, param_names: list[str] | None = None) -> list[StepRecord]:
+    asm = StepAssembler(rank, param_names)
     out = []
     for data in datas:
         ev = event_pb2.Event.FromString(data)

@@ -59,7 +59,7 @@ def read_run_info(run_dir: Path) -> RunInfo:
         raise RunReadError(f"{path}: unreadable run.json: {e}") from None
 
 
-def read_events(path: Path, rank: int, problems: list[str]) -> list[StepRecord]:
+def read_events(path: Path, rank: int, problems: list[str], param_names: list[str] | None = None) -> list[StepRecord]:
     datas = []
     try:
         with open(path, "rb") as f:
@@ -69,7 +69,7 @@ def read_events(path: Path, rank: int, problems: list[str]) -> list[StepRecord]:
         problems.append(f"{path}: {e}; read the records before it")
     except OSError as e:
         problems.append(f"{path}: {e.strerror or e}")
-    return decode_records(datas, rank)
+    return decode_records(datas, rank, param_names)
 
 
 def read_run(run_dir: str | Path) -> RunData:
@@ -81,7 +81,7 @@ def read_run(run_dir: str | Path) -> RunData:
     for rank, d in sorted(rank_dirs(run_dir).items()):
         by_step: dict[int, StepRecord] = {}
         for f in event_files(d):
-            for r in read_events(f, rank, data.problems):
+            for r in read_events(f, rank, data.problems, info.model.param_names):
                 by_step[r.step] = r  # a restarted writer's later record for a step wins
         if by_step:
             data.records[rank] = [by_step[s] for s in sorted(by_step)]

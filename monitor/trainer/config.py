@@ -102,6 +102,12 @@ class TrainConfig(BaseModel):
         description="Autocast dtype: 'fp32' (no autocast), 'bf16' (no loss scaling needed) or 'fp16' "
         "(GradScaler enabled).",
     )
+    scaler_init_scale: float = Field(
+        65536.0, gt=0, description="GradScaler's initial loss scale (fp16); larger values calibrate down by skipping steps."
+    )
+    scaler_growth_interval: int = Field(
+        2000, ge=1, description="Good steps before GradScaler doubles its scale (each doubling may cost a skipped step)."
+    )
     device: str = Field("cpu", description="Torch device, e.g. 'cpu', 'cuda', 'cuda:1'.")
     seed: int = Field(1337, description="Seeds model init, data and dropout; same seed, same bits.")
 

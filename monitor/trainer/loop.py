@@ -109,7 +109,8 @@ class _Run:
         self.model = GPT(gcfg, seed=cfg.seed).to(device)
         self.optimizer = build_optimizer(self.model, cfg)
         # Always a GradScaler, enabled only for fp16, as nanoGPT does: one code path for all precisions.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg.scaler_init_scale,
+                                           growth_interval=cfg.scaler_growth_interval, enabled=cfg.precision == "fp16")
         self.schedule = ScheduleSpec.from_config(cfg)
         self.scheduler = self.new_scheduler()
         self.scheduler_per_microbatch = False  # the per-microbatch-scheduler fault sets it

@@ -1,0 +1,74 @@
+"""Gradient-clipping rules."""
+
+from __future__ import annotations
+
+from collections import deque
+from statistics import median
+
+from pydantic import Field
+
+from monitor.rules.base import Finding, Rule, RuleConfig
+from monitor.rules.registry import register
+from monitor.rules.stats import LrTrace
+from monitor.schema import Severity, StepRecord
+
+
+class ClipSaturatedConfig(RuleConfig):
+    window: int = Field(50, ge=5, description="Optimizer steps over which the clipping rate is measured.")
+    fraction: float = Field(0.8, gt=0, le=1, description="Clipping active on more than this fraction of the window.")
+    deep_coef: float = Field(
+        0.5, gt=0, le=1, description="Warning when the window's median clip coefficient is below this (clipping "
+        "removes most of the update); frequent but shallow clipping is info.",
+    )
+
+
+@register
+class ClipSaturated(Rule):
+    """Gradient clipping is active on most optimizer steps after warmup.
+
+    Symptom: clip_grad_norm_ scaled the gradients down (clip coefficient < 1) on more than
+    `fraction` of a window of `window` steps, counted from the end of warmup (clipping while the
+    loss falls fast at the very start is normal). A warning when the median coefficient is below
+    `deep_coef` (the gradient is typically several times max_norm), info when clipping is shallow.
+    Why: clipping is a guard against rare outliers; when it binds on nearly every step, the update
+    size is set by max_norm instead of the LR, the schedule stops meaning what it says, and the
+    gradient norm it hides is usually growing because the LR is too high.
+    Fix: lower the peak LR (the usual cause), or raise max_norm if the unclipped norms are stable
+    and simply above it.
+    """
+
+    id = "clip.saturated"
+    family = "clip"
+    severity = Severity.warning
+    Config = ClipSaturatedConfig
+
+    def __init__(self, config: ClipSaturatedConfig, run) -> None:
+        super().__init__(config, run)
+        self.trace = LrTrace()
+        self.recent: deque[bool] = deque(maxlen=config.window)
+        self.coefs: deque[float] = deque(maxlen=config.window)
+        self.clipped = 0
+
+    def observe(self, r: StepRecord) -> Finding | None:
+        self.trace.push(r.step, r.max_lr)
+        if r.clip_coef is None or r.skipped or (r.lr and self.trace.in_warmup):
+            return None
+        hit = r.clip_coef < 1.0
+        self.coefs.append(r.clip_coef)
+        if len(self.recent) == self.recent.maxlen:
+            self.clipped -= self.recent[0]
+        self.recent.append(hit)
+        self.clipped += hit
+        c = self.config
+        if len(self.recent) < c.window or self.clipped <= c.fraction * c.window:
+            return None
+        coef = median(self.coefs)
+        return Finding(
+            message=f"gradient clipping was active on {self.clipped} of the last {c.window} steps, median "
+            f"coefficient {coef:.2f} (pre-clip norm now {r.grad_norm:.3g}, max_norm {r.max_norm}).",
+            hint="Lower the peak LR; raise max_norm only if the unclipped gradient norm is stable.",
+            evidence={"clipped_steps": self.clipped, "window": c.window, "grad_norm": r.grad_norm,
+                      "max_norm": r.max_norm, "clip_coef": r.clip_coef, "median_clip_coef": coef, "lr": r.max_lr,
+                      "first_step": r.step - c.window + 1},
+            severity=Severity.warning if coef < c.deep_coef else Severity.info,
+        )

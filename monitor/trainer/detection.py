@@ -1,0 +1,118 @@
+"""The detection-quality matrix: reference-trainer runs with the rule each must (or must not) raise.
+
+Each fault scenario names the rules that must fire and their maximum detection latency in
+optimizer steps, counted from the step where the fault starts to bite; each healthy scenario must
+raise nothing at warning or critical. The tests assert it (tests/test_detection.py) and
+`python benchmarks/detection.py` regenerates benchmarks/detection.md over several seeds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monitor.trainer.config import TrainConfig
+from monitor.trainer.loop import train
+
+QUIET = {"metrics": {"enabled": False}, "console": {"enabled": False}}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    overrides: dict[str, Any]
+    expect: dict[str, int] = field(default_factory=dict)  # rule id -> max latency (steps after fault_step)
+    fault_step: int = 0
+    pending: str | None = None  # why the scenario cannot be judged yet
+
+    @property
+    def healthy(self) -> bool:
+        return not self.expect and self.pending is None and not self.overrides.get("faults")
+
+
+SCENARIOS: list[Scenario] = [
+    # --- healthy: nothing at warning or critical -------------------------------------------------
+    Scenario("healthy-fp32", "tiny preset, fp32, cosine with warmup", {}),
+    Scenario("healthy-bf16", "bf16 autocast, no GradScaler", {"precision": "bf16", "max_steps": 120}),
+    Scenario("healthy-fp16-calibration",
+             "fp16 with GradScaler starting at 2^32: ~14 calibration skips, then a skip after every growth "
+             "(growth_interval 30)",
+             {"precision": "fp16", "scaler_init_scale": 2.0**32, "scaler_growth_interval": 30, "max_steps": 100}),
+    Scenario("healthy-accumulation", "4 micro-batches per optimizer step", {"grad_accum": 4, "batch_size": 2}),
+    Scenario("healthy-post-ln", "post-LN blocks with warmup", {"post_ln": True}),
+    Scenario("healthy-long-cosine",
+             "600 steps of char-level text, cosine to 0, weight decay 2.0: the raw grad norm climbs ~25% "
+             "through the decay, as it does late in long runs",
+             {"data": "text", "max_steps": 600, "min_lr_ratio": 0.0, "weight_decay": 2.0}),
+    Scenario("healthy-text", "char-level Python sources, 300 steps", {"data": "text", "max_steps": 300}),
+    # --- faults ----------------------------------------------------------------------------------
+    Scenario("no-warmup", "warmup_steps=0: the first update at peak LR", {"faults": ["no-warmup"]},
+             {"warmup.missing": 6}),
+    Scenario("no-warmup-post-ln", "post-LN without warmup", {"faults": ["no-warmup"], "post_ln": True},
+             {"warmup.missing": 6}),
+    Scenario("lr-too-high", "peak LR x500 (1.0): clipping binds, the loss climbs far above its best",
+             {"faults": ["lr-too-high"]}, {"preflight.lr_range": 0, "loss.divergence": 70, "clip.saturated": 100}),
+    Scenario("per-microbatch-scheduler", "scheduler.step() per micro-batch with 4 micro-batches",
+             {"faults": ["per-microbatch-scheduler"]}, {"warmup.per_microbatch": 3, "warmup.too_short": 12}),
+    Scenario("fp16-overflow", "fp16 gradients overflow on every step from step 20",
+             {"faults": ["fp16-overflow:20"], "max_steps": 80}, {"amp.overflow": 3, "amp.scale_collapse": 25},
+             fault_step=20),
+    Scenario("nan-loss", "NaN loss at step 100", {"faults": ["nan-at:100"], "max_steps": 120},
+             {"loss.nonfinite": 0}, fault_step=100),
+    Scenario("nan-loss-fp16", "NaN loss at step 60 under fp16 (GradScaler skips it)",
+             {"faults": ["nan-at:60"], "precision": "fp16", "max_steps": 80}, {"loss.nonfinite": 0}, fault_step=60),
+    Scenario("resume-without-scheduler", "resume at step 100 with a fresh scheduler: warmup replays",
+             {"faults": ["resume-without-scheduler:100"]}, {"warmup.restart": 2}, fault_step=100),
+    Scenario("attention-sharpen", "attention logits grow 1.25x per step from step 50",
+             {"faults": ["attention-sharpen:50"]},
+             {"attention.entropy_collapse": 30, "attention.logit_growth": 30}, fault_step=50,
+             pending="needs the attention probe (issue 6) to put attention statistics in the records"),
+]
+
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario
+    seed: int
+    alerts: list  # monitor.Alert, firing
+    latency: dict[str, int | None]  # expected rule -> steps from fault_step to detection (None: missed)
+    loud: list  # warning/critical alerts not expected by the scenario (false alarms)
+    skipped_steps: int
+    grad_norms: list[float]
+
+    @property
+    def passed(self) -> bool:
+        s = self.scenario
+        in_time = all(v is not None and v <= s.expect[k] for k, v in self.latency.items())
+        return in_time and not self.loud
+
+
+def detected_at(alert) -> int:
+    return int(alert.evidence.get("detected_at", alert.step))
+
+
+def run_scenario(s: Scenario, seed: int | None = None, run_dir: Path | None = None,
+                 monitor_config: dict | None = None) -> Outcome:
+    overrides = dict(s.overrides)
+    if seed is not None:
+        overrides["seed"] = seed
+    cfg = TrainConfig.from_preset("tiny", **overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train(cfg, run_dir=run_dir or Path(tmp) / s.name, monitor_config=monitor_config or QUIET,
+                    progress=False)
+    alerts = [a for a in res.alerts if a.status == "firing"]
+    latency: dict[str, int | None] = {}
+    for rule in s.expect:
+        hits = [a for a in alerts if a.rule == rule]
+        latency[rule] = min(detected_at(a) for a in hits) - s.fault_step if hits else None
+    loud = [a for a in alerts if a.rule not in s.expect and a.severity.value in ("warning", "critical")]
+    if not s.healthy:
+        # A fault may cause more than its own alerts (a NaN is also a divergence): only healthy
+        # scenarios count unexpected warnings as false alarms.
+        loud = []
+    return Outcome(s, cfg.seed, alerts, latency, loud, res.skipped_steps, res.grad_norms)
