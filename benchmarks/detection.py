@@ -72,7 +72,7 @@ def main() -> None:
     for rule in sorted(per_rule):
         d = per_rule[rule]
         lat = d["latencies"]
-        md.append(f"| `{rule}` | {d['hits']}/{d['runs']} | {statistics.median(lat) if lat else '-'} | "
+        md.append(f"| `{rule}` | {d['hits']}/{d['runs']} | {f'{statistics.median(lat):g}' if lat else '-'} | "
                   f"{max(lat) if lat else '-'} | {d['max_allowed']} | {false_alarms.get(rule, 0)} |")
     others = {r: n for r, n in false_alarms.items() if r not in per_rule}
     md += ["", f"Healthy runs: {healthy_runs}; warnings or criticals raised in them: "

@@ -130,3 +130,22 @@ def test_check_and_rules_do_not_import_torch(finished_run):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_readme_custom_rule_example_runs():
+    """The README's own-rule example registers, validates its options and fires."""
+    import re
+
+    from monitor.rules import RulesEngine
+    from monitor.schema import RunInfo, StepRecord
+
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "@register" in b)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    try:
+        engine = RulesEngine(RunInfo(run_id="r"), {"custom.loss_above_target": {"after": 2}})
+        engine.observe_many(StepRecord(step=s, loss=3.0) for s in range(4))
+        assert [a.rule for a in engine.alerts if a.rule.startswith("custom.")] == ["custom.loss_above_target"]
+    finally:
+        REGISTRY.unregister("custom.loss_above_target")

@@ -334,3 +334,16 @@ def test_preflight_no_clipping_only_for_trainmon_runs():
         "preflight.no_clipping"]
     foreign = run.model_copy(update={"source": "huggingface"})
     assert run_rules(recs(12, lr=warmup()), ["preflight.no_clipping"], run=foreign) == []
+
+
+def test_spike_alerts_name_the_parameters_that_moved():
+    """Diagnosis: the parameters whose gradient norm rose most against their own baseline."""
+    def norms(s):
+        hot = 40.0 if s == 250 else 1.0
+        return {"blocks.0.attn.c_attn.weight": 0.5 * hot, "blocks.0.mlp.c_fc.weight": 0.5, "wte.weight": 0.2}
+
+    records = _with(recs(300, lr=warmup(), grad_norm=noisy(lambda s: 20.0 if s == 250 else 1.0)), param_norms=norms)
+    alert = run_rules(records, ["grad_norm.spike"])[0]
+    assert alert.step == 250
+    assert alert.evidence["top_params"][0]["param"] == "blocks.0.attn.c_attn.weight"
+    assert "blocks.0.attn.c_attn.weight x40" in alert.message
