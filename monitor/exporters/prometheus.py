@@ -23,12 +23,14 @@ RUN_LABELS = ("run", "rank")
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-class TrainMetrics:
-    """The trainmon_* metrics of one (run, rank), updated from StepRecords and Alerts."""
+class MetricFamilies:
+    """Every trainmon_* metric family, registered once in one registry.
 
-    def __init__(self, registry: CollectorRegistry, run: str, rank: int, *, global_stats: bool | None = None) -> None:
-        self.run, self.rank = run, str(rank)
-        self.global_stats = rank == 0 if global_stats is None else global_stats
+    A training process holds one run and rank; the `monitor watch` daemon holds many, each a
+    TrainMetrics view on the same families (label values tell them apart).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
         lab = RUN_LABELS
         r = registry
         self.loss = Gauge("trainmon_loss", "Training loss of the last optimizer step (mean over micro-batches).", lab, registry=r)
@@ -52,6 +54,33 @@ class TrainMetrics:
         self.dropped = Counter("trainmon_dropped_records", "Step records dropped because the publisher queue was full.", lab, registry=r)
         self.errors = Counter("trainmon_internal_errors", "Errors caught inside the monitor (never raised into training).",
                               lab, registry=r)
+
+    def all(self) -> list:
+        return [v for v in vars(self).values() if hasattr(v, "_labelnames")]
+
+    def forget(self, run: str) -> None:
+        """Drop every series of a run (a deleted run must not stay in /metrics forever)."""
+        for family in self.all():
+            with family._lock:
+                for key in [k for k in family._metrics if k and k[0] == run]:
+                    del family._metrics[key]
+
+
+class TrainMetrics:
+    """The trainmon_* series of one (run, rank), updated from StepRecords and Alerts."""
+
+    def __init__(self, registry: CollectorRegistry | MetricFamilies, run: str, rank: int, *,
+                 global_stats: bool | None = None) -> None:
+        self.run, self.rank = run, str(rank)
+        self.global_stats = rank == 0 if global_stats is None else global_stats
+        f = registry if isinstance(registry, MetricFamilies) else MetricFamilies(registry)
+        self.families = f
+        (self.loss, self.lr, self.grad_norm, self.grad_norm_clipped, self.clip_coef, self.loss_scale, self.steps,
+         self.skipped, self.step_duration, self.tokens, self.attn_entropy, self.attn_max_logit, self.last_step,
+         self.alerts_total, self.alert_active, self.dropped, self.errors) = (
+            f.loss, f.lr, f.grad_norm, f.grad_norm_clipped, f.clip_coef, f.loss_scale, f.steps, f.skipped,
+            f.step_duration, f.tokens, f.attn_entropy, f.attn_max_logit, f.last_step, f.alerts_total,
+            f.alert_active, f.dropped, f.errors)
         # Children that exist from the first scrape, so rate() and alert rules see a 0, not an absence.
         self._steps = self.steps.labels(run, self.rank)
         self._skipped = self.skipped.labels(run, self.rank)
