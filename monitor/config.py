@@ -65,6 +65,44 @@ class CollectorConfig(_Section):
     count_tokens: bool = Field(True, description="Count integer input elements of the model's forward as tokens.")
 
 
+class _HttpSink(_Section):
+    url: str = Field(description="Where to POST (kept secret: logged as scheme://host/*** only).")
+    timeout: float = Field(5.0, gt=0, description="Seconds per HTTP attempt.")
+    retries: int = Field(3, ge=0, description="Retries after a failed attempt (connection error, 429, 5xx).")
+    backoff: float = Field(1.0, ge=0, description="Seconds before the first retry; doubled for each further one.")
+    queue_size: int = Field(256, ge=1, description="Alerts waiting for delivery; beyond this they are dropped and counted.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+
+class WebhookConfig(_HttpSink):
+    """A Slack-compatible incoming webhook (or anything that accepts its JSON)."""
+
+    min_severity: Literal["info", "warning", "critical"] = Field("warning", description="Least severe alert sent.")
+
+
+class AlertmanagerConfig(_HttpSink):
+    """Alertmanager's v2 API; `url` is its base address, e.g. http://alertmanager:9093."""
+
+    min_severity: Literal["info", "warning", "critical"] = Field("info", description="Least severe alert sent.")
+    resend_seconds: float = Field(
+        60.0, gt=0, description="Re-post active alerts this often (Alertmanager resolves alerts it stops hearing about).",
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every alert (e.g. cluster).")
+
+
+class SinksConfig(_Section):
+    """Alert destinations besides the console, alerts.jsonl and /metrics."""
+
+    webhook: WebhookConfig | None = None
+    alertmanager: AlertmanagerConfig | None = None
+
+
 class ConsoleConfig(_Section):
     enabled: bool = Field(True, description="Print each alert as one line on stderr.")
 
@@ -77,6 +115,7 @@ class MonitorConfig(_Section):
     tensorboard: TensorBoardConfig = Field(default_factory=TensorBoardConfig)
     collector: CollectorConfig = Field(default_factory=CollectorConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
     rules: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Per-rule options by rule id, e.g. {'loss.spike': {'z_critical': 9}, 'amp.overflow': {'enabled': False}}.",

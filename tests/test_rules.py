@@ -347,3 +347,17 @@ def test_spike_alerts_name_the_parameters_that_moved():
     assert alert.step == 250
     assert alert.evidence["top_params"][0]["param"] == "blocks.0.attn.c_attn.weight"
     assert "blocks.0.attn.c_attn.weight x40" in alert.message
+
+
+def test_run_stalled_from_the_clock_and_resolved_by_the_next_step():
+    engine = RulesEngine(RUN, {"run.stalled": {"floor_seconds": 30, "factor": 10}})
+    t0 = 1_000_000.0
+    engine.observe_many(StepRecord(step=s, time=t0 + 2.0 * s, lr=[1e-3], loss=2.0) for s in range(20))
+    last = t0 + 38.0
+    assert engine.tick(last + 30) == []  # 10 x 2 s = 20 s, floored at 30 s: not yet
+    fired = engine.tick(last + 31)
+    assert [(a.rule, a.severity.value, a.step) for a in fired] == [("run.stalled", "critical", 19)]
+    assert fired[0].evidence["timeout_seconds"] == 30.0
+    assert engine.tick(last + 100) == []  # still the same stall: one alert
+    out = engine.observe(StepRecord(step=20, time=last + 101, lr=[1e-3], loss=2.0))
+    assert [(a.rule, a.status) for a in out] == [("run.stalled", "resolved")]

@@ -126,6 +126,10 @@ class TrainMetrics:
         for sev in Severity:
             self.alert_active.labels(self.run, rank, alert.rule, sev.value).set(1 if sev == alert.severity else 0)
 
+    def restore_active(self, alert: Alert) -> None:
+        """After a daemon restart: show an alert that is still active, without counting it again."""
+        self.alert_active.labels(self.run, str(alert.rank), alert.rule, alert.severity.value).set(1)
+
     def count_dropped(self, n: int = 1) -> None:
         self._dropped.inc(n)
 

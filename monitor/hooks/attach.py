@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from monitor.config import MonitorConfig, load_config
 from monitor.exporters.console import ConsoleSink
 from monitor.exporters.prometheus import MetricsServer, TrainMetrics, serve
+from monitor.exporters.sinks import build_http_sinks, close_sinks
 from monitor.hooks import introspect
 from monitor.hooks.collector import StepCollector, TrainingHalted
 from monitor.hooks.guard import ErrorGuard
@@ -94,6 +95,7 @@ class Monitor:
         self._jsonl: JsonlAlertSink | None = None
         self._halt: Alert | None = None
         self._halt_raised = False
+        self._http_sinks: list[Any] = []
         self.guard = ErrorGuard()
 
         dist = introspect.dist_info()
@@ -148,7 +150,8 @@ class Monitor:
         if cfg.console.enabled:
             sinks.append(ConsoleSink())
         self._jsonl = JsonlAlertSink(self.run_dir / ALERTS_JSONL)
-        sinks += [self._jsonl, self.metrics, _CallbackSink(self._on_alert)]
+        self._http_sinks = build_http_sinks(cfg)  # webhook / Alertmanager: their own threads, never blocking
+        sinks += [self._jsonl, self.metrics, *self._http_sinks, _CallbackSink(self._on_alert)]
         self.engine = RulesEngine(self.info, cfg.rules, sinks=sinks, on_error=self.guard.record)
         # Preflight: the checklist verdicts that need no step; they are printed now and kept in run.json.
         self.info.preflight = self.engine.start(self.rank)
@@ -273,6 +276,8 @@ class Monitor:
             step("event file close", self._events.close)
         if self._jsonl is not None:
             step("alerts.jsonl close", self._jsonl.close)
+        if self._http_sinks:
+            step("alert sinks", lambda: close_sinks(self._http_sinks))
         if self._server is not None:
             step("metrics endpoint", self._server.close)
             step("targets.json", lambda: self.rundir.remove_endpoint(self.rank))

@@ -68,6 +68,10 @@ class Rule:
         """A finding from the run's facts alone (RunInfo), before any step: preflight checks."""
         return None
 
+    def on_tick(self, now: float) -> Finding | None:
+        """A finding from the clock alone (a run that stopped): called by the daemon and the watchdog."""
+        return None
+
     # -- declarative metadata -------------------------------------------------
 
     @classmethod

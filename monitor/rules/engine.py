@@ -63,6 +63,19 @@ class RulesEngine:
         self._reported: set[str] = set()
         self._states: dict[int, list[_RuleState]] = {}
 
+    # Pickling (the daemon's state file): rule state and alert history travel; sinks and callbacks are
+    # the process's own and are attached again after loading.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["sinks"] = []
+        state["_on_error"] = None
+        state["alerts"] = self.alerts[-200:]
+        return state
+
+    def attach(self, sinks: Iterable[AlertSink], on_error: Callable[[str, BaseException], None] | None = None) -> None:
+        self.sinks = list(sinks)
+        self._on_error = on_error
+
     @property
     def rule_ids(self) -> list[str]:
         return [cls.id for cls, _ in self._specs]
@@ -108,6 +121,28 @@ class RulesEngine:
             if alert is not None:
                 out.append(alert)
                 self._deliver(alert)
+        return out
+
+    def tick(self, now: float | None = None) -> list[Alert]:
+        """Let time-based rules (run.stalled) look at the clock; a rule with nothing to say keeps its alert
+        active until a step resolves it."""
+        now = time.time() if now is None else now
+        out: list[Alert] = []
+        for rank, states in self._states.items():
+            for st in states:
+                try:
+                    finding = st.rule.on_tick(now)
+                except Exception as e:
+                    self._error(f"rule {st.rule.id} tick", e)
+                    continue
+                if finding is None:
+                    continue
+                step = finding.step if finding.step is not None else self.run.start_step
+                at = StepRecord.model_construct(step=step, rank=rank)
+                alert = self._transition(st, at, finding)
+                if alert is not None:
+                    out.append(alert)
+                    self._deliver(alert)
         return out
 
     def observe_many(self, records: Iterable[StepRecord]) -> list[Alert]:

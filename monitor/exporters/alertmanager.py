@@ -1,0 +1,77 @@
+"""Alertmanager sink: alerts POSTed to Alertmanager's v2 API (`/api/v2/alerts`).
+
+alertname = rule id; labels severity, run, rank (plus configured extras); annotations summary
+and hint. Active alerts are re-posted every `resend_seconds` (Alertmanager resolves an alert it
+stops hearing about after its resolve_timeout); a resolved alert is posted once with endsAt.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timezone
+
+from monitor.exporters.delivery import HttpDelivery
+from monitor.schema import Alert, Severity
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def am_alert(alert: Alert, extra_labels: dict[str, str] | None = None, ends: float | None = None) -> dict:
+    labels = {"alertname": alert.rule, "severity": alert.severity.value, "run": alert.run or "", "rank": str(alert.rank),
+              **(extra_labels or {})}
+    out = {
+        "labels": labels,
+        "annotations": {"summary": alert.message, "hint": alert.hint, "step": str(alert.step)},
+        "startsAt": _iso(alert.time),
+    }
+    if ends is not None:
+        out["endsAt"] = _iso(ends)
+    return out
+
+
+class AlertmanagerSink:
+    def __init__(self, url: str, *, min_severity: Severity | str = Severity.info, resend_seconds: float = 60.0,
+                 labels: dict[str, str] | None = None, timeout: float = 5.0, retries: int = 3, backoff: float = 1.0,
+                 queue_size: int = 256) -> None:
+        self.endpoint = url.rstrip("/") + "/api/v2/alerts"
+        self.min_severity = Severity(min_severity)
+        self.resend_seconds = resend_seconds
+        self.labels = dict(labels or {})
+        self._active: dict[tuple[str, str, int], Alert] = {}
+        self._lock = threading.Lock()
+        self._last_send = time.monotonic()
+        self.delivery = HttpDelivery("alertmanager", timeout=timeout, retries=retries, backoff=backoff,
+                                     queue_size=queue_size, on_idle=self._resend)
+
+    def emit(self, alert: Alert) -> None:
+        if not alert.severity.at_least(self.min_severity):
+            return
+        key = (alert.run, alert.rule, alert.rank)
+        with self._lock:
+            if alert.status == "resolved":
+                # Resolve whatever severity is active for this rule (an escalated alert has new labels).
+                firing = self._active.pop(key, alert)
+                payload = [am_alert(firing, self.labels, ends=time.time())]
+            else:
+                previous = self._active.get(key)
+                self._active[key] = alert
+                payload = [am_alert(alert, self.labels)]
+                if previous is not None and previous.severity != alert.severity:
+                    payload.append(am_alert(previous, self.labels, ends=time.time()))
+        self.delivery.submit(self.endpoint, payload)
+        self._last_send = time.monotonic()
+
+    def _resend(self) -> None:
+        if time.monotonic() - self._last_send < self.resend_seconds:
+            return
+        with self._lock:
+            payload = [am_alert(a, self.labels) for a in self._active.values()]
+        self._last_send = time.monotonic()
+        if payload:
+            self.delivery.submit(self.endpoint, payload)
+
+    def close(self) -> None:
+        self.delivery.close()
