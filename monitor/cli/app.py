@@ -53,6 +53,9 @@ def check(
         Severity, typer.Option("--fail-on", help="Exit 1 when an alert is at least this severe.")
     ] = Severity.warning,
     config: ConfigOpt = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Also write an offline HTML report (plots with alert markers).")
+    ] = None,
 ) -> None:
     """Run the rules over a finished run and report what they find."""
     from monitor.cli.check import check_run
@@ -65,6 +68,14 @@ def check(
         raise _fail(str(e)) from None
     for p in data.problems:
         typer.echo(f"warning: {p}", err=True)
+    if report is not None:
+        from monitor.exporters.report import render_report
+
+        try:
+            report.write_text(render_report(data.info, data.records, alerts, problems=data.problems), encoding="utf-8")
+        except OSError as e:
+            raise _fail(f"cannot write the report {report}: {e.strerror or e}") from None
+        typer.echo(f"report written to {report}", err=True)
     if as_json:
         keys = {"rule", "severity", "step", "rank", "message", "hint", "evidence"}
         # Through model_dump_json: NaN/Inf evidence becomes "NaN"/"Infinity", so the output is strict JSON.
@@ -218,6 +229,49 @@ def demo(
         typer.echo(f"\n{halted}")
     if mon is not None:
         typer.echo(where_to_look(Path(mon.run_dir), url, len(mon.alerts)))
+
+
+@app.command()
+def watch(
+    paths: Annotated[list[Path], typer.Argument(help="Directories to watch: trainmon run dirs, TensorBoard logdirs "
+                                                     "of other frameworks, text logs, or folders holding them.")],
+    config: ConfigOpt = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Where read positions and alert state survive restarts "
+                                       "(default: $XDG_STATE_HOME/trainmon/watch).")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address of the daemon's /metrics.")] = "127.0.0.1",
+    metrics_port: Annotated[int, typer.Option(help="Port of the daemon's /metrics (0: any free port, -1: off).")] = 9739,
+    map_: Annotated[
+        list[str] | None, typer.Option("--map", help="SIGNAL=TAG for logs with other tag names, e.g. "
+                                                     "loss=train/my_loss (signals: loss, lr, grad_norm, loss_scale).")
+    ] = None,
+    plain: Annotated[
+        bool | None, typer.Option("--plain/--live", help="One line per event, or a live table (default: live on a "
+                                                         "terminal).", show_default=False)
+    ] = None,
+    poll: Annotated[float, typer.Option(help="Seconds between reads of the runs.")] = 0.5,
+    discover: Annotated[float, typer.Option(help="Seconds between looks for new runs.")] = 5.0,
+    once: Annotated[bool, typer.Option("--once", help="Read everything once, report, save state and exit.")] = False,
+) -> None:
+    """Watch many runs: rules per run, one /metrics for all, alerts to the console and the configured sinks."""
+    from monitor.cli.watch import parse_map, run_watch
+    from monitor.watch.state import default_state_dir
+
+    cfg = _config(config)
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise _fail(f"no such path: {', '.join(missing)}")
+    try:
+        mapping = parse_map(map_ or [])
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    try:
+        run_watch(paths, cfg, state_dir=state_dir or default_state_dir(), host=metrics_host,
+                  port=None if metrics_port < 0 else metrics_port, mapping=mapping, plain=plain, poll=poll,
+                  discover=discover, once=once)
+    except OSError as e:
+        raise _fail(str(e)) from None
 
 
 def main() -> None:
