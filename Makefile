@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench detection docs clean
+.PHONY: demo test lint bench detection docs grafana clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ detection: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/monitor rules --markdown > docs/rules.md
+
+# grafana/ (dashboards, provisioning, Prometheus rules/tests/config) is generated; a test diffs it.
+grafana: $(STAMP)
+	rm -rf grafana
+	$(BIN)/python -m monitor.exporters.grafana grafana/
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -274,6 +274,68 @@ def watch(
         raise _fail(str(e)) from None
 
 
+export_app = typer.Typer(help="Prometheus rules, a scrape config and Grafana dashboards, generated from the rules.",
+                         no_args_is_help=True)
+app.add_typer(export_app, name="export")
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file (default: stdout).")]
+JobOpt = Annotated[str, typer.Option(help="Prometheus job name of the per-rank endpoints.")]
+
+
+@export_app.command("prometheus-rules")
+def export_prometheus_rules_cmd(out: OutOpt = None, config: ConfigOpt = None, job: JobOpt = "trainmon") -> None:
+    """Alerting rules (stalled runs, active trainmon alerts, skipped steps, NaN loss, down targets);
+    with --out also their promtool unit tests beside it."""
+    from monitor.cli.export import export_prometheus_rules
+
+    cfg = _config(config)
+    try:
+        export_prometheus_rules(out, cfg, job=job)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+
+
+@export_app.command("scrape-config")
+def export_scrape_config_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories, or directories holding runs "
+                                                    "(later runs there are found too).")],
+    out: OutOpt = None,
+    job: JobOpt = "trainmon",
+    interval: Annotated[str, typer.Option(help="Scrape interval.")] = "15s",
+    daemon: Annotated[str | None, typer.Option(help="Also scrape `monitor watch` at HOST:PORT.")] = None,
+    rule_file: Annotated[list[str] | None, typer.Option(help="Rule files to load (repeatable).")] = None,
+    alertmanager: Annotated[list[str] | None, typer.Option(help="Alertmanager HOST:PORT (repeatable).")] = None,
+) -> None:
+    """A prometheus.yml that discovers the runs' endpoints through file_sd."""
+    from monitor.cli.export import export_scrape_config
+
+    try:
+        export_scrape_config(out, runs, job=job, interval=interval, daemon=daemon, rule_files=rule_file,
+                             alertmanagers=alertmanager)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+
+
+@export_app.command("grafana")
+def export_grafana_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write dashboards/, provisioning/, prometheus/ into.")],
+    config: ConfigOpt = None,
+    prometheus_url: Annotated[str | None, typer.Option(help="URL of the Prometheus datasource.")] = None,
+    daemon: Annotated[str, typer.Option(help="`monitor watch` HOST:PORT for the bundled prometheus.yml.")] = "127.0.0.1:9739",
+    alertmanager: Annotated[str, typer.Option(help="Alertmanager HOST:PORT for the bundled prometheus.yml.")] = "127.0.0.1:9093",
+    job: JobOpt = "trainmon",
+) -> None:
+    """Grafana dashboards (overview, alerts, attention, DDP) with file provisioning, plus the Prometheus side."""
+    from monitor.cli.export import export_grafana
+
+    cfg = _config(config)
+    kwargs = {"prometheus_url": prometheus_url} if prometheus_url else {}
+    try:
+        written = export_grafana(out_dir, cfg, daemon=daemon, alertmanager=alertmanager, job=job, **kwargs)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"wrote {len(written)} files under {out_dir}", err=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

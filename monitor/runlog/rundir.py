@@ -24,6 +24,9 @@ from monitor.schema import Alert, Endpoint, RunInfo
 
 RUN_JSON = "run.json"
 TARGETS_JSON = "targets.json"
+# Beside the run directories: one file per run, so that Prometheus (whose file_sd globs only the
+# last path segment) can discover new runs with `<runs>/.trainmon-targets/*.json`.
+SHARED_TARGETS_DIR = ".trainmon-targets"
 ALERTS_JSONL = "alerts.jsonl"
 _LOCK = ".trainmon.lock"
 
@@ -123,16 +126,35 @@ class RunDir:
             return sorted(old, key=lambda t: int(t["labels"]["trainmon_rank"]))
 
         self.update_json(RUN_JSON, add_to_run, {})
-        self.update_json(TARGETS_JSON, add_to_targets, [])
+        self._share_targets(self.update_json(TARGETS_JSON, add_to_targets, []))
 
     def remove_endpoint(self, rank: int) -> None:
         """Drop this rank's target once its server is gone, so Prometheus stops scraping a dead port."""
-        self.update_json(
+        self._share_targets(self.update_json(
             TARGETS_JSON,
             lambda old: [t for t in (old if isinstance(old, list) else [])
                          if t.get("labels", {}).get("trainmon_rank") != str(rank)],
             [],
-        )
+        ))
+
+    @property
+    def shared_targets_path(self) -> Path:
+        return self.path.resolve().parent / SHARED_TARGETS_DIR / f"{self.run_id}.json"
+
+    def _share_targets(self, targets: list) -> None:
+        """Mirror targets.json into the shared directory (best effort: the run's own file is the contract)."""
+        path = self.shared_targets_path
+        try:
+            if not targets:
+                path.unlink(missing_ok=True)
+                return
+            path.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(targets, f, indent=2)
+            os.replace(tmp, path)
+        except OSError:
+            pass
 
 
 class JsonlAlertSink:
