@@ -10,7 +10,7 @@ Exported alerts (job "trainmon" = the per-rank /metrics endpoints found through 
 - TrainmonRunStalled: no optimizer step for max(floor_seconds, factor x median step time),
   for ranks still listed as targets and up (`run.stalled`'s options).
 - TrainmonAlertActive: a rule of the in-process engine or of `monitor watch` is firing
-  (`trainmon_alert_active == 1`), its severity passed through, its fix as the hint; the same
+  (`trainmon_alert_active == 1` at warning or critical; info stays on the dashboards), its severity passed through, its fix as the hint; the same
   alert from both sources is one alert.
 - TrainmonSkippedStepRate: GradScaler skipped more than `amp.overflow.max_rate` of the steps
   in the last 10 minutes, once calibration is behind.
@@ -280,7 +280,8 @@ def _active(options: Any, job: str) -> AlertDef:
 
     return AlertDef(
         name="TrainmonAlertActive",
-        expr=f"max without ({', '.join(SOURCE_LABELS)}) (trainmon_alert_active) == 1",
+        # Info findings (preflight advice) stay on the dashboards; paging starts at warning.
+        expr=f"max without ({', '.join(SOURCE_LABELS)}) (trainmon_alert_active{{severity=~\"warning|critical\"}}) == 1",
         for_="0s",
         severity="{{ $labels.severity }}",
         summary="{{ $labels.rule }} ({{ $labels.severity }}) is firing in run {{ $labels.run }} "
@@ -297,8 +298,9 @@ def _active(options: Any, job: str) -> AlertDef:
             [("0m", []),
              ("1m", [Expect(key(resolved))]),
              ("2m", [Expect(key(a))]),
-             ("4m", [Expect(key(a)), Expect(key(custom)), Expect(key(escalated))]),
-             ("5m", [Expect(key(a)), Expect(key(custom))])],
+             # `custom` is info: shown on the dashboards, never sent to Alertmanager.
+             ("4m", [Expect(key(a)), Expect(key(escalated))]),
+             ("5m", [Expect(key(a))])],
         )],
     )
 
