@@ -63,7 +63,32 @@ class StepRecord(BaseModel):
 
     @property
     def max_lr(self) -> float | None:
+        """The largest LR over param groups (what most rules judge)."""
         return max(self.lr) if self.lr else None
+
+    @classmethod
+    def fast(cls, **values: Any) -> StepRecord:
+        """Build without validation, for trusted internal data on hot paths (publisher, tailing readers).
+
+        About 2 us instead of ~25 us for model_construct: the daemon reads tens of thousands of
+        records a second.
+        """
+        d = _STEP_PLAIN_DEFAULTS.copy()
+        d.update(values)
+        for name, factory in _STEP_FACTORIES.items():
+            if name not in values:
+                d[name] = factory()
+        obj = cls.__new__(cls)
+        object.__setattr__(obj, "__dict__", d)
+        object.__setattr__(obj, "__pydantic_fields_set__", set())
+        object.__setattr__(obj, "__pydantic_extra__", None)
+        object.__setattr__(obj, "__pydantic_private__", None)
+        return obj
+
+
+_STEP_PLAIN_DEFAULTS = {n: f.default for n, f in StepRecord.model_fields.items()
+                        if not f.is_required() and f.default_factory is None}
+_STEP_FACTORIES = {n: f.default_factory for n, f in StepRecord.model_fields.items() if f.default_factory is not None}
 
 
 class Alert(BaseModel):

@@ -287,13 +287,17 @@ def test_more_rule_cases(name, records, rule, expected):
 
 def test_grad_vanishing_names_dead_and_detached_parameters():
     records = _with(recs(40), param_norms=lambda s: {"a.weight": 0.5, "b.weight": 0.3, "dead.weight": 0.0})
-    alerts = run_rules(records, ["grad.vanishing"], run=VANISH_RUN)
+    alerts = run_rules(records, ["grad.vanishing"], {"grad.vanishing": {"stride": 1}}, run=VANISH_RUN)
     assert [a.rule for a in alerts] == ["grad.vanishing"]
     ev = alerts[0].evidence
     assert ev["params"] == ["dead.weight", "detached.weight"] and ev["grad_none"] == ["detached.weight"]
     assert alerts[0].step == 0 and ev["detected_at"] == 19
     healthy = _with(recs(40), param_norms=lambda s: {n: 0.1 + s for n in VANISH_RUN.model.param_names})
-    assert run_rules(healthy, ["grad.vanishing"], run=VANISH_RUN) == []
+    assert run_rules(healthy, ["grad.vanishing"], {"grad.vanishing": {"stride": 1}}, run=VANISH_RUN) == []
+    # by default every 10th step is examined: 20 samples are 200 steps
+    late = _with(recs(200), param_norms=lambda s: {"a.weight": 0.5, "b.weight": 0.3, "dead.weight": 0.0})
+    alerts = run_rules(late, ["grad.vanishing"], run=VANISH_RUN)
+    assert alerts[0].evidence["detected_at"] == 190
 
 
 def _facts(name="AdamW", lr=3e-4, betas=(0.9, 0.95), eps=1e-8, wd=0.1, one_d=0, scaler=None):

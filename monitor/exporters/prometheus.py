@@ -12,6 +12,7 @@ import errno
 import math
 import threading
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -88,33 +89,50 @@ class TrainMetrics:
         self._dropped = self.dropped.labels(run, self.rank)
         self._errors = self.errors.labels(run, self.rank)
         self._duration = self.step_duration.labels(run, self.rank)
+        self._children: dict[tuple, Any] = {}
         # Gauges appear with the first step: a loss or timestamp of 0 before it would be a lie.
 
     def _g(self, gauge: Gauge, value: float | None, *extra: str) -> None:
         if value is not None:
-            gauge.labels(self.run, self.rank, *extra).set(value)
+            key = (gauge._name, *extra)
+            child = self._children.get(key)
+            if child is None:  # label lookups cost more than the set: keep the children
+                child = self._children[key] = gauge.labels(self.run, self.rank, *extra)
+            child.set(value)
 
     def observe(self, rec: StepRecord) -> None:
-        self._steps.inc()
-        if rec.skipped:
-            self._skipped.inc()
-        self._g(self.loss, rec.loss)
-        if rec.tokens:
-            self._tokens.inc(rec.tokens)
-        if rec.step_time is not None and math.isfinite(rec.step_time):
-            self._duration.observe(rec.step_time)
-        self._g(self.last_step, rec.time)
+        self.observe_many([rec])
+
+    def observe_many(self, recs: list[StepRecord]) -> None:
+        """A batch of one rank's records (the daemon reads many at once): counters and the step-time
+        histogram see every record, the gauges only the last value each has."""
+        if not recs:
+            return
+        skipped = tokens = 0
+        for r in recs:
+            skipped += r.skipped
+            tokens += r.tokens or 0
+            if r.step_time is not None and math.isfinite(r.step_time):
+                self._duration.observe(r.step_time)
+        self._steps.inc(len(recs))
+        if skipped:
+            self._skipped.inc(skipped)
+        if tokens:
+            self._tokens.inc(tokens)
+        last = recs[-1]
+        self._g(self.loss, next((r.loss for r in reversed(recs) if r.loss is not None), None))
+        self._g(self.last_step, last.time)
         if not self.global_stats:
             return
-        for i, lr in enumerate(rec.lr):
-            self.lr.labels(self.run, self.rank, str(i)).set(lr)
-        self._g(self.grad_norm, rec.grad_norm)
-        self._g(self.grad_norm_clipped, rec.grad_norm_clipped)
-        self._g(self.clip_coef, rec.clip_coef)
-        self._g(self.loss_scale, rec.loss_scale)
-        for layer, stats in (rec.attention or {}).items():
-            self._g(self.attn_entropy, stats.get("entropy_ratio"), layer)
-            self._g(self.attn_max_logit, stats.get("max_logit"), layer)
+        for i, lr in enumerate(last.lr):
+            self._g(self.lr, lr, str(i))
+        for gauge, field in ((self.grad_norm, "grad_norm"), (self.grad_norm_clipped, "grad_norm_clipped"),
+                             (self.clip_coef, "clip_coef"), (self.loss_scale, "loss_scale")):
+            self._g(gauge, next((getattr(r, field) for r in reversed(recs) if getattr(r, field) is not None), None))
+        for r in recs:
+            for layer, stats in (r.attention or {}).items():
+                self._g(self.attn_entropy, stats.get("entropy_ratio"), layer)
+                self._g(self.attn_max_logit, stats.get("max_logit"), layer)
 
     def emit(self, alert: Alert) -> None:
         """Alert sink: counters and the active gauge (one active severity per rule)."""

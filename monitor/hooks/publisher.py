@@ -49,7 +49,7 @@ def build_record(p: Packet, rank: int, param_names: list[str]) -> StepRecord:
         param_norms = {param_names[i]: v for i, v in zip(index, norms)}
     if "loss" not in fields and p.loss_value is not None:
         fields["loss"] = p.loss_value
-    return StepRecord.model_construct(
+    return StepRecord.fast(
         step=p.step, rank=rank, time=p.time, loss=fields.get("loss"), lr=lrs,
         grad_norm=grad_norm, grad_norm_clipped=fields.get("grad_norm_clipped"),
         clip_coef=fields.get("clip_coef"), max_norm=p.max_norm, loss_scale=fields.get("loss_scale"),

@@ -60,6 +60,7 @@ class Rule:
     def __init__(self, config: RuleConfig, run: RunInfo) -> None:
         self.config = config
         self.run = run
+        self.retired = False  # set True once the rule has nothing more to say: the engine stops calling it
 
     def observe(self, record: StepRecord) -> Finding | None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -62,6 +62,7 @@ class RulesEngine:
         self._on_error = on_error
         self._reported: set[str] = set()
         self._states: dict[int, list[_RuleState]] = {}
+        self._retired: dict[int, list[_RuleState]] = {}
 
     # Pickling (the daemon's state file): rule state and alert history travel; sinks and callbacks are
     # the process's own and are attached again after loading.
@@ -95,22 +96,33 @@ class RulesEngine:
     def observe(self, record: StepRecord) -> list[Alert]:
         """Feed one record; returns the alerts (firing or resolved) it caused."""
         out: list[Alert] = []
-        for st in self._states_for(record.rank):
+        states = self._states_for(record.rank)
+        retired = False
+        for st in states:
             try:
                 finding = st.rule.observe(record)
             except Exception as e:
                 self._error(f"rule {st.rule.id}", e)
                 continue
+            if finding is None and st.active is None:  # the common case: nothing to do
+                retired = retired or st.rule.retired
+                continue
             alert = self._transition(st, record, finding)
             if alert is not None:
                 out.append(alert)
                 self._deliver(alert)
+            retired = retired or st.rule.retired
+        if retired:
+            # Rules that have said all they will (a warmup verdict, a preflight check) stop seeing
+            # records; an alert they raised stays active.
+            self._states[record.rank] = [st for st in states if not st.rule.retired]
+            self._retired.setdefault(record.rank, []).extend(st for st in states if st.rule.retired)
         return out
 
     def start(self, rank: int = 0) -> list[Alert]:
         """Run the checks that need only the run's facts (preflight); call once per rank, before its steps."""
         out: list[Alert] = []
-        at = StepRecord.model_construct(step=self.run.start_step, rank=rank)
+        at = StepRecord.fast(step=self.run.start_step, rank=rank)
         for st in self._states_for(rank):
             try:
                 finding = st.rule.on_start()
@@ -138,7 +150,7 @@ class RulesEngine:
                 if finding is None:
                     continue
                 step = finding.step if finding.step is not None else self.run.start_step
-                at = StepRecord.model_construct(step=step, rank=rank)
+                at = StepRecord.fast(step=step, rank=rank)
                 alert = self._transition(st, at, finding)
                 if alert is not None:
                     out.append(alert)
@@ -158,7 +170,8 @@ class RulesEngine:
         self._deliver(alert)
 
     def active(self) -> list[Alert]:
-        return [st.active for states in self._states.values() for st in states if st.active is not None]
+        return [st.active for group in (self._states, self._retired) for states in group.values() for st in states
+                if st.active is not None]
 
     # -- lifecycle --------------------------------------------------------------
 

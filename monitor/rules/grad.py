@@ -14,7 +14,10 @@ from monitor.schema import Severity, StepRecord
 
 class GradVanishingConfig(RuleConfig):
     samples: int = Field(
-        20, ge=1, description="Consecutive records with per-parameter norms in which a parameter must stay ~0.",
+        20, ge=1, description="Consecutive examined records in which a parameter must stay ~0.",
+    )
+    stride: int = Field(
+        10, ge=1, description="Examine records whose step is a multiple of this (per-parameter work is O(parameters)).",
     )
     abs_floor: float = Field(0.0, ge=0, description="A gradient norm at or below this is zero.")
     rel_floor: float = Field(
@@ -27,7 +30,8 @@ class GradVanishing(Rule):
     """Some parameters get no gradient at all.
 
     Symptom: a parameter the optimizer updates has a gradient norm of zero (or ~0 next to the
-    others, or no gradient at all) in `samples` consecutive records with per-parameter norms.
+    others, or no gradient at all) in `samples` consecutive examined records (every `stride`-th step
+    that has per-parameter norms).
     Why: a dead or detached layer: its output does not reach the loss (a .detach(), a branch never
     used, a ReLU that died, a mask that zeroes it) so it never learns, and the model is effectively
     smaller than you think.
@@ -49,7 +53,7 @@ class GradVanishing(Rule):
 
     def observe(self, r: StepRecord) -> Finding | None:
         norms = r.param_norms
-        if not norms or r.skipped:
+        if not norms or r.skipped or r.step % self.config.stride:
             return None
         c = self.config
         finite_norms = [v for v in norms.values() if finite(v)]

@@ -15,16 +15,40 @@ from monitor.schema import RunInfo, Severity, StepRecord
 
 
 class PreflightRule(Rule):
-    """Base of the preflight checks: at most one alert per run."""
+    """Base of the preflight checks: at most one alert per run.
+
+    A check of the run's facts decides in `check()`, at start; a check of the first steps looks at
+    `first_steps` records in `look()` and then retires.
+    """
 
     family = "preflight"
     once = True
+    first_steps = 50
+
+    def __init__(self, config: RuleConfig, run: RunInfo) -> None:
+        super().__init__(config, run)
+        self.seen = 0
+
+    def check(self) -> Finding | None:
+        return None
+
+    def look(self, record: StepRecord) -> Finding | None:
+        return None
 
     def on_start(self) -> Finding | None:
-        return None
+        finding = self.check()
+        if type(self).look is PreflightRule.look:
+            self.retired = True  # facts only: nothing to see in the records
+        return finding
 
     def observe(self, record: StepRecord) -> Finding | None:
-        return None
+        self.seen += 1
+        if self.seen >= self.first_steps:
+            self.retired = True
+        finding = self.look(record)
+        if finding is not None:
+            self.retired = True
+        return finding
 
 
 def _adam(run: RunInfo) -> bool:
@@ -52,7 +76,7 @@ class CoupledAdamWeightDecay(PreflightRule):
     id = "preflight.adam_coupled_weight_decay"
     severity = Severity.warning
 
-    def on_start(self) -> Finding | None:
+    def check(self) -> Finding | None:
         wds = [g.weight_decay for g in self.run.optimizer.groups if g.weight_decay]
         if self.run.optimizer.name != "Adam" or not wds:
             return None
@@ -78,7 +102,7 @@ class DecayOnNormsAndBiases(PreflightRule):
     id = "preflight.decay_on_norm_bias"
     severity = Severity.info
 
-    def on_start(self) -> Finding | None:
+    def check(self) -> Finding | None:
         groups = [g for g in self.run.optimizer.groups if g.weight_decay and g.decay_1d]
         if not groups:
             return None
@@ -114,7 +138,7 @@ class LrRange(PreflightRule):
     severity = Severity.info
     Config = LrRangeConfig
 
-    def on_start(self) -> Finding | None:
+    def check(self) -> Finding | None:
         c = self.config
         lr = _peak_lr(self.run)
         if lr is None or lr <= 0 or not _adam(self.run) or c.low <= lr <= c.high:
@@ -151,7 +175,7 @@ class AdamHyperparameters(PreflightRule):
     severity = Severity.info
     Config = BetasConfig
 
-    def on_start(self) -> Finding | None:
+    def check(self) -> Finding | None:
         if not _adam(self.run):
             return None
         c = self.config
@@ -191,7 +215,7 @@ class Fp16WithoutScaler(PreflightRule):
     id = "preflight.fp16_without_scaler"
     severity = Severity.critical
 
-    def observe(self, r: StepRecord) -> Finding | None:
+    def look(self, r: StepRecord) -> Finding | None:
         if r.autocast != "float16" or _scaler_enabled(self.run):
             return None
         return Finding(
@@ -214,7 +238,7 @@ class ScalerWithBf16(PreflightRule):
     id = "preflight.scaler_with_bf16"
     severity = Severity.info
 
-    def observe(self, r: StepRecord) -> Finding | None:
+    def look(self, r: StepRecord) -> Finding | None:
         if r.autocast != "bfloat16" or not _scaler_enabled(self.run):
             return None
         return Finding(
@@ -246,23 +270,20 @@ class NoClipping(PreflightRule):
 
     def __init__(self, config: NoClippingConfig, run: RunInfo) -> None:
         super().__init__(config, run)
-        self.seen = 0
-        self.clipped = False
-        self.applies = run.source == "trainmon"  # foreign logs do not say whether the loop clips
+        self.unclipped = 0
+        self.retired = run.source != "trainmon"  # foreign logs do not say whether the loop clips
 
-    def observe(self, r: StepRecord) -> Finding | None:
-        if not self.applies or self.clipped:
-            return None
+    def look(self, r: StepRecord) -> Finding | None:
         if r.max_norm is not None:
-            self.clipped = True
+            self.retired = True
             return None
-        self.seen += 1
-        if self.seen < self.config.steps:
+        self.unclipped += 1
+        if self.unclipped < self.config.steps:
             return None
-        self.applies = False
+        self.retired = True
         return Finding(
-            message=f"no clip_grad_norm_ call in the first {self.seen} optimizer steps.",
+            message=f"no clip_grad_norm_ call in the first {self.unclipped} optimizer steps.",
             hint="Clip with torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) before the optimizer step.",
-            evidence={"steps": self.seen},
+            evidence={"steps": self.unclipped},
             step=r.step,
         )

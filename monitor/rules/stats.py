@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from statistics import median
 
 # MAD of a normal distribution times this is its standard deviation.
 MAD_TO_SIGMA = 1.4826
@@ -39,9 +38,13 @@ class RobustWindow:
 
     def _update(self) -> None:
         if self._since >= self.refresh and self.values:
-            vals = list(self.values)
-            self._median = median(vals)
-            self._mad = median(abs(v - self._median) for v in vals)
+            vals = sorted(self.values)
+            n = len(vals)
+            mid = n // 2
+            med = vals[mid] if n % 2 else 0.5 * (vals[mid - 1] + vals[mid])
+            dev = sorted([abs(v - med) for v in vals])
+            self._median = med
+            self._mad = dev[mid] if n % 2 else 0.5 * (dev[mid - 1] + dev[mid])
             self._since = 0
 
     @property
@@ -140,19 +143,26 @@ class ParamBaseline:
     not become its own baseline.
     """
 
-    def __init__(self, span: float = 50.0) -> None:
+    def __init__(self, span: float = 20.0, every: int = 10) -> None:
         self.alpha = 2.0 / (span + 1.0)
+        self.every = every  # a baseline moves slowly: folding in every 10th vector keeps it O(1) amortized
+        self.calls = 0
         self.log_norms: dict[str, float] = {}
 
     def update(self, norms: dict[str, float] | None) -> None:
         if not norms:
             return
+        self.calls += 1
+        if self.calls % self.every != 1 and self.log_norms:
+            return
         a = self.alpha
+        base = self.log_norms
+        isfinite, log = math.isfinite, math.log
         for name, v in norms.items():
-            if finite(v) and v > 0:
-                lv = math.log(v)
-                old = self.log_norms.get(name)
-                self.log_norms[name] = lv if old is None else old + a * (lv - old)
+            if v > 0 and isfinite(v):
+                lv = log(v)
+                old = base.get(name)
+                base[name] = lv if old is None else old + a * (lv - old)
 
     def movers(self, norms: dict[str, float] | None, k: int = 3) -> list[dict]:
         if not norms or not self.log_norms:

@@ -52,16 +52,16 @@ class WarmupMissing(Rule):
         self.first_step: int | None = None
         self.peak = 0.0
         self.seen = 0
-        self.done = run.start_step > 0 or (bool(run.optimizer.name) and not run.optimizer.adam_family)
+        self.retired = run.start_step > 0 or (bool(run.optimizer.name) and not run.optimizer.adam_family)
 
     def on_start(self) -> Finding | None:
         sched = self.run.schedule
-        if self.done or not sched or not sched.get("peak_multiplier"):
+        if self.retired or not sched or not sched.get("peak_multiplier"):
             return None
         first, peak = sched["first_multiplier"], sched["peak_multiplier"]
         if first < self.config.ratio * peak:
             return None
-        self.done = True
+        self.retired = True
         return Finding(
             message=f"the {sched['source']} schedule starts at {first / peak:.0%} of its peak multiplier: the first "
             "optimizer steps will run at (near) the peak LR, with no warmup.",
@@ -70,12 +70,12 @@ class WarmupMissing(Rule):
         )
 
     def observe(self, r: StepRecord) -> Finding | None:
-        if self.done or r.max_lr is None:
+        if self.retired or r.max_lr is None:
             return None
         lr = r.max_lr
         if self.lr0 is None:
             if r.step > 1:  # the run was resumed or joined late: we never saw its start
-                self.done = True
+                self.retired = True
                 return None
             self.lr0, self.first_step, self.peak = lr, r.step, lr
             self.seen = 1
@@ -86,7 +86,7 @@ class WarmupMissing(Rule):
         lr0 = self.lr0
         ev = {"first_lr": lr0, "peak_lr_seen": self.peak, "lr_now": lr, "steps_seen": self.seen}
         if lr0 > 0 and self.seen <= 3 and lr < c.drop_ratio * lr0:
-            self.done = True
+            self.retired = True
             return Finding(
                 message=f"step {self.first_step} ran at LR {lr0:.3g}, then the LR fell to {lr:.3g}: the scheduler's "
                 "first update came after the first optimizer step, so the first update used the peak LR.",
@@ -97,7 +97,7 @@ class WarmupMissing(Rule):
             )
         no_rise = self.seen > c.patience and self.peak <= lr0
         if no_rise or self.seen >= c.window:
-            self.done = True
+            self.retired = True
             if lr0 > 0 and lr0 >= c.ratio * self.peak:
                 return Finding(
                     message=f"the first optimizer step ran at LR {lr0:.3g}, {lr0 / self.peak:.0%} of the peak "
@@ -147,26 +147,26 @@ class WarmupTooShort(Rule):
         super().__init__(config, run)
         self.trace = LrTrace()
         self.beta2 = _beta2(run)
-        self.done = run.start_step > 0 or (bool(run.optimizer.name) and not run.optimizer.adam_family)
+        self.retired = run.start_step > 0 or (bool(run.optimizer.name) and not run.optimizer.adam_family)
 
     def on_start(self) -> Finding | None:
         sched = self.run.schedule
-        if self.done or not sched or not sched.get("warmup_steps"):
+        if self.retired or not sched or not sched.get("warmup_steps"):
             return None
         return self._judge(sched["warmup_steps"], f"the {sched['source']} schedule", {"source": sched["source"]},
                            self.run.start_step)
 
     def observe(self, r: StepRecord) -> Finding | None:
-        if self.done:
+        if self.retired:
             return None
         if self.trace.first_step is None and r.step > 1:
-            self.done = True  # joined late: the warmup was never seen
+            self.retired = True  # joined late: the warmup was never seen
             return None
         self.trace.push(r.step, r.max_lr)
         t = self.trace
         if not t.warmup_done:
             return None
-        self.done = True
+        self.retired = True
         steps = t.warmup_steps or 0
         if steps == 0 or not t.first_lr or t.first_lr >= 0.5 * t.peak:
             return None  # no warmup at all is warmup.missing's finding
@@ -183,7 +183,7 @@ class WarmupTooShort(Rule):
         short = [(n, why) for n, why in needs if steps < n]
         if not short:
             return None
-        self.done = True
+        self.retired = True
         need, why = max(short)
         return Finding(
             message=f"{what} warms up in {steps} optimizer steps; it should take at least {need:.0f} ({why}).",

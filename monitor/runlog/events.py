@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
@@ -40,12 +40,19 @@ TAG_FIELDS = {v: k for k, v in FIELD_TAGS.items()}
 AUTOCAST_TAG = "trainmon/autocast"
 AUTOCAST_CODES = {"float16": 1.0, "bfloat16": 2.0}  # a scalar series, like everything else in the file
 AUTOCAST_NAMES = {v: k for k, v in AUTOCAST_CODES.items()}
-LR_TAG = "trainmon/lr/group{}"
+LR_PREFIX = "trainmon/lr/group"
+LR_TAG = LR_PREFIX + "{}"
 PARAM_TAG = "trainmon/param_grad_norm/"  # sampled scalar series, for TensorBoard's charts
 # Every per-parameter norm of a step as one float32 vector in run.json's model.param_names order
 # (-1: the parameter had no gradient), so readers see exactly what the in-process rules saw.
 PARAM_VECTOR_TAG = "trainmon/param_grad_norms"
 NO_GRAD = -1.0
+NO_GRAD_BYTES = struct.pack("<f", NO_GRAD)
+# Every field of a step as one float64 vector (exact, and ~5x faster to read than the scalars).
+STEP_VECTOR_TAG = "trainmon/step"
+VECTOR_FIELDS = ("loss", "grad_norm", "grad_norm_clipped", "clip_coef", "max_norm", "loss_scale", "skipped",
+                 "step_time", "tokens", "micro_batches", "scheduler_steps", "autocast")
+HAS_MORE = 1 << 20  # attention statistics or extra scalars follow as scalar values
 ATTENTION_TAG = "trainmon/attention/"  # trainmon/attention/<stat>/<layer>
 SCALAR_TAG = "trainmon/scalars/"
 _INT_FIELDS = {"tokens", "micro_batches", "scheduler_steps"}
@@ -89,20 +96,47 @@ def record_values(r: StepRecord, *, param_norms: bool = True) -> list[tuple[str,
     return out
 
 
-def _param_vector(r: StepRecord, names: list[str]) -> summary_pb2.Summary.Value:
-    values = [r.param_norms.get(n, NO_GRAD) for n in names]
+def _vector(tag: str, values: list[float], dtype: int, fmt: str) -> summary_pb2.Summary.Value:
     tensor = tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT,
+        dtype=dtype,
         tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(values))]),
-        tensor_content=struct.pack(f"<{len(values)}f", *values),
+        tensor_content=struct.pack(f"<{len(values)}{fmt}", *values),
     )
-    return summary_pb2.Summary.Value(tag=PARAM_VECTOR_TAG, tensor=tensor)
+    return summary_pb2.Summary.Value(tag=tag, tensor=tensor)
+
+
+def step_vector(r: StepRecord, more: bool = False) -> list[float]:
+    """[presence mask, present fields in VECTOR_FIELDS order..., LRs...] as float64: exact values."""
+    mask = 0
+    out = [0.0]
+    for bit, field in enumerate(VECTOR_FIELDS):
+        v = getattr(r, field)
+        if v is None:
+            continue
+        if field == "autocast":
+            if v not in AUTOCAST_CODES:
+                continue
+            v = AUTOCAST_CODES[v]
+        mask |= 1 << bit
+        out.append(float(v))
+    if more or r.attention or r.scalars:
+        mask |= HAS_MORE
+    out[0] = float(mask)
+    out.extend(r.lr)
+    return out
 
 
 def encode_step(r: StepRecord, *, param_norms: bool = True, param_names: list[str] | None = None) -> bytes:
-    values = [summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in record_values(r, param_norms=param_norms)]
-    if r.param_norms and param_names:
-        values.append(_param_vector(r, param_names))
+    # The two vectors come first: readers take everything from them without touching the scalar
+    # values, which are there for TensorBoard's charts.
+    vector = bool(r.param_norms and param_names)
+    # Sampled per-parameter scalars without the vector must be read back from the scalar values.
+    values = [_vector(STEP_VECTOR_TAG, step_vector(r, more=bool(r.param_norms and param_norms and not vector)),
+                      types_pb2.DT_DOUBLE, "d")]
+    if vector:
+        values.append(_vector(PARAM_VECTOR_TAG, [r.param_norms.get(n, NO_GRAD) for n in param_names],
+                              types_pb2.DT_FLOAT, "f"))
+    values += [summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in record_values(r, param_norms=param_norms)]
     summary = summary_pb2.Summary(value=values)
     return event_pb2.Event(wall_time=r.time, step=r.step, summary=summary).SerializeToString()
 
@@ -146,6 +180,41 @@ class EventWriter:
             self._f.close()
 
 
+class ParamNorms(Mapping):
+    """Per-parameter norms decoded on first use: most records' vectors are never looked at (rules
+    read them on sampled steps or when they alert), and decoding dozens of names per record would
+    be a large share of the daemon's ingest time."""
+
+    __slots__ = ("_names", "_raw", "_dict")
+
+    def __init__(self, names: list[str], raw: bytes) -> None:
+        self._names, self._raw, self._dict = names, raw, None
+
+    def _d(self) -> dict[str, float]:
+        if self._dict is None:
+            values = struct.unpack(f"<{len(self._names)}f", self._raw)
+            out = dict(zip(self._names, values))
+            if NO_GRAD in values:  # parameters without a gradient that step
+                out = {k: v for k, v in out.items() if v != NO_GRAD}
+            self._dict = out
+        return self._dict
+
+    def __getitem__(self, key: str) -> float:
+        return self._d()[key]
+
+    def __iter__(self):
+        return iter(self._d())
+
+    def __len__(self) -> int:
+        return len(self._d()) if self._dict is not None or NO_GRAD_BYTES in self._raw else len(self._names)
+
+    def __bool__(self) -> bool:
+        return bool(self._names)
+
+    def __repr__(self) -> str:
+        return repr(self._d())
+
+
 class StepAssembler:
     """Rebuilds StepRecords from decoded events (values are float32 as stored)."""
 
@@ -153,16 +222,61 @@ class StepAssembler:
         self.rank = rank
         self.param_names = param_names or []
 
-    def _param_vector(self, t: tensor_pb2.TensorProto) -> dict[str, float] | None:
+    def _param_vector(self, t: tensor_pb2.TensorProto) -> ParamNorms | None:
         n = len(t.tensor_content) // 4
         if t.dtype != types_pb2.DT_FLOAT or n != len(self.param_names):
             return None  # written for another parameter list: fall back to the sampled scalars
-        values = struct.unpack(f"<{n}f", t.tensor_content)
-        return {name: x for name, x in zip(self.param_names, values) if x != NO_GRAD}
+        return ParamNorms(self.param_names, t.tensor_content)
+
+    def _from_vectors(self, ev: event_pb2.Event, values) -> StepRecord | None:
+        t = values[0].tensor
+        vec = struct.unpack(f"<{len(t.tensor_content) // 8}d", t.tensor_content)
+        mask = int(vec[0])
+        fields: dict = {}
+        i = 1
+        for bit, field in enumerate(VECTOR_FIELDS):
+            if mask >> bit & 1:
+                fields[field] = vec[i]
+                i += 1
+        if "skipped" in fields:
+            fields["skipped"] = fields["skipped"] != 0.0
+        for field in _INT_FIELDS:
+            if field in fields:
+                x = fields[field]
+                fields[field] = int(x) if math.isfinite(x) else None
+        if "autocast" in fields:
+            fields["autocast"] = AUTOCAST_NAMES.get(fields["autocast"])
+        rest = 1
+        if len(values) > 1 and values[1].tag == PARAM_VECTOR_TAG:
+            fields["param_norms"] = self._param_vector(values[1].tensor)
+            rest = 2
+        if mask & HAS_MORE:
+            attention: dict[str, dict[str, float]] = {}
+            scalars: dict[str, float] = {}
+            params: dict[str, float] = {}
+            for v in values[rest:]:
+                tag = v.tag
+                if tag.startswith(PARAM_TAG):
+                    params[tag[len(PARAM_TAG):]] = v.simple_value
+                elif tag.startswith(ATTENTION_TAG):
+                    stat, _, layer = tag[len(ATTENTION_TAG):].partition("/")
+                    attention.setdefault(layer, {})[stat] = v.simple_value
+                elif tag.startswith(SCALAR_TAG):
+                    scalars[tag[len(SCALAR_TAG):]] = v.simple_value
+            fields["attention"] = attention or None
+            fields["scalars"] = scalars
+            if params and "param_norms" not in fields:
+                fields["param_norms"] = params
+        return StepRecord.fast(step=ev.step, rank=self.rank, time=ev.wall_time, lr=list(vec[i:]), **fields)
 
     def from_event(self, ev: event_pb2.Event) -> StepRecord | None:
+        # The daemon's hot path (tens of thousands of records a second): the step vector when there
+        # is one; otherwise (other writers, older files) the scalar values one by one.
         if not ev.HasField("summary"):
             return None
+        values = ev.summary.value
+        if values and values[0].tag == STEP_VECTOR_TAG:
+            return self._from_vectors(ev, values)
         fields: dict = {}
         lrs: dict[int, float] = {}
         params: dict[str, float] = {}
@@ -172,40 +286,42 @@ class StepAssembler:
         seen = False
         for v in ev.summary.value:
             tag = v.tag
-            if tag == PARAM_VECTOR_TAG and v.WhichOneof("value") == "tensor":
-                vector = self._param_vector(v.tensor)
-                if vector is not None:
-                    seen = True
-                    params_full = vector
-                continue
-            if not tag.startswith(PREFIX) or v.WhichOneof("value") != "simple_value":
-                continue
-            seen = True
-            x = float(v.simple_value)
             field = TAG_FIELDS.get(tag)
             if field is not None:
+                seen = True
+                x = v.simple_value
                 if field == "skipped":
                     fields[field] = x != 0.0
                 elif field in _INT_FIELDS:
                     fields[field] = int(x) if math.isfinite(x) else None
                 else:
                     fields[field] = x
+                continue
+            if not tag.startswith(PREFIX):
+                continue
+            if tag.startswith(LR_PREFIX):
+                lrs[int(tag[len(LR_PREFIX):])] = f32_shortest(v.simple_value)
+            elif tag == PARAM_VECTOR_TAG:
+                params_full = self._param_vector(v.tensor)
             elif tag == AUTOCAST_TAG:
-                fields["autocast"] = AUTOCAST_NAMES.get(x)
-            elif tag.startswith("trainmon/lr/group"):
-                lrs[int(tag[len("trainmon/lr/group"):])] = f32_shortest(x)
+                fields["autocast"] = AUTOCAST_NAMES.get(v.simple_value)
             elif tag.startswith(PARAM_TAG):
-                params[tag[len(PARAM_TAG):]] = x
+                params[tag[len(PARAM_TAG):]] = v.simple_value
             elif tag.startswith(ATTENTION_TAG):
                 stat, _, layer = tag[len(ATTENTION_TAG):].partition("/")
-                attention.setdefault(layer, {})[stat] = x
+                attention.setdefault(layer, {})[stat] = v.simple_value
             elif tag.startswith(SCALAR_TAG):
-                scalars[tag[len(SCALAR_TAG):]] = x
+                scalars[tag[len(SCALAR_TAG):]] = v.simple_value
+            else:
+                continue
+            seen = True
         if not seen:
             return None
-        return StepRecord(
+        # Not validated: the values come from our own writer, and validation would cost ~10x.
+        return StepRecord.fast(
             step=ev.step, rank=self.rank, time=ev.wall_time, lr=[lrs[i] for i in sorted(lrs)],
-            param_norms=params_full if params_full is not None else (params or None), attention=attention or None, scalars=scalars, **fields,
+            param_norms=params_full if params_full is not None else (params or None),
+            attention=attention or None, scalars=scalars, **fields,
         )
 
 

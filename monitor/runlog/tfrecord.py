@@ -12,7 +12,14 @@ import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+try:  # the C implementation: ~0.4 us per record instead of ~40 us in pure Python
+    from google_crc32c import value as _crc32c
+
+    def masked_crc32c(data: bytes) -> int:
+        crc = _crc32c(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+except ImportError:  # pragma: no cover - the dependency is declared; this keeps odd installs working
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
