@@ -11,13 +11,14 @@ from pydantic import ValidationError
 
 from monitor.runlog.events import decode_records
 from monitor.runlog.rundir import ALERTS_JSONL, RUN_JSON
+from monitor.runlog.sources import SourceError
 from monitor.runlog.tfrecord import CorruptRecord, read_records
 from monitor.schema import Alert, RunInfo, StepRecord
 
 _RANK_DIR = re.compile(r"^rank(\d+)$")
 
 
-class RunReadError(ValueError):
+class RunReadError(SourceError):
     """The path is not a readable trainmon run directory; the message says why."""
 
 
@@ -37,7 +38,9 @@ def is_run_dir(path: Path) -> bool:
 
 
 def event_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and "tfevents" in p.name)
+    from monitor.runlog.adapters.tbtail import event_file_names
+
+    return [directory / name for name in event_file_names(directory)]
 
 
 def rank_dirs(run_dir: Path) -> dict[int, Path]:

@@ -1,0 +1,207 @@
+"""Incremental reading of the TensorBoard event files of one directory.
+
+Every `*tfevents*` file of the directory is read from its own byte offset (TFRecord framing, see
+`monitor.runlog.tfrecord`), so a poll costs one `stat` per file that has not grown. Files that appear
+later are picked up by the next poll, in name order (TensorBoard's names start with the creation
+time). A trailing record that is still being written is left for a later poll; a record whose
+checksum or protobuf is bad is reported once in `problems` and the rest of that file is skipped;
+a file that vanishes or cannot be read is reported once, never raised.
+
+`poll()` yields scalar points from `simple_value` summaries (torch's SummaryWriter, TF1) and from
+TF2-style rank-0 `tensor` summaries of the `scalars` plugin (DT_FLOAT / DT_DOUBLE; the plugin
+name travels only with a tag's first value in a file, so it is remembered per tag).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from google.protobuf.message import DecodeError
+from tensorboard.compat.proto import event_pb2, types_pb2
+
+from monitor.runlog.tfrecord import CorruptRecord, read_records
+
+
+class ScalarPoint(NamedTuple):
+    step: int
+    wall_time: float
+    tag: str
+    value: float
+
+
+def is_event_file(name: str) -> bool:
+    return "tfevents" in name and not name.startswith(".")
+
+
+def natural_key(s: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def event_file_names(directory: Path) -> list[str]:
+    """Names of the event files directly in `directory`, in natural order: TensorBoard's names carry the
+    creation time, pid and a per-process counter, so ...1700000000.host.42.10 comes after ....42.9.
+    Raises OSError when the directory is unreadable."""
+    with os.scandir(directory) as it:
+        return sorted((e.name for e in it if is_event_file(e.name) and e.is_file()), key=natural_key)
+
+
+def tensor_scalar(t: Any) -> float | None:
+    """The value of a rank-0 DT_FLOAT / DT_DOUBLE TensorProto, else None."""
+    if len(t.tensor_shape.dim):
+        return None
+    if t.dtype == types_pb2.DT_FLOAT:
+        if t.float_val:
+            return float(t.float_val[0])
+        if len(t.tensor_content) == 4:
+            return struct.unpack("<f", t.tensor_content)[0]
+    elif t.dtype == types_pb2.DT_DOUBLE:
+        if t.double_val:
+            return float(t.double_val[0])
+        if len(t.tensor_content) == 8:
+            return struct.unpack("<d", t.tensor_content)[0]
+    return None
+
+
+class TensorBoardTail:
+    """Reads new events of every event file in one directory, never re-reading what it has read."""
+
+    def __init__(self, directory: str | os.PathLike[str], problems: list[str] | None = None) -> None:
+        self.directory = Path(directory)
+        self.offsets: dict[str, int] = {}  # file name -> byte offset of its next unread record
+        self.dead: set[str] = set()  # files with a corrupt record: not read any further
+        self.problems: list[str] = problems if problems is not None else []
+        self.first_wall_time: float | None = None
+        self.events_read = 0
+        self._plugins: dict[str, str] = {}  # tag -> plugin name, from the tag's first tensor summary
+        self._reported: set[str] = set()
+
+    # -- problems -------------------------------------------------------------------------------
+
+    def _report(self, key: str, message: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            self.problems.append(message)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def poll_events(self) -> list[tuple[str, event_pb2.Event]]:
+        """(file name, Event) of every whole record appended since the last poll, file by file."""
+        try:
+            names = event_file_names(self.directory)
+        except FileNotFoundError:
+            self._report("dir-gone", f"{self.directory}: the directory vanished")
+            return []
+        except OSError as e:
+            self._report("dir-unreadable", f"{self.directory}: unreadable: {e.strerror or e}")
+            return []
+        out: list[tuple[str, event_pb2.Event]] = []
+        present = set(names)
+        for name in [n for n in self.offsets if n not in present]:
+            self._report(f"gone:{name}", f"{self.directory / name}: the file vanished after {self.offsets[name]} bytes")
+            del self.offsets[name]
+        for name in names:
+            if name not in self.dead:
+                self._read_file(name, out)
+        return out
+
+    def _read_file(self, name: str, out: list[tuple[str, event_pb2.Event]]) -> None:
+        path = self.directory / name
+        offset = self.offsets.get(name, 0)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return  # vanished between listing and stat: reported by the next poll if it was known
+        except OSError as e:
+            self._report(f"stat:{name}", f"{path}: unreadable: {e.strerror or e}")
+            return
+        if size < offset:
+            self._report(f"shrank:{name}", f"{path}: the file shrank from {offset} to {size} bytes (rewritten?); "
+                         "reading it again from the start")
+            offset = 0
+        elif size == offset:
+            self.offsets[name] = offset
+            return
+        try:
+            with open(path, "rb") as f:
+                for end, data in read_records(f, offset):
+                    offset = end
+                    try:
+                        ev = event_pb2.Event.FromString(data)
+                    except DecodeError:
+                        self._report(f"proto:{name}", f"{path}: a record that is not a TensorBoard event at byte "
+                                     f"{end - len(data) - 16}; skipped it")
+                        continue
+                    self.events_read += 1
+                    if self.first_wall_time is None:
+                        self.first_wall_time = ev.wall_time
+                    out.append((name, ev))
+        except CorruptRecord as e:
+            self.dead.add(name)
+            self._report(f"corrupt:{name}", f"{path}: corrupt record ({e}); read the records before it, "
+                         "skipped the rest of the file")
+        except OSError as e:
+            self._report(f"read:{name}", f"{path}: unreadable: {e.strerror or e}")
+        self.offsets[name] = offset
+
+    def points(self, events: list[tuple[str, event_pb2.Event]],
+               keep: Callable[[str], bool] | None = None) -> list[ScalarPoint]:
+        """The scalar points of `events`; `keep(tag)` (asked once per tag and call) drops the others early."""
+        out: list[ScalarPoint] = []
+        append = out.append
+        plugins = self._plugins
+        kept: dict[str, bool] = {}
+        for _, ev in events:
+            if not ev.HasField("summary"):
+                continue
+            step, wall = ev.step, ev.wall_time
+            for v in ev.summary.value:
+                kind = v.WhichOneof("value")
+                if kind == "simple_value":
+                    tag = v.tag
+                    if keep is not None:
+                        k = kept.get(tag)
+                        if k is None:
+                            k = kept[tag] = keep(tag)
+                        if not k:
+                            continue
+                    append(ScalarPoint(step, wall, tag, v.simple_value))
+                elif kind == "tensor":
+                    tag = v.tag
+                    plugin = v.metadata.plugin_data.plugin_name if v.HasField("metadata") else ""
+                    if plugin:
+                        plugins[tag] = plugin
+                    else:
+                        plugin = plugins.get(tag, "")
+                    if plugin != "scalars":
+                        continue
+                    if keep is not None:
+                        k = kept.get(tag)
+                        if k is None:
+                            k = kept[tag] = keep(tag)
+                        if not k:
+                            continue
+                    x = tensor_scalar(v.tensor)
+                    if x is not None:
+                        append(ScalarPoint(step, wall, tag, x))
+        return out
+
+    def poll(self, keep: Callable[[str], bool] | None = None) -> list[ScalarPoint]:
+        """Scalar points of the events appended since the last poll, in file order (see `points`)."""
+        return self.points(self.poll_events(), keep)
+
+    # -- positions -----------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"offsets": dict(self.offsets), "dead": sorted(self.dead), "plugins": dict(self._plugins),
+                "first_wall_time": self.first_wall_time}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.offsets = {str(k): int(v) for k, v in (state.get("offsets") or {}).items()}
+        self.dead = set(state.get("dead") or [])
+        self._plugins = {str(k): str(v) for k, v in (state.get("plugins") or {}).items()}
+        self.first_wall_time = state.get("first_wall_time", self.first_wall_time)

@@ -1,0 +1,354 @@
+"""Text training logs, tailed by byte offset: Megatron-LM iteration lines and llm.c log files.
+
+Megatron-LM / Megatron-DeepSpeed print one line per logging interval::
+
+    [2024-05-01 10:00:00] iteration      100/  500000 | consumed samples:        51200 | elapsed time per
+    iteration (ms): 1234.5 | learning rate: 1.500E-05 | global batch size:   512 | lm loss: 8.071461E+00 |
+    loss scale: 65536.0 | grad norm: 2.345 | number of skipped iterations:   0 | number of nan iterations:   0 |
+
+(one line in the file; the timestamp is optional, fields may be missing or reordered). A line is
+one record: step = the iteration number as printed (the framework's own numbering, so alerts point
+at lines you can find), lr = [learning rate], step_time = the ms field / 1000, skipped = skipped
+iterations > 0, tokens = the per-iteration rise of "consumed tokens" when printed; max_steps comes
+from "/ 500000". Other numeric fields go to `scalars` (a few, by normalised name, e.g.
+"nan_iterations", "consumed_samples").
+
+llm.c (and modded-nanogpt's llm.c baseline) write ``s:STEP trl:LOSS lr:LR norm:NORM`` per step and
+``s:STEP tel:VAL_LOSS`` (``s:STEP eval:ACC``) before the training line of the steps that evaluate:
+the validation loss goes to `scalars["val_loss"]` of that step's record; a step with a validation
+line but no training line (the final evaluation after the last step) yields no record.
+
+A record's `time` is the line's own timestamp when it has one, else the log file's modification
+time when the line was read (text logs carry no per-step time; an old log thus never looks live).
+A partial last line is left for the next poll. The format is sniffed from the file's first 64 KiB.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monitor.runlog.adapters.frameworks import json_float
+from monitor.schema import RunInfo, StepRecord
+
+HEAD_BYTES = 64 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024
+MAX_EXTRA_SCALARS = 12
+_SIGNAL_FIELDS = ("loss", "lr", "grad_norm", "loss_scale", "skipped", "step_time", "tokens")
+
+
+@dataclass
+class Parsed:
+    step: int
+    fields: dict[str, Any] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+    closes: bool = True  # the line completes its step
+    max_steps: int | None = None
+    time: float | None = None
+    consumed_tokens: float | None = None
+
+
+def _num(s: str) -> float | None:
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
+class TextFormat:
+    name = ""
+    description = ""
+
+    def sniff(self, head: str) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def parse(self, line: str) -> Parsed | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+_STAMP = re.compile(r"\[(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d)(?:[.,]\d+)?\]")
+
+
+def _stamp(line: str, end: int) -> float | None:
+    m = _STAMP.search(line, 0, end)
+    if m is None:
+        return None
+    try:
+        return time.mktime(time.strptime(m.group(1).replace("T", " "), "%Y-%m-%d %H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
+
+
+class MegatronText(TextFormat):
+    name = "megatron-text"
+    description = "Megatron-LM 'iteration N/ M | ... |' lines"
+    _iter = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|")
+    _field = re.compile(r"\|\s*([^|:]+?)\s*:\s*([-+]?(?:nan|inf|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))\s*(?=\||$)", re.I)
+    _args = re.compile(r"-{8,} arguments -{8,}")
+
+    def sniff(self, head: str) -> bool:
+        return self._iter.search(head) is not None or self._args.search(head) is not None
+
+    def parse(self, line: str) -> Parsed | None:
+        m = self._iter.search(line)
+        if m is None:
+            return None
+        p = Parsed(step=int(m.group(1)), max_steps=int(m.group(2)) or None, time=_stamp(line, m.start()))
+        f = p.fields
+        loss_key = None
+        for km in self._field.finditer(line, m.end() - 1):
+            name, value = km.group(1).strip().lower(), _num(km.group(2))
+            if value is None:
+                continue
+            if name == "learning rate":
+                f["lr"] = [value]
+            elif name in ("lm loss", "loss") and loss_key in (None, "loss"):
+                f["loss"], loss_key = value, name
+            elif name == "loss scale":
+                f["loss_scale"] = value
+            elif name == "grad norm":
+                f["grad_norm"] = value
+            elif name.startswith("elapsed time per iteration"):
+                f["step_time"] = value / 1000.0 if "(ms)" in name else value
+            elif name == "number of skipped iterations":
+                f["skipped"] = value > 0
+                p.scalars["skipped_iterations"] = value
+            elif name == "number of nan iterations":
+                p.scalars["nan_iterations"] = value
+            elif name == "consumed tokens":
+                p.consumed_tokens = value
+            elif len(p.scalars) < MAX_EXTRA_SCALARS:
+                p.scalars[_key(name)] = value
+        return p
+
+
+class LlmcText(TextFormat):
+    name = "llmc"
+    description = "llm.c 's:STEP trl:LOSS lr:LR norm:NORM' lines"
+    _line = re.compile(r"(?:^|\s)s:(\d+)((?:\s+[A-Za-z_]+:\S+)+)\s*$")
+    _sniff = re.compile(r"(?:^|\s)s:\d+\s+(?:trl|tel):\S", re.M)
+    _keys = {"trl": "loss", "lr": "lr", "norm": "grad_norm"}
+
+    def sniff(self, head: str) -> bool:
+        return self._sniff.search(head) is not None
+
+    def parse(self, line: str) -> Parsed | None:
+        m = self._line.search(line)
+        if m is None:
+            return None
+        p = Parsed(step=int(m.group(1)), closes=False)
+        for token in m.group(2).split():
+            k, _, v = token.partition(":")
+            x = _num(v)
+            if x is None:
+                continue
+            field_name = self._keys.get(k)
+            if field_name == "lr":
+                p.fields["lr"] = [x]
+            elif field_name is not None:
+                p.fields[field_name] = x
+            elif k == "tel":
+                p.scalars["val_loss"] = x
+            elif len(p.scalars) < MAX_EXTRA_SCALARS:
+                p.scalars[k] = x
+            if k == "trl":
+                p.closes = True  # llm.c writes the training line last in a step
+        return p
+
+
+TEXT_FORMATS: tuple[TextFormat, ...] = (MegatronText(), LlmcText())
+BY_NAME = {f.name: f for f in TEXT_FORMATS}
+
+
+def read_head(path: Path, n: int = HEAD_BYTES) -> str:
+    with open(path, "rb") as f:
+        data = f.read(n)
+    if b"\0" in data[:4096]:
+        return ""  # binary
+    return data.decode("utf-8", "replace")
+
+
+def sniff_head(head: str) -> TextFormat | None:
+    for fmt in TEXT_FORMATS:
+        if fmt.sniff(head):
+            return fmt
+    return None
+
+
+def sniff_file(path: Path) -> TextFormat | None:
+    try:
+        return sniff_head(read_head(path))
+    except OSError:
+        return None
+
+
+def describe_formats() -> str:
+    return " and ".join(f.description for f in TEXT_FORMATS)
+
+
+class TextLogSource:
+    """A Source over one text log (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike[str], fmt: TextFormat | str | None = None) -> None:
+        from monitor.runlog.sources import SourceError
+
+        self.path = Path(path)
+        if isinstance(fmt, str):
+            fmt = BY_NAME[fmt]
+        if fmt is None:
+            try:
+                fmt = sniff_head(read_head(self.path))
+            except OSError as e:
+                raise SourceError(f"{self.path}: unreadable: {e.strerror or e}") from None
+            if fmt is None:
+                raise SourceError(f"{self.path}: not a log of a known format (looked for {describe_formats()} "
+                                  f"in its first {HEAD_BYTES // 1024} KiB)")
+        self.format = fmt
+        self.info = RunInfo(run_id=self.path.name, source=fmt.name, created=0.0)
+        self.problems: list[str] = []
+        self.offset = 0
+        self._ino: int | None = None
+        self._pending: Parsed | None = None
+        self._prev_tokens: tuple[int, float] | None = None  # (step, consumed tokens) of the previous line
+        self._reported: set[str] = set()
+
+    def _report(self, key: str, message: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            self.problems.append(message)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def poll(self) -> list[StepRecord]:
+        out: list[StepRecord] = []
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._report("gone", f"{self.path}: the file vanished after {self.offset} bytes")
+            return out
+        except OSError as e:
+            self._report("stat", f"{self.path}: unreadable: {e.strerror or e}")
+            return out
+        if (self._ino is not None and st.st_ino != self._ino) or st.st_size < self.offset:
+            self._report(f"restart:{st.st_ino}:{st.st_size}",
+                         f"{self.path}: the file was truncated or replaced; reading it again from the start")
+            self.offset, self._pending, self._prev_tokens = 0, None, None
+        self._ino = st.st_ino
+        if st.st_size == self.offset:
+            return out
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                while True:
+                    chunk = f.read(CHUNK_BYTES)
+                    if not chunk:
+                        break
+                    end = chunk.rfind(b"\n")
+                    if end < 0:
+                        if len(chunk) < CHUNK_BYTES:
+                            break  # a partial last line: wait for its end
+                        self._report("long", f"{self.path}: a line longer than {CHUNK_BYTES} bytes; skipped it")
+                        self.offset += len(chunk)
+                        continue
+                    self._lines(chunk[: end + 1].decode("utf-8", "replace"), st.st_mtime, out)
+                    self.offset += end + 1
+                    f.seek(self.offset)
+        except OSError as e:
+            self._report("read", f"{self.path}: unreadable: {e.strerror or e}")
+        return out
+
+    def _lines(self, text: str, mtime: float, out: list[StepRecord]) -> None:
+        parse = self.format.parse
+        for line in text.splitlines():
+            p = parse(line)
+            if p is None:
+                continue
+            if p.time is None:
+                p.time = mtime
+            if not self.info.created:
+                self.info.created = p.time
+            if p.max_steps and self.info.max_steps is None:
+                self.info.max_steps = p.max_steps
+            if p.consumed_tokens is not None:
+                prev = self._prev_tokens
+                if prev is not None and p.step > prev[0] and p.consumed_tokens >= prev[1]:
+                    p.fields["tokens"] = round((p.consumed_tokens - prev[1]) / (p.step - prev[0]))
+                self._prev_tokens = (p.step, p.consumed_tokens)
+            self._take(p, out)
+
+    def _take(self, p: Parsed, out: list[StepRecord]) -> None:
+        q = self._pending
+        if q is not None and q.step != p.step:
+            self._emit(q, out)
+            q = None
+        if q is None:
+            q = p
+        else:
+            q.fields.update(p.fields)
+            q.scalars.update(p.scalars)
+            q.time = p.time
+        if p.closes:
+            self._emit(q, out)
+            self._pending = None
+        else:
+            self._pending = q
+
+    def _emit(self, p: Parsed, out: list[StepRecord]) -> None:
+        if not any(k in p.fields for k in _SIGNAL_FIELDS):
+            return  # validation/eval lines only: no optimizer step here
+        out.append(StepRecord(step=p.step, time=p.time if p.time is not None else time.time(),
+                              scalars=p.scalars, **p.fields))
+
+    def flush(self) -> list[StepRecord]:
+        out: list[StepRecord] = []
+        if self._pending is not None:
+            self._emit(self._pending, out)
+            self._pending = None
+        return out
+
+    # -- positions ------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        q = self._pending
+        pending = None
+        if q is not None:
+            pending = {"step": q.step, "time": q.time,
+                       "fields": {k: ([json_float(x) for x in v] if k == "lr" else
+                                      json_float(v) if isinstance(v, float) else v) for k, v in q.fields.items()},
+                       "scalars": {k: json_float(v) for k, v in q.scalars.items()}}
+        return {"kind": "text", "format": self.format.name, "offset": self.offset, "pending": pending,
+                "prev_tokens": list(self._prev_tokens) if self._prev_tokens else None,
+                "max_steps": self.info.max_steps, "created": self.info.created}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.offset = int(state.get("offset") or 0)
+        pt = state.get("prev_tokens")
+        self._prev_tokens = (int(pt[0]), float(pt[1])) if pt else None
+        if state.get("max_steps"):
+            self.info.max_steps = int(state["max_steps"])
+        if state.get("created"):
+            self.info.created = float(state["created"])
+        q = state.get("pending")
+        self._pending = None
+        if q:
+            fields = {}
+            for k, v in q["fields"].items():
+                if k == "lr":
+                    fields[k] = [float(x) for x in v]
+                elif k == "skipped":
+                    fields[k] = bool(v)
+                elif k == "tokens":
+                    fields[k] = int(v)
+                else:
+                    fields[k] = float(v)
+            self._pending = Parsed(step=int(q["step"]), fields=fields, time=q.get("time"), closes=False,
+                                   scalars={k: float(v) for k, v in q["scalars"].items()})
+
