@@ -1,0 +1,59 @@
+"""`monitor watch`: wiring the daemon to the terminal, the signals and the metrics endpoint."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+from monitor.config import MonitorConfig
+from monitor.exporters.prometheus import serve
+from monitor.exporters.sinks import build_http_sinks
+from monitor.runlog.rundir import JsonlAlertSink
+from monitor.watch.daemon import Watcher
+from monitor.watch.view import make_view
+
+
+def parse_map(pairs: list[str]) -> dict[str, str] | None:
+    out = {}
+    for pair in pairs:
+        signal_name, sep, tag = pair.partition("=")
+        if not sep or not signal_name or not tag:
+            raise ValueError(f"--map expects SIGNAL=TAG (e.g. loss=train/loss), got {pair!r}")
+        out[signal_name.strip()] = tag.strip()
+    return out or None
+
+
+def run_watch(paths: list[Path], cfg: MonitorConfig, *, state_dir: Path, host: str, port: int | None,
+              mapping: dict[str, str] | None, plain: bool | None, poll: float, discover: float, once: bool) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    watcher: Watcher | None = None
+    server = None
+    sinks = [JsonlAlertSink(state_dir / "alerts.jsonl"), *build_http_sinks(cfg)]
+    if port is not None:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry()
+        server = serve(registry, host, port)
+    else:
+        registry = None
+    view = make_view(True if once else plain, lambda: watcher, server.url if server else None)
+    watcher = Watcher(paths, cfg, state_dir=state_dir, mapping=mapping, registry=registry,
+                      sinks=[view, *sinks], on_event=view.event)
+    if server is not None:
+        view.event(f"metrics on {server.url}")
+    stop = threading.Event()
+    try:
+        if once:
+            watcher.scan()
+            watcher.poll()
+            watcher.save()
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        watcher.run(stop, poll_every=poll, discover_every=discover, on_pass=view.refresh)
+    finally:
+        view.close()
+        watcher.close()
+        if server is not None:
+            server.close()

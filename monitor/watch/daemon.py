@@ -1,0 +1,332 @@
+"""`monitor watch`: many runs, one rules engine each, one /metrics, alerts to every sink.
+
+The loop: every `discover_every` seconds look for new runs under the watched paths (and forget
+deleted ones); every `poll_every` seconds read what each run appended since the last poll, run
+it through that run's rules engine and metrics, and let time-based rules (run.stalled) look at
+the clock. Nothing a run does (a corrupt file, a vanished directory) stops the loop: problems
+are reported once per run and counted. No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from monitor.config import MonitorConfig
+from monitor.exporters.prometheus import MetricFamilies, TrainMetrics
+from monitor.rules.engine import RulesEngine
+from monitor.runlog.sources import Source
+from monitor.schema import Alert, StepRecord
+from monitor.watch.state import SavedRun, WatchState
+
+log = logging.getLogger("monitor.watch")
+
+
+class WatchHealth:
+    """The daemon's own metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.runs = Gauge("trainmon_watch_runs", "Runs being watched, by state.", ["state"], registry=registry)
+        self.records = Counter("trainmon_watch_records", "Step records ingested.", registry=registry)
+        self.alerts = Counter("trainmon_watch_alerts", "Alerts raised by the daemon's rules.", ["severity"], registry=registry)
+        self.problems = Counter("trainmon_watch_source_problems", "Damaged or unreadable inputs reported.", registry=registry)
+        self.errors = Counter("trainmon_watch_errors", "Errors caught in the daemon (never fatal).", registry=registry)
+        self.poll = Histogram("trainmon_watch_poll_seconds", "Time of one pass over all runs.", registry=registry,
+                              buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+
+
+@dataclass
+class RunView:
+    """What the live view shows of a run (kept small: bounded history)."""
+
+    step: int | None = None
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    loss_scale: float | None = None
+    losses: deque = field(default_factory=lambda: deque(maxlen=40))
+    times: deque = field(default_factory=lambda: deque(maxlen=50))
+    ranks: set = field(default_factory=set)
+
+    def update(self, r: StepRecord) -> None:
+        self.ranks.add(r.rank)
+        if r.rank != 0 and 0 in self.ranks:
+            return
+        self.step, self.lr, self.grad_norm, self.loss_scale = r.step, r.max_lr, r.grad_norm, r.loss_scale
+        if r.loss is not None:
+            self.loss = r.loss
+            self.losses.append(r.loss)
+        self.times.append(r.time)
+
+    @property
+    def steps_per_second(self) -> float | None:
+        if len(self.times) < 2 or self.times[-1] <= self.times[0]:
+            return None
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+class WatchedRun:
+    def __init__(self, key: str, source: Source, run_id: str, engine: RulesEngine) -> None:
+        self.key = key
+        self.source = source
+        self.run_id = run_id
+        self.engine = engine
+        self.metrics: dict[int, TrainMetrics] = {}
+        self.view = RunView()
+        self.live = False  # a step arrived while we watched: only then can the run stall
+        self.last_time: float | None = None
+        self.started: set[int] = set()
+        self.reported: set[str] = set()
+        self.finished = False
+
+
+class Watcher:
+    def __init__(
+        self,
+        paths: Iterable[str | Path],
+        config: MonitorConfig,
+        *,
+        state_dir: Path | None = None,
+        mapping: dict[str, str] | None = None,
+        registry: CollectorRegistry | None = None,
+        sinks: Iterable[Any] = (),
+        on_event: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.config = config
+        self.mapping = mapping
+        self.registry = registry or CollectorRegistry()
+        self.families = MetricFamilies(self.registry)
+        self.health = WatchHealth(self.registry)
+        self.sinks = list(sinks)
+        self.on_event = on_event or (lambda line: None)
+        self.clock = clock
+        self.runs: dict[str, WatchedRun] = {}
+        self.alert_log: deque[Alert] = deque(maxlen=200)
+        self.state = WatchState(state_dir) if state_dir is not None else None
+        self._saved: dict[str, SavedRun] = {}
+        self._unreadable: set[str] = set()
+        self._lock = threading.Lock()
+        if self.state is not None:
+            for problem in self.state.load():
+                self._event(f"warning: {problem}")
+            self._saved = dict(self.state.runs)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _event(self, line: str) -> None:
+        try:
+            self.on_event(line)
+        except Exception:  # a broken view must not stop the daemon
+            self.health.errors.inc()
+
+    def _error(self, where: str, exc: BaseException) -> None:
+        self.health.errors.inc()
+        log.warning("trainmon watch: error in %s: %r", where, exc)
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def scan(self) -> None:
+        """Find new runs, forget deleted ones."""
+        from monitor.runlog.adapters import discover, open_source
+
+        try:
+            found = {str(p.resolve()): p for p in discover(self.paths)}
+        except Exception as e:
+            self._error("discovery", e)
+            return
+        for key in [k for k in self.runs if k not in found and not Path(k).exists()]:
+            self._forget(key)
+        for key, path in sorted(found.items()):
+            if key in self.runs:
+                continue
+            try:
+                source = open_source(path, self.mapping)
+            except Exception as e:  # not (yet) a readable run: try again next scan
+                if key not in self._unreadable:
+                    self._unreadable.add(key)
+                    self._event(f"skipped {path}: {e}")
+                continue
+            self._unreadable.discard(key)
+            self._add(key, source)
+
+    def _unique_id(self, run_id: str, path: Path) -> str:
+        taken = {r.run_id for r in self.runs.values()}
+        if run_id not in taken:
+            return run_id
+        candidate = f"{path.parent.name}/{run_id}"
+        n = 2
+        while candidate in taken:
+            candidate, n = f"{path.parent.name}/{run_id}#{n}", n + 1
+        return candidate
+
+    def _add(self, key: str, source: Source) -> None:
+        run_id = self._unique_id(source.info.run_id, Path(key))
+        saved = self._saved.pop(key, None)
+        engine = saved.engine if saved is not None and saved.engine is not None else None
+        if engine is None:
+            info = source.info.model_copy(update={"run_id": run_id})
+            engine = RulesEngine(info, self.config.rules)
+        run = WatchedRun(key, source, run_id, engine)
+        engine.attach(self._sinks_for(run), on_error=self._error)
+        if saved is not None:
+            try:
+                source.restore(saved.positions)
+            except Exception as e:
+                self._error(f"restoring read positions of {key}", e)
+            run.live, run.last_time = saved.live, saved.last_time
+            run.started = {r for r in engine._states}  # ranks whose preflight already ran
+            for alert in engine.active():
+                self._metrics(run, alert.rank).restore_active(alert)
+                for sink in self.sinks:
+                    restore = getattr(sink, "restore", None)
+                    if callable(restore):
+                        restore(alert)
+        with self._lock:
+            self.runs[key] = run
+        self._event(f"watching {run_id} ({source.info.source}) at {key}" + (" (resumed)" if saved else ""))
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            run = self.runs.pop(key, None)
+        if run is None:
+            return
+        self.families.forget(run.run_id)
+        self._event(f"run {run.run_id} is gone ({key}); its series were dropped")
+
+    def _metrics(self, run: WatchedRun, rank: int) -> TrainMetrics:
+        m = run.metrics.get(rank)
+        if m is None:
+            m = run.metrics[rank] = TrainMetrics(self.families, run.run_id, rank)
+        return m
+
+    def _sinks_for(self, run: WatchedRun) -> list[Any]:
+        watcher = self
+
+        class _RunSink:
+            def emit(self, alert: Alert) -> None:
+                watcher._metrics(run, alert.rank).emit(alert)
+                watcher.alert_log.append(alert)
+                if alert.status == "firing":
+                    watcher.health.alerts.labels(alert.severity.value).inc()
+
+        return [_RunSink(), *self.sinks]
+
+    # -- polling ------------------------------------------------------------------------------
+
+    def poll(self) -> int:
+        """One pass over every run; returns the number of records ingested."""
+        t0 = time.perf_counter()
+        now = self.clock()
+        total = 0
+        with self._lock:
+            runs = list(self.runs.values())
+        for run in runs:
+            try:
+                total += self._poll_run(run, now)
+            except Exception as e:
+                self._error(f"polling {run.key}", e)
+        self.health.records.inc(total)
+        self.health.poll.observe(time.perf_counter() - t0)
+        self._count_states(now)
+        return total
+
+    def _poll_run(self, run: WatchedRun, now: float) -> int:
+        source = run.source
+        records = source.poll()
+        for problem in source.problems:
+            if problem not in run.reported:
+                run.reported.add(problem)
+                self.health.problems.inc()
+                self._event(f"warning: {run.run_id}: {problem}")
+        stall_floor = self._stall_floor()
+        by_rank: dict[int, list[StepRecord]] = {}
+        for r in records:
+            by_rank.setdefault(r.rank, []).append(r)
+        # Metrics first, then rules: when an alert shows up, /metrics already has the step behind it.
+        for rank, recs in by_rank.items():
+            self._metrics(run, rank).observe_many(recs)
+            for r in recs[-run.view.losses.maxlen:]:
+                run.view.update(r)
+            t = recs[-1].time
+            if run.last_time is None or t > run.last_time:
+                run.last_time = t
+            # Only a run seen moving recently can stall: an old, finished log is not a stalled run.
+            if now - t <= stall_floor:
+                run.live = True
+        engine = run.engine
+        for r in records:
+            if r.rank not in run.started:
+                run.started.add(r.rank)
+                engine.start(r.rank)
+            engine.observe(r)
+        info_ended = getattr(source.info, "model_extra", None) or {}
+        run.finished = bool(info_ended.get("ended"))
+        if run.live and not run.finished:
+            run.engine.tick(now)
+        return len(records)
+
+    def _stall_floor(self) -> float:
+        opts = self.config.rules.get("run.stalled", {})
+        return float(opts.get("floor_seconds", 120.0))
+
+    def _count_states(self, now: float) -> None:
+        counts = {"live": 0, "finished": 0, "idle": 0}
+        for run in self.runs.values():
+            state = "finished" if run.finished else "live" if run.live else "idle"
+            counts[state] += 1
+        for state, n in counts.items():
+            self.health.runs.labels(state).set(n)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        if self.state is None:
+            return
+        with self._lock:
+            runs = {k: SavedRun(positions=r.source.state(), engine=r.engine, live=r.live, last_time=r.last_time)
+                    for k, r in self.runs.items()}
+        # Runs not seen this time (unmounted filesystem, slow discovery) keep their saved state.
+        for k, saved in self._saved.items():
+            runs.setdefault(k, saved)
+        try:
+            self.state.save(runs)
+        except Exception as e:
+            self._error("saving state", e)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, *, poll_every: float = 0.5, discover_every: float = 5.0,
+            save_every: float = 5.0, on_pass: Callable[[], None] | None = None) -> None:
+        next_scan = next_save = 0.0
+        while not stop.is_set():
+            t = time.monotonic()
+            if t >= next_scan:
+                self.scan()
+                next_scan = t + discover_every
+            self.poll()
+            if on_pass is not None:
+                on_pass()
+            if t >= next_save:
+                self.save()
+                next_save = t + save_every
+            stop.wait(poll_every)
+        self.save()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception as e:
+                    self._error("closing a sink", e)

@@ -1,0 +1,236 @@
+"""The `monitor watch` daemon: tailing live runs, the same verdicts as the process, restarts, damage, stalls."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import sample, scrape
+
+from monitor.config import MonitorConfig, load_config
+from monitor.trainer import TrainConfig, train
+from monitor.watch.daemon import Watcher
+
+QUIET = {"metrics": {"enabled": False}, "console": {"enabled": False}}
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.alerts = []
+
+    def emit(self, alert) -> None:
+        self.alerts.append(alert)
+
+    def firing(self, run_id: str | None = None):
+        return [(a.rule, a.severity.value, a.step) for a in self.alerts
+                if a.status == "firing" and (run_id is None or a.run == run_id)]
+
+
+def _wait(cond, timeout: float = 60.0, every: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return cond()
+
+
+def test_daemon_tails_a_live_run_and_raises_what_the_process_raised(tmp_path):
+    sink = ListSink()
+    watcher = Watcher([tmp_path], load_config(None, environ={}), state_dir=tmp_path / "state", sinks=[sink])
+    stop = threading.Event()
+    loop = threading.Thread(target=watcher.run, args=(stop,), kwargs={"poll_every": 0.1, "discover_every": 0.2})
+    loop.start()
+    try:
+        cfg = TrainConfig.from_preset("tiny", max_steps=150, faults=["no-warmup", "nan-at:120"])
+        res = train(cfg, run_dir=tmp_path / "live", monitor_config={**QUIET, "tensorboard": {"flush_secs": 0.2}},
+                    progress=False)
+        assert _wait(lambda: any(r.view.step == 149 for r in watcher.runs.values()))
+        time.sleep(0.5)  # a few more passes: a finished run must not turn into a stalled one
+    finally:
+        stop.set()
+        loop.join()
+    in_process = sorted((a.rule, a.severity.value, a.step) for a in res.alerts)
+    assert sorted(sink.firing("live")) == in_process
+    assert {"warmup.missing", "loss.nonfinite"} <= {r for r, _, _ in in_process}
+    run = next(iter(watcher.runs.values()))
+    assert run.finished and run.live
+    assert not any(a.rule == "run.stalled" for a in sink.alerts)
+
+
+def _finished_run(root: Path, name: str, faults: list[str], steps: int = 40) -> None:
+    train(TrainConfig.from_preset("tiny", max_steps=steps, faults=faults), run_dir=root / name, monitor_config=QUIET,
+          progress=False)
+
+
+def _start_watch(root: Path, state: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "monitor.cli.app", "watch", str(root), "--plain", "--metrics-port", "0",
+         "--state-dir", str(state), "--poll", "0.1", "--discover", "0.2", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _read_until(proc: subprocess.Popen, pattern: str, lines: list[str], timeout: float = 60.0) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip())
+        m = re.search(pattern, line)
+        if m:
+            return m
+    raise AssertionError(f"{pattern!r} not seen; output:\n" + "\n".join(lines))
+
+
+def _stop(proc: subprocess.Popen, lines: list[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    lines.extend(out.splitlines())
+    assert proc.returncode == 0, "\n".join(lines)
+
+
+def test_watch_command_serves_metrics_and_survives_a_restart_without_resending(tmp_path):
+    root, state = tmp_path / "runs", tmp_path / "state"
+    _finished_run(root, "nan-run", ["nan-at:20"])
+    lines: list[str] = []
+    proc = _start_watch(root, state)
+    try:
+        url = _read_until(proc, r"metrics on (http://\S+)", lines).group(1)
+        _read_until(proc, r"CRITICAL loss\.nonfinite at step 20", lines)
+        m = scrape(url)
+        assert sample(m, "trainmon_optimizer_steps_total", run="nan-run", rank=0) == 40
+        assert sample(m, "trainmon_alert_active", run="nan-run", rank=0, rule="loss.nonfinite", severity="critical") == 1
+        assert sample(m, "trainmon_watch_records_total") == 40
+    finally:
+        _stop(proc, lines)
+    assert (state / "watch-state.json").exists()
+    daemon_log = [json.loads(x) for x in (state / "alerts.jsonl").read_text().splitlines()]
+    assert [a["rule"] for a in daemon_log if a["rule"] == "loss.nonfinite"] == ["loss.nonfinite"]
+
+    # A second daemon on the same state: reads nothing twice, sends nothing twice, still shows the alert.
+    _finished_run(root, "second", ["no-warmup"], steps=20)
+    lines2: list[str] = []
+    proc = _start_watch(root, state)
+    try:
+        url = _read_until(proc, r"metrics on (http://\S+)", lines2).group(1)
+        _read_until(proc, r"watching nan-run .*\(resumed\)", lines2)
+        _read_until(proc, r"WARNING warmup\.missing", lines2)  # the new run's alert does arrive
+        time.sleep(1.0)
+        m = scrape(url)
+        assert sample(m, "trainmon_alert_active", run="nan-run", rank=0, rule="loss.nonfinite", severity="critical") == 1
+        assert sample(m, "trainmon_watch_records_total") == 20  # only the new run's records were read
+    finally:
+        _stop(proc, lines2)
+    assert not any("loss.nonfinite" in line for line in lines2), "an old alert was sent again"
+    daemon_log = [json.loads(x) for x in (state / "alerts.jsonl").read_text().splitlines()]
+    assert [a["rule"] for a in daemon_log].count("loss.nonfinite") == 1
+
+
+def test_damaged_and_vanishing_inputs_are_reported_never_fatal(tmp_path):
+    _finished_run(tmp_path, "good", [], steps=20)
+    _finished_run(tmp_path, "corrupt", [], steps=20)
+    _finished_run(tmp_path, "doomed", [], steps=20)
+    events = next((tmp_path / "corrupt").glob("events.out.tfevents.*"))
+    data = bytearray(events.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    events.write_bytes(bytes(data))
+    (tmp_path / "dangling").mkdir()
+    (tmp_path / "dangling" / "events.out.tfevents.1.host").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "empty.log").write_text("")
+    lines: list[str] = []
+    watcher = Watcher([tmp_path], load_config(None, environ={}), state_dir=None, on_event=lines.append)
+    watcher.scan()
+    watcher.poll()
+    ids = {r.run_id for r in watcher.runs.values()}
+    assert {"good", "corrupt", "doomed"} <= ids
+    assert any("corrupt" in line and "checksum" in line for line in lines), lines
+    good = next(r for r in watcher.runs.values() if r.run_id == "good")
+    assert good.view.step == 19
+    import shutil
+
+    shutil.rmtree(tmp_path / "doomed")
+    watcher.scan()
+    watcher.poll()
+    assert "doomed" not in {r.run_id for r in watcher.runs.values()}
+    text = __import__("prometheus_client").generate_latest(watcher.registry).decode()
+    assert 'run="doomed"' not in text and 'run="good"' in text
+    assert any("doomed" in line and "gone" in line for line in lines)
+
+
+def test_a_run_that_stops_is_stalled_once_and_resolved_by_its_next_step(tmp_path):
+    from monitor.runlog.events import EventWriter
+    from monitor.runlog.rundir import RunDir
+    from monitor.schema import RunInfo, StepRecord
+
+    now = [1_800_000_000.0]
+    rd = RunDir(tmp_path / "run")
+    rd.write_run_info(RunInfo(run_id="run"))
+    w = EventWriter(rd.events_dir, 0, flush_secs=0)
+    sink = ListSink()
+    cfg = MonitorConfig(rules={"run.stalled": {"floor_seconds": 60, "factor": 10}})
+    watcher = Watcher([tmp_path], cfg, state_dir=None, sinks=[sink], clock=lambda: now[0])
+    for s in range(30):  # a live run: one step every 2 s
+        w.write(StepRecord(step=s, time=now[0], loss=2.0, lr=[1e-3]))
+        w.flush()
+        watcher.scan()
+        watcher.poll()
+        now[0] += 2.0
+    now[0] += 55.0  # 57 s since the last step
+    watcher.poll()
+    stalls = lambda: [(a.rule, a.severity.value, a.step, a.status) for a in sink.alerts if a.rule == "run.stalled"]  # noqa: E731
+    assert stalls() == []  # 10 x 2 s = 20 s, but never less than the 60 s floor
+    now[0] += 5.0
+    watcher.poll()
+    watcher.poll()
+    assert stalls() == [("run.stalled", "critical", 29, "firing")]
+    w.write(StepRecord(step=30, time=now[0], loss=2.0, lr=[1e-3]))
+    w.flush()
+    watcher.poll()
+    assert stalls() == [("run.stalled", "critical", 29, "firing"), ("run.stalled", "critical", 30, "resolved")]
+    w.close()
+
+
+def test_an_old_finished_log_is_idle_not_stalled(tmp_path):
+    from monitor.runlog.events import EventWriter
+    from monitor.runlog.rundir import RunDir
+    from monitor.schema import RunInfo, StepRecord
+
+    rd = RunDir(tmp_path / "old")
+    rd.write_run_info(RunInfo(run_id="old"))
+    w = EventWriter(rd.events_dir, 0, flush_secs=0)
+    long_ago = time.time() - 86_400
+    for s in range(10):
+        w.write(StepRecord(step=s, time=long_ago + s, loss=2.0, lr=[1e-3]))
+    w.close()
+    sink = ListSink()
+    watcher = Watcher([tmp_path], MonitorConfig(), state_dir=None, sinks=[sink])
+    watcher.scan()
+    watcher.poll()
+    watcher.poll()
+    assert not any(a.rule == "run.stalled" for a in sink.alerts)
+    assert not next(iter(watcher.runs.values())).live
+
+
+@pytest.mark.parametrize("plain", [True])
+def test_watch_once_reports_and_exits(tmp_path, plain):
+    from typer.testing import CliRunner
+
+    from monitor.cli.app import app
+
+    _finished_run(tmp_path / "runs", "r", ["nan-at:10"], steps=15)
+    result = CliRunner().invoke(app, ["watch", str(tmp_path / "runs"), "--once", "--metrics-port", "-1",
+                                      "--state-dir", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert "CRITICAL loss.nonfinite at step 10" in result.output
+    bad = CliRunner().invoke(app, ["watch", str(tmp_path / "missing"), "--once"])
+    assert bad.exit_code == 2 and "no such path" in bad.output
