@@ -543,26 +543,25 @@ def test_megatron_text_log_through_check(tmp_path):
 
 def test_real_llmc_gpt2_124m_log():
     """llm.c GPT-2 124M (tests/data/README.md): 19,560 steps, spikes at 7435 and 9025, 700-step warmup."""
-    t0 = time.perf_counter()
     data, alerts = check_run(LLMC_LOG, CONFIG)
-    elapsed = time.perf_counter() - t0
     recs = data.records[0]
     assert data.info.source == "llmc" and data.problems == []
     assert len(recs) == 19_560 and steps(recs) == list(range(19_560))
     assert recs[0].lr == [1e-6] and recs[0].grad_norm == 15.37 and recs[0].scalars == {"val_loss": 11.0092}
     assert sum("val_loss" in r.scalars for r in recs) == 79  # every 250 steps; the last (19560) has no step
     fired = {(a.rule, a.step): a.severity.value for a in alerts}
-    # the two known spikes: gradient-norm spikes at warning level (5.3x and 7.5x the median)
-    assert fired[("grad_norm.spike", 7435)] == "warning"
-    assert fired[("grad_norm.spike", 9025)] == "warning"
-    assert ("loss.spike", 7435) in fired
+    # the two known spikes, and nothing else above info: gradient-norm spikes of 5.3x and 7.5x the median,
+    # and at 7435 a loss spike that the gradient norm corroborates
+    assert {k: v for k, v in fired.items() if v != "info"} == {
+        ("grad_norm.spike", 7435): "warning", ("grad_norm.spike", 9025): "warning", ("loss.spike", 7435): "critical"}
+    # other one-step loss outliers with normal gradients are hard batches of real text: info
+    assert sum(rule == "loss.spike" for rule, _ in fired) > 1
     # a 700-step linear warmup and a schedule that decays to 0: no warmup or LR finding
     assert not [a for a in alerts if a.rule.startswith(("warmup.", "lr.", "grad_norm.growth", "loss.divergence",
                                                          "loss.nonfinite", "preflight."))]
     # every other grad_norm.spike is info: a few x the median, as hard batches of real text do
     assert all(sev == "info" for (rule, step), sev in fired.items() if rule == "grad_norm.spike"
                and step not in (7435, 9025))
-    assert elapsed < 5.0
 
 
 def test_adapters_import_no_torch(tmp_path):

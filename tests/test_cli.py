@@ -149,3 +149,22 @@ def test_readme_custom_rule_example_runs():
         assert [a.rule for a in engine.alerts if a.rule.startswith("custom.")] == ["custom.loss_above_target"]
     finally:
         REGISTRY.unregister("custom.loss_above_target")
+
+
+def test_check_reads_other_frameworks_and_maps_tags(tmp_path):
+    """`monitor check` on a plain TensorBoard logdir with its own tag names, through --map."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path / "tb"))
+    for step in range(60):
+        w.add_scalar("my/loss", float("nan") if step == 50 else 3.0 - step / 100, step)
+        w.add_scalar("my/lr", 1e-3 * min(1.0, (step + 1) / 20), step)
+    w.close()
+    unmapped = runner.invoke(app, ["check", str(tmp_path / "tb")])
+    assert unmapped.exit_code == 2 and "--map" in unmapped.output and "my/loss" in unmapped.output
+    result = runner.invoke(app, ["check", str(tmp_path / "tb"), "--json", "--map", "loss=my/loss", "--map", "lr=my/lr"])
+    assert result.exit_code == 1, result.output
+    assert [(a["rule"], a["step"]) for a in json.loads(result.stdout)] == [("loss.nonfinite", 50)]
+    bad = runner.invoke(app, ["check", str(tmp_path / "tb"), "--map", "los=my/loss"])
+    assert bad.exit_code == 2 and "unknown signal 'los'" in bad.output
+    assert runner.invoke(app, ["watch", str(tmp_path), "--once", "--map", "nonsense"]).exit_code == 2

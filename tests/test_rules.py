@@ -59,7 +59,12 @@ CASES = [
                                                           skipped=lambda s: s == 12, loss_scale=1024.0),
      "loss.nonfinite", None),
     ("healthy loss", recs(400, loss=noisy(lambda s: 3.0 * math.exp(-s / 300) + 1.0)), "loss.spike", None),
-    ("loss spike", recs(300, loss=noisy(lambda s: 8.0 if s == 250 else 2.0)), "loss.spike", ("critical", 250, 250)),
+    ("loss spike with a gradient spike", recs(300, loss=noisy(lambda s: 8.0 if s == 250 else 2.0),
+                                              grad_norm=noisy(lambda s: 6.0 if s == 250 else 1.0)),
+     "loss.spike", ("critical", 250, 250)),
+    ("loss jump that persists", recs(300, loss=noisy(lambda s: 8.0 if 250 <= s < 254 else 2.0)),
+     "loss.spike", ("critical", 250, 252)),
+    ("one hard batch: info", recs(300, loss=noisy(lambda s: 8.0 if s == 250 else 2.0)), "loss.spike", ("info", 250, 251)),
     ("spike inside the first window is a transient", recs(80, loss=noisy(lambda s: 8.0 if s == 30 else 2.0)),
      "loss.spike", None),
     ("constant LR: no warmup", recs(40, lr=1e-3), "warmup.missing", ("warning", 0, 6)),
@@ -237,7 +242,9 @@ MORE_CASES = [
      "loss.divergence", ("critical", 100, 125)),
     ("loss falls normally", recs(300, lr=warmup(), loss=noisy(lambda s: 5 * math.exp(-s / 50) + 0.5, 0.1)),
      "loss.divergence", None),
-    ("warmup of 10 steps with beta2 0.95", recs(60, lr=warmup(steps=10)), "warmup.too_short", ("warning", 9, 10)),
+    ("warmup of 10 steps with beta2 0.95", recs(60, lr=warmup(steps=10)), "warmup.too_short", ("warning", 9, 12)),
+    ("warmup printed rounded (llm.c): repeats are not its end",
+     recs(900, lr=lambda s: round(6e-4 * min(1.0, (s + 1) / 700), 6)), "warmup.too_short", None),
     ("warmup of 50 steps with beta2 0.95", recs(100, lr=warmup(steps=50)), "warmup.too_short", None),
     ("scheduler stepped 4x per optimizer step", _with(recs(20), scheduler_steps=4, micro_batches=4),
      "warmup.per_microbatch", ("critical", 0, 2)),
@@ -252,7 +259,7 @@ MORE_CASES = [
                                               clip_coef=lambda s: 0.125 if s == 200 else 1.0),
      "grad_norm.spike", ("info", 200, 200)),
     ("deep clipping on every step", _with(recs(200, lr=warmup()), clip_coef=0.2, max_norm=1.0, grad_norm=5.0),
-     "clip.saturated", ("warning", 99, 99)),
+     "clip.saturated", ("warning", 101, 101)),
     ("clipping only during warmup", _with(recs(200, lr=warmup()), clip_coef=lambda s: 0.5 if s < 50 else 1.0),
      "clip.saturated", None),
     ("loss scale below 1", recs(60, loss_scale=lambda s: 2.0 ** (10 - s)), "amp.scale_collapse", ("critical", 11, 11)),
@@ -365,3 +372,13 @@ def test_run_stalled_from_the_clock_and_resolved_by_the_next_step():
     assert engine.tick(last + 100) == []  # still the same stall: one alert
     out = engine.observe(StepRecord(step=20, time=last + 101, lr=[1e-3], loss=2.0))
     assert [(a.rule, a.status) for a in out] == [("run.stalled", "resolved")]
+
+
+def test_foreign_inf_grad_norm_is_a_warning():
+    """A Hugging Face fp16 log shows an inf grad norm on an overflow step without saying it was skipped."""
+    hf = RunInfo(run_id="hf", source="huggingface")
+    alerts = run_rules(recs(30, grad_norm=lambda s: math.inf if s == 12 else 1.0), ["loss.nonfinite"], run=hf)
+    assert [(a.severity.value, a.step) for a in alerts] == [("warning", 12)]
+    assert "skipped" in alerts[0].message
+    nan_loss = run_rules(recs(30, loss=lambda s: math.nan if s == 12 else 2.0), ["loss.nonfinite"], run=hf)
+    assert [a.severity.value for a in nan_loss] == ["critical"]

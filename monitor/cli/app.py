@@ -45,9 +45,35 @@ ConfigOpt = Annotated[
 ]
 
 
+MapOpt = Annotated[
+    list[str] | None, typer.Option("--map", help="SIGNAL=TAG for logs with other tag names (repeatable), e.g. "
+                                                 "loss=train/my_loss; signals: loss, lr, grad_norm, loss_scale, skipped, "
+                                                 "step_time, tokens, scalars.NAME; a TAG may be a glob (lr=opt/lr/*).")
+]
+
+
+def _mapping(pairs: list[str] | None) -> dict[str, str] | None:
+    from monitor.runlog.adapters.frameworks import validate_mapping
+    from monitor.runlog.sources import SourceError
+
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        name, sep, tag = pair.partition("=")
+        if not sep or not name.strip() or not tag.strip():
+            raise _fail(f"--map expects SIGNAL=TAG (e.g. loss=train/loss), got {pair!r}")
+        out[name.strip()] = tag.strip()
+    if not out:
+        return None
+    try:
+        return validate_mapping(out)
+    except SourceError as e:
+        raise _fail(str(e)) from None
+
+
 @app.command()
 def check(
-    run_dir: Annotated[Path, typer.Argument(help="A trainmon run directory (holds run.json).")],
+    run_dir: Annotated[Path, typer.Argument(help="A run: a trainmon run directory, another framework's TensorBoard "
+                                                 "logdir, or a Megatron/llm.c text log.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array of alerts.")] = False,
     fail_on: Annotated[
         Severity, typer.Option("--fail-on", help="Exit 1 when an alert is at least this severe.")
@@ -56,15 +82,17 @@ def check(
     report: Annotated[
         Path | None, typer.Option("--report", help="Also write an offline HTML report (plots with alert markers).")
     ] = None,
+    map_: MapOpt = None,
 ) -> None:
-    """Run the rules over a finished run and report what they find."""
+    """Run the rules over a finished run (ours or another framework's) and report what they find."""
     from monitor.cli.check import check_run
-    from monitor.runlog.reader import RunReadError
+    from monitor.runlog.sources import SourceError
 
     cfg = _config(config)
+    mapping = _mapping(map_)
     try:
-        data, alerts = check_run(run_dir, cfg)
-    except RunReadError as e:
+        data, alerts = check_run(run_dir, cfg, mapping)
+    except SourceError as e:
         raise _fail(str(e)) from None
     for p in data.problems:
         typer.echo(f"warning: {p}", err=True)
@@ -242,10 +270,7 @@ def watch(
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Address of the daemon's /metrics.")] = "127.0.0.1",
     metrics_port: Annotated[int, typer.Option(help="Port of the daemon's /metrics (0: any free port, -1: off).")] = 9739,
-    map_: Annotated[
-        list[str] | None, typer.Option("--map", help="SIGNAL=TAG for logs with other tag names, e.g. "
-                                                     "loss=train/my_loss (signals: loss, lr, grad_norm, loss_scale).")
-    ] = None,
+    map_: MapOpt = None,
     plain: Annotated[
         bool | None, typer.Option("--plain/--live", help="One line per event, or a live table (default: live on a "
                                                          "terminal).", show_default=False)
@@ -255,17 +280,14 @@ def watch(
     once: Annotated[bool, typer.Option("--once", help="Read everything once, report, save state and exit.")] = False,
 ) -> None:
     """Watch many runs: rules per run, one /metrics for all, alerts to the console and the configured sinks."""
-    from monitor.cli.watch import parse_map, run_watch
+    from monitor.cli.watch import run_watch
     from monitor.watch.state import default_state_dir
 
     cfg = _config(config)
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise _fail(f"no such path: {', '.join(missing)}")
-    try:
-        mapping = parse_map(map_ or [])
-    except ValueError as e:
-        raise _fail(str(e)) from None
+    mapping = _mapping(map_)
     try:
         run_watch(paths, cfg, state_dir=state_dir or default_state_dir(), host=metrics_host,
                   port=None if metrics_port < 0 else metrics_port, mapping=mapping, plain=plain, poll=poll,

@@ -14,16 +14,6 @@ from monitor.watch.daemon import Watcher
 from monitor.watch.view import make_view
 
 
-def parse_map(pairs: list[str]) -> dict[str, str] | None:
-    out = {}
-    for pair in pairs:
-        signal_name, sep, tag = pair.partition("=")
-        if not sep or not signal_name or not tag:
-            raise ValueError(f"--map expects SIGNAL=TAG (e.g. loss=train/loss), got {pair!r}")
-        out[signal_name.strip()] = tag.strip()
-    return out or None
-
-
 def run_watch(paths: list[Path], cfg: MonitorConfig, *, state_dir: Path, host: str, port: int | None,
               mapping: dict[str, str] | None, plain: bool | None, poll: float, discover: float, once: bool) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)

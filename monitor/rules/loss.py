@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from pydantic import Field
 
@@ -36,11 +37,20 @@ class LossNonFinite(Rule):
             return None
         what = "loss" if bad_loss else "gradient norm"
         value = r.loss if bad_loss else r.grad_norm
+        severity = None
+        message = f"the {what} is {value} at step {r.step}."
+        if not bad_loss and self.run.source != "trainmon" and r.loss_scale is None:
+            # Another framework's log that does not say whether GradScaler skipped this step (Hugging
+            # Face logs an inf grad norm for an fp16 overflow step): a finite loss makes that likely.
+            severity = Severity.warning
+            message += " The log does not say whether the step was skipped; with fp16 and a GradScaler this is " \
+                       "an overflow step (harmless unless it repeats)."
         return Finding(
-            message=f"the {what} is {value} at step {r.step}.",
+            message=message,
             hint="Restart from the last good checkpoint with a lower peak LR or longer warmup, keep clipping on, "
             "prefer bf16 to fp16, and inspect this step's batch.",
             evidence={"loss": r.loss, "grad_norm": r.grad_norm, "lr": r.max_lr, "skipped": r.skipped},
+            severity=severity,
         )
 
 
@@ -52,8 +62,26 @@ class LossSpikeConfig(RuleConfig):
         0.05, ge=0, description="Minimum relative rise over the baseline median (0.05 = 5%), so a near-constant loss "
         "with a tiny MAD does not alarm on noise.",
     )
+    grad_ratio: float = Field(
+        2.0, gt=1, description="A spike confirmed at once: the gradient norm is at least this multiple of its own median.",
+    )
+    confirm_steps: int = Field(
+        2, ge=0, description="Otherwise confirmed if the loss stays elevated (half the z threshold) this many more "
+        "steps; a single-step outlier that returns at once is only info (a hard batch).",
+    )
     resolve_after: int = Field(20, ge=1, description="Steps without a spike before the alert resolves.")
     cooldown_steps: int = Field(50, ge=0, description="After an alert resolves, steps during which the rule stays quiet.")
+
+
+@dataclass
+class _Pending:
+    step: int
+    loss: float
+    z: float
+    base: float
+    grad_norm: float | None
+    movers: list
+    confirmed: int = 0
 
 
 @register
@@ -61,9 +89,13 @@ class LossSpike(Rule):
     """A loss value far above the recent baseline.
 
     Symptom: the log loss jumps more than z_warning (z_critical) robust standard deviations above the
-    median of the trailing window.
+    median of the trailing window, and the jump is corroborated: the gradient norm spikes with it
+    (grad_ratio) or the loss stays elevated for confirm_steps more steps. A one-step outlier the run
+    shrugs off at once is reported as info.
     Why: spikes are the first visible sign of an unstable run (attention logit growth, Adam's second
-    moment lagging a sudden gradient, a bad batch); left alone they recur and may diverge.
+    moment lagging a sudden gradient, a bad batch); left alone they recur and may diverge. Real text
+    also has hard batches whose loss is briefly high while the gradients stay normal: those are not
+    instability.
     Fix: inspect the batch at this step; if spikes recur, lower the peak LR, lengthen warmup, tighten
     clipping (max_norm 1.0) or lower Adam's beta2 to 0.95.
     """
@@ -76,35 +108,64 @@ class LossSpike(Rule):
     def __init__(self, config: LossSpikeConfig, run) -> None:
         super().__init__(config, run)
         self.window = RobustWindow(config.window)
+        self.grads = RobustWindow(config.window)
         self.params = ParamBaseline()
+        self.pending: _Pending | None = None
+
+    def _finding(self, p: _Pending, severity: Severity, why: str) -> Finding:
+        c = self.config
+        return Finding(
+            message=f"loss {p.loss:.4g} at step {p.step} is {p.loss / p.base:.2f}x the median {p.base:.4g} of the last "
+            f"{c.window} steps (robust z {p.z:.1f}); {why}"
+            + (f"; gradients grew most in {describe_movers(p.movers)}." if p.movers else "."),
+            hint="Inspect this step's batch; if spikes recur, lower the peak LR, lengthen warmup or "
+            "tighten gradient clipping.",
+            evidence={"loss": p.loss, "baseline_median": p.base, "z": round(p.z, 2), "grad_norm": p.grad_norm,
+                      "first_step": p.step, "top_params": p.movers},
+            severity=severity,
+            step=p.step,
+        )
+
+    def _severity(self, z: float) -> Severity:
+        return Severity.critical if z >= self.config.z_critical else Severity.warning
 
     def observe(self, r: StepRecord) -> Finding | None:
         c = self.config
         if not finite(r.loss) or r.loss <= 0:
             return None
         x = math.log(r.loss)
+        g = r.grad_norm if r.grad_norm is not None and r.grad_norm > 0 and math.isfinite(r.grad_norm) else None
         finding = None
         # The first window is the early transient: no baseline yet.
         if self.window.full:
             med = self.window.median
             z = self.window.zscore(x, min_sigma=1e-4)
-            if z >= c.z_warning and x - med >= math.log1p(c.min_jump):
-                sev = Severity.critical if z >= c.z_critical else Severity.warning
-                base = math.exp(med)
-                movers = self.params.movers(r.param_norms)
-                finding = Finding(
-                    message=f"loss {r.loss:.4g} is {r.loss / base:.2f}x the median {base:.4g} of the last "
-                    f"{c.window} steps (robust z {z:.1f})"
-                    + (f"; gradients grew most in {describe_movers(movers)}." if movers else "."),
-                    hint="Inspect this step's batch; if spikes recur, lower the peak LR, lengthen warmup or "
-                    "tighten gradient clipping.",
-                    evidence={"loss": r.loss, "baseline_median": base, "z": round(z, 2), "grad_norm": r.grad_norm,
-                              "lr": r.max_lr, "first_step": r.step, "top_params": movers},
-                    severity=sev,
-                )
-        if finding is None:
+            p = self.pending
+            if p is not None:
+                if z >= c.z_warning / 2 and x - med >= math.log1p(c.min_jump) / 2:
+                    p.confirmed += 1
+                    if p.confirmed >= c.confirm_steps:
+                        self.pending = None
+                        finding = self._finding(p, self._severity(p.z), f"still elevated {p.confirmed} steps later")
+                else:
+                    self.pending = None
+                    finding = self._finding(p, Severity.info, "back to normal the next step with normal gradients "
+                                                              "(a hard batch?)")
+            elif z >= c.z_warning and x - med >= math.log1p(c.min_jump):
+                grad_med = math.exp(self.grads.median) if self.grads.full else None
+                p = _Pending(r.step, r.loss, z, math.exp(med), r.grad_norm, self.params.movers(r.param_norms))
+                if grad_med is not None and g is not None and g >= c.grad_ratio * grad_med:
+                    finding = self._finding(p, self._severity(z), f"the gradient norm jumped with it "
+                                                                  f"({g / grad_med:.1f}x its median)")
+                elif c.confirm_steps == 0:
+                    finding = self._finding(p, self._severity(z), "no confirmation required")
+                else:
+                    self.pending = p
+        if finding is None and self.pending is None:
             self.params.update(r.param_norms)
         self.window.push(x)
+        if g is not None:
+            self.grads.push(math.log(g))
         return finding
 
 

@@ -101,9 +101,14 @@ class Ema:
 class LrTrace:
     """What the LR trace says about warmup: first LR, peak so far, and when warmup ended.
 
-    Warmup lasts while the (max over groups) LR rises; it has ended at the first step whose LR is
-    not above the previous one. `warmup_steps` counts the steps up to and including the peak.
+    Warmup lasts while the (max over groups) LR rises; it has ended at the first step whose LR falls
+    below the peak, or once the LR has stayed flat for `flat_steps` steps (a constant schedule after
+    warmup). A repeated value alone does not end it: logs print the LR rounded (llm.c `%f`, Megatron
+    `%.3E`), so a slow warmup shows the same value two steps running. `warmup_steps` counts the
+    steps up to and including the peak.
     """
+
+    flat_steps = 3
 
     def __init__(self) -> None:
         self.first_lr: float | None = None
@@ -114,6 +119,7 @@ class LrTrace:
         self.warmup_done = False
         self.warmup_steps: int | None = None
         self.rose = False
+        self.flat = 0
 
     def push(self, step: int, lr: float | None) -> None:
         if lr is None:
@@ -124,10 +130,12 @@ class LrTrace:
             self.peak, self.peak_step = lr, step
         if self.prev is not None and not self.warmup_done:
             if lr > self.prev:
-                self.rose = True
+                self.rose, self.flat = True, 0
             elif lr > 0:
-                self.warmup_done = True
-                self.warmup_steps = (self.peak_step - self.first_step + 1) if self.rose else 0
+                self.flat += 1
+                if lr < self.peak or self.flat >= self.flat_steps:
+                    self.warmup_done = True
+                    self.warmup_steps = (self.peak_step - self.first_step + 1) if self.rose else 0
         self.prev = lr
 
     @property
