@@ -218,12 +218,23 @@ class WebhookReceiver:
 
     def __init__(self) -> None:
         self.posts: list[dict[str, Any]] = []  # {"path": ..., "body": parsed JSON (or the raw text)}
+        self.fail_next = 0  # answer this many POSTs with 503 first (retry tests)
+        self.attempts = 0
         self._cond = threading.Condition()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver._cond:
+                    receiver.attempts += 1
+                    failing = receiver.fail_next > 0
+                    receiver.fail_next -= failing
+                if failing:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 try:
                     body: Any = json.loads(raw)
                 except ValueError:
