@@ -300,31 +300,35 @@ class StepCollector:
         """Per-parameter norms with torch._foreach_norm and, when the loop did not clip, the total
         computed exactly as clip_grad_norm_ would (same grouping, same reduction)."""
         with torch.no_grad():
+            # One pass to gather the gradients (clip_grad_norm_ does the same); the index of those
+            # present is only built in the rare step where some parameter has none.
             grads = [p.grad for p in self.params]
-            present = [g is not None for g in grads]
-            index = None if all(present) else tuple(i for i, ok in enumerate(present) if ok)
-            if index is not None:
+            index = None
+            if any(g is None for g in grads):
+                index = tuple(i for i, g in enumerate(grads) if g is not None)
                 grads = [grads[i] for i in index]
             if not grads:
                 return
             grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True)
-            norms: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
-            order: list[torch.Tensor] = []
-            for (device, _dtype), ([group], indices) in grouped.items():
+            order: list[torch.Tensor] = []  # the norms in clip_grad_norm_'s order (group by group)
+            for (device, _dtype), ([group], _) in grouped.items():
                 if _has_foreach_support(group, device):
-                    gn = torch._foreach_norm(group, 2.0)
+                    order.extend(torch._foreach_norm(group, 2.0))
                 else:  # the same fallback clip_grad_norm_ takes (e.g. tensor subclasses)
-                    gn = [torch.linalg.vector_norm(g, 2.0) for g in group]
-                order.extend(gn)
-                for j, n in zip(indices, gn):
-                    norms[j] = n
+                    order.extend(torch.linalg.vector_norm(g, 2.0) for g in group)
+            if len(grouped) == 1:
+                norms = order  # one device and dtype: already in parameter order
+            else:  # mixed devices/dtypes: put each norm back at its parameter's position
+                norms = [None] * len(grads)  # type: ignore[list-item]
+                pos = [i for _, (_, indices) in grouped.items() for i in indices]
+                for i, n in zip(pos, order):
+                    norms[i] = n
             if divide_by is not None:
-                norms = [n / divide_by for n in norms]
-            first = grads[0].device
+                order = [n / divide_by for n in order]
+                norms = order if len(grouped) == 1 else [n / divide_by for n in norms]
             if total:
-                if divide_by is not None:
-                    order = [n / divide_by for n in order]
-                self._norm_total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in order]), 2.0)
+                stacked = torch.stack(order) if len(grouped) == 1 else torch.stack([n.to(grads[0].device) for n in order])
+                self._norm_total = torch.linalg.vector_norm(stacked, 2.0)
             if self._want_param_norms():
                 self._param_norms = norms
                 self._param_index = index

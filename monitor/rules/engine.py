@@ -35,6 +35,9 @@ class _RuleState:
     fired: bool = False
     cooldown_until: int = -1
 
+    def __post_init__(self) -> None:
+        self.observe = self.rule.observe  # the bound method, looked up once: this loop is the daemon's hot path
+
 
 class RulesEngine:
     def __init__(
@@ -100,7 +103,7 @@ class RulesEngine:
         retired = False
         for st in states:
             try:
-                finding = st.rule.observe(record)
+                finding = st.observe(record)
             except Exception as e:
                 self._error(f"rule {st.rule.id}", e)
                 continue

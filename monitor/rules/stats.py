@@ -14,55 +14,51 @@ class RobustWindow:
 
     Re-sorting the window on every step would cost O(W log W) per record; the
     baseline of a trailing window barely moves in a few steps, so refreshing it
-    every W/10 pushes keeps the per-record cost O(log W) amortized.
+    every W/10 pushes keeps the per-record cost O(log W) amortized. `med` and
+    `mad` are plain attributes (rules read them on every record).
     """
 
     def __init__(self, size: int, refresh: int | None = None) -> None:
         self.size = size
         self.values: deque[float] = deque(maxlen=size)
         self.refresh = refresh or max(1, size // 10)
-        self._since = self.refresh  # force a refresh on first use
-        self._median = math.nan
-        self._mad = math.nan
+        self._since = 0
+        self.med = math.nan
+        self.mad = math.nan
+        self.full = False
 
     def __len__(self) -> int:
         return len(self.values)
 
-    @property
-    def full(self) -> bool:
-        return len(self.values) >= self.size
-
     def push(self, x: float) -> None:
         self.values.append(x)
         self._since += 1
+        if self._since >= self.refresh or not self.full:
+            self._recompute()
+            self.full = len(self.values) >= self.size
 
-    def _update(self) -> None:
-        if self._since >= self.refresh and self.values:
-            vals = sorted(self.values)
-            n = len(vals)
-            mid = n // 2
-            med = vals[mid] if n % 2 else 0.5 * (vals[mid - 1] + vals[mid])
-            dev = sorted([abs(v - med) for v in vals])
-            self._median = med
-            self._mad = dev[mid] if n % 2 else 0.5 * (dev[mid - 1] + dev[mid])
-            self._since = 0
+    def _recompute(self) -> None:
+        vals = sorted(self.values)
+        n = len(vals)
+        mid = n // 2
+        med = vals[mid] if n % 2 else 0.5 * (vals[mid - 1] + vals[mid])
+        dev = sorted([abs(v - med) for v in vals])
+        self.med = med
+        self.mad = dev[mid] if n % 2 else 0.5 * (dev[mid - 1] + dev[mid])
+        self._since = 0
 
     @property
     def median(self) -> float:
-        self._update()
-        return self._median
-
-    @property
-    def mad(self) -> float:
-        self._update()
-        return self._mad
+        return self.med
 
     def zscore(self, x: float, min_sigma: float = 0.0) -> float:
         """Robust z of x against the window: (x - median) / (1.4826 MAD), sigma floored at min_sigma."""
-        sigma = max(MAD_TO_SIGMA * self.mad, min_sigma)
+        sigma = MAD_TO_SIGMA * self.mad
+        if sigma < min_sigma:
+            sigma = min_sigma
         if sigma <= 0:
-            return math.inf if x > self.median else 0.0
-        return (x - self.median) / sigma
+            return math.inf if x > self.med else 0.0
+        return (x - self.med) / sigma
 
 
 def finite(x: float | None) -> bool:

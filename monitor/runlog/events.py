@@ -180,6 +180,20 @@ class EventWriter:
             self._f.close()
 
 
+def _take_extra(tag: str, value: float, params: dict, attention: dict, scalars: dict) -> bool:
+    """Sampled per-parameter scalars, attention statistics and mon.log() scalars; False for other tags."""
+    if tag.startswith(PARAM_TAG):
+        params[tag[len(PARAM_TAG):]] = value
+    elif tag.startswith(ATTENTION_TAG):
+        stat, _, layer = tag[len(ATTENTION_TAG):].partition("/")
+        attention.setdefault(layer, {})[stat] = value
+    elif tag.startswith(SCALAR_TAG):
+        scalars[tag[len(SCALAR_TAG):]] = value
+    else:
+        return False
+    return True
+
+
 class ParamNorms(Mapping):
     """Per-parameter norms decoded on first use: most records' vectors are never looked at (rules
     read them on sampled steps or when they alert), and decoding dozens of names per record would
@@ -255,14 +269,7 @@ class StepAssembler:
             scalars: dict[str, float] = {}
             params: dict[str, float] = {}
             for v in values[rest:]:
-                tag = v.tag
-                if tag.startswith(PARAM_TAG):
-                    params[tag[len(PARAM_TAG):]] = v.simple_value
-                elif tag.startswith(ATTENTION_TAG):
-                    stat, _, layer = tag[len(ATTENTION_TAG):].partition("/")
-                    attention.setdefault(layer, {})[stat] = v.simple_value
-                elif tag.startswith(SCALAR_TAG):
-                    scalars[tag[len(SCALAR_TAG):]] = v.simple_value
+                _take_extra(v.tag, v.simple_value, params, attention, scalars)
             fields["attention"] = attention or None
             fields["scalars"] = scalars
             if params and "param_norms" not in fields:
@@ -305,14 +312,7 @@ class StepAssembler:
                 params_full = self._param_vector(v.tensor)
             elif tag == AUTOCAST_TAG:
                 fields["autocast"] = AUTOCAST_NAMES.get(v.simple_value)
-            elif tag.startswith(PARAM_TAG):
-                params[tag[len(PARAM_TAG):]] = v.simple_value
-            elif tag.startswith(ATTENTION_TAG):
-                stat, _, layer = tag[len(ATTENTION_TAG):].partition("/")
-                attention.setdefault(layer, {})[stat] = v.simple_value
-            elif tag.startswith(SCALAR_TAG):
-                scalars[tag[len(SCALAR_TAG):]] = v.simple_value
-            else:
+            elif not _take_extra(tag, v.simple_value, params, attention, scalars):
                 continue
             seen = True
         if not seen:
