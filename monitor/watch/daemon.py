@@ -88,6 +88,20 @@ class WatchedRun:
         self.finished = False
 
 
+class _RunAlertSink:
+    """A run's alerts into the daemon's own state: its metrics, the alert log of the view, health counters."""
+
+    def __init__(self, watcher: Watcher, run: WatchedRun) -> None:
+        self.watcher, self.run = watcher, run
+
+    def emit(self, alert: Alert) -> None:
+        w = self.watcher
+        w._metrics(self.run, alert.rank).emit(alert)
+        w.alert_log.append(alert)
+        if alert.status == "firing":
+            w.health.alerts.labels(alert.severity.value).inc()
+
+
 class Watcher:
     def __init__(
         self,
@@ -210,16 +224,7 @@ class Watcher:
         return m
 
     def _sinks_for(self, run: WatchedRun) -> list[Any]:
-        watcher = self
-
-        class _RunSink:
-            def emit(self, alert: Alert) -> None:
-                watcher._metrics(run, alert.rank).emit(alert)
-                watcher.alert_log.append(alert)
-                if alert.status == "firing":
-                    watcher.health.alerts.labels(alert.severity.value).inc()
-
-        return [_RunSink(), *self.sinks]
+        return [_RunAlertSink(self, run), *self.sinks]
 
     # -- polling ------------------------------------------------------------------------------
 
