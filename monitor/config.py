@@ -103,6 +103,28 @@ class SinksConfig(_Section):
     alertmanager: AlertmanagerConfig | None = None
 
 
+class DdpConfig(_Section):
+    """How ranks compare notes (through the job's key-value store, never a collective)."""
+
+    exchange_every: int = Field(
+        10, ge=0, description="Every N optimizer steps each rank posts its parameter fingerprint and busy time; "
+        "rank 0 compares them (ddp.desync, ddp.straggler). 0: off.",
+    )
+    exchange_timeout: float = Field(60.0, gt=0, description="Seconds rank 0 waits for the other ranks' posts.")
+    local_grad_norm: bool = Field(
+        True, description="Measure each rank's gradient norm before the all-reduce (a DDP communication hook; "
+        "left out when the model has a hook of its own).",
+    )
+
+
+class WatchdogConfig(_Section):
+    """The in-process stall watchdog (run.stalled)."""
+
+    enabled: bool = Field(True, description="Let run.stalled look at the clock even while the loop is stuck.")
+    interval_seconds: float = Field(5.0, gt=0, description="How often the watchdog looks.")
+    dump_stacks: bool = Field(True, description="On a stall, write every thread's Python stack to the run directory.")
+
+
 class ConsoleConfig(_Section):
     enabled: bool = Field(True, description="Print each alert as one line on stderr.")
 
@@ -116,6 +138,8 @@ class MonitorConfig(_Section):
     collector: CollectorConfig = Field(default_factory=CollectorConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    ddp: DdpConfig = Field(default_factory=DdpConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     rules: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Per-rule options by rule id, e.g. {'loss.spike': {'z_critical': 9}, 'amp.overflow': {'enabled': False}}.",

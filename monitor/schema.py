@@ -56,6 +56,16 @@ class StepRecord(BaseModel):
     autocast: str | None = Field(None, description="Autocast dtype of the step's forward passes ('float16', 'bfloat16').")
     scheduler_steps: int | None = Field(None, description="scheduler.step() calls since the previous optimizer step.")
     param_norms: dict[str, float] | None = Field(None, description="Per-parameter gradient norms (sampled steps).")
+    busy_time: float | None = Field(
+        None, description="Seconds of the step before its last backward (data loading, forwards): what a rank spends "
+        "outside the gradient all-reduce. DDP equalises step times; this tells a straggler apart.",
+    )
+    local_grad_norm: float | None = Field(None, description="This rank's own gradient norm, before the DDP all-reduce.")
+    memory: float | None = Field(None, description="Peak device memory allocated during the step (bytes).")
+    ddp: dict[str, Any] | None = Field(
+        None, description="Rank 0's comparison of the ranks (every few steps): who reported, their busy times, "
+        "parameters that differ.",
+    )
     attention: dict[str, dict[str, float]] | None = Field(
         None, description="Per-layer attention statistics: entropy_ratio (mean over heads), entropy_min, max_logit, max_prob.",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import logging
 import os
 import threading
@@ -18,7 +19,7 @@ from monitor.config import MonitorConfig, load_config
 from monitor.exporters.console import ConsoleSink
 from monitor.exporters.prometheus import MetricsServer, TrainMetrics, serve
 from monitor.exporters.sinks import build_http_sinks, close_sinks
-from monitor.hooks import introspect
+from monitor.hooks import ddp, introspect
 from monitor.hooks.collector import StepCollector, TrainingHalted
 from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.publisher import Publisher
@@ -58,15 +59,14 @@ def _check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, m
         raise ValueError("monitor.attach: `optimizer` has no parameters")
 
 
-def _agree_on_run_dir(run_dir: str | os.PathLike[str] | None, dist: introspect.DistInfo) -> Path:
+def _agree_on_run_dir(run_dir: str | os.PathLike[str] | None, dist: introspect.DistInfo, store: Any) -> Path:
     if run_dir is not None:
         return Path(run_dir)
     path = default_run_dir()
-    if dist.initialized and dist.world_size > 1 and "MONITOR_RUN_DIR" not in os.environ:
-        # Ranks start at slightly different times: rank 0's name wins (one collective, at attach only).
-        box = [str(path)]
-        torch.distributed.broadcast_object_list(box, src=0)
-        path = Path(box[0])
+    if dist.world_size > 1 and store is not None and "MONITOR_RUN_DIR" not in os.environ:
+        # Ranks start at slightly different times: rank 0's name wins, through the job's store (no
+        # collective: a rank that does not attach the monitor cannot make the others wait forever).
+        path = Path(ddp.agree_on_name(store, dist.rank, str(path)))
     return path
 
 
@@ -100,7 +100,8 @@ class Monitor:
 
         dist = introspect.dist_info()
         self.rank, self.local_rank, self.world_size = dist.rank, dist.local_rank, dist.world_size
-        self.rundir = RunDir(_agree_on_run_dir(run_dir, dist), dist.rank)  # RunDirError names the path
+        store = ddp.job_store() if dist.world_size > 1 else None
+        self.rundir = RunDir(_agree_on_run_dir(run_dir, dist, store), dist.rank)  # RunDirError names the path
         self.run_dir = self.rundir.path
         self.run_id = cfg.run_name or self.rundir.run_id
 
@@ -123,6 +124,14 @@ class Monitor:
             schedule=introspect.schedule_preview(scheduler, max_steps) if start_step == 0 else None,
             config=cfg.model_dump(mode="json"),
         )
+        self._exchange = None
+        if store is not None and cfg.ddp.exchange_every:
+            self._exchange = ddp.RankExchange(store, self.rank, self.world_size, cfg.ddp.exchange_every,
+                                              cfg.ddp.exchange_timeout)
+        self._busy: list[float] = []
+        self._facts_written = False
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
         try:
             self._start(cfg, model, optimizer, scaler, scheduler, loss_fn, params, names, start_step)
         except BaseException:
@@ -147,6 +156,8 @@ class Monitor:
         self.guard.listeners.append(self.metrics.count_error)
 
         sinks: list[Any] = []
+        if cfg.watchdog.dump_stacks:
+            sinks.append(_StackDumpSink(self.run_dir, self.rank))  # first: the alert then names the file
         if cfg.console.enabled:
             sinks.append(ConsoleSink())
         self._jsonl = JsonlAlertSink(self.run_dir / ALERTS_JSONL)
@@ -178,13 +189,52 @@ class Monitor:
             rank=self.rank, param_names=names, outputs=outputs, guard=self.guard,
             queue_size=cfg.collector.queue_size, on_drop=self.metrics.count_dropped,
             idle=self._events.maybe_flush if self._events else None,
+            before=self._before_outputs, on_tick=lambda: self.engine.tick(time.time()),
         )
         self._collector = StepCollector(
             model=model, optimizer=optimizer, scaler=scaler, scheduler=scheduler, loss_fn=loss_fn,
             params=params, start_step=start_step, param_norms_every=cfg.collector.param_norms_every,
             count_tokens=cfg.collector.count_tokens, handoff=self._publisher.submit, guard=self.guard,
-            halt_check=self._halt_check,
+            halt_check=self._halt_check, global_stats=self.rank == 0,
+            fingerprint_every=self._exchange.every if self._exchange else 0,
+            local_grad_norm=cfg.ddp.local_grad_norm and self.world_size > 1,
         )
+        if cfg.watchdog.enabled:
+            self._watchdog = threading.Thread(target=self._watch, args=(cfg.watchdog.interval_seconds,),
+                                              name="trainmon-watchdog", daemon=True)
+            self._watchdog.start()
+
+    # -- publisher thread: between building a record and handing it out ------------------------
+
+    def _before_outputs(self, rec, packet, fingerprint) -> None:
+        if rec.busy_time is not None:
+            self._busy.append(rec.busy_time)
+        ex = self._exchange
+        if ex is not None:
+            if fingerprint is not None:
+                busy = sum(self._busy) / len(self._busy) if self._busy else None
+                self._busy.clear()
+                ex.post(rec.step, {"fp": ddp.pack_floats(fingerprint), "busy": busy})
+            if ex.pending:
+                outcomes = ex.collect()
+                if outcomes:
+                    rec.ddp = outcomes[-1]
+        if not self._facts_written and self.rank == 0:
+            self._facts_written = True
+            self._write_batch_facts(rec, packet)
+
+    def _write_batch_facts(self, rec, packet) -> None:
+        """run.json: micro-batches per optimizer step and, when the batch size was seen, the effective batch."""
+        facts: dict[str, Any] = {"micro_batches_per_step": rec.micro_batches}
+        if packet.batch_size and rec.micro_batches:
+            facts["per_device_batch"] = packet.batch_size
+            facts["effective_batch_size"] = packet.batch_size * self.world_size * rec.micro_batches
+        self.rundir.update_json("run.json", lambda old: {**(old or {}), **facts}, {})
+
+    def _watch(self, interval: float) -> None:
+        """The watchdog: asks the publisher thread to run the clock rules, even while the loop is stuck."""
+        while not self._watchdog_stop.wait(interval):
+            self._publisher.tick()
 
     # -- alerts ----------------------------------------------------------------------------
 
@@ -268,6 +318,9 @@ class Monitor:
             except Exception as e:
                 self.guard.record(where, e)
 
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            step("watchdog", lambda: self._watchdog.join(timeout=5))
         if self._collector is not None:
             step("removing hooks", self._collector.remove)
         if self._publisher is not None:
@@ -302,6 +355,23 @@ class Monitor:
 class _CallbackSink:
     def __init__(self, fn) -> None:
         self.emit = fn
+
+
+class _StackDumpSink:
+    """On run.stalled: every thread's Python stack into the run directory (a hung collective shows where)."""
+
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        self.run_dir, self.rank = run_dir, rank
+
+    def emit(self, alert: Alert) -> None:
+        if alert.rule != "run.stalled" or alert.status != "firing":
+            return
+        path = self.run_dir / f"stacks-rank{self.rank}-step{alert.step}.txt"
+        with open(path, "w") as f:
+            f.write(f"trainmon: run.stalled at step {alert.step}, rank {self.rank}: {alert.message}\n\n")
+            f.flush()
+            faulthandler.dump_traceback(file=f, all_threads=True)
+        alert.evidence["stacks"] = str(path)
 
 
 def attach(

@@ -60,6 +60,10 @@ class Packet:
     max_norm: float | None
     autocast: str | None = None
     loss_value: float | None = None
+    busy_time: float | None = None
+    memory: float | None = None
+    batch_size: int | None = None
+    fp_count: int = 0  # the last values are the parameter fingerprint
     scalars: dict[str, float] = field(default_factory=dict)
 
 
@@ -92,12 +96,12 @@ def _scheduler_counter(scheduler: Any) -> str | None:
     return None
 
 
-def _count_tokens(args: tuple, kwargs: dict) -> int:
-    # Integer tensors fed to the model are token ids; numel is metadata (no sync).
+def _count_tokens(args: tuple, kwargs: dict) -> tuple[int, int | None]:
+    # Integer tensors fed to the model are token ids; numel and shape are metadata (no sync).
     for v in (*args, *kwargs.values()):
         if isinstance(v, torch.Tensor) and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool:
-            return v.numel()
-    return 0
+            return v.numel(), (v.shape[0] if v.dim() > 0 else None)
+    return 0, None
 
 
 class StepCollector:
@@ -116,6 +120,9 @@ class StepCollector:
         handoff: Callable[[Packet], None],
         guard: ErrorGuard,
         halt_check: Callable[[], None],
+        global_stats: bool = True,
+        fingerprint_every: int = 0,
+        local_grad_norm: bool = True,
     ) -> None:
         self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
         self.params = params
@@ -129,6 +136,14 @@ class StepCollector:
         self._halt_check = halt_check
         self._handles: list[Any] = []
         self._undo: list[Callable[[], None]] = []
+        # Gradients, LRs and loss scale are the same on every rank after the all-reduce: only rank 0
+        # computes them; every rank reports its own loss, timing and local gradient norm.
+        self._global = global_stats
+        self._fp_every = fingerprint_every
+        self._fp_tensors = [*params, *[b for b in model.buffers() if b.is_floating_point()]]
+        self.local_sq: list[torch.Tensor] = []  # squared bucket norms from the DDP communication hook
+        self._device = params[0].device
+        self._local_grad_norm = local_grad_norm
         self._in_scaler_step = False
         self._prev_end: float | None = None
         self._reset()
@@ -149,9 +164,12 @@ class StepCollector:
         self._lrs: list | None = None
         self._scalars: dict[str, Any] = {}
         self._autocast: str | None = None
+        self._t_fwd_end: float | None = None
+        self._batch: int | None = None
+        self.local_sq.clear()
 
     def _want_param_norms(self) -> bool:
-        return self._every > 0 and self.step % self._every == 0
+        return self._global and self._every > 0 and self.step % self._every == 0
 
     # -- installation ------------------------------------------------------------------
 
@@ -164,6 +182,10 @@ class StepCollector:
         self._handles.append(self.optimizer.register_step_pre_hook(self._optimizer_pre))
         self._handles.append(self.optimizer.register_step_post_hook(self._optimizer_post))
         clip_patch.add_listener(self._on_clip)
+        if self._local_grad_norm:
+            from monitor.hooks.ddp import install_local_norm_hook
+
+            install_local_norm_hook(m, self.local_sq)
         if self.scaler is not None:
             self._undo.append(intercept(self.scaler, "scale", self._scaler_scale))
             self._undo.append(intercept(self.scaler, "step", self._scaler_step))
@@ -199,12 +221,18 @@ class StepCollector:
                 self._autocast = str(torch.get_autocast_dtype(self._device_type)).removeprefix("torch.")
             self._micro += 1
             if self._count_tokens:
-                self._tokens += _count_tokens(args, kwargs)
+                tokens, batch = _count_tokens(args, kwargs)
+                self._tokens += tokens
+                if batch is not None:
+                    self._batch = batch
         except Exception as e:
             self._guard.record("forward pre-hook", e)
         return None
 
     def _forward_post_model(self, module, args, output):
+        if module.training and torch.is_grad_enabled():
+            # The last forward of a step ends its "busy" part: what follows is the backward with the all-reduce.
+            self._t_fwd_end = time.perf_counter()
         self._capture_output("model", module, output)
 
     def _forward_post_loss_fn(self, module, args, output):
@@ -241,8 +269,8 @@ class StepCollector:
                 parameters = [parameters]
             if not isinstance(parameters, (list, tuple)) or not parameters:
                 return  # a generator here would be consumed by looking at it: leave it alone
-            if id(parameters[0]) not in self._param_ids:
-                return  # clipping some other model's parameters
+            if id(parameters[0]) not in self._param_ids or not self._global:
+                return  # clipping some other model's parameters, or a rank that leaves global stats to rank 0
             self._clips.append((total_norm, float(max_norm)))
             if self._want_param_norms() and self._param_norms is None:
                 # Gradients are still unclipped here: one extra read of them, on sampled steps only.
@@ -286,8 +314,8 @@ class StepCollector:
 
     def _begin_step(self, in_optimizer: bool) -> None:
         if self._lrs is None:
-            self._lrs = [g["lr"] for g in self.optimizer.param_groups]
-        if self._clips or self._norm_total is not None:
+            self._lrs = [g["lr"] for g in self.optimizer.param_groups] if self._global else []
+        if self._clips or self._norm_total is not None or not self._global:
             return
         divide_by = None
         if in_optimizer and self._in_scaler_step:
@@ -345,7 +373,8 @@ class StepCollector:
             if per_device:
                 found_inf = per_device[0] if len(per_device) == 1 else torch.stack(
                     [t.to(per_device[0].device) for t in per_device]).sum()
-            scale = self.scaler._scale  # the scale this step's backward used (update() comes after)
+            if self._global:
+                scale = self.scaler._scale  # the scale this step's backward used (update() comes after)
         self._finalize(found_inf=found_inf, scale=scale)
 
     def _finalize(self, found_inf: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
@@ -355,6 +384,9 @@ class StepCollector:
         wall = time.time()
         start = self._prev_end if self._prev_end is not None else self._t_first
         step_time = now - start if start is not None else None
+        busy = self._t_fwd_end - start if start is not None and self._t_fwd_end is not None else None
+        # Host-side allocator counter (no device sync): the process's peak so far.
+        memory = float(torch.cuda.max_memory_allocated(self._device)) if self._device.type == "cuda" else None
         self._prev_end = now
 
         layout: list[str] = []
@@ -407,8 +439,20 @@ class StepCollector:
                 parts.append(v.detach())
             else:
                 scalars[k] = float(v)
+        if self.local_sq:  # this rank's gradients before the all-reduce, from the DDP hook
+            layout.append("local_grad_norm")
+            parts.append(torch.sqrt(torch.stack(self.local_sq).sum()))
+        fp_count = 0
+        if self._fp_every and self.step % self._fp_every == 0:
+            # Parameter fingerprint for the cross-rank comparison: the ranks' parameters must be
+            # bitwise equal after every step. One read of the weights every few steps.
+            with torch.no_grad():
+                fp = torch._foreach_norm(self._fp_tensors, 2.0)
+            fp_count = len(fp)
+        else:
+            fp = []
         param_index = self._param_index
-        values, event = self._to_host(parts, self._param_norms)
+        values, event = self._to_host(parts, (self._param_norms or []) + list(fp))
         tokens = self._logged_tokens if self._logged_tokens is not None else (self._tokens or None)
         sched_now = self._read_sched()
         sched_steps = sched_now - self._sched_last if sched_now is not None and self._sched_last is not None else None
@@ -418,6 +462,7 @@ class StepCollector:
             lrs=lrs, time=wall, step_time=step_time, tokens=tokens, micro_batches=self._micro,
             scheduler_steps=sched_steps,
             max_norm=max_norm, autocast=self._autocast, loss_value=loss_value, scalars=scalars,
+            busy_time=busy, memory=memory, batch_size=self._batch, fp_count=fp_count,
         )
         self.step += 1
         self._reset()

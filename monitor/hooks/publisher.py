@@ -18,12 +18,18 @@ from monitor.hooks.guard import ErrorGuard
 from monitor.schema import StepRecord
 
 _STOP = object()
+_TICK = object()
 
 
-def build_record(p: Packet, rank: int, param_names: list[str]) -> StepRecord:
+def build_record(p: Packet, rank: int, param_names: list[str]) -> tuple[StepRecord, list[float] | None]:
+    """The StepRecord of a packet, and the parameter fingerprint it carried (or None)."""
     if p.event is not None:
         p.event.synchronize()  # publisher thread: waits for the non_blocking copy, never the trainer
     values = p.values.tolist() if p.values is not None else []
+    fingerprint = None
+    if p.fp_count:
+        fingerprint = values[len(values) - p.fp_count:]
+        values = values[:len(values) - p.fp_count]
     fields: dict = {}
     lrs = list(p.lrs)
     scalars = dict(p.scalars)
@@ -56,7 +62,8 @@ def build_record(p: Packet, rank: int, param_names: list[str]) -> StepRecord:
         skipped=bool(found_inf) if found_inf is not None else False,
         step_time=p.step_time, tokens=p.tokens, micro_batches=p.micro_batches, autocast=p.autocast,
         scheduler_steps=p.scheduler_steps, param_norms=param_norms, attention=None, scalars=scalars,
-    )
+        busy_time=p.busy_time, local_grad_norm=fields.get("local_grad_norm"), memory=p.memory,
+    ), fingerprint
 
 
 class Publisher:
@@ -71,6 +78,8 @@ class Publisher:
         on_drop: Callable[[], None],
         idle: Callable[[], None] | None = None,
         idle_secs: float = 1.0,
+        before: Callable[[StepRecord, Packet, list[float] | None], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
         self.rank = rank
         self.param_names = param_names
@@ -81,6 +90,8 @@ class Publisher:
         self._on_drop = on_drop
         self._idle = idle
         self._idle_secs = idle_secs
+        self.before = before
+        self._on_tick = on_tick
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="trainmon-publisher", daemon=True)
         self._thread.start()
@@ -93,6 +104,13 @@ class Publisher:
         except queue.Full:
             self.dropped += 1
             self._on_drop()
+
+    def tick(self) -> None:
+        """Ask the publisher thread to let time-based rules look at the clock (from the watchdog)."""
+        try:
+            self._q.put_nowait(_TICK)
+        except queue.Full:
+            pass  # the publisher is busy with records, which move the clock-based rules anyway
 
     # -- any thread ----------------------------------------------------------------
 
@@ -133,6 +151,13 @@ class Publisher:
             try:
                 if item is _STOP:
                     return
+                if item is _TICK:
+                    if self._on_tick is not None:
+                        try:
+                            self._on_tick()
+                        except Exception as e:
+                            self.guard.record("clock rules", e)
+                    continue
                 self._publish(item)
             finally:
                 self._q.task_done()
@@ -146,10 +171,15 @@ class Publisher:
 
     def _publish(self, packet: Packet) -> None:
         try:
-            rec = build_record(packet, self.rank, self.param_names)
+            rec, fingerprint = build_record(packet, self.rank, self.param_names)
         except Exception as e:
             self.guard.record("building a step record", e)
             return
+        if self.before is not None:
+            try:
+                self.before(rec, packet, fingerprint)  # the rank exchange, run.json facts: may annotate rec
+            except Exception as e:
+                self.guard.record("rank exchange", e)
         for name, out in self.outputs:
             try:
                 out(rec)

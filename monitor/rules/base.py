@@ -56,6 +56,9 @@ class Rule:
     severity: ClassVar[Severity]
     Config: ClassVar[type[RuleConfig]] = RuleConfig
     once: ClassVar[bool] = False  # at most one alert per (run, rank), e.g. a setup mistake
+    # "global": judged on rank 0's records only (gradients, LR, loss scale and attention are the same on
+    # every rank after the all-reduce); "rank": judged on every rank's own records (loss, stalls).
+    scope: ClassVar[str] = "global"
 
     def __init__(self, config: RuleConfig, run: RunInfo) -> None:
         self.config = config

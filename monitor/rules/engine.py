@@ -89,6 +89,8 @@ class RulesEngine:
         if states is None:
             states = []
             for cls, cfg in self._specs:
+                if cls.scope == "global" and rank != 0:
+                    continue  # one verdict per run, from rank 0, not one per rank
                 try:
                     states.append(_RuleState(cls(cfg, self.run)))
                 except Exception as e:  # a rule that cannot start is skipped, not fatal

@@ -28,6 +28,7 @@ class LossNonFinite(Rule):
     id = "loss.nonfinite"
     family = "loss"
     severity = Severity.critical
+    scope = "rank"
 
     def observe(self, r: StepRecord) -> Finding | None:
         bad_loss = r.loss is not None and not math.isfinite(r.loss)
@@ -103,6 +104,7 @@ class LossSpike(Rule):
     id = "loss.spike"
     family = "loss"
     severity = Severity.warning
+    scope = "rank"
     Config = LossSpikeConfig
 
     def __init__(self, config: LossSpikeConfig, run) -> None:
@@ -192,6 +194,7 @@ class LossDivergence(Rule):
     id = "loss.divergence"
     family = "loss"
     severity = Severity.critical
+    scope = "rank"
     Config = LossDivergenceConfig
 
     def __init__(self, config: LossDivergenceConfig, run) -> None:

@@ -37,6 +37,7 @@ class RunStalled(Rule):
     id = "run.stalled"
     family = "run"
     severity = Severity.critical
+    scope = "rank"
     Config = RunStalledConfig
 
     def __init__(self, config: RunStalledConfig, run) -> None:

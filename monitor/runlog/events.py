@@ -8,6 +8,7 @@ Tags are namespaced `trainmon/...` so they never collide with a user's own.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import socket
@@ -35,6 +36,9 @@ FIELD_TAGS = {
     "tokens": "trainmon/tokens",
     "micro_batches": "trainmon/micro_batches",
     "scheduler_steps": "trainmon/scheduler_steps",
+    "busy_time": "trainmon/busy_time",
+    "local_grad_norm": "trainmon/local_grad_norm",
+    "memory": "trainmon/memory_bytes",
 }
 TAG_FIELDS = {v: k for k, v in FIELD_TAGS.items()}
 AUTOCAST_TAG = "trainmon/autocast"
@@ -51,7 +55,10 @@ NO_GRAD_BYTES = struct.pack("<f", NO_GRAD)
 # Every field of a step as one float64 vector (exact, and ~5x faster to read than the scalars).
 STEP_VECTOR_TAG = "trainmon/step"
 VECTOR_FIELDS = ("loss", "grad_norm", "grad_norm_clipped", "clip_coef", "max_norm", "loss_scale", "skipped",
-                 "step_time", "tokens", "micro_batches", "scheduler_steps", "autocast")
+                 "step_time", "tokens", "micro_batches", "scheduler_steps", "autocast",
+                 # appended later: bit positions are the file format, new fields go at the end
+                 "busy_time", "local_grad_norm", "memory")
+DDP_TAG = "trainmon/ddp"  # rank 0's comparison of the ranks, JSON in a string tensor
 HAS_MORE = 1 << 20  # attention statistics or extra scalars follow as scalar values
 ATTENTION_TAG = "trainmon/attention/"  # trainmon/attention/<stat>/<layer>
 SCALAR_TAG = "trainmon/scalars/"
@@ -119,7 +126,7 @@ def step_vector(r: StepRecord, more: bool = False) -> list[float]:
             v = AUTOCAST_CODES[v]
         mask |= 1 << bit
         out.append(float(v))
-    if more or r.attention or r.scalars:
+    if more or r.attention or r.scalars or r.ddp:
         mask |= HAS_MORE
     out[0] = float(mask)
     out.extend(r.lr)
@@ -137,6 +144,10 @@ def encode_step(r: StepRecord, *, param_norms: bool = True, param_names: list[st
         values.append(_vector(PARAM_VECTOR_TAG, [r.param_norms.get(n, NO_GRAD) for n in param_names],
                               types_pb2.DT_FLOAT, "f"))
     values += [summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in record_values(r, param_norms=param_norms)]
+    if r.ddp:
+        values.append(summary_pb2.Summary.Value(tag=DDP_TAG, tensor=tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+            string_val=[json.dumps(r.ddp).encode()])))
     summary = summary_pb2.Summary(value=values)
     return event_pb2.Event(wall_time=r.time, step=r.step, summary=summary).SerializeToString()
 
@@ -269,7 +280,10 @@ class StepAssembler:
             scalars: dict[str, float] = {}
             params: dict[str, float] = {}
             for v in values[rest:]:
-                _take_extra(v.tag, v.simple_value, params, attention, scalars)
+                if v.tag == DDP_TAG:
+                    fields["ddp"] = json.loads(v.tensor.string_val[0]) if v.tensor.string_val else None
+                else:
+                    _take_extra(v.tag, v.simple_value, params, attention, scalars)
             fields["attention"] = attention or None
             fields["scalars"] = scalars
             if params and "param_norms" not in fields:

@@ -1,0 +1,175 @@
+"""What ranks share, without adding a collective to the user's training.
+
+Ranks talk through the key-value store torch.distributed already runs for the job (torchrun's
+rendezvous store, or the TCPStore of an env:// init), never through the process group: a store
+read has a timeout and nobody waits for a rank that does not attach the monitor, so the monitor
+can neither deadlock a run nor depend on every rank logging.
+
+- The run directory: rank 0 publishes its name; the others take it (a short wait, then their own).
+- The rank exchange: every `every` optimizer steps each rank's publisher thread posts a small
+  payload (its parameter fingerprint and the time it spent outside collectives); rank 0's
+  publisher compares what has arrived (ddp.desync, ddp.straggler read the outcome).
+- The local gradient norm: a DDP communication hook measures each bucket before the all-reduce.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import struct
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+log = logging.getLogger("monitor")
+
+_PREFIX = "trainmon/"
+
+
+def job_store(timeout_s: float = 30.0) -> Any | None:
+    """A client of the job's store, or None outside a distributed job."""
+    try:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            store = _get_default_store()
+            clone = getattr(store, "clone", None)
+            return clone() if callable(clone) else store
+    except Exception:  # no default store (a custom init): fall through to the environment
+        pass
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    try:
+        return torch.distributed.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s),
+                                          wait_for_workers=False)
+    except Exception as e:
+        log.warning("trainmon: cannot reach the job's store at %s:%s (%s); ranks will not compare notes", host, port, e)
+        return None
+
+
+def _job_id() -> str:
+    return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT", "job")
+
+
+def agree_on_name(store: Any, rank: int, proposal: str, timeout_s: float = 30.0) -> str:
+    """Rank 0's `proposal` on every rank (ranks start at slightly different times)."""
+    key = f"{_PREFIX}{_job_id()}/run_dir"
+    try:
+        if rank == 0:
+            store.set(key, proposal)
+            return proposal
+        store.wait([key], timedelta(seconds=timeout_s))
+        return store.get(key).decode()
+    except Exception as e:
+        log.warning("trainmon: rank %d did not get rank 0's run directory (%s); using %s", rank, e, proposal)
+        return proposal
+
+
+def pack_floats(values: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+
+
+def unpack_floats(text: str) -> tuple[float, ...]:
+    raw = base64.b64decode(text)
+    return struct.unpack(f"<{len(raw) // 4}f", raw)
+
+
+class RankExchange:
+    """Every `every` steps: each rank posts {fingerprint, busy time}; rank 0 compares what arrived.
+
+    Runs on the publisher threads (its own store connection), so the training threads never wait;
+    rank 0 looks for the other ranks' payloads without blocking and gives up on a step after
+    `timeout_s`, comparing the ranks that did report.
+    """
+
+    def __init__(self, store: Any, rank: int, world_size: int, every: int, timeout_s: float = 60.0) -> None:
+        self.store = store
+        self.rank, self.world, self.every, self.timeout_s = rank, world_size, every, timeout_s
+        self.ns = f"{_PREFIX}{_job_id()}/x/"
+        self.pending: dict[int, float] = {}  # step -> when rank 0 posted its own payload
+        self.own: dict[int, dict] = {}
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def _key(self, step: int, rank: int) -> str:
+        return f"{self.ns}{step}/{rank}"
+
+    def post(self, step: int, payload: dict) -> None:
+        self.store.set(self._key(step, self.rank), json.dumps(payload))
+        if self.rank == 0:
+            self.pending[step] = time.monotonic()
+            self.own[step] = payload
+
+    def collect(self) -> list[dict]:
+        """Rank 0: the outcomes of exchanges that completed (or timed out) since the last call."""
+        out = []
+        for step in sorted(self.pending):
+            keys = [self._key(step, r) for r in range(1, self.world)]
+            complete = not keys or self.store.check(keys)
+            if not complete and time.monotonic() - self.pending[step] < self.timeout_s:
+                continue
+            payloads = {0: self.own.pop(step)}
+            for r, k in zip(range(1, self.world), keys):
+                if complete or self.store.check([k]):
+                    payloads[r] = json.loads(self.store.get(k))
+                    self.store.delete_key(k)
+            self.store.delete_key(self._key(step, 0))
+            del self.pending[step]
+            out.append(compare(step, payloads, self.world))
+        return out
+
+
+def compare(step: int, payloads: dict[int, dict], world: int) -> dict:
+    """The exchange outcome rank 0 records: who reported, busy times, and parameters that differ."""
+    ref = unpack_floats(payloads[0]["fp"]) if payloads[0].get("fp") else None
+    desync = []
+    for r, p in sorted(payloads.items()):
+        if r == 0 or ref is None or not p.get("fp"):
+            continue
+        fp = unpack_floats(p["fp"])
+        if len(fp) != len(ref):
+            desync.append({"rank": r, "params": [], "count": -1})
+            continue
+        bad = [i for i, (a, b) in enumerate(zip(ref, fp)) if a != b]
+        if bad:
+            desync.append({"rank": r, "params": bad[:10], "count": len(bad)})
+    return {
+        "step": step,
+        "world": world,
+        "reported": sorted(payloads),
+        "busy": {str(r): p.get("busy") for r, p in sorted(payloads.items()) if p.get("busy") is not None},
+        "desync": desync,
+    }
+
+
+def install_local_norm_hook(model: torch.nn.Module, sink: list) -> bool:
+    """On a DDP model without a communication hook of its own: measure each gradient bucket before
+    its all-reduce (this rank's own gradients), then all-reduce exactly as DDP does by default.
+
+    `sink` collects the squared norms (device tensors, no sync); returns whether the hook went in.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return False
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(process_group, bucket):
+        try:
+            buf = bucket.buffer()
+            sink.append(torch.linalg.vector_norm(buf.detach(), 2.0, dtype=torch.float32) ** 2)
+        except Exception:  # measuring must never stop the all-reduce
+            pass
+        return allreduce_hook(process_group, bucket)
+
+    try:
+        model.register_comm_hook(None, hook)
+    except RuntimeError:  # the user registered one already: theirs stays
+        return False
+    return True

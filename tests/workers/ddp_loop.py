@@ -1,0 +1,88 @@
+"""A plain DDP training loop (not the reference trainer) for tests under torchrun with gloo.
+
+    torchrun --standalone --nproc-per-node 2 tests/workers/ddp_loop.py OUT_DIR [--with-monitor] [--fault ...]
+
+Each rank writes OUT_DIR/rank<N>.json: its final parameter hash and, when monitored, its alerts.
+Faults (rank 1 only): desync:STEP adds 1e-3 to one weight after the optimizer step; straggler sleeps
+before every forward; hang:STEP blocks before the backward of that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import VOCAB, TinyLM  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--with-monitor", action="store_true")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--fault", default="")
+    ap.add_argument("--config", default="{}")
+    a = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"pid{rank}").write_text(str(os.getpid()))  # so a test can stop a hung rank for sure
+    torch.manual_seed(0)
+    model = DDP(TinyLM())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    mon = None
+    if a.with_monitor:
+        import monitor
+
+        cfg = {"metrics": {"port": 0}, "console": {"enabled": False}, **json.loads(a.config)}
+        mon = monitor.attach(model, opt, scheduler=sched, run_dir=a.out / "run", config=cfg, max_steps=a.steps)
+    fault, _, arg = a.fault.partition(":")
+    g = torch.Generator().manual_seed(1000 + rank)
+    for step in range(a.steps):
+        for micro in range(a.accum):
+            x = torch.randint(0, VOCAB, (4, 8), generator=g)
+            y = torch.roll(x, -1, dims=1)
+            if fault == "straggler" and rank == 1:
+                time.sleep(0.03)  # a slow input pipeline on one rank
+            ctx = model.no_sync() if micro < a.accum - 1 else torch.enable_grad()
+            with ctx:
+                _, loss = model(x, y)  # the loss comes out of the model, as in nanoGPT
+                if fault == "hang" and rank == 1 and step == int(arg) and micro == a.accum - 1:
+                    threading.Event().wait()  # blocks forever before the backward: rank 0 waits in the all-reduce
+                (loss / a.accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if fault == "desync" and rank == 1 and step >= int(arg):
+            with torch.no_grad():
+                model.module.head.weight[0, 0] += 1e-3  # a weight mutated on one rank only
+    alerts = []
+    if mon is not None:
+        mon.flush()
+        time.sleep(0.5)  # let rank 0's publisher see the last exchange
+        mon.flush()
+        alerts = [al.model_dump(mode="json") for al in mon.alerts]
+        mon.close()
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.module.parameters())).hexdigest()
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"rank{rank}.json").write_text(json.dumps({"hash": digest, "alerts": alerts, "world": world}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
