@@ -117,3 +117,27 @@ def test_a_hang_raises_run_stalled_on_every_rank_with_a_stack_dump(tmp_path):
         assert "Current thread" in stacks or "Thread" in stacks
     rank0 = next(a for a in stalled if a.rank == 0)
     assert "backward" in Path(rank0.evidence["stacks"]).read_text()  # rank 0 waits in the all-reduce
+
+
+def test_per_rank_metrics_through_the_daemon(healthy):
+    """The daemon reads both ranks of the DDP run and serves their series, labelled by rank."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from monitor.config import MonitorConfig
+    from monitor.watch.daemon import Watcher
+
+    run_root, _, _ = healthy
+    watcher = Watcher([run_root / "run"], MonitorConfig(), state_dir=None)
+    watcher.scan()
+    while watcher.poll():
+        pass
+    from prometheus_client import generate_latest
+
+    samples = {(s.name, s.labels.get("rank")): s.value
+               for fam in text_string_to_metric_families(generate_latest(watcher.registry).decode()) for s in fam.samples
+               if s.labels.get("run") == "run"}
+    for rank in ("0", "1"):
+        assert samples[("trainmon_optimizer_steps_total", rank)] == 40
+        assert samples[("trainmon_local_grad_norm", rank)] > 0 and ("trainmon_busy_seconds", rank) in samples
+        assert ("trainmon_loss", rank) in samples
+    assert ("trainmon_grad_norm", "0") in samples and ("trainmon_grad_norm", "1") not in samples

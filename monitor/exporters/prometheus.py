@@ -52,6 +52,12 @@ class MetricFamilies:
         self.alerts_total = Counter("trainmon_alerts", "Alerts raised.", (*lab, "rule", "severity"), registry=r)
         self.alert_active = Gauge("trainmon_alert_active", "1 while an alert of this rule and severity is firing.",
                                   (*lab, "rule", "severity"), registry=r)
+        self.local_grad_norm = Gauge("trainmon_local_grad_norm", "This rank's gradient norm before the DDP all-reduce.",
+                                     lab, registry=r)
+        self.busy = Gauge("trainmon_busy_seconds", "Seconds of the last step spent outside collectives (data loading "
+                          "and forwards): a straggler's is higher.", lab, registry=r)
+        self.memory = Gauge("trainmon_memory_allocated_bytes", "Peak device memory allocated by this rank so far.",
+                            lab, registry=r)
         self.dropped = Counter("trainmon_dropped_records", "Step records dropped because the publisher queue was full.", lab, registry=r)
         self.errors = Counter("trainmon_internal_errors", "Errors caught inside the monitor (never raised into training).",
                               lab, registry=r)
@@ -78,10 +84,11 @@ class TrainMetrics:
         self.families = f
         (self.loss, self.lr, self.grad_norm, self.grad_norm_clipped, self.clip_coef, self.loss_scale, self.steps,
          self.skipped, self.step_duration, self.tokens, self.attn_entropy, self.attn_max_logit, self.last_step,
-         self.alerts_total, self.alert_active, self.dropped, self.errors) = (
+         self.alerts_total, self.alert_active, self.dropped, self.errors, self.local_grad_norm, self.busy,
+         self.memory) = (
             f.loss, f.lr, f.grad_norm, f.grad_norm_clipped, f.clip_coef, f.loss_scale, f.steps, f.skipped,
             f.step_duration, f.tokens, f.attn_entropy, f.attn_max_logit, f.last_step, f.alerts_total,
-            f.alert_active, f.dropped, f.errors)
+            f.alert_active, f.dropped, f.errors, f.local_grad_norm, f.busy, f.memory)
         # Children that exist from the first scrape, so rate() and alert rules see a 0, not an absence.
         self._steps = self.steps.labels(run, self.rank)
         self._skipped = self.skipped.labels(run, self.rank)
@@ -120,7 +127,10 @@ class TrainMetrics:
         if tokens:
             self._tokens.inc(tokens)
         last = recs[-1]
-        self._g(self.loss, next((r.loss for r in reversed(recs) if r.loss is not None), None))
+        # Per-rank gauges: the latest value each has in the batch.
+        for gauge, field in ((self.loss, "loss"), (self.local_grad_norm, "local_grad_norm"), (self.busy, "busy_time"),
+                             (self.memory, "memory")):
+            self._g(gauge, next((getattr(r, field) for r in reversed(recs) if getattr(r, field) is not None), None))
         self._g(self.last_step, last.time)
         if not self.global_stats:
             return
