@@ -187,43 +187,46 @@ def train(
     no_monitor: Annotated[bool, typer.Option("--no-monitor", help="Train without the monitor.")] = False,
     progress: Annotated[bool, typer.Option(help="Progress bar (terminal) or log lines.")] = True,
     list_faults: Annotated[bool, typer.Option("--list-faults", help="Explain every fault flag and exit.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="DDP ranks on this machine: N > 1 runs torchrun "
+                                                             "with N ranks sharing one run dir; 1: no torchrun.")] = 1,
+    ddp_backend: Annotated[str | None, typer.Option(help="gloo or nccl (default: nccl on CUDA, gloo on CPU; gloo "
+                                                         "lets ranks share one GPU).")] = None,
+    resolved_config: Annotated[str | None, typer.Option(hidden=True, help="A TrainConfig as JSON (what --nproc "
+                                                                          "passes to each rank).")] = None,
 ) -> None:
-    """Train the reference GPT (monitored), optionally with planted faults."""
-    from monitor.cli.train import build_config, parse_sets, run_training, where_to_look
-    from monitor.cli.train import list_faults as faults_text
+    """Train the reference GPT (monitored), optionally with planted faults, in one process or DDP (--nproc)."""
+    from monitor.cli import train as cli
 
     if list_faults:
-        typer.echo(faults_text())
+        typer.echo(cli.list_faults())
         return
     try:
-        overrides = {
-            "max_steps": steps, "precision": precision, "device": device, "data": data, "grad_accum": grad_accum,
-            "lr": lr, "warmup_steps": warmup, "schedule": schedule, "seed": seed,
-            "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None, "faults": fault or None,
-        }
-        if post_ln:
-            overrides["post_ln"] = True
-        if resume:
-            overrides["resume"] = True
-        overrides.update(parse_sets(set_ or []))
-        cfg = build_config(preset, overrides)
+        if resolved_config is not None:
+            cfg = cli.config_from_json(resolved_config)
+        else:
+            overrides = {
+                "max_steps": steps, "precision": precision, "device": device, "data": data,
+                "grad_accum": grad_accum, "lr": lr, "warmup_steps": warmup, "schedule": schedule, "seed": seed,
+                "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None, "faults": fault or None,
+                "ddp_backend": ddp_backend,
+            }
+            if post_ln:
+                overrides["post_ln"] = True
+            if resume:
+                overrides["resume"] = True
+            overrides.update(cli.parse_sets(set_ or []))
+            cfg = cli.build_config(preset, overrides)
+        cli.check_launch(cfg, nproc)
     except ValueError as e:
         raise _fail(str(e)) from None
     mon_cfg = _config(config) if config else None
-    if no_monitor:
-        from monitor.trainer import train as train_fn
-
-        train_fn(cfg, attach_monitor=False, progress=progress)
-        return
-    result, url, halted, mon = run_training(cfg, run_dir=run_dir, monitor_config=mon_cfg, progress=progress)
-    mon_dir = mon.run_dir if mon else run_dir
-    n_alerts = len(mon.alerts) if mon else 0
-    if halted:
-        typer.echo(halted, err=True)
-    if mon_dir is not None:
-        typer.echo(where_to_look(Path(mon_dir), url, n_alerts))
-    if halted:
-        raise typer.Exit(EXIT_FINDINGS)
+    if nproc > 1:
+        code = cli.launch_ranks(cfg, nproc=nproc, run_dir=run_dir, config_path=config, no_monitor=no_monitor,
+                                progress=progress)
+    else:
+        code = cli.execute(cfg, run_dir=run_dir, monitor_config=mon_cfg, no_monitor=no_monitor, progress=progress)
+    if code:
+        raise typer.Exit(code)
 
 
 DEMO_FAULTS = ["no-warmup", "nan-at:150"]

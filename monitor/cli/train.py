@@ -1,7 +1,13 @@
-"""`monitor train` and `monitor demo`: the reference trainer from the command line."""
+"""`monitor train` and `monitor demo`: the reference trainer from the command line.
+
+`monitor train --nproc N` (N > 1) does not train itself: it validates the config, picks the run
+directory, and runs torchrun with N copies of `monitor train --resolved-config JSON --run-dir DIR`,
+so that every rank trains exactly the parent's config into one shared run directory.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,86 @@ def build_config(preset: str, overrides: dict[str, Any]):
     except ValidationError as e:
         lines = [f"  {'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg']}" for err in e.errors()]
         raise ValueError("invalid training config:\n" + "\n".join(lines)) from None
+
+
+def config_from_json(text: str):
+    """The TrainConfig a launching parent resolved (--resolved-config), validated again."""
+    from monitor.trainer import TrainConfig
+
+    try:
+        return TrainConfig.model_validate_json(text)
+    except ValidationError as e:
+        raise ValueError(f"invalid --resolved-config: {e}") from None
+
+
+def check_launch(cfg, nproc: int) -> None:
+    """ValueError, before anything starts, for what would fail (or hang) only once the ranks run."""
+    from monitor.trainer.faults import check_world, parse_faults
+    from monitor.trainer.launch import env_world_size, under_torchrun
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1 and under_torchrun():
+        raise ValueError("--nproc launches torchrun; this process already is a torchrun rank (drop --nproc)")
+    world = nproc if nproc > 1 else env_world_size()
+    check_world(parse_faults(cfg.faults), world)
+    if cfg.ddp_backend == "nccl" and not cfg.device.startswith("cuda"):
+        raise ValueError("--ddp-backend nccl needs --device cuda; gloo runs on CPU")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
+        gpus = torch.cuda.device_count()
+        if nproc > 1 and cfg.ddp_backend != "gloo" and (":" in cfg.device or nproc > gpus):
+            raise ValueError(f"nccl needs one GPU per rank: {nproc} ranks on "
+                             f"{'one chosen GPU' if ':' in cfg.device else f'{gpus} GPU(s)'}; "
+                             "add --ddp-backend gloo to share GPUs between ranks")
+
+
+def launch_ranks(cfg, *, nproc: int, run_dir: Path | None, config_path: Path | None, no_monitor: bool,
+                 progress: bool) -> int:
+    """Run `nproc` ranks of this training under torchrun, all in one run directory; their exit code."""
+    from monitor.runlog.rundir import default_run_dir
+    from monitor.trainer.launch import run_torchrun, torchrun_command, torchrun_env
+
+    args = ["-m", "monitor.cli.app", "train", "--resolved-config", cfg.model_dump_json()]
+    extra: dict[str, str] = {}
+    where = ""
+    if no_monitor:
+        args.append("--no-monitor")
+    else:
+        # One name for every rank, chosen here: ranks starting a second apart would pick different ones.
+        shared = Path(run_dir) if run_dir is not None else default_run_dir()
+        args += ["--run-dir", str(shared)]
+        extra["MONITOR_RUN_DIR"] = str(shared)
+        if config_path is not None:
+            args += ["--config", str(config_path)]
+        where = f"; run dir {shared}"
+    if not progress:
+        args.append("--no-progress")
+    typer.echo(f"trainmon: launching {nproc} ranks with torchrun{where}", err=True)
+    return run_torchrun(torchrun_command(nproc, args), torchrun_env(nproc, extra))
+
+
+def execute(cfg, *, run_dir: Path | None, monitor_config: Any, no_monitor: bool, progress: bool) -> int:
+    """Train in this process (one rank under torchrun); print where to look (rank 0); the exit code."""
+    from monitor.trainer.launch import under_torchrun
+
+    rank = int(os.environ.get("RANK", "0") or 0) if under_torchrun() else 0
+    if no_monitor:
+        from monitor.trainer import train as train_fn
+
+        train_fn(cfg, attach_monitor=False, progress=progress)
+        return 0
+    _, url, halted, mon = run_training(cfg, run_dir=run_dir, monitor_config=monitor_config, progress=progress,
+                                       announce=rank == 0)
+    if halted:
+        typer.echo(f"rank {rank}: {halted}" if under_torchrun() else halted, err=True)
+    mon_dir = mon.run_dir if mon else run_dir
+    if mon_dir is not None and rank == 0:
+        typer.echo(where_to_look(Path(mon_dir), url, len(mon.alerts) if mon else 0))
+    return 1 if halted else 0
 
 
 def list_faults() -> str:

@@ -17,6 +17,7 @@ from monitor.trainer.faults import parse_faults
 
 Schedule = Literal["cosine", "linear", "polynomial", "inverse_sqrt", "constant_cooldown", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
+DdpBackend = Literal["gloo", "nccl"]
 
 
 def healthy_warmup(max_steps: int, beta2: float) -> int:
@@ -110,6 +111,19 @@ class TrainConfig(BaseModel):
     )
     device: str = Field("cpu", description="Torch device, e.g. 'cpu', 'cuda', 'cuda:1'.")
     seed: int = Field(1337, description="Seeds model init, data and dropout; same seed, same bits.")
+
+    # --- DDP (used when launched under torchrun, e.g. `monitor train --nproc 2`) --------------------
+    ddp_backend: DdpBackend | None = Field(
+        None,
+        description="torch.distributed backend under torchrun. Default: nccl on CUDA, gloo on CPU; gloo also "
+        "lets several ranks share one GPU.",
+    )
+    ddp_timeout_s: float = Field(
+        600.0,
+        gt=0.0,
+        description="Process-group timeout in seconds (init and collectives): how long ranks wait for a hung "
+        "or crashed rank before failing.",
+    )
 
     # --- checkpoints -----------------------------------------------------------------------------
     checkpoint_dir: str | None = Field(None, description="Directory for checkpoints; None disables them.")

@@ -70,6 +70,17 @@ SCENARIOS: list[Scenario] = [
              {"faults": ["attention-sharpen:50"]},
              {"attention.entropy_collapse": 30, "attention.logit_growth": 30}, fault_step=50,
              pending="needs the attention probe (issue 6) to put attention statistics in the records"),
+    # DDP faults need torchrun (`monitor train --nproc 2`); run_scenario trains in this process.
+    Scenario("ddp-desync", "2 ranks; from step 30 the last rank nudges one weight after every update",
+             {"faults": ["ddp-desync:30"]}, {"ddp.desync": 5}, fault_step=30,
+             pending="needs DDP (2 ranks under torchrun); this matrix trains in one process"),
+    Scenario("straggler", "2 ranks; rank 1 sleeps 80 ms before every micro-batch",
+             {"faults": ["straggler:1"]}, {"ddp.straggler": 30},
+             pending="needs DDP (2 ranks under torchrun); this matrix trains in one process"),
+    Scenario("hang", "the last rank blocks forever before its backward at step 30",
+             {"faults": ["hang:30"]}, {"run.stalled": 0}, fault_step=30,
+             pending="blocks forever, so it cannot run in this process; the stall is caught by a watchdog "
+                     "after its timeout"),
 ]
 
 BY_NAME = {s.name: s for s in SCENARIOS}

@@ -2,14 +2,20 @@
 
 A flag is `name` or `name:ARG`. A fault acts in up to two ways: `configure` edits the effective
 config before anything is built (no-warmup, lr-too-high), and a `FaultRuntime` installs hooks and
-acts at optimizer-step boundaries (`before_step(run, step)`, steps 0-based). Adding a fault is one
-entry in FAULTS. The `run` the runtime sees is the loop's `_Run` (model, optimizer, scaler,
-scheduler, checkpoint helpers); this module imports nothing from the loop or the config.
+acts at optimizer-step boundaries (`before_step(run, step)`, steps 0-based) or around each
+micro-batch (`before_micro`, `before_backward`). Adding a fault is one entry in FAULTS. The `run`
+the runtime sees is the loop's `_Run` (model, optimizer, scaler, scheduler, checkpoint helpers,
+`rank` and `world_size`); this module imports nothing from the loop or the config.
+
+DDP faults (ddp-desync, straggler) act on one rank of a torchrun launch and need world size > 1;
+`check_world` says so before anything is built. `hang` also works in a single process.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +38,12 @@ class FaultRuntime:
     def before_step(self, run: Any, step: int) -> None:
         """Called at the start of every optimizer step (before its first micro-batch)."""
 
+    def before_micro(self, run: Any, step: int, micro: int) -> None:
+        """Called before each micro-batch is fetched (where a data loader would block)."""
+
+    def before_backward(self, run: Any, step: int, micro: int) -> None:
+        """Called after each micro-batch's forward, before its backward."""
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
@@ -48,6 +60,8 @@ class FaultSpec:
     required: bool = False  # ARG must be given
     configure: Callable[[dict[str, Any], Any], None] | None = None  # edits the config dict in place
     runtime: type[FaultRuntime] | None = None
+    needs_ddp: bool = False  # only meaningful with world size > 1 (torchrun, `monitor train --nproc N`)
+    rank_arg: bool = False  # ARG is a rank, so it must be below the world size
 
     @property
     def usage(self) -> str:
@@ -129,6 +143,53 @@ class _ResumeWithoutScheduler(FaultRuntime):
         path = run.save_checkpoint(step)
         run.load_checkpoint(path, load_scheduler=False)
         run.scheduler = run.new_scheduler()
+
+
+class _DdpDesync(FaultRuntime):
+    """On the last rank, from step STEP, adds `delta` to one weight after every optimizer update."""
+
+    delta = 1e-3
+
+    def install(self, run: Any) -> None:
+        self.active = False
+        if run.rank != run.world_size - 1:
+            return
+        # Installed before the monitor attaches, so this runs before the monitor's own post-step hook.
+        self.target = run.model.blocks[-1].mlp.c_proj.weight
+        self.handles.append(run.optimizer.register_step_post_hook(self._post_step))
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.active:
+            with torch.no_grad():
+                self.target.add_(self.delta)
+
+    def before_step(self, run: Any, step: int) -> None:
+        self.active = step >= self.value
+
+
+class _Straggler(FaultRuntime):
+    """Rank RANK sleeps before fetching each micro-batch: a slow input pipeline."""
+
+    delay_s = 0.08
+
+    def install(self, run: Any) -> None:
+        self.on = run.rank == self.value
+
+    def before_micro(self, run: Any, step: int, micro: int) -> None:
+        if self.on:
+            time.sleep(self.delay_s)
+
+
+class _Hang(FaultRuntime):
+    """The last rank blocks forever before its backward at step STEP."""
+
+    def install(self, run: Any) -> None:
+        self.on = run.rank == run.world_size - 1
+        self.never = threading.Event()  # nothing sets it; Ctrl-C (SIGINT) or a kill ends the wait
+
+    def before_backward(self, run: Any, step: int, micro: int) -> None:
+        if self.on and step == self.value and micro == 0:
+            self.never.wait()
 
 
 # --- config edits ----------------------------------------------------------------------------------
@@ -231,6 +292,44 @@ FAULTS: dict[str, FaultSpec] = {
             arg="STEP",
             runtime=_ResumeWithoutScheduler,
         ),
+        FaultSpec(
+            "ddp-desync",
+            "DDP only (world size > 1). From optimizer step STEP (default 50) the last rank adds 1e-3 "
+            "to every element of one weight (the last block's MLP output projection) right after each "
+            "of its optimizer updates, a silent corruption no all-reduce repairs: gradients stay "
+            "averaged, so training continues and looks healthy, but that rank's parameters drift "
+            "further from the other ranks' every step (1e-3 x steps since STEP). ddp.desync from "
+            "STEP (parameter fingerprints differ across ranks).",
+            arg="STEP",
+            default=50,
+            runtime=_DdpDesync,
+            needs_ddp=True,
+        ),
+        FaultSpec(
+            "straggler",
+            "DDP only (world size > 1). Rank RANK (default 1) sleeps 80 ms before fetching every "
+            "micro-batch, from the first step on, as a slow input pipeline would: several times a "
+            "tiny or small step. The other ranks wait for it in the gradient all-reduce, so every "
+            "rank's step slows down alike; only the straggler's time before its forward (data wait) "
+            "stands out. ddp.straggler within its window.",
+            arg="RANK",
+            default=1,
+            runtime=_Straggler,
+            needs_ddp=True,
+            rank_arg=True,
+        ),
+        FaultSpec(
+            "hang",
+            "At optimizer step STEP (default 50) the last rank blocks forever before its backward "
+            "(a wait on an event nothing sets), as a deadlocked data loader or collective does; under "
+            "DDP the other ranks then wait in the gradient all-reduce until the process group's "
+            "timeout (ddp_timeout_s). Also works in a single process, where the only rank blocks. "
+            "Steps 0..STEP-1 complete; no record for STEP ever arrives. run.stalled after its "
+            "timeout. Stop it with Ctrl-C.",
+            arg="STEP",
+            default=50,
+            runtime=_Hang,
+        ),
     ]
 }
 
@@ -270,6 +369,20 @@ def parse_faults(flags: list[str]) -> list[Fault]:
     if dup:
         raise ValueError(f"fault(s) given more than once: {', '.join(dup)}")
     return faults
+
+
+def check_world(faults: list[Fault], world_size: int) -> None:
+    """ValueError when a fault cannot act in a run of `world_size` ranks (DDP faults in one process)."""
+    for f in faults:
+        if f.spec.needs_ddp and world_size < 2:
+            raise ValueError(
+                f"fault {f.flag!r} needs DDP (world size > 1) but this run has a single process: launch it "
+                f"with `monitor train --nproc 2 --fault {f.flag} ...` or under torchrun"
+            )
+        if f.spec.rank_arg and f.value >= world_size:
+            raise ValueError(
+                f"fault {f.flag!r}: {f.spec.arg} {f.value} is not a rank of this run (ranks 0..{world_size - 1})"
+            )
 
 
 def apply_config(cfg_dict: dict[str, Any], faults: list[Fault]) -> dict[str, Any]:

@@ -3,6 +3,11 @@
 The loop itself never syncs with the device except for its progress line every `log_every` steps:
 per-step losses and gradient norms are written into preallocated device tensors and read back once
 at the end.
+
+Under torchrun the same loop runs DDP: every rank builds the same model, wraps it in
+DistributedDataParallel, takes its own share of the batches (`launch.batch_index`), skips the
+gradient all-reduce with `no_sync()` on all but the last micro-batch of a step, and attaches the
+monitor with the same call. Rank 0 prints progress and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import torch
 
 from monitor.trainer.config import TrainConfig
 from monitor.trainer.data import build_data
-from monitor.trainer.faults import FaultRuntime, apply_config, parse_faults
+from monitor.trainer.faults import Fault, FaultRuntime, apply_config, check_world, parse_faults
+from monitor.trainer.launch import DistContext, batch_index, env_world_size
 from monitor.trainer.model import GPT, GPTConfig
 from monitor.trainer.schedules import ScheduleSpec, build_scheduler
 
@@ -56,6 +62,8 @@ class TrainResult:
     run_dir: Path | None = None  # the monitor's run directory when attached
     alerts: list[Any] = field(default_factory=list)  # monitor alerts raised in this process
     stopped_early: bool = False  # on_step asked to stop
+    rank: int = 0  # this process's rank under DDP (losses above are this rank's own)
+    world_size: int = 1
 
     @property
     def first_loss(self) -> float:
@@ -93,9 +101,11 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 class _Run:
     """Everything a step needs, plus the checkpoint helpers the faults use."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, device: torch.device, dist: DistContext | None = None) -> None:
         self.cfg = cfg
         self.device = device
+        self.dist = dist or DistContext(device=device)
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.data = build_data(cfg, device)
         gcfg = GPTConfig(
             vocab_size=self.data.vocab_size,
@@ -128,23 +138,36 @@ class _Run:
         return Path(self._tmp.name)
 
     def save_checkpoint(self, step: int) -> Path:
-        """Save the state after `step` completed optimizer steps; written atomically."""
+        """Save the state after `step` completed optimizer steps; written atomically.
+
+        Under DDP every rank must call it (it gathers each rank's RNG state); rank 0 writes the
+        file, as the state is identical on every rank, and the others wait at a barrier so that
+        nobody reads it early. A private temporary directory (a fault needs a checkpoint, none is
+        configured) is per rank: each rank writes its own.
+        """
+        rng = torch.get_rng_state()  # dropout; data has its own per-batch generators
+        rng_cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        by_rank = self.dist.gather_objects((rng, rng_cuda)) if self.world_size > 1 else None
         d = self.checkpoint_dir
-        d.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),  # dropout; data has its own per-batch generators
-            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-            "config": self.cfg.model_dump(mode="json"),
-        }
         path = d / f"ckpt_{step:07d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        if self.rank == 0 or self._tmp is not None:
+            d.mkdir(parents=True, exist_ok=True)
+            state = {
+                "step": step,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng_cpu": rng,
+                "rng_cuda": rng_cuda,
+                "config": self.cfg.model_dump(mode="json"),
+            }
+            if by_rank is not None:
+                state["rng_ranks"] = [{"cpu": c, "cuda": g} for c, g in by_rank]
+            tmp = path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(path)
+        self.dist.barrier()
         return path
 
     def load_checkpoint(self, path: Path, *, load_scheduler: bool = True) -> int:
@@ -157,9 +180,13 @@ class _Run:
         self.scaler.load_state_dict(state["scaler"])
         if load_scheduler:
             self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if state["rng_cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        rng_cpu, rng_cuda = state["rng_cpu"], state["rng_cuda"]
+        ranks = state.get("rng_ranks") or []
+        if len(ranks) == self.world_size and self.world_size > 1:  # the same DDP layout: this rank's own
+            rng_cpu, rng_cuda = ranks[self.rank]["cpu"], ranks[self.rank]["cuda"]
+        torch.set_rng_state(rng_cpu.cpu())
+        if rng_cuda and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng_cuda])
         return int(state["step"])
 
     def cleanup(self) -> None:
@@ -221,8 +248,8 @@ class _Progress:
             self.bar.stop()
 
 
-def _progress_mode(progress: bool | None) -> str:
-    if progress is False:
+def _progress_mode(progress: bool | None, rank: int = 0) -> str:
+    if progress is False or rank != 0:  # under DDP only rank 0 reports
         return "quiet"
     return "rich" if sys.stdout.isatty() else "plain"
 
@@ -243,16 +270,39 @@ def train(
     checkpoint is written when checkpoint_dir is set). `on_attach(mon)` receives the Monitor right
     after attach (the CLI prints its endpoint). Same config and seed give bitwise the same
     parameters, monitored or not.
+
+    Under torchrun (RANK and WORLD_SIZE set) it joins the process group and trains DDP; every rank
+    calls it with the same config and the same `run_dir`, and `on_step` must then decide the same
+    way on every rank (a rank that stops alone leaves the others waiting in the all-reduce).
     """
     t_start = time.perf_counter()
     faults = parse_faults(cfg.faults)
     cfg = TrainConfig.model_validate(apply_config(cfg.model_dump(), faults))
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {cfg.device!r} requested but CUDA is not available")
+    check_world(faults, env_world_size())  # before the process group: a clear error, not a hang
+    dist = DistContext.init(cfg.device, cfg.ddp_backend, cfg.ddp_timeout_s)
+    try:
+        return _train(cfg, faults, dist, t_start, run_dir=run_dir, monitor_config=monitor_config,
+                      attach_monitor=attach_monitor, progress=progress, on_step=on_step, on_attach=on_attach)
+    finally:
+        dist.close()
 
-    torch.manual_seed(cfg.seed)  # dropout's stream; init and data use their own generators
-    run = _Run(cfg, device)
+
+def _train(
+    cfg: TrainConfig,
+    faults: list[Fault],
+    dist: DistContext,
+    t_start: float,
+    *,
+    run_dir: str | Path | None,
+    monitor_config: Any,
+    attach_monitor: bool,
+    progress: bool | None,
+    on_step: Callable[[StepInfo], bool | None] | None,
+    on_attach: Callable[[Any], None] | None,
+) -> TrainResult:
+    device = dist.device
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout's stream; init and data use their own generators
+    run = _Run(cfg, device, dist)
     start, note = 0, None
     if cfg.resume:
         ckpt = latest_checkpoint(cfg.checkpoint_dir)
@@ -261,12 +311,13 @@ def train(
         else:
             start = run.load_checkpoint(ckpt)
             note = f"resumed from {ckpt} at step {start}"
-    report = _Progress(_progress_mode(progress), cfg, start)
+    report = _Progress(_progress_mode(progress, dist.rank), cfg, start)
     if note:
         report.message(note)
     report.message(
         f"GPT {run.model.num_params() / 1e6:.2f}M params | data {cfg.data} (vocab {run.data.vocab_size}) | "
         f"{cfg.precision} on {device} | {cfg.max_steps} steps x {cfg.grad_accum} x {cfg.batch_size}x{cfg.block_size}"
+        + (f" | DDP {dist.world_size} ranks ({dist.backend})" if dist.distributed else "")
         + (f" | faults: {', '.join(cfg.faults)}" if cfg.faults else "")
     )
 
@@ -275,6 +326,13 @@ def train(
         rt.install(run)
 
     model, optimizer, scaler = run.model, run.optimizer, run.scaler
+    ddp: torch.nn.parallel.DistributedDataParallel | None = None
+    if dist.distributed:
+        # Broadcasts rank 0's parameters and buffers; all-reduces (averages) gradients in backward.
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    fwd = ddp if ddp is not None else model
     autocast = (
         contextlib.nullcontext()
         if cfg.precision == "fp32"
@@ -295,7 +353,7 @@ def train(
 
             scheduler = run.scheduler
             mon = monitor.attach(
-                model,
+                fwd,
                 optimizer,
                 scaler=scaler,
                 scheduler=scheduler,
@@ -306,19 +364,26 @@ def train(
             if on_attach is not None:
                 on_attach(mon)
         model.train()
+        last_micro = cfg.grad_accum - 1
         for step in range(start, cfg.max_steps):
             i = step - start
             for rt in runtimes:
                 rt.before_step(run, step)
             lr = optimizer.param_groups[0]["lr"]
             for micro in range(cfg.grad_accum):
-                x, y = run.data.batch(step * cfg.grad_accum + micro)
-                with autocast:
-                    _, loss = model(x, y)
-                    # Scaled so the accumulated gradient is the mean over micro-batches.
-                    loss = loss / cfg.grad_accum
-                losses[i].add_(loss.detach())
-                scaler.scale(loss).backward()
+                for rt in runtimes:
+                    rt.before_micro(run, step, micro)
+                x, y = run.data.batch(batch_index(step, micro, cfg.grad_accum, dist.rank, dist.world_size))
+                # DDP all-reduces gradients only on the last micro-batch; the others accumulate locally.
+                with ddp.no_sync() if ddp is not None and micro < last_micro else contextlib.nullcontext():
+                    with autocast:
+                        _, loss = fwd(x, y)
+                        # Scaled so the accumulated gradient is the mean over micro-batches.
+                        loss = loss / cfg.grad_accum
+                    losses[i].add_(loss.detach())
+                    for rt in runtimes:
+                        rt.before_backward(run, step, micro)
+                    scaler.scale(loss).backward()
                 if run.scheduler_per_microbatch:
                     run.scheduler.step()  # the bug the fault reproduces
             if clip:
@@ -343,6 +408,7 @@ def train(
             report.message(
                 f"done: {done} steps in {time.perf_counter() - t_start:.1f} s, "
                 f"loss {losses[0].item():.4f} -> {losses[done - 1].item():.4f}"
+                + (" (rank 0)" if dist.distributed else "")
             )
     finally:
         report.close()
@@ -367,6 +433,8 @@ def train(
         run_dir=Path(mon.run_dir) if mon is not None and getattr(mon, "run_dir", None) else None,
         alerts=list(getattr(mon, "alerts", [])) if mon is not None else [],
         stopped_early=stopped,
+        rank=dist.rank,
+        world_size=dist.world_size,
     )
 
 
