@@ -27,6 +27,8 @@ class Scenario:
     expect: dict[str, int] = field(default_factory=dict)  # rule id -> max latency (steps after fault_step)
     fault_step: int = 0
     pending: str | None = None  # why the scenario cannot be judged yet
+    nproc: int = 1  # > 1: ranks under torchrun (`monitor train --nproc`), in subprocesses
+    stop_when_alerted: bool = False  # a run that never ends by itself (a hang): stop it once the rules fired
 
     @property
     def healthy(self) -> bool:
@@ -70,17 +72,15 @@ SCENARIOS: list[Scenario] = [
              {"faults": ["attention-sharpen:50"]},
              {"attention.entropy_collapse": 30, "attention.logit_growth": 30}, fault_step=50,
              pending="needs the attention probe (issue 6) to put attention statistics in the records"),
-    # DDP faults need torchrun (`monitor train --nproc 2`); run_scenario trains in this process.
+    # DDP faults: 2 ranks under torchrun (`monitor train --nproc 2`), each scenario in subprocesses.
+    Scenario("ddp-healthy", "2 ranks, healthy", {"max_steps": 60}, nproc=2),
     Scenario("ddp-desync", "2 ranks; from step 30 the last rank nudges one weight after every update",
-             {"faults": ["ddp-desync:30"]}, {"ddp.desync": 5}, fault_step=30,
-             pending="needs DDP (2 ranks under torchrun); this matrix trains in one process"),
+             {"faults": ["ddp-desync:30"], "max_steps": 60}, {"ddp.desync": 15}, fault_step=30, nproc=2),
     Scenario("straggler", "2 ranks; rank 1 sleeps 80 ms before every micro-batch",
-             {"faults": ["straggler:1"]}, {"ddp.straggler": 30},
-             pending="needs DDP (2 ranks under torchrun); this matrix trains in one process"),
-    Scenario("hang", "the last rank blocks forever before its backward at step 30",
-             {"faults": ["hang:30"]}, {"run.stalled": 0}, fault_step=30,
-             pending="blocks forever, so it cannot run in this process; the stall is caught by a watchdog "
-                     "after its timeout"),
+             {"faults": ["straggler:1"], "max_steps": 60}, {"ddp.straggler": 40}, nproc=2),
+    Scenario("hang", "2 ranks; the last rank blocks forever before its backward at step 30 (stall limit 3 s)",
+             {"faults": ["hang:30"], "max_steps": 60}, {"run.stalled": 0}, fault_step=30, nproc=2,
+             stop_when_alerted=True),
 ]
 
 BY_NAME = {s.name: s for s in SCENARIOS}
@@ -113,10 +113,16 @@ def run_scenario(s: Scenario, seed: int | None = None, run_dir: Path | None = No
     if seed is not None:
         overrides["seed"] = seed
     cfg = TrainConfig.from_preset("tiny", **overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        res = train(cfg, run_dir=run_dir or Path(tmp) / s.name, monitor_config=monitor_config or QUIET,
-                    progress=False)
-    alerts = [a for a in res.alerts if a.status == "firing"]
+    if s.nproc > 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            alerts = _run_ranks(s, cfg, run_dir or Path(tmp) / s.name, monitor_config or QUIET)
+        skipped, norms = 0, []
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = train(cfg, run_dir=run_dir or Path(tmp) / s.name, monitor_config=monitor_config or QUIET,
+                        progress=False)
+        alerts = [a for a in res.alerts if a.status == "firing"]
+        skipped, norms = res.skipped_steps, res.grad_norms
     latency: dict[str, int | None] = {}
     for rule in s.expect:
         hits = [a for a in alerts if a.rule == rule]
@@ -126,4 +132,48 @@ def run_scenario(s: Scenario, seed: int | None = None, run_dir: Path | None = No
         # A fault may cause more than its own alerts (a NaN is also a divergence): only healthy
         # scenarios count unexpected warnings as false alarms.
         loud = []
-    return Outcome(s, cfg.seed, alerts, latency, loud, res.skipped_steps, res.grad_norms)
+    return Outcome(s, cfg.seed, alerts, latency, loud, skipped, norms)
+
+
+def _run_ranks(s: Scenario, cfg: TrainConfig, run_dir: Path, monitor_config: dict, timeout: float = 240.0) -> list:
+    """`monitor train --nproc N` in subprocesses; the alerts every rank wrote to the run's alerts.jsonl."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from monitor.runlog.reader import read_alerts
+
+    mon_cfg = dict(monitor_config)
+    if s.stop_when_alerted:  # a hang: a short stall limit, and a watchdog that looks often
+        mon_cfg = {**mon_cfg, "watchdog": {"interval_seconds": 0.5},
+                   "rules": {**mon_cfg.get("rules", {}), "run.stalled": {"floor_seconds": 3}}}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir.parent / f"{run_dir.name}.monitor.json"
+    cfg_file.write_text(json.dumps(mon_cfg))
+    cmd = [sys.executable, "-m", "monitor.cli.app", "train", "--nproc", str(s.nproc), "--no-progress",
+           "--run-dir", str(run_dir), "--config", str(cfg_file), "--resolved-config", cfg.model_dump_json()]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            if s.stop_when_alerted and run_dir.exists():
+                firing = {a.rule for a in read_alerts(run_dir) if a.status == "firing"}
+                if set(s.expect) <= firing:
+                    break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # torchrun stops its workers
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    if not s.stop_when_alerted and proc.returncode != 0:
+        raise RuntimeError(f"{s.name}: `monitor train --nproc {s.nproc}` exited {proc.returncode}:\n{out[-3000:]}")
+    return [a for a in read_alerts(run_dir) if a.status == "firing"] if run_dir.exists() else []
