@@ -141,3 +141,15 @@ def test_per_rank_metrics_through_the_daemon(healthy):
         assert samples[("trainmon_local_grad_norm", rank)] > 0 and ("trainmon_busy_seconds", rank) in samples
         assert ("trainmon_loss", rank) in samples
     assert ("trainmon_grad_norm", "0") in samples and ("trainmon_grad_norm", "1") not in samples
+
+
+def test_only_some_ranks_monitoring_never_blocks_the_run(tmp_path):
+    """Rank 1 does not attach: rank 0 neither waits for it nor compares with it beyond the exchange timeout."""
+    cfg = json.dumps({"ddp": {"exchange_every": 5, "exchange_timeout": 0.05}})
+    ranks = torchrun(tmp_path, "--steps", "30", "--with-monitor", "--monitor-ranks", "0", "--config", cfg)
+    assert ranks[0]["hash"] == ranks[1]["hash"]
+    assert rules(ranks[0]["alerts"], "ddp.") == [] and ranks[1]["alerts"] == []
+    data = read_run(tmp_path / "run")
+    assert list(data.records) == [0] and len(data.records[0]) == 30
+    compared = [r.ddp for r in data.records[0] if r.ddp]
+    assert compared and all(c["reported"] == [0] for c in compared)

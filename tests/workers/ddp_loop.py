@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--fault", default="")
     ap.add_argument("--config", default="{}")
+    ap.add_argument("--monitor-ranks", default="all", help="'all', or a comma-separated list of ranks that attach")
     a = ap.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -44,7 +45,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     mon = None
-    if a.with_monitor:
+    if a.with_monitor and (a.monitor_ranks == "all" or str(rank) in a.monitor_ranks.split(",")):
         import monitor
 
         cfg = {"metrics": {"port": 0}, "console": {"enabled": False}, **json.loads(a.config)}
