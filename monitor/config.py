@@ -125,6 +125,33 @@ class WatchdogConfig(_Section):
     dump_stacks: bool = Field(True, description="On a stall, write every thread's Python stack to the run directory.")
 
 
+class AttentionConfig(_Section):
+    """The attention probe: per-layer entropy and max logit on sampled steps (rank 0)."""
+
+    enabled: bool = Field(
+        True, description="Probe F.scaled_dot_product_attention and F.multi_head_attention_forward calls in the "
+        "model's forward on sampled steps. Off for torch.compile'd models: use mon.observe_attention there.",
+    )
+    every: int = Field(10, ge=1, description="Probe one optimizer step in this many (its first micro-batch).")
+    max_every: int = Field(1000, ge=1, description="The longest interval the cost control may stretch `every` to.")
+    budget: float = Field(
+        0.01, gt=0, le=1, description="Share of training time the probe may take (its measured cost / "
+        "(interval x step time)); above it the interval doubles, well below it the interval shrinks back to `every`.",
+    )
+    rows: int = Field(64, ge=1, description="Query rows recomputed per call (evenly spaced, all keys and heads).")
+    batch: int = Field(2, ge=1, description="Sequences of the batch recomputed per call.")
+    prometheus_layers: int = Field(
+        8, ge=0, description="Per-layer Prometheus series: the layers at highest risk (lowest entropy, largest "
+        "logit) up to this many; 0 exports every layer. TensorBoard and the rules always get all layers.",
+    )
+
+    @model_validator(mode="after")
+    def _interval_order(self) -> AttentionConfig:
+        if self.max_every < self.every:
+            raise ValueError(f"max_every ({self.max_every}) must be >= every ({self.every})")
+        return self
+
+
 class ConsoleConfig(_Section):
     enabled: bool = Field(True, description="Print each alert as one line on stderr.")
 
@@ -140,6 +167,7 @@ class MonitorConfig(_Section):
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     ddp: DdpConfig = Field(default_factory=DdpConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
     rules: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Per-rule options by rule id, e.g. {'loss.spike': {'z_critical': 9}, 'amp.overflow': {'enabled': False}}.",
@@ -187,9 +215,10 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        if not key and msg.startswith("Value error, "):
+        msg = msg.removeprefix("Value error, ")  # our validators' own messages
+        if not key:
             # Raised by a model validator whose message already names its keys.
-            lines.extend(f"  {line}" for line in msg[len("Value error, "):].splitlines())
+            lines.extend(f"  {line}" for line in msg.splitlines())
             continue
         lines.append(f"  {key or '(top level)'}: {msg}")
     return f"invalid trainmon config ({source}):\n" + "\n".join(lines)

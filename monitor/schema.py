@@ -187,3 +187,5 @@ class RunInfo(BaseModel):
     preflight: list[Alert] = Field(default_factory=list)
     endpoints: list[Endpoint] = Field(default_factory=list)
     source: str = "trainmon"
+    # The attention probe at attach (enabled, interval, why it is off) and, at close, its measured cost.
+    attention_probe: dict[str, Any] | None = None

@@ -59,6 +59,17 @@ def _check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, m
         raise ValueError("monitor.attach: `optimizer` has no parameters")
 
 
+def _probe_allowed(model: torch.nn.Module, cfg: MonitorConfig) -> tuple[bool, str | None]:
+    """Whether the attention probe may enter its TorchFunctionMode around this model's forward."""
+    if not cfg.attention.enabled:
+        return False, "attention.enabled is false"
+    compiled = torch._dynamo.eval_frame.OptimizedModule
+    if hasattr(model, "_orig_mod") or any(isinstance(m, compiled) for m in model.modules()):
+        # A mode around a compiled graph would make dynamo recompile; report with observe_attention.
+        return False, "compiled model: report attention with mon.observe_attention"
+    return True, None
+
+
 def _agree_on_run_dir(run_dir: str | os.PathLike[str] | None, dist: introspect.DistInfo, store: Any) -> Path:
     if run_dir is not None:
         return Path(run_dir)
@@ -152,7 +163,7 @@ class Monitor:
 
     def _start(self, cfg, model, optimizer, scaler, scheduler, loss_fn, params, names, start_step) -> None:
         registry = CollectorRegistry()
-        self.metrics = TrainMetrics(registry, self.run_id, self.rank)
+        self.metrics = TrainMetrics(registry, self.run_id, self.rank, attention_layers=cfg.attention.prometheus_layers)
         self.guard.listeners.append(self.metrics.count_error)
 
         sinks: list[Any] = []
@@ -191,6 +202,9 @@ class Monitor:
             idle=self._events.maybe_flush if self._events else None,
             before=self._before_outputs, on_tick=lambda: self.engine.tick(time.time()),
         )
+        probe_model, why_not = _probe_allowed(model, cfg)
+        self.info.attention_probe = {"enabled": probe_model and self.rank == 0, "every": cfg.attention.every,
+                                     **({"off": why_not} if why_not else {})}
         self._collector = StepCollector(
             model=model, optimizer=optimizer, scaler=scaler, scheduler=scheduler, loss_fn=loss_fn,
             params=params, start_step=start_step, param_norms_every=cfg.collector.param_norms_every,
@@ -198,6 +212,8 @@ class Monitor:
             halt_check=self._halt_check, global_stats=self.rank == 0,
             fingerprint_every=self._exchange.every if self._exchange else 0,
             local_grad_norm=cfg.ddp.local_grad_norm and self.world_size > 1,
+            attention=cfg.attention, probe_model=probe_model,
+            module_names={id(m): n for n, m in introspect.unwrap(model).named_modules()},
         )
         if cfg.watchdog.enabled:
             self._watchdog = threading.Thread(target=self._watch, args=(cfg.watchdog.interval_seconds,),
@@ -207,6 +223,11 @@ class Monitor:
     # -- publisher thread: between building a record and handing it out ------------------------
 
     def _before_outputs(self, rec, packet, fingerprint) -> None:
+        if packet.probe_cost is not None:
+            self.metrics.probe(packet.probe_cost, packet.probe_every)
+        sched = self._collector.schedule if self._collector is not None else None
+        if rec.attention and sched is not None:
+            sched.observe(rec.step, rec.attention)  # statistics that moved bring the next probe forward
         if rec.busy_time is not None:
             self._busy.append(rec.busy_time)
         ex = self._exchange
@@ -287,6 +308,42 @@ class Monitor:
     def internal_errors(self) -> int:
         return self.guard.count
 
+    @torch.compiler.disable  # a compiled model's call runs it eagerly (a graph break), on due steps only
+    def observe_attention(
+        self,
+        q: torch.Tensor | None = None,
+        k: torch.Tensor | None = None,
+        *,
+        layer: str,
+        logits: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        scale: float | None = None,
+    ) -> None:
+        """Report one attention call the probe cannot see (flash-attention, custom kernels, compiled models).
+
+        Pass the queries and keys as SDPA takes them, (batch, heads, queries, dim) and (batch,
+        kv_heads, keys, dim), or the pre-softmax `logits` (batch, heads, queries, keys). `mask` is
+        SDPA's: bool (True = may attend) or float (added to the logits). Costs nothing on steps
+        the probe does not sample; on sampled steps the first call per `layer` counts.
+        """
+        if not isinstance(layer, str) or not layer:
+            raise TypeError(f"observe_attention: `layer` must be a non-empty str, got {layer!r}")
+        if logits is None and not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
+            raise TypeError("observe_attention: pass `q` and `k` tensors, or `logits`")
+        if logits is not None and not isinstance(logits, torch.Tensor):
+            raise TypeError(f"observe_attention: `logits` must be a tensor, got {type(logits).__name__}")
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise TypeError(f"observe_attention: `mask` must be a tensor or None, got {type(mask).__name__}")
+        if self._collector is not None and not self._closed:
+            self._collector.observe_attention(q, k, layer, logits, mask, bool(is_causal), scale)
+
+    @property
+    def attention_due(self) -> bool:
+        """True while the current step is one the attention probe samples (rank 0)."""
+        c = self._collector
+        return bool(c is not None and c.schedule is not None and c.schedule.due(c.step))
+
     def log(self, loss: Any = None, tokens: int | None = None, **scalars: Any) -> None:
         """Report values no hook can see: the loss (averaged over the step's calls), tokens, any scalar."""
         if self._collector is not None and not self._closed:
@@ -340,6 +397,9 @@ class Monitor:
     def _write_summary(self) -> None:
         summary = {"ended": time.time(), "steps": self.step, "records_published": self._publisher.published,
                    "dropped_records": self.dropped_records, "internal_errors": self.internal_errors}
+        sched = self._collector.schedule if self._collector else None
+        if sched is not None:
+            summary["attention_probe"] = {**(self.info.attention_probe or {}), **sched.summary()}
         self.rundir.update_json("run.json", lambda old: {**(old or {}), **summary}, {})
 
     def __enter__(self) -> Monitor:

@@ -16,6 +16,7 @@ the user's own request).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
 from monitor.hooks import clip as clip_patch
+from monitor.hooks.attention import STATS, AttentionProbe, ProbeSchedule, attention_stats
 from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.intercept import intercept
 
@@ -32,6 +34,8 @@ from monitor.hooks.intercept import intercept
 # output, then the model's own output; scaler.scale() sees the loss after the
 # user divided it by the accumulation steps, so it is the last resort.
 _LOSS_SOURCES = ("log", "loss_fn", "model", "scaler")
+
+log = logging.getLogger("monitor")
 
 
 class TrainingHalted(RuntimeError):
@@ -65,6 +69,8 @@ class Packet:
     batch_size: int | None = None
     fp_count: int = 0  # the last values are the parameter fingerprint
     scalars: dict[str, float] = field(default_factory=dict)
+    probe_cost: float | None = None  # seconds the attention probe took on this step (probed steps only)
+    probe_every: int | None = None  # the probe's interval after this step
 
 
 def find_loss(output: Any) -> torch.Tensor | None:
@@ -123,6 +129,9 @@ class StepCollector:
         global_stats: bool = True,
         fingerprint_every: int = 0,
         local_grad_norm: bool = True,
+        attention: Any | None = None,
+        module_names: dict[int, str] | None = None,
+        probe_model: bool = True,
     ) -> None:
         self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
         self.params = params
@@ -146,6 +155,19 @@ class StepCollector:
         self._local_grad_norm = local_grad_norm
         self._in_scaler_step = False
         self._prev_end: float | None = None
+        # Attention statistics (rank 0): the schedule decides "probe this step?" once per step; the
+        # probe hooks SDPA/MHA calls of the first forward of a due step; mon.observe_attention feeds
+        # the same step from custom kernels.
+        self.schedule: ProbeSchedule | None = None
+        self._probe: AttentionProbe | None = None
+        self._attn_cfg = attention
+        self._empty_probes = 0
+        self._fwd_t0: float | None = None
+        if attention is not None and global_stats:
+            self.schedule = ProbeSchedule(attention.every, attention.max_every, attention.budget, start_step)
+            if attention.enabled and probe_model:
+                self._probe = AttentionProbe(module_names or {}, rows=attention.rows, batch=attention.batch,
+                                             on_error=guard.record)
         self._reset()
         self._install(loss_fn)
 
@@ -166,6 +188,9 @@ class StepCollector:
         self._autocast: str | None = None
         self._t_fwd_end: float | None = None
         self._batch: int | None = None
+        self._attn: dict[str, torch.Tensor] = {}
+        self._probe_cost = 0.0
+        self._probed = False
         self.local_sq.clear()
 
     def _want_param_norms(self) -> bool:
@@ -177,6 +202,9 @@ class StepCollector:
         m = self.model
         self._handles.append(m.register_forward_pre_hook(self._forward_pre, with_kwargs=True))
         self._handles.append(m.register_forward_hook(self._forward_post_model))
+        if self.schedule is not None:
+            # always_call: a forward that raises still leaves the probe's mode and hooks.
+            self._handles.append(m.register_forward_hook(self._forward_end, always_call=True))
         if loss_fn is not None:
             self._handles.append(loss_fn.register_forward_hook(self._forward_post_loss_fn))
         self._handles.append(self.optimizer.register_step_pre_hook(self._optimizer_pre))
@@ -216,6 +244,10 @@ class StepCollector:
                 return None
             if self._t_first is None:
                 self._t_first = time.perf_counter()
+            if self._micro == 0 and self.schedule is not None:
+                self._fwd_t0 = time.perf_counter()
+                if self._probe is not None and self.schedule.due(self.step):
+                    self._probe.begin()  # only this step's first forward is probed
             if self._micro == 0 and torch.is_autocast_enabled(self._device_type):
                 # For the preflight checks (fp16 without GradScaler, GradScaler with bf16).
                 self._autocast = str(torch.get_autocast_dtype(self._device_type)).removeprefix("torch.")
@@ -234,6 +266,48 @@ class StepCollector:
             # The last forward of a step ends its "busy" part: what follows is the backward with the all-reduce.
             self._t_fwd_end = time.perf_counter()
         self._capture_output("model", module, output)
+
+    def _forward_end(self, module, args, output):
+        """End of a forward (also one that raised): close the probe and account for its cost."""
+        try:
+            if self._fwd_t0 is None:
+                return
+            seconds = time.perf_counter() - self._fwd_t0
+            self._fwd_t0 = None
+            probe = self._probe
+            if probe is not None and probe.active:
+                results = probe.end()
+                for layer, stats in results.items():
+                    self._attn.setdefault(layer, stats)
+                self._empty_probes = 0 if results else self._empty_probes + 1
+                self._probed = True
+                # The cost is what the probed forward took beyond a plain one (the mode's dispatch and
+                # the layer-name hooks included), at least the measured recomputation itself.
+                plain = self.schedule.forward_seconds
+                extra = seconds - plain if plain is not None else probe.seconds
+                self._probe_cost += max(probe.seconds, extra)
+            else:
+                self.schedule.plain_forward(seconds)
+        except Exception as e:
+            self._guard.record("attention probe", e)
+
+    def observe_attention(self, q, k, layer: str, logits, mask, is_causal: bool, scale) -> None:
+        """Statistics of one attention call from the user (custom kernels); only on due steps."""
+        if self.schedule is None or not self.schedule.due(self.step) or layer in self._attn:
+            return
+        t0 = time.perf_counter()
+        try:
+            masks = [(mask, "keep" if mask.dtype == torch.bool else "add")] if mask is not None else []
+            cfg = self._attn_cfg
+            stats = attention_stats(q, k, logits=logits, masks=masks, is_causal=is_causal, scale=scale,
+                                    rows=cfg.rows, batch=cfg.batch)
+            if stats is not None:
+                self._attn[layer] = stats
+            self._probed = True
+        except Exception as e:
+            self._guard.record("mon.observe_attention", e)
+        finally:
+            self._probe_cost += time.perf_counter() - t0
 
     def _forward_post_loss_fn(self, module, args, output):
         self._capture_output("loss_fn", module, output)
@@ -439,6 +513,12 @@ class StepCollector:
                 parts.append(v.detach())
             else:
                 scalars[k] = float(v)
+        for layer, stats in self._attn.items():  # sampled steps: four values per attention layer
+            layout += [f"a:{stat}:{layer}" for stat in STATS]
+            parts += stats.unbind()
+        probe_cost = probe_every = None
+        if self.schedule is not None:
+            probe_cost, probe_every = self._schedule_next(step_time)
         if self.local_sq:  # this rank's gradients before the all-reduce, from the DDP hook
             layout.append("local_grad_norm")
             parts.append(torch.sqrt(torch.stack(self.local_sq).sum()))
@@ -463,10 +543,30 @@ class StepCollector:
             scheduler_steps=sched_steps,
             max_norm=max_norm, autocast=self._autocast, loss_value=loss_value, scalars=scalars,
             busy_time=busy, memory=memory, batch_size=self._batch, fp_count=fp_count,
+            probe_cost=probe_cost, probe_every=probe_every,
         )
         self.step += 1
         self._reset()
         self._handoff(packet)
+
+    def _schedule_next(self, step_time: float | None) -> tuple[float | None, int | None]:
+        """After a step: advance the probe schedule; (cost, interval) when this step was probed."""
+        sched = self.schedule
+        if not sched.due(self.step):
+            if step_time is not None:
+                sched.plain_step(step_time)
+            return None, None
+        if not self._probed:
+            sched.skipped(self.step)  # no training forward ran (or no call): try again later
+            return None, None
+        sched.probed(self.step, self._probe_cost)
+        if self._empty_probes >= 3 and self._probe is not None:
+            # Three probed forwards without an SDPA or MHA call: this model computes attention some
+            # other way (mon.observe_attention can still report it). Stop paying for the mode.
+            self._probe = None
+            log.info("trainmon: no F.scaled_dot_product_attention or F.multi_head_attention_forward call in "
+                     "3 probed forwards; the attention probe is off (mon.observe_attention still reports)")
+        return self._probe_cost, sched.every
 
     @staticmethod
     def _to_host(scalars: list[torch.Tensor], norms: list[torch.Tensor] | None) -> tuple[torch.Tensor | None, Any]:

@@ -33,12 +33,16 @@ def build_record(p: Packet, rank: int, param_names: list[str]) -> tuple[StepReco
     fields: dict = {}
     lrs = list(p.lrs)
     scalars = dict(p.scalars)
+    attention: dict[str, dict[str, float]] = {}
     n = len(p.layout)
     for name, v in zip(p.layout, values):
         if name.startswith("lr:"):
             lrs[int(name[3:])] = v
         elif name.startswith("s:"):
             scalars[name[2:]] = v
+        elif name.startswith("a:"):  # a:<stat>:<layer>
+            _, stat, layer = name.split(":", 2)
+            attention.setdefault(layer, {})[stat] = v
         else:
             fields[name] = v
     found_inf = fields.pop("found_inf", None)
@@ -61,7 +65,7 @@ def build_record(p: Packet, rank: int, param_names: list[str]) -> tuple[StepReco
         clip_coef=fields.get("clip_coef"), max_norm=p.max_norm, loss_scale=fields.get("loss_scale"),
         skipped=bool(found_inf) if found_inf is not None else False,
         step_time=p.step_time, tokens=p.tokens, micro_batches=p.micro_batches, autocast=p.autocast,
-        scheduler_steps=p.scheduler_steps, param_norms=param_norms, attention=None, scalars=scalars,
+        scheduler_steps=p.scheduler_steps, param_norms=param_norms, attention=attention or None, scalars=scalars,
         busy_time=p.busy_time, local_grad_norm=fields.get("local_grad_norm"), memory=p.memory,
     ), fingerprint
 
