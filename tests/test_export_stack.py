@@ -105,6 +105,7 @@ def ddp_run(runs_root: Path):
         while not stop.is_set():
             for metrics, _, _ in ranks:
                 metrics.observe(record(step, int(metrics.rank)))
+            ranks[0][0].probe(0.002, 10)  # the attention probe's own gauges, as rank 0's monitor sets them
             if step == 3:
                 ranks[1][0].emit(Alert(rule="loss.nonfinite", severity=Severity.critical, step=3, rank=1, run=DDP,
                                        message="the loss is nan at step 3.", hint="Restart from a checkpoint."))

@@ -243,9 +243,11 @@ def test_report_of_a_trainer_run(trainer_run):
     summary = root.find("p", cls="summary")
     assert summary.attrs["data-alerts"] == str(len(firing)) and "critical" in summary.text()
 
-    assert set(plots(root)) == {"loss", "lr", "grad_norm", "step_time", "throughput"}
-    assert omitted(root) == {"loss_scale", "attention_entropy", "attention_max_logit"}
-    assert check_svgs_are_xml(doc) == 5
+    # The attention probe sampled every 10 steps: its two plots are there too.
+    assert set(plots(root)) == {"loss", "lr", "grad_norm", "step_time", "throughput", "attention_entropy",
+                                "attention_max_logit"}
+    assert omitted(root) == {"loss_scale"}
+    assert check_svgs_are_xml(doc) == 7
     check_markers(root, firing)
     check_table(root, firing)
 

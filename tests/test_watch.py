@@ -50,9 +50,10 @@ def test_daemon_tails_a_live_run_and_raises_what_the_process_raised(tmp_path):
     loop = threading.Thread(target=watcher.run, args=(stop,), kwargs={"poll_every": 0.1, "discover_every": 0.2})
     loop.start()
     try:
-        cfg = TrainConfig.from_preset("tiny", max_steps=150, faults=["no-warmup", "nan-at:120"])
-        res = train(cfg, run_dir=tmp_path / "live", monitor_config={**QUIET, "tensorboard": {"flush_secs": 0.2}},
-                    progress=False)
+        cfg = TrainConfig.from_preset("tiny", max_steps=150, faults=["no-warmup", "attention-sharpen:60", "nan-at:120"])
+        # The probe samples every 10 steps whatever this machine's load (see detection.QUIET).
+        res = train(cfg, run_dir=tmp_path / "live", progress=False,
+                    monitor_config={**QUIET, "tensorboard": {"flush_secs": 0.2}, "attention": {"budget": 1.0}})
         assert _wait(lambda: any(r.view.step == 149 for r in watcher.runs.values()))
         time.sleep(0.5)  # a few more passes: a finished run must not turn into a stalled one
     finally:
@@ -60,7 +61,7 @@ def test_daemon_tails_a_live_run_and_raises_what_the_process_raised(tmp_path):
         loop.join()
     in_process = sorted((a.rule, a.severity.value, a.step) for a in res.alerts)
     assert sorted(sink.firing("live")) == in_process
-    assert {"warmup.missing", "loss.nonfinite"} <= {r for r, _, _ in in_process}
+    assert {"warmup.missing", "loss.nonfinite", "attention.logit_growth"} <= {r for r, _, _ in in_process}
     run = next(iter(watcher.runs.values()))
     assert run.finished and run.live
     assert not any(a.rule == "run.stalled" for a in sink.alerts)
@@ -234,3 +235,25 @@ def test_watch_once_reports_and_exits(tmp_path, plain):
     assert "CRITICAL loss.nonfinite at step 10" in result.output
     bad = CliRunner().invoke(app, ["watch", str(tmp_path / "missing"), "--once"])
     assert bad.exit_code == 2 and "no such path" in bad.output
+
+
+def test_live_view_shows_the_latest_attention_sample_of_rank_0():
+    from monitor.schema import StepRecord
+    from monitor.watch.daemon import RunView
+    from monitor.watch.view import _attention
+
+    def rec(step, rank=0, attention=None):
+        return StepRecord(step=step, rank=rank, time=float(step), loss=1.0, lr=[1e-3], attention=attention)
+
+    view = RunView()
+    assert _attention(view) == "-"
+    sample_ = {"blocks.0.attn": {"entropy_ratio": 0.8, "max_logit": 12.0},
+               "blocks.1.attn": {"entropy_ratio": 0.3, "max_logit": 150.0}}
+    batch = [rec(10, attention=sample_), *(rec(s) for s in range(11, 60))]  # the sample is far back
+    for r in batch:
+        view.update(r)
+    view.attention(batch)
+    assert (view.attn_entropy, view.attn_logit) == (0.3, 150.0)
+    assert _attention(view) == "0.30 / 150"
+    view.attention([rec(60, rank=1, attention={"x": {"entropy_ratio": 0.9, "max_logit": 1.0}})])
+    assert view.attn_logit == 150.0  # rank 0's sample is the one shown

@@ -377,6 +377,12 @@ def attention(options: Any = None, job: str = promrules.JOB) -> dict[str, Any]:
                      [Q(f"min by (run) (trainmon_attention_entropy_ratio{s})", "{{run}} lowest entropy ratio"),
                       Q(f"max by (run) (trainmon_attention_max_logit{s})", "{{run}} highest max logit")],
                      unit="percentunit", overrides=[_right_axis(".* highest max logit$", unit="short")]), w=24)
+    r = sel("run")
+    L.add(timeseries("Probe cost and interval", "What the last attention probe cost the training thread (left) and "
+                     "the interval the overhead budget keeps (right, optimizer steps).",
+                     [Q(f"trainmon_attention_probe_seconds{r}", "{{run}} probe cost"),
+                      Q(f"trainmon_attention_probe_interval_steps{r}", "{{run}} interval")],
+                     unit="s", overrides=[_right_axis(".* interval$", unit="short")]), w=24)
     return dashboard("trainmon-attention", "trainmon / Attention",
                      "Per-layer attention statistics of trainmon runs (rank 0, sampled steps).",
                      L, variables(job, "run", "layer"))

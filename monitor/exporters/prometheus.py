@@ -58,6 +58,10 @@ class MetricFamilies:
                           "and forwards): a straggler's is higher.", lab, registry=r)
         self.memory = Gauge("trainmon_memory_allocated_bytes", "Peak device memory allocated by this rank so far.",
                             lab, registry=r)
+        self.probe_seconds = Gauge("trainmon_attention_probe_seconds", "What the last attention probe cost the "
+                                   "training thread (rank 0).", lab, registry=r)
+        self.probe_interval = Gauge("trainmon_attention_probe_interval_steps", "Optimizer steps between attention "
+                                    "probes, as the overhead budget keeps it (rank 0).", lab, registry=r)
         self.dropped = Counter("trainmon_dropped_records", "Step records dropped because the publisher queue was full.", lab, registry=r)
         self.errors = Counter("trainmon_internal_errors", "Errors caught inside the monitor (never raised into training).",
                               lab, registry=r)
@@ -73,12 +77,27 @@ class MetricFamilies:
                     del family._metrics[key]
 
 
+def attention_risk(stats: dict[str, float]) -> float:
+    """How close a layer's attention is to collapse: 1 - entropy ratio, or max logit / 100 (the healthy
+    ceiling), whichever is larger; a non-finite statistic is the highest risk."""
+    ent, logit = stats.get("entropy_ratio"), stats.get("max_logit")
+    risk = 0.0
+    for v in (None if ent is None else 1.0 - ent, None if logit is None else logit / 100.0):
+        if v is not None:
+            if not math.isfinite(v):
+                return math.inf
+            risk = max(risk, v)
+    return risk
+
+
 class TrainMetrics:
     """The trainmon_* series of one (run, rank), updated from StepRecords and Alerts."""
 
     def __init__(self, registry: CollectorRegistry | MetricFamilies, run: str, rank: int, *,
-                 global_stats: bool | None = None) -> None:
+                 global_stats: bool | None = None, attention_layers: int = 8) -> None:
         self.run, self.rank = run, str(rank)
+        self.attention_layers = attention_layers  # per-layer series: the riskiest this many (0: all)
+        self._attn_exported: set[str] = set()
         self.global_stats = rank == 0 if global_stats is None else global_stats
         f = registry if isinstance(registry, MetricFamilies) else MetricFamilies(registry)
         self.families = f
@@ -89,6 +108,7 @@ class TrainMetrics:
             f.loss, f.lr, f.grad_norm, f.grad_norm_clipped, f.clip_coef, f.loss_scale, f.steps, f.skipped,
             f.step_duration, f.tokens, f.attn_entropy, f.attn_max_logit, f.last_step, f.alerts_total,
             f.alert_active, f.dropped, f.errors, f.local_grad_norm, f.busy, f.memory)
+        self.probe_seconds, self.probe_interval = f.probe_seconds, f.probe_interval
         # Children that exist from the first scrape, so rate() and alert rules see a 0, not an absence.
         self._steps = self.steps.labels(run, self.rank)
         self._skipped = self.skipped.labels(run, self.rank)
@@ -139,10 +159,32 @@ class TrainMetrics:
         for gauge, field in ((self.grad_norm, "grad_norm"), (self.grad_norm_clipped, "grad_norm_clipped"),
                              (self.clip_coef, "clip_coef"), (self.loss_scale, "loss_scale")):
             self._g(gauge, next((getattr(r, field) for r in reversed(recs) if getattr(r, field) is not None), None))
-        for r in recs:
-            for layer, stats in (r.attention or {}).items():
-                self._g(self.attn_entropy, stats.get("entropy_ratio"), layer)
-                self._g(self.attn_max_logit, stats.get("max_logit"), layer)
+        sampled = next((r.attention for r in reversed(recs) if r.attention), None)
+        if sampled:
+            self._attention(sampled)
+
+    def _attention(self, sampled: dict[str, dict[str, float]]) -> None:
+        """Per-layer gauges of the latest sample, bounded: the `attention_layers` riskiest layers (lowest
+        entropy ratio, largest logit); series of layers that drop out of them are removed."""
+        layers = list(sampled)
+        if self.attention_layers and len(layers) > self.attention_layers:
+            layers = sorted(layers, key=lambda name: -attention_risk(sampled[name]))[:self.attention_layers]
+        for layer in self._attn_exported.difference(layers):
+            for gauge in (self.attn_entropy, self.attn_max_logit):
+                self._children.pop((gauge._name, layer), None)
+                try:
+                    gauge.remove(self.run, self.rank, layer)
+                except KeyError:
+                    pass
+        for layer in layers:
+            self._g(self.attn_entropy, sampled[layer].get("entropy_ratio"), layer)
+            self._g(self.attn_max_logit, sampled[layer].get("max_logit"), layer)
+        self._attn_exported = set(layers)
+
+    def probe(self, seconds: float | None, interval: int | None) -> None:
+        """The attention probe's own cost and interval (training process, rank 0)."""
+        self._g(self.probe_seconds, seconds)
+        self._g(self.probe_interval, interval)
 
     def emit(self, alert: Alert) -> None:
         """Alert sink: counters and the active gauge (one active severity per rule)."""

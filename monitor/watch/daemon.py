@@ -55,6 +55,18 @@ class RunView:
     losses: deque = field(default_factory=lambda: deque(maxlen=40))
     times: deque = field(default_factory=lambda: deque(maxlen=50))
     ranks: set = field(default_factory=set)
+    attn_entropy: float | None = None  # latest attention sample: the lowest layer's entropy ratio
+    attn_logit: float | None = None  # ... and the largest max logit over layers
+
+    def attention(self, recs: list[StepRecord]) -> None:
+        """The latest attention sample in a batch of one rank's records (sampled steps are sparse)."""
+        r = next((r for r in reversed(recs) if r.attention), None)
+        if r is None or (r.rank != 0 and 0 in self.ranks):
+            return
+        ents = [st["entropy_ratio"] for st in r.attention.values() if st.get("entropy_ratio") is not None]
+        logits = [st["max_logit"] for st in r.attention.values() if st.get("max_logit") is not None]
+        self.attn_entropy = min(ents) if ents else None
+        self.attn_logit = max(logits) if logits else None
 
     def update(self, r: StepRecord) -> None:
         self.ranks.add(r.rank)
@@ -262,6 +274,7 @@ class Watcher:
             self._metrics(run, rank).observe_many(recs)
             for r in recs[-run.view.losses.maxlen:]:
                 run.view.update(r)
+            run.view.attention(recs)
             t = recs[-1].time
             if run.last_time is None or t > run.last_time:
                 run.last_time = t

@@ -23,6 +23,13 @@ def sparkline(values, width: int = 24) -> str:
     return "".join(BARS[min(len(BARS) - 1, int((v - lo) / span * (len(BARS) - 1) + 0.5))] for v in vals)
 
 
+def _attention(v) -> str:
+    """Lowest entropy ratio and largest max logit over layers, of the latest attention sample."""
+    if v.attn_entropy is None and v.attn_logit is None:
+        return "-"
+    return f"{_num(v.attn_entropy, '.2f')} / {_num(v.attn_logit, '.3g')}"
+
+
 def _num(v: float | None, fmt: str = ".4g") -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -77,7 +84,8 @@ class LiveView(PlainView):
         w = self._watcher_ref()
         table = Table(title="trainmon watch" + (f"  ·  {self._metrics_url}" if self._metrics_url else ""),
                       expand=True, title_justify="left")
-        for col in ("run", "source", "ranks", "step", "loss", "", "lr", "grad norm", "loss scale", "steps/s", "alerts"):
+        for col in ("run", "source", "ranks", "step", "loss", "", "lr", "grad norm", "loss scale", "attn H / max",
+                    "steps/s", "alerts"):
             table.add_column(col, no_wrap=True)
         for run in sorted(w.runs.values(), key=lambda r: r.run_id):
             v: RunView = run.view
@@ -88,7 +96,7 @@ class LiveView(PlainView):
             table.add_row(run.run_id, run.source.info.source, str(len(v.ranks) or "-"),
                           _num(v.step, "d") + (f" ({state})" if state else ""), _num(v.loss), sparkline(v.losses),
                           _num(v.lr, ".3g"), _num(v.grad_norm, ".3g"), _num(v.loss_scale, ".3g"),
-                          _num(v.steps_per_second, ".2f"), alerts)
+                          _attention(v), _num(v.steps_per_second, ".2f"), alerts)
         log = Table.grid()
         for a in list(w.alert_log)[-8:]:
             log.add_row(Text(f"{a.run}: {a.line()}", style=STYLE[a.severity] if a.status == "firing" else "green"))
