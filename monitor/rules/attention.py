@@ -21,7 +21,10 @@ from monitor.schema import Severity, StepRecord
 class EntropyCollapseConfig(RuleConfig):
     drop: float = Field(0.5, gt=0, lt=1, description="Mean entropy ratio below (1 - drop) x the layer's baseline EMA.")
     floor: float = Field(0.05, ge=0, lt=1, description="Or a layer's mean entropy ratio below this absolute floor.")
-    head_floor: float = Field(0.01, ge=0, lt=1, description="Or one head's entropy ratio below this (a one-hot head).")
+    head_floor: float = Field(
+        0.01, ge=0, lt=1, description="Or a layer's lowest head below this (one-hot) when its baseline was over "
+        "5x higher: a head that collapsed during the run, not one that was always sharp (an attention sink).",
+    )
     span: int = Field(10, ge=1, description="Span (in sampled steps) of each layer's baseline EMA.")
     min_samples: int = Field(3, ge=1, description="Samples of a layer's baseline before its drop is judged.")
 
@@ -31,8 +34,8 @@ class AttentionEntropyCollapse(Rule):
     """Attention in some layer is collapsing towards one-hot.
 
     Symptom: a layer's normalised attention entropy (entropy / log of the visible keys) falls more
-    than `drop` below its own baseline (an EMA started after warmup), or below `floor`, or one of
-    its heads falls below `head_floor`.
+    than `drop` below its own baseline (an EMA started after warmup), or below `floor`, or its
+    lowest head falls below `head_floor` from a baseline well above it.
     Why: entropy collapse (Zhai et al. 2023) comes with, and usually before, loss spikes and
     divergence in transformers: attention logits grow until softmax saturates, gradients through
     attention vanish and training destabilises.
@@ -48,7 +51,8 @@ class AttentionEntropyCollapse(Rule):
     def __init__(self, config: EntropyCollapseConfig, run) -> None:
         super().__init__(config, run)
         self.trace = LrTrace()
-        self.base: dict[str, Ema] = {}
+        self.base: dict[str, Ema] = {}  # per layer: mean entropy ratio
+        self.base_min: dict[str, Ema] = {}  # per layer: its lowest head
 
     def observe(self, r: StepRecord) -> Finding | None:
         self.trace.push(r.step, r.max_lr)
@@ -61,14 +65,15 @@ class AttentionEntropyCollapse(Rule):
             if not finite(ent):
                 continue
             low = st.get("entropy_min")
-            ema = self.base.get(layer)
+            ema, ema_min = self.base.get(layer), self.base_min.get(layer)
+            settled = ema is not None and ema.count >= c.min_samples
             reasons = []
             if ent < c.floor:
                 reasons.append(f"below the floor {c.floor:g}")
-            if finite(low) and low < c.head_floor:
-                reasons.append(f"a head at {low:.3f}")
-            if ema is not None and ema.count >= c.min_samples and ent < (1 - c.drop) * ema.value:
+            if settled and ent < (1 - c.drop) * ema.value:
                 reasons.append(f"{1 - ent / ema.value:.0%} below its baseline {ema.value:.3f}")
+            if settled and finite(low) and low < c.head_floor and ema_min.value > 5 * c.head_floor:
+                reasons.append(f"a head at {low:.3f} from {ema_min.value:.3f}")
             if reasons:
                 bad.append({"layer": layer, "entropy_ratio": ent, "entropy_min": low,
                             "baseline": ema.value if ema else None, "why": "; ".join(reasons)})
@@ -76,6 +81,7 @@ class AttentionEntropyCollapse(Rule):
                 continue  # the baseline starts after warmup
             else:
                 self.base.setdefault(layer, Ema(c.span)).push(ent)
+                self.base_min.setdefault(layer, Ema(c.span)).push(low if finite(low) else ent)
         if not bad:
             return None
         bad.sort(key=lambda b: b["entropy_ratio"])
