@@ -101,6 +101,7 @@ def main() -> None:
     rows = [{"config": n, "median_step_ms": statistics.median(times[n]) * 1e3,
              "median_paired_diff_ms": statistics.median(diff[n]) * 1e3 if n in diff else 0.0,
              "mean_paired_diff_ms": statistics.fmean(diff[n]) * 1e3 if n in diff else 0.0,
+             "mean_paired_diff_se_ms": statistics.stdev(diff[n]) / len(diff[n]) ** 0.5 * 1e3 if n in diff else 0.0,
              "probe": probe.get(n)} for n in names]
     result = {"sampled_step_cost_ms": sampled * 1e3, "sampled_step_share": sampled / base,
               "defaults_interval": every, "amortised_cost_ms": sampled / every * 1e3,
@@ -113,14 +114,14 @@ def main() -> None:
         f"{a.device}, {a.steps} measured steps per configuration after {a.warmup} warm-up steps; identical runs in "
         "one process taking steps in turn (rotating order), each step paired with the unmonitored step of its round.",
         "",
-        "| config | median step | median paired diff | mean paired diff | probe interval | probe's own cost (median) |",
+        "| config | median step | median paired diff | mean paired diff ± s.e. | probe interval | probe's own cost (median) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         p = r["probe"] or {}
         cost = p.get("median_cost_seconds")
         md.append(f"| {r['config']} | {r['median_step_ms']:.2f} ms | {r['median_paired_diff_ms']:+.2f} ms | "
-                  f"{r['mean_paired_diff_ms']:+.2f} ms | {p.get('every', '-') if p.get('enabled') else '-'} | "
+                  f"{r['mean_paired_diff_ms']:+.2f} ± {r['mean_paired_diff_se_ms']:.2f} ms | {p.get('every', '-') if p.get('enabled') else '-'} | "
                   f"{f'{cost * 1e3:.2f} ms' if cost is not None and p.get('enabled') else '-'} |")
     md += [
         "",
@@ -131,6 +132,8 @@ def main() -> None:
         f"- The probe's own measurement of a sampled step: "
         f"{result['probe_own_median_cost_ms']:.2f} ms (run.json `attention_probe.median_cost_seconds`)."
         if own is not None else "- The probe reported no cost.",
+        "- The mean paired differences include the sampled steps; their standard errors show how much of the "
+        "gap between `defaults` and `probe off` this machine's noise can explain.",
     ]
     text = "\n".join(md) + "\n"
     path = write_results(f"attention-{a.preset}-{a.device}", {"args": vars(a), "rows": rows, **result}, text)
