@@ -133,7 +133,7 @@ def test_probe_statistics_reach_the_records_exactly(tmp_path, text):
     torch.manual_seed(0)
     data = TextData(text, block_size=24, batch_size=3, seed=0)
     model = SdpaLM(data.vocab_size)
-    # What the first step's attention must be: q and k of the first two sequences, at the initial weights.
+    # What the first step's attention must be: q and k of the batch, at the initial weights.
     x, _ = data.batch(0)
     seen = {}
 
@@ -148,14 +148,14 @@ def test_probe_statistics_reach_the_records_exactly(tmp_path, text):
         model(x)
     for h in handles:
         h.remove()
-    cfg = {**QUIET, "attention": {"every": 5, "budget": 1.0}}
+    cfg = {**QUIET, "attention": {"every": 5, "budget": 1.0, "batch": 3}}  # the whole batch of 3
     _, records = _train(model, data, 12, tmp_path / "r", cfg)
     sampled = _records_with_attention(records)
     assert sorted(sampled) == [0, 5, 10]
     assert set(sampled[0]) == {"layers.0", "layers.1"}
-    q0 = seen["q0"][:2].view(2, 24, 4, 8).transpose(1, 2)
-    k0 = seen["kv0"][:2].view(2, 24, 2, 2, 8).permute(2, 0, 3, 1, 4)[0]
-    want = attention_stats(q0, k0, is_causal=True, batch=2).tolist()
+    q0 = seen["q0"].view(3, 24, 4, 8).transpose(1, 2)
+    k0 = seen["kv0"].view(3, 24, 2, 2, 8).permute(2, 0, 3, 1, 4)[0]
+    want = attention_stats(q0, k0, is_causal=True, batch=3).tolist()
     got = sampled[0]["layers.0"]
     assert [got[s] for s in ("entropy_ratio", "entropy_min", "max_logit", "max_prob")] == pytest.approx(want, rel=1e-5)
 
@@ -362,4 +362,4 @@ def test_healthy_models_raise_no_attention_alert(tmp_path, text):
         model = SdpaLM(data.vocab_size) if kind == "sdpa" else EncoderLM(data.vocab_size)
         mon, records = _train(model, data, 200, tmp_path / kind, {**QUIET, "attention": {"budget": 0.2}})
         assert _attention_alerts(mon) == [], kind
-        assert len(_records_with_attention(records)) == 20
+        assert len(_records_with_attention(records)) >= 10  # sampled throughout (the budget may stretch it)

@@ -281,3 +281,25 @@ def test_nan_logits_give_a_nan_max_logit():
     q[0, 1, 3, 0] = float("nan")
     stats = attention_stats(q, k)
     assert math.isnan(stats[2])
+
+
+def test_offset_picks_consecutive_sequences_anywhere_in_the_batch():
+    q, k = _qk(b=6, seed=7)
+    mask = _bool_mask(6, 9, 9)
+    for offset, start in ((0.0, 0), (0.5, 2), (0.99, 4)):
+        got = attention_stats(q, k, masks=[(mask, "keep")], batch=2, offset=offset)
+        want = attention_stats(q[start:start + 2], k[start:start + 2], masks=[(mask[start:start + 2], "keep")],
+                               batch=2)
+        assert got.tolist() == want.tolist(), offset
+
+
+def test_the_probe_draws_positions_from_its_own_generator():
+    state = torch.get_rng_state()
+    probe = AttentionProbe({}, seed=3)
+    offsets = []
+    for _ in range(3):
+        probe.begin()
+        offsets.append(probe.offset)
+        probe.end()
+    assert torch.equal(torch.get_rng_state(), state)  # the run's stream is untouched
+    assert len(set(offsets)) == 3 and all(0 <= o < 1 for o in offsets)

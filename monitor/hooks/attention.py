@@ -4,16 +4,17 @@ Models compute attention with F.scaled_dot_product_attention, nn.MultiheadAttent
 (F.multi_head_attention_forward) or fused kernels that never materialise the weights. On a
 sampled step the probe enters a TorchFunctionMode around the model's forward: each SDPA or MHA
 call runs unchanged, and then, under no_grad, the probe recomputes the attention of a small
-subsample (the first `batch` sequences, up to `rows` evenly spaced query rows, all keys and heads)
-and keeps four numbers per layer: the normalised entropy (entropy / log of the visible keys)
-averaged over heads and its lowest head, the largest logit and the largest probability. No
-random numbers are drawn and nothing the model computes is touched: a probed run is bitwise the
-run without it. Statistics stay on the device (no host sync); the collector ships them with the
-step's other values.
+subsample (`batch` consecutive sequences at a position drawn from the probe's own generator, up
+to `rows` evenly spaced query rows, all keys and heads) and keeps four numbers per layer: the
+normalised entropy (entropy / log of the visible keys) averaged over heads and its lowest head,
+the largest logit and the largest probability. Neither the run's random stream nor anything the
+model computes is touched: a probed run is bitwise the run without it. Statistics stay on the
+device (no host sync); the collector ships them with the step's other values.
 
 Layers are named by module path (`blocks.3.attn`): a call belongs to the innermost module of the
-model whose method is running, read from the Python stack at the call. Anything else (flash-attention, custom kernels, compiled models) reports through
-`Monitor.observe_attention(q, k, ...)`, which uses the same computation.
+model whose method is running, read from the Python stack at the call. Anything else
+(flash-attention, custom kernels, compiled models) reports through `Monitor.observe_attention(q,
+k, ...)`, which uses the same computation.
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ def _as4d(m: torch.Tensor, heads_first: bool) -> torch.Tensor:
     return m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)) if m.dim() < 4 else m
 
 
-def _cut(m: torch.Tensor, nb: int, rows: torch.Tensor | None, heads: slice) -> torch.Tensor:
-    """A 4-d mask cut to the probed batch, rows and heads where it is not broadcast along them."""
+def _cut(m: torch.Tensor, seqs: slice, rows: torch.Tensor | None, heads: slice) -> torch.Tensor:
+    """A 4-d mask cut to the probed sequences, rows and heads where it is not broadcast along them."""
     if m.shape[0] > 1:
-        m = m[:nb]
+        m = m[seqs]
     if m.shape[1] > 1:
         m = m[:, heads]
     if rows is not None and m.shape[2] > 1:
@@ -83,6 +84,7 @@ def _stats(
     scale: float | None = None,
     rows: int = 64,
     batch: int = 2,
+    offset: float = 0.0,
 ) -> torch.Tensor | None:
     """[entropy_ratio, entropy_min, max_logit, max_prob] of the attention softmax(q·kᵀ·scale + masks).
 
@@ -91,7 +93,8 @@ def _stats(
     them as SDPA's enable_gqa does. The ratio is the entropy of a row over log of its visible keys
     (1: uniform, 0: one-hot), averaged over rows and sequences per head; `entropy_ratio` is the mean
     over heads and `entropy_min` the lowest head. Rows with a single visible key have no choice to
-    make and are left out. Returns a float32 tensor on the inputs' device (no host sync), or None
+    make and are left out. `batch` consecutive sequences are measured, starting at `offset` (in
+    [0, 1)) of the way through the batch. Returns a float32 tensor on the inputs' device (no host sync), or None
     when nothing is measurable.
     """
     three_d = False
@@ -119,6 +122,8 @@ def _stats(
     if lk == 0 or lq == 0 or b == 0:
         return None
     nb = min(batch, b)
+    start = min(b - nb, int(offset * (b - nb + 1)))
+    seqs = slice(start, start + nb)
     rows_idx = None
     if lq > rows:  # evenly spaced rows: deterministic, no RNG drawn
         rows_idx = torch.linspace(0, lq - 1, rows, device=device).round().long()
@@ -130,11 +135,11 @@ def _stats(
     masks4 = [(_as4d(m, three_d), kind) for m, kind in masks]
     group = 1
     if logits is None:
-        qs = q[:nb]
+        qs = q[seqs]
         if rows_idx is not None:
             qs = qs.index_select(2, rows_idx)
         qs = qs.float()
-        ks = k[:nb].float()
+        ks = k[seqs].float()
         group = h // hk
         if group > 1:  # grouped-query attention: query head i reads key head i // group
             ks = ks.repeat_interleave(group, dim=1)
@@ -146,13 +151,13 @@ def _stats(
         if logits is None:
             lg = torch.matmul(qs[:, heads], ks[:, heads].transpose(-1, -2)) * sc
         else:
-            lg = logits[:nb, heads]
+            lg = logits[seqs, heads]
             if rows_idx is not None:
                 lg = lg.index_select(2, rows_idx)
             lg = lg.float()
         visible = visible0.expand(lg.shape).clone()
         for m, kind in masks4:
-            sub = _cut(m, nb, rows_idx, heads)
+            sub = _cut(m, seqs, rows_idx, heads)
             if kind == "keep":
                 visible &= sub
             elif kind == "drop":
@@ -195,7 +200,7 @@ def _stats(
     return torch.stack([mean, low.masked_fill(low == float("inf"), float("nan")), max_logit, max_prob])
 
 
-def _mha_stats(args: tuple, kwargs: dict, rows: int, batch: int) -> torch.Tensor | None:
+def _mha_stats(args: tuple, kwargs: dict, rows: int, batch: int, offset: float = 0.0) -> torch.Tensor | None:
     """Statistics of one F.multi_head_attention_forward call, from its packed or separate projections."""
     names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",
              "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
@@ -217,22 +222,24 @@ def _mha_stats(args: tuple, kwargs: dict, rows: int, batch: int) -> torch.Tensor
         wq, wk = a["in_proj_weight"][:e], a["in_proj_weight"][e:2 * e]
     bias = a.get("in_proj_bias")
     bq, bk = (bias[:e], bias[e:2 * e]) if bias is not None else (None, None)
-    nb = min(batch, query.shape[1])
     lq, n = query.shape[0], query.shape[1]
+    nb = min(batch, n)
+    start = min(n - nb, int(offset * (n - nb + 1)))
+    seqs = slice(start, start + nb)
     lk = key.shape[0]
     hd = e // heads
-    q = F.linear(query[:, :nb].float(), wq.float(), bq.float() if bq is not None else None)  # (L, nb, E)
-    k = F.linear(key[:, :nb].float(), wk.float(), bk.float() if bk is not None else None)
+    q = F.linear(query[:, seqs].float(), wq.float(), bq.float() if bq is not None else None)  # (L, nb, E)
+    k = F.linear(key[:, seqs].float(), wk.float(), bk.float() if bk is not None else None)
     q = q.reshape(lq, nb, heads, hd).permute(1, 2, 0, 3)  # (nb, H, L, hd)
     k = k.reshape(lk, nb, heads, hd).permute(1, 2, 0, 3)
     masks: list[Mask] = []
     am = a.get("attn_mask")
     if am is not None:
         if am.dim() == 3:  # (N*H, L, S)
-            am = am.reshape(n, heads, lq, lk)[:nb]
+            am = am.reshape(n, heads, lq, lk)[seqs]
         masks.append((am, "drop" if am.dtype == torch.bool else "add"))
     if kpm is not None:
-        kpm = kpm[:nb, None, None, :]
+        kpm = kpm[seqs, None, None, :]
         masks.append((kpm, "drop" if kpm.dtype == torch.bool else "add"))
     return attention_stats(q, k, masks=masks, is_causal=bool(a.get("is_causal")) and am is None, rows=rows, batch=nb)
 
@@ -250,13 +257,14 @@ class _Interceptor(TorchFunctionMode):
         return out
 
 
-def _sdpa_stats(args: tuple, kwargs: dict, rows: int, batch: int) -> torch.Tensor | None:
+def _sdpa_stats(args: tuple, kwargs: dict, rows: int, batch: int, offset: float = 0.0) -> torch.Tensor | None:
     q, k = kwargs.get("query", args[0] if args else None), kwargs.get("key", args[1] if len(args) > 1 else None)
     mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
     is_causal = kwargs.get("is_causal", args[5] if len(args) > 5 else False)
     scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
     masks = [(mask, "keep" if mask.dtype == torch.bool else "add")] if mask is not None else []
-    return attention_stats(q, k, masks=masks, is_causal=bool(is_causal), scale=scale, rows=rows, batch=batch)
+    return attention_stats(q, k, masks=masks, is_causal=bool(is_causal), scale=scale, rows=rows, batch=batch,
+                           offset=offset)
 
 
 class AttentionProbe:
@@ -268,7 +276,7 @@ class AttentionProbe:
     call (`blocks.3.attn`): found by walking the caller's frames, only when attention is called.
     """
 
-    def __init__(self, names: dict[int, str], *, rows: int = 64, batch: int = 2,
+    def __init__(self, names: dict[int, str], *, rows: int = 64, batch: int = 2, seed: int = 0,
                  on_error: Callable[[str, BaseException], None] | None = None) -> None:
         self.names = names  # id(module) -> path in the user's model ("" for the model itself)
         self.rows, self.batch = rows, batch
@@ -276,6 +284,10 @@ class AttentionProbe:
         self.results: dict[str, torch.Tensor] = {}
         self.seconds = 0.0  # host time spent measuring during the last probed forward
         self._mode: _Interceptor | None = None
+        # Which sequences of the batch to measure: a random position per probed forward (the same for
+        # every layer of it), from the probe's own generator: the run's RNG stream is not touched.
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offset = 0.0
 
     @property
     def active(self) -> bool:
@@ -286,8 +298,13 @@ class AttentionProbe:
             return
         self.results = {}
         self.seconds = 0.0
+        self.offset = self.draw()
         self._mode = _Interceptor(self)
         self._mode.__enter__()
+
+    def draw(self) -> float:
+        """A position in [0, 1) from the probe's generator (a CPU tensor: no device sync)."""
+        return float(torch.rand((), generator=self.generator))
 
     def end(self) -> dict[str, torch.Tensor]:
         if self._mode is not None:
@@ -321,9 +338,9 @@ class AttentionProbe:
         t0 = time.perf_counter()
         try:
             if func is _MHA:
-                stats = _mha_stats(args, kwargs, self.rows, self.batch)
+                stats = _mha_stats(args, kwargs, self.rows, self.batch, self.offset)
             else:
-                stats = _sdpa_stats(args, kwargs, self.rows, self.batch)
+                stats = _sdpa_stats(args, kwargs, self.rows, self.batch, self.offset)
             self.record(self._layer(), stats)
         except Exception as e:  # the probe never breaks a forward pass
             if self.on_error is not None:

@@ -163,6 +163,7 @@ class StepCollector:
         self._attn_cfg = attention
         self._empty_probes = 0
         self._fwd_t0: float | None = None
+        self._attn_gen = torch.Generator().manual_seed(1)  # the explicit API's own (CPU) generator
         if attention is not None and global_stats:
             self.schedule = ProbeSchedule(attention.every, attention.max_every, attention.budget, start_step)
             if attention.enabled and probe_model:
@@ -189,6 +190,7 @@ class StepCollector:
         self._t_fwd_end: float | None = None
         self._batch: int | None = None
         self._attn: dict[str, torch.Tensor] = {}
+        self._attn_offset: float | None = None  # where in the batch mon.observe_attention measures
         self._probe_cost = 0.0
         self._probed = False
         self.local_sq.clear()
@@ -203,7 +205,7 @@ class StepCollector:
         self._handles.append(m.register_forward_pre_hook(self._forward_pre, with_kwargs=True))
         self._handles.append(m.register_forward_hook(self._forward_post_model))
         if self.schedule is not None:
-            # always_call: a forward that raises still leaves the probe's mode and hooks.
+            # always_call: a forward that raises still leaves the probe's mode.
             self._handles.append(m.register_forward_hook(self._forward_end, always_call=True))
         if loss_fn is not None:
             self._handles.append(loss_fn.register_forward_hook(self._forward_post_loss_fn))
@@ -281,8 +283,8 @@ class StepCollector:
                     self._attn.setdefault(layer, stats)
                 self._empty_probes = 0 if results else self._empty_probes + 1
                 self._probed = True
-                # The cost is what the probed forward took beyond a plain one (the mode's dispatch and
-                # the layer-name hooks included), at least the measured recomputation itself.
+                # The cost is what the probed forward took beyond a plain one (the mode's dispatch of
+                # every op included), at least the measured recomputation itself.
                 plain = self.schedule.forward_seconds
                 extra = seconds - plain if plain is not None else probe.seconds
                 self._probe_cost += max(probe.seconds, extra)
@@ -299,8 +301,10 @@ class StepCollector:
         try:
             masks = [(mask, "keep" if mask.dtype == torch.bool else "add")] if mask is not None else []
             cfg = self._attn_cfg
+            if self._attn_offset is None:  # one position per step, as the probe draws one per forward
+                self._attn_offset = float(torch.rand((), generator=self._attn_gen))
             stats = attention_stats(q, k, logits=logits, masks=masks, is_causal=is_causal, scale=scale,
-                                    rows=cfg.rows, batch=cfg.batch)
+                                    rows=cfg.rows, batch=cfg.batch, offset=self._attn_offset)
             if stats is not None:
                 self._attn[layer] = stats
             self._probed = True
