@@ -32,7 +32,7 @@ from monitor.config import MonitorConfig  # noqa: E402
 from monitor.runlog.events import EventWriter  # noqa: E402
 from monitor.runlog.rundir import RunDir  # noqa: E402
 from monitor.schema import ModelInfo, OptimizerInfo, ParamGroupInfo, RunInfo, StepRecord  # noqa: E402
-from monitor.watch.daemon import Watcher  # noqa: E402
+from monitor.watch.daemon import Watcher, tune_gc  # noqa: E402
 
 PARAMS = [f"blocks.{i // 6}.p{i % 6}" for i in range(27)]
 
@@ -161,6 +161,7 @@ def memory(runs: int, chunk: int, chunks: int) -> dict:
 
 
 def main() -> None:
+    tune_gc()  # as `monitor watch` does
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)

@@ -10,13 +10,14 @@ from monitor.config import MonitorConfig
 from monitor.exporters.prometheus import serve
 from monitor.exporters.sinks import build_http_sinks
 from monitor.runlog.rundir import JsonlAlertSink
-from monitor.watch.daemon import Watcher
+from monitor.watch.daemon import Watcher, tune_gc
 from monitor.watch.view import make_view
 
 
 def run_watch(paths: list[Path], cfg: MonitorConfig, *, state_dir: Path, host: str, port: int | None,
               mapping: dict[str, str] | None, plain: bool | None, poll: float, discover: float, once: bool) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
+    tune_gc()
     watcher: Watcher | None = None
     server = None
     sinks = [JsonlAlertSink(state_dir / "alerts.jsonl"), *build_http_sinks(cfg)]

@@ -16,6 +16,7 @@ import struct
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
@@ -227,6 +228,23 @@ class ParamNorms(Mapping):
     def __getitem__(self, key: str) -> float:
         return self._d()[key]
 
+    # The dict's own methods: Mapping's generic ones go through __iter__/__getitem__ per key, a
+    # large share of the rules' time on records whose vectors they read.
+    def get(self, key: str, default=None):
+        return self._d().get(key, default)
+
+    def items(self):
+        return self._d().items()
+
+    def values(self):
+        return self._d().values()
+
+    def keys(self):
+        return self._d().keys()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._d()
+
     def __iter__(self):
         return iter(self._d())
 
@@ -238,6 +256,24 @@ class ParamNorms(Mapping):
 
     def __repr__(self) -> str:
         return repr(self._d())
+
+
+class _Layout(NamedTuple):
+    names: tuple[str, ...]  # the fields present, in vector order
+    ints: tuple[str, ...]  # those stored as integers
+    skipped: bool
+    autocast: bool
+
+
+_LAYOUTS: dict[int, _Layout] = {}  # a run writes the same few masks over and over
+
+
+def _layout(mask: int) -> _Layout:
+    names = tuple(f for bit, f in enumerate(VECTOR_FIELDS) if mask >> bit & 1)
+    lay = _Layout(names, tuple(f for f in names if f in _INT_FIELDS), "skipped" in names, "autocast" in names)
+    if len(_LAYOUTS) < 4096:
+        _LAYOUTS[mask] = lay
+    return lay
 
 
 class StepAssembler:
@@ -254,23 +290,21 @@ class StepAssembler:
         return ParamNorms(self.param_names, t.tensor_content)
 
     def _from_vectors(self, ev: event_pb2.Event, values) -> StepRecord | None:
-        t = values[0].tensor
-        vec = struct.unpack(f"<{len(t.tensor_content) // 8}d", t.tensor_content)
+        content = values[0].tensor.tensor_content
+        vec = struct.unpack(f"<{len(content) // 8}d", content)
         mask = int(vec[0])
-        fields: dict = {}
-        i = 1
-        for bit, field in enumerate(VECTOR_FIELDS):
-            if mask >> bit & 1:
-                fields[field] = vec[i]
-                i += 1
-        if "skipped" in fields:
+        layout = _LAYOUTS.get(mask) or _layout(mask)
+        names = layout.names
+        n = len(names) + 1
+        fields = dict(zip(names, vec[1:n]))
+        if layout.skipped:
             fields["skipped"] = fields["skipped"] != 0.0
-        for field in _INT_FIELDS:
-            if field in fields:
-                x = fields[field]
-                fields[field] = int(x) if math.isfinite(x) else None
-        if "autocast" in fields:
+        for field in layout.ints:
+            x = fields[field]
+            fields[field] = int(x) if math.isfinite(x) else None
+        if layout.autocast:
             fields["autocast"] = AUTOCAST_NAMES.get(fields["autocast"])
+        i = n
         rest = 1
         if len(values) > 1 and values[1].tag == PARAM_VECTOR_TAG:
             fields["param_norms"] = self._param_vector(values[1].tensor)
