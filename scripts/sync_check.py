@@ -6,7 +6,8 @@ so any host-device synchronisation (`.item()`, `.cpu()`, a blocking copy, `synch
 in whichever thread makes it, and turns it off after the last step (the trainer reads its own
 results back then). Passes when training raised nothing, the monitor counted no internal error
 (a sync in its publisher thread would be one) and dropped no record, and the run directory holds
-one record per optimizer step.
+one record per optimizer step, the attention probe's samples among them (its steps run under the
+sync debug mode too: it probes every 2 steps here, with an unlimited budget).
 
 fp32 and bf16 only: with fp16, GradScaler's own `step()` reads found_inf on the host, a sync that is
 torch's, not the monitor's. On CPU there is no sync debug mode; `--device cpu` checks the rest.
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         train(cfg, run_dir=run_dir, progress=False, on_step=on_step, on_attach=on_attach,
-              monitor_config={"console": {"enabled": False}, "metrics": {"port": 0}})
+              monitor_config={"console": {"enabled": False}, "metrics": {"port": 0},
+                              "attention": {"every": 2, "budget": 1.0}})
     except Exception as e:  # a sync in the training thread raises here
         error = f"{type(e).__name__}: {e}"
         traceback.print_exc()
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         records = read_run(run_dir).records.get(0, [])
         result["records"] = len(records)
         result["record_steps_ok"] = [r.step for r in records] == list(range(a.steps))
+        result["attention_samples_checked"] = sum(1 for r in records if r.attention and r.step >= a.warmup)
     except Exception as e:
         result["records"], result["record_steps_ok"] = 0, False
         result["read_error"] = f"{type(e).__name__}: {e}"
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"the monitor dropped {mon.dropped_records} record(s)")
     if cuda and error is None and result["checked_steps"] != a.steps - a.warmup:
         problems.append(f"only {result['checked_steps']} of {a.steps - a.warmup} steps ran under sync debug mode")
+    if not result.get("attention_samples_checked"):
+        problems.append("no attention sample after the warm-up: the probe did not run under the check")
     if result["records"] != a.steps or not result["record_steps_ok"]:
         problems.append(f"{result['records']} records in {run_dir} for {a.steps} steps")
     result["passed"] = not problems
