@@ -111,6 +111,11 @@ class DdpConfig(_Section):
         "rank 0 compares them (ddp.desync, ddp.straggler). 0: off.",
     )
     exchange_timeout: float = Field(60.0, gt=0, description="Seconds rank 0 waits for the other ranks' posts.")
+    halt_margin_seconds: float = Field(
+        5.0, gt=0, description="With halt_on: every rank stops at the same optimizer step, this many seconds of "
+        "steps (at least 3) after the alert, so each rank hears of it in time; a rank halting alone would leave "
+        "the others blocked in their next all-reduce.",
+    )
     local_grad_norm: bool = Field(
         True, description="Measure each rank's gradient norm before the all-reduce (a DDP communication hook; "
         "left out when the model has a hook of its own).",

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,11 @@ class Monitor:
         self._publisher: Publisher | None = None
         self._events: EventWriter | None = None
         self._jsonl: JsonlAlertSink | None = None
-        self._halt: Alert | None = None
+        self._halt: Alert | None = None  # this rank's alert that asked for the halt
+        self._halt_at: int | None = None  # the optimizer step at which to raise TrainingHalted
+        self._halt_from: tuple[int, Alert] | None = None  # (rank, alert) of another rank's halt
         self._halt_raised = False
+        self._step_times: deque[float] = deque(maxlen=16)  # recent step times: halt_margin_seconds in steps
         self._http_sinks: list[Any] = []
         self.guard = ErrorGuard()
 
@@ -135,6 +139,9 @@ class Monitor:
             schedule=introspect.schedule_preview(scheduler, max_steps) if start_step == 0 else None,
             config=cfg.model_dump(mode="json"),
         )
+        self._halter = None
+        if store is not None and cfg.halt_on is not None:
+            self._halter = ddp.HaltCoordinator(store, self.rank, cfg.ddp.halt_margin_seconds)
         self._exchange = None
         if store is not None and cfg.ddp.exchange_every:
             self._exchange = ddp.RankExchange(store, self.rank, self.world_size, cfg.ddp.exchange_every,
@@ -199,7 +206,7 @@ class Monitor:
         self._publisher = Publisher(
             rank=self.rank, param_names=names, outputs=outputs, guard=self.guard,
             queue_size=cfg.collector.queue_size, on_drop=self.metrics.count_dropped,
-            idle=self._events.maybe_flush if self._events else None,
+            idle=self._idle,
             before=self._before_outputs, on_tick=lambda: self.engine.tick(time.time()),
         )
         probe_model, why_not = _probe_allowed(model, cfg)
@@ -222,7 +229,27 @@ class Monitor:
 
     # -- publisher thread: between building a record and handing it out ------------------------
 
+    def _idle(self) -> None:
+        """Publisher thread, when no step came for a second."""
+        if self._events is not None:
+            self._events.maybe_flush()
+        self._poll_halt()
+
+    def _poll_halt(self) -> None:
+        if self._halter is not None and self._halt_at is None:
+            decision = self._halter.poll()
+            if decision is not None:
+                self._apply_halt(decision)
+
+    def _apply_halt(self, decision: dict) -> None:
+        if decision["rank"] != self.rank:
+            self._halt_from = (decision["rank"], Alert.model_validate(decision["alert"]))
+        self._halt_at = int(decision["at"])
+
     def _before_outputs(self, rec, packet, fingerprint) -> None:
+        if rec.step_time is not None and rec.step_time > 0:
+            self._step_times.append(rec.step_time)
+        self._poll_halt()
         if packet.probe_cost is not None:
             self.metrics.probe(packet.probe_cost, packet.probe_every)
         sched = self._collector.schedule if self._collector is not None else None
@@ -266,17 +293,32 @@ class Monitor:
         cfg = self.config
         if cfg.halt_on is not None and self._halt is None and alert.severity.at_least(cfg.halt_on):
             self._halt = alert
+            if self._halter is None:
+                self._halt_at = self.step  # alone: at the next optimizer step
+            elif self._halt_at is None:
+                # DDP: every rank stops at the same step (the first rank to ask sets it).
+                # The median of recent steps: the slow first steps must not shrink the margin.
+                recent = sorted(self._step_times)
+                step_seconds = recent[len(recent) // 2] if recent else None
+                self._apply_halt(self._halter.request(self.step, step_seconds, alert.model_dump(mode="json")))
         if cfg.on_alert is not None:
             cfg.on_alert(alert)
 
     def _halt_check(self) -> None:
-        alert = self._halt
-        if alert is None or self._halt_raised:
+        """Training thread, before each optimizer step: two int reads unless a halt is due."""
+        at = self._halt_at
+        if at is None or self._halt_raised or self.step < at:
             return
         self._halt_raised = True  # raise once; a loop that catches it may go on
         self.flush()
+        if self._halt_from is not None:
+            rank, alert = self._halt_from
+            why = f"rank {rank} raised {alert.line()}"
+        else:
+            alert, why = self._halt, self._halt.line()
+        where = f" at step {self.step}, with every rank" if self._halter is not None else ""
         raise TrainingHalted(
-            f"trainmon halted training (halt_on={self.config.halt_on!r}): {alert.line()} Run dir: {self.run_dir}",
+            f"trainmon halted training{where} (halt_on={self.config.halt_on!r}): {why} Run dir: {self.run_dir}",
             alert,
         )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import struct
 import time
@@ -173,3 +174,37 @@ def install_local_norm_hook(model: torch.nn.Module, sink: list) -> bool:
     except RuntimeError:  # the user registered one already: theirs stays
         return False
     return True
+
+
+class HaltCoordinator:
+    """`halt_on` under DDP: every rank stops at the same optimizer step.
+
+    A rank that raised the alert proposes a halt step far enough ahead (its current step plus
+    the steps `margin_s` seconds take, at least `min_steps`) for every rank's publisher to read it
+    from the store in time; the first proposal wins (compare_set) and every rank raises
+    TrainingHalted when it reaches that step. A rank halting alone would leave the others blocked
+    in their next all-reduce until the process group's timeout.
+    """
+
+    def __init__(self, store: Any, rank: int, margin_s: float = 5.0, min_steps: int = 3) -> None:
+        self.store, self.rank, self.margin_s, self.min_steps = store, rank, margin_s, min_steps
+        self.key = f"{_PREFIX}{_job_id()}/halt"
+        self.decision: dict | None = None
+        self._last_poll = 0.0
+
+    def request(self, step: int, step_seconds: float | None, alert_json: dict) -> dict:
+        ahead = self.min_steps
+        if step_seconds and step_seconds > 0:
+            ahead = max(ahead, math.ceil(self.margin_s / step_seconds))
+        proposal = json.dumps({"at": step + ahead, "rank": self.rank, "alert": alert_json})
+        won = self.store.compare_set(self.key, "", proposal)  # the first proposal stays
+        self.decision = json.loads(won)
+        return self.decision
+
+    def poll(self, every_s: float = 0.2) -> dict | None:
+        """Publisher thread: another rank's decision, looked up at most every `every_s` seconds."""
+        if self.decision is None and time.monotonic() - self._last_poll >= every_s:
+            self._last_poll = time.monotonic()
+            if self.store.check([self.key]):
+                self.decision = json.loads(self.store.get(self.key))
+        return self.decision

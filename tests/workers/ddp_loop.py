@@ -4,7 +4,9 @@
 
 Each rank writes OUT_DIR/rank<N>.json: its final parameter hash and, when monitored, its alerts.
 Faults (rank 1 only): desync:STEP adds 1e-3 to one weight after the optimizer step; straggler sleeps
-before every forward; hang:STEP blocks before the backward of that step.
+before every forward; hang:STEP blocks before the backward of that step; nanlog:STEP reports a NaN
+loss through mon.log at that step (so only rank 1's monitor sees it). A TrainingHalted ends the loop
+and is written to rank<N>.json as "halted" (step and message).
 """
 
 from __future__ import annotations
@@ -44,14 +46,15 @@ def main() -> None:
     model = DDP(TinyLM())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    import monitor
+
     mon = None
     if a.with_monitor and (a.monitor_ranks == "all" or str(rank) in a.monitor_ranks.split(",")):
-        import monitor
-
         cfg = {"metrics": {"port": 0}, "console": {"enabled": False}, **json.loads(a.config)}
         mon = monitor.attach(model, opt, scheduler=sched, run_dir=a.out / "run", config=cfg, max_steps=a.steps)
     fault, _, arg = a.fault.partition(":")
     g = torch.Generator().manual_seed(1000 + rank)
+    halted = None
     for step in range(a.steps):
         for micro in range(a.accum):
             x = torch.randint(0, VOCAB, (4, 8), generator=g)
@@ -65,7 +68,13 @@ def main() -> None:
                     threading.Event().wait()  # blocks forever before the backward: rank 0 waits in the all-reduce
                 (loss / a.accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if fault == "nanlog" and rank == 1 and step == int(arg) and mon is not None:
+            mon.log(loss=float("nan"))
+        try:
+            opt.step()
+        except monitor.TrainingHalted as e:
+            halted = {"step": step, "message": str(e), "time": time.time()}
+            break
         opt.zero_grad(set_to_none=True)
         sched.step()
         if fault == "desync" and rank == 1 and step >= int(arg):
@@ -80,7 +89,8 @@ def main() -> None:
         mon.close()
     digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.module.parameters())).hexdigest()
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"rank{rank}.json").write_text(json.dumps({"hash": digest, "alerts": alerts, "world": world}))
+    (a.out / f"rank{rank}.json").write_text(json.dumps({"hash": digest, "alerts": alerts, "world": world,
+                                                        "halted": halted}))
     dist.destroy_process_group()
 
 
