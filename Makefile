@@ -31,6 +31,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/publisher.py
+	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/watch.py
 
 detection: $(STAMP)
 	$(BIN)/python benchmarks/detection.py
