@@ -319,6 +319,28 @@ def test_observe_attention_for_kernels_the_probe_cannot_see(tmp_path, text):
     assert 0 < sampled[0]["manual"]["entropy_ratio"] <= 1
 
 
+def test_observe_attention_inside_a_compiled_forward(tmp_path, text):
+    data = TextData(text, block_size=12, batch_size=2, seed=4)
+    torch.manual_seed(0)
+    ref: list = []
+    model = ManualAttention(data.vocab_size, ref)
+    opt = _opt(model)
+    compiled = torch.compile(model, backend="eager")  # dynamo traces the forward; no C++ build needed
+    cfg = {**QUIET, "attention": {"every": 3, "budget": 1.0}}
+    with monitor.attach(compiled, opt, run_dir=tmp_path / "r", config=cfg) as mon:
+        ref.append(mon)
+        for step in range(7):
+            x, y = data.batch(step)
+            compiled(x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        mon.flush()
+        assert mon.internal_errors == 0
+        recs = read_run(mon.run_dir).records[0]
+    # The call runs eagerly outside the graph, so "is this step sampled?" is asked anew each step.
+    assert sorted(_records_with_attention(recs)) == [0, 3, 6]
+
+
 def test_compiled_models_turn_the_probe_off_and_say_why(tmp_path):
     model = GPT(GPTConfig(vocab_size=16))
     compiled = torch.compile(model)  # not run: the check looks at the wrapper only

@@ -64,8 +64,9 @@ def _probe_allowed(model: torch.nn.Module, cfg: MonitorConfig) -> tuple[bool, st
     """Whether the attention probe may enter its TorchFunctionMode around this model's forward."""
     if not cfg.attention.enabled:
         return False, "attention.enabled is false"
-    compiled = torch._dynamo.eval_frame.OptimizedModule
-    if hasattr(model, "_orig_mod") or any(isinstance(m, compiled) for m in model.modules()):
+    # torch.compile's OptimizedModule holds the original as submodule `_orig_mod` (checked by name:
+    # importing torch._dynamo to test the type would cost a second at attach).
+    if any("_orig_mod" in m._modules for m in model.modules()):
         # A mode around a compiled graph would make dynamo recompile; report with observe_attention.
         return False, "compiled model: report attention with mon.observe_attention"
     return True, None
@@ -350,7 +351,6 @@ class Monitor:
     def internal_errors(self) -> int:
         return self.guard.count
 
-    @torch.compiler.disable  # a compiled model's call runs it eagerly (a graph break), on due steps only
     def observe_attention(
         self,
         q: torch.Tensor | None = None,
@@ -367,8 +367,12 @@ class Monitor:
         Pass the queries and keys as SDPA takes them, (batch, heads, queries, dim) and (batch,
         kv_heads, keys, dim), or the pre-softmax `logits` (batch, heads, queries, keys). `mask` is
         SDPA's: bool (True = may attend) or float (added to the logits). Costs nothing on steps
-        the probe does not sample; on sampled steps the first call per `layer` counts.
+        the probe does not sample; on sampled steps the first call per `layer` counts. Inside a
+        torch.compile'd forward it runs eagerly, outside the graph (a graph break).
         """
+        if torch.compiler.is_compiling():
+            return _eager_observe_attention()(self, q, k, layer=layer, logits=logits, mask=mask,
+                                              is_causal=is_causal, scale=scale)
         if not isinstance(layer, str) or not layer:
             raise TypeError(f"observe_attention: `layer` must be a non-empty str, got {layer!r}")
         if logits is None and not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
@@ -452,6 +456,18 @@ class Monitor:
 
     def __repr__(self) -> str:
         return f"Monitor(run_id={self.run_id!r}, rank={self.rank}, step={self.step}, run_dir={str(self.run_dir)!r})"
+
+
+_EAGER_OBSERVE = None
+
+
+def _eager_observe_attention():
+    """Monitor.observe_attention kept out of dynamo's graphs. Made on first use: torch.compiler.disable
+    imports torch._dynamo (a second), which only runs that compile anyway pay."""
+    global _EAGER_OBSERVE
+    if _EAGER_OBSERVE is None:
+        _EAGER_OBSERVE = torch.compiler.disable(Monitor.observe_attention)
+    return _EAGER_OBSERVE
 
 
 class _CallbackSink:
