@@ -303,3 +303,20 @@ def test_the_probe_draws_positions_from_its_own_generator():
         probe.end()
     assert torch.equal(torch.get_rng_state(), state)  # the run's stream is untouched
     assert len(set(offsets)) == 3 and all(0 <= o < 1 for o in offsets)
+
+
+def test_mha_under_autocast_is_measured_in_float32():
+    torch.manual_seed(2)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(2, 7, 16) * 3
+    want_probe = AttentionProbe({id(mha): "attn"})
+    want_probe.begin()
+    mha(x, x, x, need_weights=False)
+    want = want_probe.end()["attn"]
+    probe = AttentionProbe({id(mha): "attn"})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probe.begin()
+        mha(x, x, x, need_weights=False)
+        got = probe.end()["attn"]
+    assert got.dtype == torch.float32
+    assert got.tolist() == pytest.approx(want.tolist(), rel=1e-5)  # bf16 projections would be ~1e-2 off

@@ -19,6 +19,7 @@ k, ...)`, which uses the same computation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -63,14 +64,20 @@ def _cut(m: torch.Tensor, seqs: slice, rows: torch.Tensor | None, heads: slice) 
     return m
 
 
-def attention_stats(q: torch.Tensor | None, k: torch.Tensor | None, **kw: Any) -> torch.Tensor | None:
-    """`_stats` under no_grad and with autocast off: inside an autocast region the recomputed logits
+def _exact(device_type: str) -> contextlib.AbstractContextManager:
+    """no_grad with autocast off: inside an autocast region the recomputed projections and logits
     would otherwise be fp16/bf16 again (and overflow where the model's fused kernel does not)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    if torch.is_autocast_enabled(device_type):
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+def attention_stats(q: torch.Tensor | None, k: torch.Tensor | None, **kw: Any) -> torch.Tensor | None:
+    """`_stats` (below) computed exactly: float32, no autograd, autocast off."""
     t = kw.get("logits") if kw.get("logits") is not None else q
-    with torch.no_grad():
-        if isinstance(t, torch.Tensor) and torch.is_autocast_enabled(t.device.type):
-            with torch.autocast(t.device.type, enabled=False):
-                return _stats(q, k, **kw)
+    with _exact(t.device.type if isinstance(t, torch.Tensor) else "cpu"):
         return _stats(q, k, **kw)
 
 
@@ -338,7 +345,9 @@ class AttentionProbe:
         t0 = time.perf_counter()
         try:
             if func is _MHA:
-                stats = _mha_stats(args, kwargs, self.rows, self.batch, self.offset)
+                query = kwargs.get("query", args[0] if args else None)
+                with _exact(query.device.type):  # the projections too, not only the logits
+                    stats = _mha_stats(args, kwargs, self.rows, self.batch, self.offset)
             else:
                 stats = _sdpa_stats(args, kwargs, self.rows, self.batch, self.offset)
             self.record(self._layer(), stats)
