@@ -16,23 +16,13 @@ Results: benchmarks/results/attention-<preset>-<device>.{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
-from overhead import one_step  # noqa: E402
-
-import monitor  # noqa: E402
-from monitor.trainer import TrainConfig  # noqa: E402
-from monitor.trainer.loop import _Run  # noqa: E402
+from _paired import arguments, run_paired  # noqa: E402
 
 CONFIGS = {
     "probe off": {"attention": {"enabled": False}},
@@ -42,56 +32,10 @@ CONFIGS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=150, help="measured optimizer steps per configuration")
-    ap.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
-    ap.add_argument("--device", default="cpu")
-    a = ap.parse_args()
-    cfg = TrainConfig.from_preset(a.preset, max_steps=a.steps + a.warmup, device=a.device)
-    device = torch.device(a.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # benchmark only: step boundaries must be real on the device
-
-    names = ["off", *CONFIGS]
-    runs = {name: _Run(cfg, device) for name in names}
-    tmp = tempfile.TemporaryDirectory()
-    dirs = {name: Path(tmp.name) / name.replace(" ", "-") for name in CONFIGS}
-    mons = {
-        name: monitor.attach(runs[name].model, runs[name].optimizer, scaler=runs[name].scaler,
-                             scheduler=runs[name].scheduler, run_dir=dirs[name], max_steps=cfg.max_steps,
-                             config={"metrics": {"port": 0}, "console": {"enabled": False}, **CONFIGS[name]})
-        for name in CONFIGS
-    }
-    times: dict[str, list[float]] = {n: [] for n in names}
-    probe: dict[str, dict] = {}
-    try:
-        for step in range(a.warmup + a.steps):
-            order = names[step % len(names):] + names[:step % len(names)]
-            for name in order:
-                sync()
-                t0 = time.perf_counter()
-                one_step(runs[name], step, autocast)
-                sync()
-                if step >= a.warmup:
-                    times[name].append(time.perf_counter() - t0)
-            if step % 25 == 0:
-                print(f"step {step}/{a.warmup + a.steps}: " + ", ".join(
-                    f"{n} {times[n][-1] * 1e3:.1f} ms" for n in names if times[n]), flush=True)
-    finally:
-        for m in mons.values():
-            m.close()
-        for name, d in dirs.items():
-            probe[name] = json.loads((d / "run.json").read_text()).get("attention_probe") or {}
-        tmp.cleanup()
-    for name, m in mons.items():
-        assert m.internal_errors == 0 and m.dropped_records == 0, name
+    a = arguments(__doc__.splitlines()[0])
+    cfg, times, infos = run_paired(a, CONFIGS)
+    names = list(times)
+    probe = {name: info.get("attention_probe") or {} for name, info in infos.items()}
     off = times["off"]
     base = statistics.median(off)
     diff = {n: [t - o for t, o in zip(times[n], off)] for n in CONFIGS}

@@ -295,50 +295,45 @@ class ManualAttention(nn.Module):
         return F.cross_entropy(self.head(y).flatten(0, 1), targets.flatten())
 
 
-def test_observe_attention_for_kernels_the_probe_cannot_see(tmp_path, text):
+def _manual_run(tmp_path, text, compile_backend=None, before=None):
+    """ManualAttention for 7 steps with the probe every 3 steps; the records with attention."""
     data = TextData(text, block_size=12, batch_size=2, seed=4)
     torch.manual_seed(0)
     ref: list = []
     model = ManualAttention(data.vocab_size, ref)
     opt = _opt(model)
-    with monitor.attach(model, opt, run_dir=tmp_path / "r", config={**QUIET, "attention": {"every": 3, "budget": 1.0}}) as mon:
+    run = torch.compile(model, backend=compile_backend) if compile_backend else model
+    cfg = {**QUIET, "attention": {"every": 3, "budget": 1.0}}
+    with monitor.attach(run, opt, run_dir=tmp_path / "r", config=cfg) as mon:
         ref.append(mon)
+        if before is not None:
+            before(mon)
+        for step in range(7):
+            x, y = data.batch(step)
+            run(x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        mon.flush()
+        assert mon.internal_errors == 0
+        return _records_with_attention(read_run(mon.run_dir).records[0])
+
+
+def test_observe_attention_for_kernels_the_probe_cannot_see(tmp_path, text):
+    def bad_calls(mon):
         with pytest.raises(TypeError, match="layer"):
             mon.observe_attention(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2), layer="")
         with pytest.raises(TypeError, match="`q` and `k`"):
             mon.observe_attention(layer="x")
-        for step in range(7):
-            x, y = data.batch(step)
-            model(x, y).backward()
-            opt.step()
-            opt.zero_grad()
-        mon.flush()
-        recs = read_run(mon.run_dir).records[0]
-    sampled = _records_with_attention(recs)
+
+    sampled = _manual_run(tmp_path, text, before=bad_calls)
     assert sorted(sampled) == [0, 3, 6] and set(sampled[0]) == {"manual"}
     assert 0 < sampled[0]["manual"]["entropy_ratio"] <= 1
 
 
 def test_observe_attention_inside_a_compiled_forward(tmp_path, text):
-    data = TextData(text, block_size=12, batch_size=2, seed=4)
-    torch.manual_seed(0)
-    ref: list = []
-    model = ManualAttention(data.vocab_size, ref)
-    opt = _opt(model)
-    compiled = torch.compile(model, backend="eager")  # dynamo traces the forward; no C++ build needed
-    cfg = {**QUIET, "attention": {"every": 3, "budget": 1.0}}
-    with monitor.attach(compiled, opt, run_dir=tmp_path / "r", config=cfg) as mon:
-        ref.append(mon)
-        for step in range(7):
-            x, y = data.batch(step)
-            compiled(x, y).backward()
-            opt.step()
-            opt.zero_grad()
-        mon.flush()
-        assert mon.internal_errors == 0
-        recs = read_run(mon.run_dir).records[0]
-    # The call runs eagerly outside the graph, so "is this step sampled?" is asked anew each step.
-    assert sorted(_records_with_attention(recs)) == [0, 3, 6]
+    # dynamo traces the forward (the eager backend needs no C++ build); the call runs eagerly outside
+    # the graph, so "is this step sampled?" is asked anew each step.
+    assert sorted(_manual_run(tmp_path, text, compile_backend="eager")) == [0, 3, 6]
 
 
 def test_compiled_models_turn_the_probe_off_and_say_why(tmp_path):
