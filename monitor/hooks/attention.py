@@ -162,42 +162,50 @@ def _stats(
             if rows_idx is not None:
                 lg = lg.index_select(2, rows_idx)
             lg = lg.float()
-        visible = visible0.expand(lg.shape).clone()
-        for m, kind in masks4:
-            sub = _cut(m, seqs, rows_idx, heads)
-            if kind == "keep":
-                visible &= sub
-            elif kind == "drop":
-                visible &= ~sub
-            else:
-                sub = sub.float()
-                lg = lg + sub
-                visible &= sub > MASKED_BELOW
-        nans.append(lg.isnan().any())  # NaN logits (a diverged run) make max_logit NaN, not -inf
-        visible &= lg > float("-inf")
-        hidden = ~visible
-        # Entropy from logits shifted by their row maximum: H = log Z - sum(p * s), s = lg - max <= 0,
-        # without the cancellation of log Z - sum(p * lg) when logits are large and H small.
-        lg = lg.masked_fill(hidden, float("-inf"))
+        if masks4:
+            visible = visible0.expand(lg.shape).clone()
+            for m, kind in masks4:
+                sub = _cut(m, seqs, rows_idx, heads)
+                if kind == "keep":
+                    visible &= sub
+                elif kind == "drop":
+                    visible &= ~sub
+                else:
+                    sub = sub.float()
+                    lg = lg + sub
+                    visible &= sub > MASKED_BELOW
+        else:
+            visible = visible0  # (rows, keys), broadcast: no copy per head and sequence
+        if masks4 or logits is not None:
+            # -inf may come from an additive mask or the caller's logits: such keys are not visible.
+            # NaN logits (a diverged run) must still make max_logit NaN once masked away here.
+            nans.append(lg.isnan().any())
+            visible = visible & (lg > float("-inf"))
+        if not (visible is visible0 and not is_causal):
+            lg = lg.masked_fill(~visible, float("-inf"))
         top = lg.amax(-1, keepdim=True)
-        maxes.append(top.amax())  # -inf where nothing is visible
-        sh = lg - top.masked_fill(top == float("-inf"), 0.0)
-        e = sh.exp()  # 0 where hidden
+        maxes.append(top.amax())  # NaN propagates; -inf where nothing is visible
+        # Entropy from logits shifted by their row maximum: H = log Z - sum(e * s) / Z with s = lg -
+        # max <= 0 and e = exp(s), without the cancellation of log Z - sum(p * lg) when logits are
+        # large and H small. The largest probability of a row is exp(0) / Z. Hidden keys give
+        # e * s = 0 * -inf = NaN, which nansum skips (rows without a visible key are left out below).
+        sh = lg - top
+        e = sh.exp()
         z = e.sum(-1)
-        probs = e / z.unsqueeze(-1)  # NaN only in rows with no visible key (left out below)
-        entropy = z.log() - (probs * sh.masked_fill(hidden, 0.0)).sum(-1)  # (nb, hc, rows)
-        n_visible = visible.sum(-1)
-        unusable = n_visible < 2  # one visible key: nothing to choose, no entropy to normalise
+        entropy = z.log() - (e * sh).nansum(-1) / z  # (nb, hc, rows)
+        n_visible = visible.sum(-1)  # (rows,) when broadcast, else (nb, hc, rows)
+        unusable = (n_visible < 2).expand(entropy.shape)  # one visible key: nothing to choose
         ratio = (entropy / n_visible.clamp(min=2).log()).masked_fill(unusable, 0.0)
         ent_sum.append(ratio.sum(dim=(0, 2)))
-        ent_n.append(n_visible.shape[0] * n_visible.shape[2] - unusable.sum(dim=(0, 2)))
-        pmaxes.append(probs.masked_fill(unusable.unsqueeze(-1), 0.0).amax())
+        ent_n.append(entropy.shape[0] * entropy.shape[2] - unusable.sum(dim=(0, 2)))
+        pmaxes.append(z.reciprocal().masked_fill(unusable, 0.0).amax())
     n = torch.cat(ent_n)
     if len(maxes) > 1:
-        max_logit, max_prob, nan = torch.stack(maxes).amax(), torch.stack(pmaxes).amax(), torch.stack(nans).any()
+        max_logit, max_prob = torch.stack(maxes).amax(), torch.stack(pmaxes).amax()
     else:
-        max_logit, max_prob, nan = maxes[0], pmaxes[0], nans[0]
-    max_logit = max_logit.masked_fill(nan, float("nan"))
+        max_logit, max_prob = maxes[0], pmaxes[0]
+    if nans:
+        max_logit = max_logit.masked_fill(torch.stack(nans).any(), float("nan"))
     # Heads with no usable row (everything masked) are left out of the mean and the minimum; with
     # none at all both are NaN.
     per_head = torch.cat(ent_sum) / n
