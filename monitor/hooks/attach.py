@@ -238,13 +238,16 @@ class Monitor:
 
     def _poll_halt(self) -> None:
         if self._halter is not None and self._halt_at is None:
-            decision = self._halter.poll()
-            if decision is not None:
-                self._apply_halt(decision)
+            try:
+                decision = self._halter.poll()
+                if decision is not None:
+                    self._apply_halt(decision)
+            except Exception as e:  # a store hiccup must not cost the record its other outputs
+                self.guard.record("halt coordination", e)
 
     def _apply_halt(self, decision: dict) -> None:
-        if decision["rank"] != self.rank:
-            self._halt_from = (decision["rank"], Alert.model_validate(decision["alert"]))
+        if decision["rank"] != self.rank or self._halt is None:
+            self._halt_from = (int(decision["rank"]), Alert.model_validate(decision["alert"]))
         self._halt_at = int(decision["at"])
 
     def _before_outputs(self, rec, packet, fingerprint) -> None:
@@ -301,7 +304,11 @@ class Monitor:
                 # The median of recent steps: the slow first steps must not shrink the margin.
                 recent = sorted(self._step_times)
                 step_seconds = recent[len(recent) // 2] if recent else None
-                self._apply_halt(self._halter.request(self.step, step_seconds, alert.model_dump(mode="json")))
+                try:
+                    self._apply_halt(self._halter.request(self.step, step_seconds, alert.model_dump(mode="json")))
+                except Exception as e:  # no store: this rank still halts, as asked
+                    self.guard.record("halt coordination", e)
+                    self._halt_at = self.step
         if cfg.on_alert is not None:
             cfg.on_alert(alert)
 
