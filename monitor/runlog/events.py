@@ -306,9 +306,15 @@ class StepAssembler:
             fields["autocast"] = AUTOCAST_NAMES.get(fields["autocast"])
         i = n
         rest = 1
-        if len(values) > 1 and values[1].tag == PARAM_VECTOR_TAG:
-            fields["param_norms"] = self._param_vector(values[1].tensor)
-            rest = 2
+        if len(values) > 1:
+            second = values[1]
+            if second.tag == PARAM_VECTOR_TAG:
+                t = second.tensor
+                raw = t.tensor_content  # each access copies the bytes: once
+                ok = t.dtype == types_pb2.DT_FLOAT and len(raw) == 4 * len(self.param_names)
+                # Written for another parameter list: None, and the sampled scalars (if any) count.
+                fields["param_norms"] = ParamNorms(self.param_names, raw) if ok else None
+                rest = 2
         if mask & HAS_MORE:
             attention: dict[str, dict[str, float]] = {}
             scalars: dict[str, float] = {}
