@@ -39,6 +39,7 @@ detection: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/monitor rules --markdown > docs/rules.md
+	$(BIN)/monitor config --markdown > docs/config.md
 
 # grafana/ (dashboards, provisioning, Prometheus rules/tests/config) is generated; a test diffs it.
 grafana: $(STAMP)

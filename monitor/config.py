@@ -158,6 +158,8 @@ class AttentionConfig(_Section):
 
 
 class ConsoleConfig(_Section):
+    """Alerts printed by the process that raises them."""
+
     enabled: bool = Field(True, description="Print each alert as one line on stderr.")
 
 

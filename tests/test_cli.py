@@ -114,12 +114,38 @@ def test_rules_validates_a_config_file(tmp_path):
     assert result.exit_code == 2 and "rules.loss.spike.windw: unknown option" in result.output
 
 
+def test_committed_config_docs_are_generated():
+    result = runner.invoke(app, ["config", "--markdown"])
+    assert result.stdout == (ROOT / "docs" / "config.md").read_text(), "run `make docs` and commit docs/config.md"
+    for key in ("`attention.budget`", "`ddp.halt_margin_seconds`", "`sinks.alertmanager.url` | required",
+                "`watchdog.interval_seconds`"):
+        assert key in result.stdout
+
+
+def test_config_prints_the_effective_configuration_or_names_the_bad_key(tmp_path):
+    import yaml
+
+    good = tmp_path / "good.toml"
+    good.write_text('halt_on = "critical"\n[attention]\nevery = 20\n[rules."loss.spike"]\nz_critical = 9\n')
+    result = runner.invoke(app, ["config", "--config", str(good)], env={"MONITOR_METRICS__PORT": "9800"})
+    assert result.exit_code == 0, result.output
+    effective = yaml.safe_load(result.stdout)
+    assert effective["halt_on"] == "critical" and effective["attention"]["every"] == 20
+    assert effective["attention"]["budget"] == 0.01  # a default, filled in
+    assert effective["metrics"]["port"] == 9800  # the environment wins over the file
+    assert effective["rules"] == {"loss.spike": {"z_critical": 9}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("attention: {evry: 3}\n")
+    result = runner.invoke(app, ["config", "--config", str(bad)])
+    assert result.exit_code == 2 and "attention.evry: unknown key" in result.output
+
+
 def test_committed_rule_docs_are_generated():
     result = runner.invoke(app, ["rules", "--markdown"])
     assert result.stdout == (ROOT / "docs" / "rules.md").read_text(), "run `make docs` and commit docs/rules.md"
 
 
-def test_check_and_rules_do_not_import_torch(finished_run):
+def test_check_rules_and_config_do_not_import_torch(finished_run):
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
@@ -127,6 +153,8 @@ def test_check_and_rules_do_not_import_torch(finished_run):
         f"r = CliRunner().invoke(app, ['check', {str(finished_run[0])!r}])\n"
         "assert r.exit_code == 1, r.output\n"
         "assert CliRunner().invoke(app, ['rules']).exit_code == 0\n"
+        "assert CliRunner().invoke(app, ['config']).exit_code == 0\n"
+        "assert CliRunner().invoke(app, ['config', '--markdown']).exit_code == 0\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

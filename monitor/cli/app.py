@@ -117,6 +117,26 @@ def check(
         raise typer.Exit(EXIT_FINDINGS)
 
 
+@app.command("config")
+def config_cmd(
+    config: ConfigOpt = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the reference of every key (docs/config.md).")] = False,
+) -> None:
+    """Print the effective configuration (defaults, the file, MONITOR_* variables) as YAML, or the reference.
+
+    Exit 2 naming the bad key when the file or a variable is invalid: check a config before a long job.
+    """
+    if markdown:
+        from monitor.config_reference import config_markdown
+
+        typer.echo(config_markdown(), nl=False)
+        return
+    import yaml
+
+    cfg = _config(config)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"on_alert"}), sort_keys=False), nl=False)
+
+
 @app.command()
 def rules(
     config: ConfigOpt = None,
