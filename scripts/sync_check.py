@@ -7,7 +7,7 @@ in whichever thread makes it, and turns it off after the last step (the trainer 
 results back then). Passes when training raised nothing, the monitor counted no internal error
 (a sync in its publisher thread would be one) and dropped no record, and the run directory holds
 one record per optimizer step, the attention probe's samples among them (its steps run under the
-sync debug mode too: it probes every 2 steps here, with an unlimited budget).
+sync debug mode too: it probes every 2 steps here, a fixed interval).
 
 fp32 and bf16 only: with fp16, GradScaler's own `step()` reads found_inf on the host, a sync that is
 torch's, not the monitor's. On CPU there is no sync debug mode; `--device cpu` checks the rest.
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(cfg, run_dir=run_dir, progress=False, on_step=on_step, on_attach=on_attach,
               monitor_config={"console": {"enabled": False}, "metrics": {"port": 0},
-                              "attention": {"every": 2, "budget": 1.0}})
+                              "attention": {"every": 2, "max_every": 2}})
     except Exception as e:  # a sync in the training thread raises here
         error = f"{type(e).__name__}: {e}"
         traceback.print_exc()

@@ -53,7 +53,7 @@ def test_daemon_tails_a_live_run_and_raises_what_the_process_raised(tmp_path):
         cfg = TrainConfig.from_preset("tiny", max_steps=150, faults=["no-warmup", "attention-sharpen:60", "nan-at:120"])
         # The probe samples every 10 steps whatever this machine's load (see detection.QUIET).
         res = train(cfg, run_dir=tmp_path / "live", progress=False,
-                    monitor_config={**QUIET, "tensorboard": {"flush_secs": 0.2}, "attention": {"budget": 1.0}})
+                    monitor_config={**QUIET, "tensorboard": {"flush_secs": 0.2}, "attention": {"max_every": 10}})
         assert _wait(lambda: any(r.view.step == 149 for r in watcher.runs.values()))
         time.sleep(0.5)  # a few more passes: a finished run must not turn into a stalled one
     finally:

@@ -374,7 +374,8 @@ class Monitor:
         Pass the queries and keys as SDPA takes them, (batch, heads, queries, dim) and (batch,
         kv_heads, keys, dim), or the pre-softmax `logits` (batch, heads, queries, keys). `mask` is
         SDPA's: bool (True = may attend) or float (added to the logits). Costs nothing on steps
-        the probe does not sample; on sampled steps the first call per `layer` counts. Inside a
+        the probe does not sample; on sampled steps the first call per `layer` with autograd on
+        counts (evaluation passes under no_grad are left out). Inside a
         torch.compile'd forward it runs eagerly, outside the graph (a graph break).
         """
         if torch.compiler.is_compiling():

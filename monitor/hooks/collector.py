@@ -297,6 +297,8 @@ class StepCollector:
         """Statistics of one attention call from the user (custom kernels); only on due steps."""
         if self.schedule is None or not self.schedule.due(self.step) or layer in self._attn:
             return
+        if not torch.is_grad_enabled():
+            return  # an evaluation pass (no_grad) inside a sampled step is not the step's attention
         t0 = time.perf_counter()
         try:
             masks = [(mask, "keep" if mask.dtype == torch.bool else "add")] if mask is not None else []
