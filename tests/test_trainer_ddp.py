@@ -281,4 +281,7 @@ def _worker(out: Path, overrides: dict) -> None:
 
 
 if __name__ == "__main__":
+    from monitor.trainer.launch import exit_rank
+
     _worker(Path(sys.argv[1]), json.loads(sys.argv[2]))
+    exit_rank(0)  # not through interpreter finalization, where gloo can abort a finished rank

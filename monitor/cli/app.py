@@ -245,6 +245,10 @@ def train(
                                 progress=progress)
     else:
         code = cli.execute(cfg, run_dir=run_dir, monitor_config=mon_cfg, no_monitor=no_monitor, progress=progress)
+        if resolved_config is not None:  # a rank `monitor train --nproc` launched: its run is written
+            from monitor.trainer.launch import exit_rank
+
+            exit_rank(code)
     if code:
         raise typer.Exit(code)
 

@@ -92,6 +92,9 @@ def main() -> None:
     (a.out / f"rank{rank}.json").write_text(json.dumps({"hash": digest, "alerts": alerts, "world": world,
                                                         "halted": halted}))
     dist.destroy_process_group()
+    from monitor.trainer.launch import exit_rank
+
+    exit_rank(0)  # not through interpreter finalization, where gloo can abort a finished rank
 
 
 if __name__ == "__main__":
