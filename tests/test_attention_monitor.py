@@ -320,6 +320,7 @@ def _manual_run(tmp_path, text, compile_backend=None, before=None):
 
 def test_observe_attention_for_kernels_the_probe_cannot_see(tmp_path, text):
     def bad_calls(mon):
+        assert mon.attention_due  # step 0 is sampled: a caller may skip building q and k otherwise
         with pytest.raises(TypeError, match="layer"):
             mon.observe_attention(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2), layer="")
         with pytest.raises(TypeError, match="`q` and `k`"):

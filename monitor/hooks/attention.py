@@ -272,13 +272,17 @@ class _Interceptor(TorchFunctionMode):
         return out
 
 
+def sdpa_masks(mask: torch.Tensor | None) -> list[Mask]:
+    """SDPA's attn_mask as a mask list: bool (True = may attend) or float (added to the logits)."""
+    return [(mask, "keep" if mask.dtype == torch.bool else "add")] if mask is not None else []
+
+
 def _sdpa_stats(args: tuple, kwargs: dict, rows: int, batch: int, offset: float = 0.0) -> torch.Tensor | None:
     q, k = kwargs.get("query", args[0] if args else None), kwargs.get("key", args[1] if len(args) > 1 else None)
     mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
     is_causal = kwargs.get("is_causal", args[5] if len(args) > 5 else False)
     scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
-    masks = [(mask, "keep" if mask.dtype == torch.bool else "add")] if mask is not None else []
-    return attention_stats(q, k, masks=masks, is_causal=bool(is_causal), scale=scale, rows=rows, batch=batch,
+    return attention_stats(q, k, masks=sdpa_masks(mask), is_causal=bool(is_causal), scale=scale, rows=rows, batch=batch,
                            offset=offset)
 
 
@@ -385,7 +389,6 @@ class ProbeSchedule:
         self.next = -(-start_step // every) * every  # the first multiple of `every` at or after the start
         self.step_seconds: float | None = None  # EMA of unprobed step times
         self.forward_seconds: float | None = None  # EMA of unprobed first forwards
-        self.last_cost: float | None = None
         self.samples = 0
         self.costs: list[float] = []  # the last few probe costs, for run.json
         self.hurried = 0  # probes brought forward because attention moved
@@ -408,7 +411,6 @@ class ProbeSchedule:
     def probed(self, step: int, cost: float) -> None:
         """A probe ran at `step` and cost `cost` seconds: adapt the interval, schedule the next one."""
         self.samples += 1
-        self.last_cost = cost
         self.costs = [*self.costs[-15:], cost]
         if self.step_seconds:
             share = lambda every: cost / (every * self.step_seconds)  # noqa: E731

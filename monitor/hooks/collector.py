@@ -26,7 +26,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
 from monitor.hooks import clip as clip_patch
-from monitor.hooks.attention import STATS, AttentionProbe, ProbeSchedule, attention_stats
+from monitor.hooks.attention import STATS, AttentionProbe, ProbeSchedule, attention_stats, sdpa_masks
 from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.intercept import intercept
 
@@ -301,11 +301,10 @@ class StepCollector:
             return  # an evaluation pass (no_grad) inside a sampled step is not the step's attention
         t0 = time.perf_counter()
         try:
-            masks = [(mask, "keep" if mask.dtype == torch.bool else "add")] if mask is not None else []
             cfg = self._attn_cfg
             if self._attn_offset is None:  # one position per step, as the probe draws one per forward
                 self._attn_offset = float(torch.rand((), generator=self._attn_gen))
-            stats = attention_stats(q, k, logits=logits, masks=masks, is_causal=is_causal, scale=scale,
+            stats = attention_stats(q, k, logits=logits, masks=sdpa_masks(mask), is_causal=is_causal, scale=scale,
                                     rows=cfg.rows, batch=cfg.batch, offset=self._attn_offset)
             if stats is not None:
                 self._attn[layer] = stats

@@ -284,10 +284,10 @@ class StepAssembler:
         self.param_names = param_names or []
 
     def _param_vector(self, t: tensor_pb2.TensorProto) -> ParamNorms | None:
-        n = len(t.tensor_content) // 4
-        if t.dtype != types_pb2.DT_FLOAT or n != len(self.param_names):
+        raw = t.tensor_content  # each access copies the bytes: once
+        if t.dtype != types_pb2.DT_FLOAT or len(raw) != 4 * len(self.param_names):
             return None  # written for another parameter list: fall back to the sampled scalars
-        return ParamNorms(self.param_names, t.tensor_content)
+        return ParamNorms(self.param_names, raw)
 
     def _from_vectors(self, ev: event_pb2.Event, values) -> StepRecord | None:
         content = values[0].tensor.tensor_content
@@ -306,15 +306,9 @@ class StepAssembler:
             fields["autocast"] = AUTOCAST_NAMES.get(fields["autocast"])
         i = n
         rest = 1
-        if len(values) > 1:
-            second = values[1]
-            if second.tag == PARAM_VECTOR_TAG:
-                t = second.tensor
-                raw = t.tensor_content  # each access copies the bytes: once
-                ok = t.dtype == types_pb2.DT_FLOAT and len(raw) == 4 * len(self.param_names)
-                # Written for another parameter list: None, and the sampled scalars (if any) count.
-                fields["param_norms"] = ParamNorms(self.param_names, raw) if ok else None
-                rest = 2
+        if len(values) > 1 and values[1].tag == PARAM_VECTOR_TAG:
+            fields["param_norms"] = self._param_vector(values[1].tensor)
+            rest = 2
         if mask & HAS_MORE:
             attention: dict[str, dict[str, float]] = {}
             scalars: dict[str, float] = {}

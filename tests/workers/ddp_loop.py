@@ -73,7 +73,7 @@ def main() -> None:
         try:
             opt.step()
         except monitor.TrainingHalted as e:
-            halted = {"step": step, "message": str(e), "time": time.time()}
+            halted = {"step": step, "message": str(e)}
             break
         opt.zero_grad(set_to_none=True)
         sched.step()
