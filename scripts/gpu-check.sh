@@ -9,8 +9,10 @@
 #   d  sync-fp32, sync-bf16: the monitor under torch.cuda.set_sync_debug_mode("error")
 #      (scripts/sync_check.py): no host-device sync, no internal error, a record per step
 #   e  overhead: benchmarks/overhead.py --device cuda --preset small --steps STEPS
+#   f  attention: benchmarks/attention.py --device cuda --preset small --steps STEPS (the probe's cost)
 # Results: benchmarks/results/gpu-check.md (pass/fail and numbers per section),
-#          benchmarks/results/gpu-check/*.log and run directories, overhead-small-cuda.{json,md}.
+#          benchmarks/results/gpu-check/*.log and run directories, overhead-small-cuda.{json,md},
+#          attention-small-cuda.{json,md}.
 #
 # Usage: scripts/gpu-check.sh [--device cuda] [--preset small] [--steps 200] [--results DIR] [--copy-to DIR]
 #   --device cpu runs the same sections on CPU (nvidia-smi and sync debug mode skipped): to try the
@@ -122,7 +124,7 @@ write_summary() {
     if [ -n "$COPY_TO" ]; then
         mkdir -p "$COPY_TO"
         cp "$SUMMARY" "$COPY_TO/"
-        cp "$RESULTS"/overhead-"$PRESET"-"${DEVICE%%:*}".{json,md} "$COPY_TO/" 2>/dev/null
+        cp "$RESULTS"/{overhead,attention}-"$PRESET"-"${DEVICE%%:*}".{json,md} "$COPY_TO/" 2>/dev/null
         tar -czf "$COPY_TO/gpu-check-logs.tar.gz" -C "$RESULTS" "$(basename "$LOGS")" 2>/dev/null
     fi
 }
@@ -273,6 +275,23 @@ if [ "$RESULTS" != "$ROOT/benchmarks/results" ] && [ -f "$OVH" ]; then
     cp "$OVH" "${OVH%.json}.md" "$RESULTS/" 2>/dev/null
 fi
 row "e overhead" "$(verdict $RC)" "$SECS" "$NUMS"
+
+# --- f: the attention probe's cost -----------------------------------------------------------------
+touch "$MARK"
+run_section attention 150 "$PY" benchmarks/attention.py --device "$DEVICE" --preset "$PRESET" --steps "$STEPS"
+ATT=$ROOT/benchmarks/results/attention-$PRESET-${DEVICE%%:*}.json
+[ "$ATT" -nt "$MARK" ] || ATT=/nonexistent
+NUMS=$("$PY" - "$ATT" <<'EOF' 2>/dev/null || echo "no new results file"
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"sampled step +{r['sampled_step_cost_ms']:.2f} ms ({r['sampled_step_share'] * 100:.1f}%), "
+      f"interval {r['defaults_interval']}, amortised {r['amortised_share'] * 100:.2f}%")
+EOF
+)
+if [ "$RESULTS" != "$ROOT/benchmarks/results" ] && [ -f "$ATT" ]; then
+    cp "$ATT" "${ATT%.json}.md" "$RESULTS/" 2>/dev/null
+fi
+row "f attention probe" "$(verdict $RC)" "$SECS" "$NUMS"
 
 FAILED=$(cut -f2 "$ROWS" | grep -cv -E '^(PASS|SKIPPED)$')
 echo
