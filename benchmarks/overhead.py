@@ -23,6 +23,11 @@ from _paired import arguments, run_paired  # noqa: E402
 CONFIGS = {
     "defaults": {},
     "no per-param norms": {"collector": {"param_norms_every": 0}},
+    "no attention probe": {"attention": {"enabled": False}},
+    # What the hooks cost with the least publisher work: where the step is bound by the host (small
+    # models on a GPU), the publisher thread's Python competes with the training thread for the GIL.
+    "hooks + rules only": {"collector": {"param_norms_every": 0}, "attention": {"enabled": False},
+                           "tensorboard": {"enabled": False}, "metrics": {"enabled": False}},
 }
 
 
