@@ -87,6 +87,11 @@ class StepRecord(BaseModel):
         for name, factory in _STEP_FACTORY_ITEMS:
             if name not in values:
                 d[name] = factory()
+        return cls.from_trusted(d)
+
+    @classmethod
+    def from_trusted(cls, d: dict[str, Any]) -> StepRecord:
+        """A record whose __dict__ is `d`, which must hold every field (the event decoder builds it)."""
         obj = _new(cls)
         _set(obj, "__dict__", d)
         _set(obj, "__pydantic_fields_set__", set())

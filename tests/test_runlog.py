@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import multiprocessing as mp
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from monitor.runlog.events import EventWriter
@@ -114,3 +116,96 @@ def test_param_norm_vectors_round_trip_exactly(tmp_path):
     got = read_run(tmp_path / "run").records[0]
     assert got[2].param_norms == {"w": float(__import__("numpy").float32(0.1 + 1e-9)), "b": 0.0}
     assert got[0].param_norms == {"w": 0.25, "b": 0.125}
+
+
+# -- the daemon's fast reading path: byte framing and the template decoder --------------------------
+
+from tensorboard.compat.proto import event_pb2  # noqa: E402
+
+from monitor.runlog.events import _MISS, StepAssembler, StepDecoder, _same, encode_step  # noqa: E402
+from monitor.runlog.tfrecord import CorruptRecord, encode_record, iter_buffer, read_records  # noqa: E402
+
+NAMES = [f"blocks.{i}.w" for i in range(5)]
+
+
+def _varied(n=400):
+    """Records of every shape a run writes: sampled parameter vectors, AMP fields, skipped steps,
+    non-finite values, attention and scalars (extras), steps that need 1 to 4 varint bytes."""
+    out = []
+    for i in range(n):
+        step = [i, 127 + i, 16383 + i, 2_000_000 + i][i % 4]
+        out.append(StepRecord(
+            step=step, time=1.7e9 + i * 0.25, loss=math.nan if i == 37 else 2.0 + math.sin(i), lr=[1e-3 * (i % 7), 5e-4],
+            grad_norm=math.inf if i == 51 else 0.5 + i / 1000, grad_norm_clipped=0.5, clip_coef=1.0, max_norm=1.0,
+            loss_scale=2.0 ** (i % 5) if i % 3 else None, skipped=i % 11 == 0 and i % 3 != 0,
+            step_time=0.1, tokens=None if i % 13 == 0 else 4096, micro_batches=1, scheduler_steps=1,
+            autocast="float16" if i % 3 else None,
+            param_norms={n: (i + 1) / (k + 1) for k, n in enumerate(NAMES) if not (i % 17 == 0 and k == 2)}
+            if i % 2 else None,
+            attention={"blocks.0.attn": {"entropy_ratio": 0.5}} if i % 29 == 0 else None,
+            scalars={"acc": 0.5} if i % 31 == 0 else {}))
+    return out
+
+
+def test_template_decoder_reads_every_shape_exactly_as_protobuf(tmp_path):
+    datas = [encode_step(r, param_norms=r.step % 3 == 0, param_names=NAMES) for r in _varied()]
+    slow, fast = StepAssembler(0, NAMES), StepDecoder(0, NAMES)
+    hits = 0
+    for data in datas:
+        expect = slow.from_event(event_pb2.Event.FromString(data))
+        hits += fast._fast(data) is not _MISS
+        got = fast.decode(data)
+        assert _same(got, expect), (got, expect)
+    assert hits > len(datas) // 2  # most records took the template path (extras and first shapes did not)
+
+
+def test_template_decoder_falls_back_when_the_framing_differs():
+    r = _varied(2)[1]
+    dec = StepDecoder(0, NAMES)
+    data = encode_step(r, param_names=NAMES)
+    dec.decode(data)
+    assert dec._fast(data) is not _MISS
+    # Same length, other framing: another tag of the same length in the step vector's place, and a
+    # parameter vector written for another parameter list (its dtype byte changed).
+    for old, new in ((b"trainmon/step", b"trainmon/stap"), (b"\x08\x01\x12", b"\x08\x13\x12")):
+        assert old in data
+        other = data.replace(old, new, 1)
+        expect = StepAssembler(0, NAMES).from_event(event_pb2.Event.FromString(other))
+        assert dec._fast(other) is _MISS
+        assert _same(dec.decode(other), expect) if expect is not None else dec.decode(other) is None
+
+
+def test_iter_buffer_frames_like_read_records():
+    datas = [encode_step(r, param_names=NAMES) for r in _varied(20)]
+    buf = b"".join(encode_record(d) for d in datas)
+    assert list(iter_buffer(buf)) == list(read_records(io.BytesIO(buf)))
+    # A record still being written is left for later; what came before is returned.
+    cut = buf[:-7]
+    assert [d for _, d in iter_buffer(cut)] == datas[:-1]
+    assert [d for _, d in iter_buffer(buf[:len(buf) - len(encode_record(datas[-1])) + 5])] == datas[:-1]
+    bad = bytearray(buf)
+    bad[len(encode_record(datas[0])) + 20] ^= 0xFF  # inside the second record's data
+    with pytest.raises(CorruptRecord):
+        list(iter_buffer(bytes(bad)))
+
+
+def test_tail_reads_across_chunk_boundaries(tmp_path, monkeypatch):
+    from monitor.runlog.adapters import tbtail
+    from monitor.runlog.adapters.trainmon import TrainmonSource
+
+    monkeypatch.setattr(tbtail, "_CHUNK", 300)  # smaller than one record with extras: the chunk must grow
+    rd = RunDir(tmp_path / "run")
+    rd.write_run_info(RunInfo(run_id="run"))
+    src = _records(40)
+    w = EventWriter(rd.events_dir, 0, param_norms_every=3)
+    for r in src[:25]:
+        w.write(r)
+    w.flush()
+    source = TrainmonSource(tmp_path / "run")
+    first = source.poll()
+    for r in src[25:]:
+        w.write(r)
+    w.close()
+    second = source.poll()
+    assert [r.step for r in first + second] == list(range(40)) and not source.problems
+    assert all(_same(a, b) for a, b in zip(first + second, read_run(tmp_path / "run").records[0], strict=True))

@@ -52,3 +52,24 @@ def read_records(f: BinaryIO, offset: int = 0, *, check_crc: bool = True) -> Ite
             raise CorruptRecord(f"bad data checksum at byte {offset}")
         offset += _HEADER.size + length + _FOOTER.size
         yield offset, data
+
+
+def iter_buffer(buf: bytes, offset: int = 0, *, check_crc: bool = True) -> Iterator[tuple[int, bytes]]:
+    """`read_records` over bytes already read: (offset in `buf` after the record, data) for each whole
+    record from `offset` on. The daemon reads a file's new bytes in one call and frames them here,
+    which costs a third of a read() per record."""
+    unpack_header, unpack_footer = _HEADER.unpack_from, _FOOTER.unpack_from
+    end = len(buf)
+    while offset + _HEADER.size <= end:
+        length, length_crc = unpack_header(buf, offset)
+        if check_crc and masked_crc32c(buf[offset:offset + 8]) != length_crc:
+            raise CorruptRecord(f"bad length checksum at byte {offset}")
+        start = offset + _HEADER.size
+        stop = start + length
+        if stop + _FOOTER.size > end:
+            return  # incomplete: the writer has not finished this record yet
+        data = buf[start:stop]
+        if check_crc and masked_crc32c(data) != unpack_footer(buf, stop)[0]:
+            raise CorruptRecord(f"bad data checksum at byte {offset}")
+        offset = stop + _FOOTER.size
+        yield offset, data

@@ -24,7 +24,9 @@ from typing import Any, NamedTuple
 from google.protobuf.message import DecodeError
 from tensorboard.compat.proto import event_pb2, types_pb2
 
-from monitor.runlog.tfrecord import CorruptRecord, read_records
+from monitor.runlog.tfrecord import CorruptRecord, iter_buffer
+
+_CHUNK = 16 << 20  # bytes read at a time
 
 
 class ScalarPoint(NamedTuple):
@@ -91,6 +93,18 @@ class TensorBoardTail:
 
     def poll_events(self) -> list[tuple[str, event_pb2.Event]]:
         """(file name, Event) of every whole record appended since the last poll, file by file."""
+        return self.poll_decoded(self._event)
+
+    def _event(self, name: str, data: bytes) -> tuple[str, event_pb2.Event]:
+        ev = event_pb2.Event.FromString(data)
+        if self.first_wall_time is None:
+            self.first_wall_time = ev.wall_time
+        return name, ev
+
+    def poll_decoded(self, decode: Callable[[str, bytes], Any]) -> list[Any]:
+        """`decode(file name, record bytes)` of every whole record appended since the last poll, file by
+        file; None results are dropped. A record that decode rejects with DecodeError is reported once
+        per file and skipped."""
         try:
             names = event_file_names(self.directory)
         except FileNotFoundError:
@@ -99,17 +113,17 @@ class TensorBoardTail:
         except OSError as e:
             self._report("dir-unreadable", f"{self.directory}: unreadable: {e.strerror or e}")
             return []
-        out: list[tuple[str, event_pb2.Event]] = []
+        out: list[Any] = []
         present = set(names)
         for name in [n for n in self.offsets if n not in present]:
             self._report(f"gone:{name}", f"{self.directory / name}: the file vanished after {self.offsets[name]} bytes")
             del self.offsets[name]
         for name in names:
             if name not in self.dead:
-                self._read_file(name, out)
+                self._read_file(name, out, decode)
         return out
 
-    def _read_file(self, name: str, out: list[tuple[str, event_pb2.Event]]) -> None:
+    def _read_file(self, name: str, out: list[Any], decode: Callable[[str, bytes], Any]) -> None:
         path = self.directory / name
         offset = self.offsets.get(name, 0)
         try:
@@ -126,20 +140,33 @@ class TensorBoardTail:
         elif size == offset:
             self.offsets[name] = offset
             return
+        append = out.append
         try:
             with open(path, "rb") as f:
-                for end, data in read_records(f, offset):
-                    offset = end
-                    try:
-                        ev = event_pb2.Event.FromString(data)
-                    except DecodeError:
-                        self._report(f"proto:{name}", f"{path}: a record that is not a TensorBoard event at byte "
-                                     f"{end - len(data) - 16}; skipped it")
-                        continue
-                    self.events_read += 1
-                    if self.first_wall_time is None:
-                        self.first_wall_time = ev.wall_time
-                    out.append((name, ev))
+                # What the stat saw, read in chunks (bytes appended since wait for the next poll); a
+                # record cut at a chunk's end is read again with the next chunk.
+                chunk = _CHUNK
+                while offset < size:
+                    f.seek(offset)
+                    buf = f.read(min(chunk, size - offset))
+                    if not buf:
+                        break
+                    base, used = offset, 0
+                    for used, data in iter_buffer(buf):
+                        try:
+                            item = decode(name, data)
+                        except DecodeError:
+                            self._report(f"proto:{name}", f"{path}: a record that is not a TensorBoard event at "
+                                         f"byte {base + used - len(data) - 16}; skipped it")
+                            item = None
+                        offset = base + used
+                        if item is not None:
+                            self.events_read += 1
+                            append(item)
+                    if used == 0:  # not one whole record in the chunk
+                        if len(buf) < chunk:
+                            break  # the writer has not finished it yet
+                        chunk *= 2  # a record larger than a chunk
         except CorruptRecord as e:
             self.dead.add(name)
             self._report(f"corrupt:{name}", f"{path}: corrupt record ({e}); read the records before it, "

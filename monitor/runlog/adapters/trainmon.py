@@ -3,7 +3,7 @@
 run.json gives the RunInfo (re-read when it changes: the training process adds endpoints while it
 runs and a summary with "ended" at close); rank 0's event files lie in the run directory itself,
 rank N's in `rank<N>/` (ranks that appear later are picked up). Each event is one whole step
-(`monitor.runlog.events.StepAssembler`), so nothing is held back.
+(`monitor.runlog.events.StepDecoder`), so nothing is held back.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.runlog.adapters.tbtail import TensorBoardTail
-from monitor.runlog.events import StepAssembler
+from monitor.runlog.events import StepDecoder
 from monitor.runlog.reader import read_run_info
 from monitor.runlog.rundir import RUN_JSON
 from monitor.runlog.sources import SourceError
@@ -40,6 +40,7 @@ class TrainmonSource:
         self.problems: list[str] = []
         self._info_mtime = self._mtime()
         self._tails: dict[int, TensorBoardTail] = {}
+        self._decoders: dict[int, StepDecoder] = {}  # per rank: each keeps its event shapes' templates
         self._reported: set[str] = set()
 
     def _mtime(self) -> int | None:
@@ -76,12 +77,12 @@ class TrainmonSource:
             tail = self._tails.get(rank)
             if tail is None:
                 tail = self._tails[rank] = TensorBoardTail(d, self.problems)
-            asm = StepAssembler(rank, names)
+            dec = self._decoders.get(rank)
+            if dec is None or dec.param_names is not names:  # run.json may name the parameters later
+                dec = self._decoders[rank] = StepDecoder(rank, names)
             by_step: dict[int, StepRecord] = {}
-            for _, ev in tail.poll_events():
-                r = asm.from_event(ev)
-                if r is not None:
-                    by_step[r.step] = r  # a restarted writer's later record for a step wins (as read_run)
+            for r in tail.poll_decoded(lambda _name, data, decode=dec.decode: decode(data)):
+                by_step[r.step] = r  # a restarted writer's later record for a step wins (as read_run)
             out.extend(by_step[s] for s in sorted(by_step))
         return out
 
