@@ -71,11 +71,6 @@ class StepRecord(BaseModel):
     )
     scalars: dict[str, float] = Field(default_factory=dict, description="Extra scalars passed to mon.log().")
 
-    @property
-    def max_lr(self) -> float | None:
-        """The largest LR over param groups (what most rules judge)."""
-        return max(self.lr) if self.lr else None
-
     @classmethod
     def fast(cls, **values: Any) -> StepRecord:
         """Build without validation, for trusted internal data on hot paths (publisher, tailing readers).
@@ -99,6 +94,26 @@ class StepRecord(BaseModel):
         _set(obj, "__pydantic_private__", None)
         return obj
 
+
+class _MaxLr:
+    """StepRecord.max_lr: the largest LR over param groups (what most rules judge).
+
+    Computed on first use and kept in the instance's __dict__, which then answers later lookups
+    without calling this (a non-data descriptor): records are not changed once built, and half the
+    rules ask. The event decoder fills it in when it builds a record. (functools.cached_property
+    would do the same with a lock taken on every first use.)
+    """
+
+    def __get__(self, obj: StepRecord | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        lr = obj.lr
+        value = max(lr) if lr else None
+        obj.__dict__["max_lr"] = value
+        return value
+
+
+StepRecord.max_lr = _MaxLr()  # after the class: pydantic would take a class attribute for a field
 
 _STEP_PLAIN_DEFAULTS = {n: f.default for n, f in StepRecord.model_fields.items()
                         if not f.is_required() and f.default_factory is None}

@@ -387,3 +387,109 @@ def test_foreign_inf_grad_norm_is_a_warning():
     assert "skipped" in alerts[0].message
     nan_loss = run_rules(recs(30, loss=lambda s: math.nan if s == 12 else 2.0), ["loss.nonfinite"], run=hf)
     assert [a.severity.value for a in nan_loss] == ["critical"]
+
+
+# -- the fast paths of the rules' statistics give the plain computation's exact floats ------------
+
+
+def _plain_median_mad(values):
+    vals = sorted(values)
+    n, mid = len(vals), len(vals) // 2
+    med = vals[mid] if n % 2 else 0.5 * (vals[mid - 1] + vals[mid])
+    dev = sorted(abs(v - med) for v in vals)
+    return med, dev[mid] if n % 2 else 0.5 * (dev[mid - 1] + dev[mid])
+
+
+@pytest.mark.parametrize("size", [10, 11, 100, 101])
+def test_robust_window_matches_the_plain_median_and_mad(size):
+    import random
+
+    from monitor.rules.stats import RobustWindow
+
+    rng = random.Random(size)
+    w = RobustWindow(size, refresh=1)
+    for i in range(3 * size):
+        x = rng.choice([rng.gauss(0, 1), round(rng.gauss(0, 1), 1), 1e300 * rng.random(), -0.0, 0.0])
+        w.push(x)
+        assert (w.med, w.mad) == _plain_median_mad(list(w.values)), i
+
+
+def test_param_baseline_fast_fold_matches_the_plain_fold():
+    from monitor.rules.stats import ParamBaseline
+
+    names = [f"p{i}" for i in range(20)]
+    fast, plain = ParamBaseline(), {}
+    for step in range(60):
+        norms = {n: (k + 1) * (1.0 + 0.3 * math.sin(step + k)) for k, n in enumerate(names)}
+        if step == 30:
+            norms["p3"] = math.nan  # one unusable value: the slow path, which skips it
+        if step == 40:
+            norms = {n: v for n, v in norms.items() if n != "p5"}  # a parameter without a gradient
+        fast.calls = 0  # fold every record
+        fast.update(norms)
+        for n, v in norms.items():
+            if v > 0 and math.isfinite(v):
+                old = plain.get(n)
+                plain[n] = math.log(v) if old is None else old + fast.alpha * (math.log(v) - old)
+        assert fast.log_norms == plain and list(fast.log_norms) == list(plain), step
+
+
+def test_rules_read_parameter_vectors_without_any_gradient():
+    """A step where no parameter had a gradient decodes to an empty mapping that is still truthy
+    (the vector was there); rules must not trip over it."""
+    from monitor.runlog.events import NO_GRAD_BYTES, ParamNorms
+
+    names = ["a", "b", "c"]
+    engine = RulesEngine(RUN.model_copy(update={"model": RUN.model.model_copy(update={"param_names": names})}), {})
+    for s in range(400):
+        raw = NO_GRAD_BYTES * 3 if s % 7 == 0 else b"".join(
+            __import__("struct").pack("<f", 0.5 + 0.01 * (s % 5)) for _ in names)
+        engine.observe(StepRecord.fast(step=s, loss=2.0 + 0.01 * math.sin(s), lr=[1e-3 * min(1, (s + 1) / 50)],
+                                       grad_norm=1.0, param_norms=ParamNorms(names, raw)))
+    assert engine.errors == 0
+
+
+def test_retired_rules_leave_only_their_own_ranks_loop():
+    """A rule that retires on one rank keeps seeing the other rank's records until it retires there
+    too (it sees the record on which it retired, as before), and a state pickled before `retired`
+    was a property still loads."""
+    import pickle
+
+    seen = []
+
+    class Once(_Threshold):
+        """Judges the first three records of a rank, then retires.
+
+        Symptom: s.
+        Why: w.
+        Fix: f.
+        """
+
+        id = "custom.once"
+        scope = "rank"
+
+        def observe(self, r):
+            seen.append((r.rank, r.step))
+            if r.step == 2:
+                self.retired = True
+            return None
+
+    reg = RuleRegistry()
+    reg.register(Once)
+    engine = RulesEngine(RUN, {}, registry=reg)
+    engine.observe_many(StepRecord(step=s, rank=0, loss=2.0) for s in range(5))
+    engine.observe_many(StepRecord(step=s, rank=1, loss=2.0) for s in range(2))
+    assert seen == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    engine.observe_many(StepRecord(step=s, rank=1, loss=2.0) for s in range(2, 6))
+    assert seen[-1] == (1, 2) and not engine._states[0] and not engine._states[1] and not engine._retiring
+    rule = engine._retired[0][0].rule
+    old = {k: v for k, v in rule.__dict__.items() if k not in ("_retired", "_retire_sink")} | {"retired": True}
+    fresh = type(rule).__new__(type(rule))
+    fresh.__setstate__(old)
+    assert fresh.retired is True
+    again = RulesEngine(RUN, {})
+    again.observe_many(StepRecord(step=s, lr=[1e-3], loss=2.0) for s in range(3))
+    again = pickle.loads(pickle.dumps(again))  # the daemon's state file: rules keep their engine's list
+    again.observe_many(StepRecord(step=s, lr=[1e-3], loss=2.0) for s in range(3, 30))
+    assert "warmup.missing" in [a.rule for a in again.alerts] and not again._retiring
+    assert "warmup.missing" not in [st.rule.id for st in again._states[0]]

@@ -60,10 +60,30 @@ class Rule:
     # every rank after the all-reduce); "rank": judged on every rank's own records (loss, stalls).
     scope: ClassVar[str] = "global"
 
+    # The engine's list of rules that retired and are still to be taken out of its loop (see `retired`).
+    _retire_sink: list | None = None
+
     def __init__(self, config: RuleConfig, run: RunInfo) -> None:
         self.config = config
         self.run = run
-        self.retired = False  # set True once the rule has nothing more to say: the engine stops calling it
+        self.retired = False
+
+    @property
+    def retired(self) -> bool:
+        """Set True once the rule has nothing more to say: the engine stops calling it. Setting it tells
+        the engine, which then need not ask every rule after every record."""
+        return self._retired
+
+    @retired.setter
+    def retired(self, value: bool) -> None:
+        self._retired = value
+        if value and self._retire_sink is not None:
+            self._retire_sink.append(self)
+
+    def __setstate__(self, state: dict) -> None:
+        if "retired" in state:  # pickled (daemon state) before `retired` was a property
+            state["_retired"] = state.pop("retired")
+        self.__dict__.update(state)
 
     def observe(self, record: StepRecord) -> Finding | None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -66,6 +66,7 @@ class RulesEngine:
         self._reported: set[str] = set()
         self._states: dict[int, list[_RuleState]] = {}
         self._retired: dict[int, list[_RuleState]] = {}
+        self._retiring: list[Rule] = []  # rules that set `retired`, not yet taken out of their rank's loop
 
     # Pickling (the daemon's state file): rule state and alert history travel; sinks and callbacks are
     # the process's own and are attached again after loading.
@@ -92,17 +93,23 @@ class RulesEngine:
                 if cls.scope == "global" and rank != 0:
                     continue  # one verdict per run, from rank 0, not one per rank
                 try:
-                    states.append(_RuleState(cls(cfg, self.run)))
+                    rule = cls(cfg, self.run)
                 except Exception as e:  # a rule that cannot start is skipped, not fatal
                     self._error(f"rule {cls.id} init", e)
+                    continue
+                rule._retire_sink = self._retiring
+                if rule.retired:  # retired at birth: it sees one record, like any other
+                    self._retiring.append(rule)
+                states.append(_RuleState(rule))
             self._states[rank] = states
         return states
 
     def observe(self, record: StepRecord) -> list[Alert]:
         """Feed one record; returns the alerts (firing or resolved) it caused."""
         out: list[Alert] = []
-        states = self._states_for(record.rank)
-        retired = False
+        states = self._states.get(record.rank)
+        if states is None:
+            states = self._states_for(record.rank)
         for st in states:
             try:
                 finding = st.observe(record)
@@ -110,19 +117,25 @@ class RulesEngine:
                 self._error(f"rule {st.rule.id}", e)
                 continue
             if finding is None and st.active is None:  # the common case: nothing to do
-                retired = retired or st.rule.retired
                 continue
             alert = self._transition(st, record, finding)
             if alert is not None:
                 out.append(alert)
                 self._deliver(alert)
-            retired = retired or st.rule.retired
-        if retired:
-            # Rules that have said all they will (a warmup verdict, a preflight check) stop seeing
-            # records; an alert they raised stays active.
-            self._states[record.rank] = [st for st in states if not st.rule.retired]
-            self._retired.setdefault(record.rank, []).extend(st for st in states if st.rule.retired)
+        if self._retiring:
+            self._retire(record.rank, states)
         return out
+
+    def _retire(self, rank: int, states: list[_RuleState]) -> None:
+        """Rules that have said all they will (a warmup verdict, a preflight check) stop seeing this
+        rank's records; an alert they raised stays active."""
+        gone = [st for st in states if st.rule.retired]
+        if not gone:
+            return
+        self._states[rank] = [st for st in states if not st.rule.retired]
+        self._retired.setdefault(rank, []).extend(gone)
+        ids = {id(st.rule) for st in gone}
+        self._retiring[:] = [r for r in self._retiring if id(r) not in ids]
 
     def start(self, rank: int = 0) -> list[Alert]:
         """Run the checks that need only the run's facts (preflight); call once per rank, before its steps."""

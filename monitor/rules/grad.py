@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from math import isfinite
 from statistics import median
 
 from pydantic import Field
@@ -52,11 +53,19 @@ class GradVanishing(Rule):
         self.since: dict[str, int] = {}
 
     def observe(self, r: StepRecord) -> Finding | None:
+        if r.step % self.config.stride or r.skipped:
+            return None
         norms = r.param_norms
-        if not norms or r.skipped or r.step % self.config.stride:
+        if not norms:
             return None
         c = self.config
-        finite_norms = [v for v in norms.values() if finite(v)]
+        values = list(norms.values())
+        if values and not self.streak and min(values) > max(c.abs_floor, c.rel_floor * max(values)) and isfinite(sum(values)) \
+                and (not self.names or all(n in norms for n in self.names)):
+            # Every parameter is present and above any floor the median could set (the median is at
+            # most the largest): nothing is dead and no streak is running, so nothing changes.
+            return None
+        finite_norms = [v for v in values if finite(v)]
         if not finite_norms:
             return None
         floor = max(c.abs_floor, c.rel_floor * median(finite_norms))

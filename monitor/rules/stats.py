@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from itertools import repeat
+from operator import sub
 
 # MAD of a normal distribution times this is its standard deviation.
 MAD_TO_SIGMA = 1.4826
@@ -42,7 +44,12 @@ class RobustWindow:
         n = len(vals)
         mid = n // 2
         med = vals[mid] if n % 2 else 0.5 * (vals[mid - 1] + vals[mid])
-        dev = sorted([abs(v - med) for v in vals])
+        # |v - med| without abs(): med - v below the median (falling), v - med above it (rising),
+        # the same floats; two sorted runs, which the sort merges in one pass.
+        dev = list(map(sub, repeat(med, mid), vals[:mid]))
+        dev.reverse()
+        dev += map(sub, vals[mid:], repeat(med))
+        dev.sort()
         self.med = med
         self.mad = dev[mid] if n % 2 else 0.5 * (dev[mid - 1] + dev[mid])
         self._since = 0
@@ -162,6 +169,12 @@ class ParamBaseline:
         a = self.alpha
         base = self.log_norms
         isfinite, log = math.isfinite, math.log
+        values = list(norms.values())
+        if base and values and min(values) > 0 and isfinite(sum(values)):
+            names = list(norms)
+            if names == list(base):  # the usual case: the same parameters, every value usable
+                self.log_norms = dict(zip(names, [o + a * (lv - o) for o, lv in zip(base.values(), map(log, values))]))
+                return
         for name, v in norms.items():
             if v > 0 and isfinite(v):
                 lv = log(v)

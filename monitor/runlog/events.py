@@ -311,7 +311,9 @@ class StepAssembler:
             d[field] = int(x) if math.isfinite(x) else None
         if layout.autocast:
             d["autocast"] = AUTOCAST_NAMES.get(d["autocast"])
-        d["step"], d["rank"], d["time"], d["lr"], d["scalars"] = step, self.rank, wall_time, list(vec[n:]), {}
+        lr = list(vec[n:])
+        d["step"], d["rank"], d["time"], d["lr"], d["scalars"] = step, self.rank, wall_time, lr, {}
+        d["max_lr"] = max(lr) if lr else None  # StepRecord.max_lr, asked by half the rules
         has_vector = False
         if param_raw is not None:
             has_vector = True
@@ -511,7 +513,8 @@ _MISS = object()
 def _same(a, b: StepRecord | None) -> bool:
     if not isinstance(a, StepRecord) or b is None:
         return False
-    da, db = dict(a.__dict__), dict(b.__dict__)
+    fields = StepRecord.model_fields
+    da, db = ({k: v for k, v in r.__dict__.items() if k in fields} for r in (a, b))
     pa, pb = da.pop("param_norms", None), db.pop("param_norms", None)
     same_params = (pa is None and pb is None) or (pa is not None and pb is not None and dict(pa) == dict(pb))
     return same_params and repr(da) == repr(db)  # repr: NaN == NaN
