@@ -493,3 +493,20 @@ def test_retired_rules_leave_only_their_own_ranks_loop():
     again.observe_many(StepRecord(step=s, lr=[1e-3], loss=2.0) for s in range(3, 30))
     assert "warmup.missing" in [a.rule for a in again.alerts] and not again._retiring
     assert "warmup.missing" not in [st.rule.id for st in again._states[0]]
+
+
+@pytest.mark.parametrize("cls", [c for c in REGISTRY if c.needs], ids=lambda c: c.id)
+def test_rules_that_need_a_field_do_nothing_without_it(cls):
+    """`needs` lets the engine skip a rule for records that lack the field; that is only right if the
+    rule itself would do nothing with them."""
+    import pickle
+
+    rule = cls(cls.Config(), RUN)
+    full = {"attention": {"blocks.0.attn": {"entropy_ratio": 0.8, "max_logit": 9.0}},
+            "ddp": {"step": 0, "busy": {"0": 0.1, "1": 0.5}, "reported": [0, 1]}}
+    for s in range(40):
+        rule.observe(StepRecord(step=s, loss=2.0, lr=[1e-3], grad_norm=1.0, **{cls.needs: full[cls.needs]}))
+    before = pickle.dumps(rule.__dict__)
+    for s in range(40, 60):
+        assert rule.observe(StepRecord(step=s, loss=2.0, lr=[1e-3], grad_norm=1.0)) is None
+    assert pickle.dumps(rule.__dict__) == before

@@ -54,35 +54,35 @@ class AmpOverflow(Rule):
         self.skips_in_window = 0
         self.prev_scale: float | None = None
 
-    def _expected(self, r: StepRecord) -> bool:
-        """Calibration at the start, or the probe right after GradScaler grew its scale."""
-        c = self.config
-        grew = r.loss_scale is not None and self.prev_scale is not None and r.loss_scale > self.prev_scale
-        self.prev_scale = r.loss_scale
-        if self.calibrating:
-            if not r.skipped or self.steps > c.calibration_steps:
-                self.calibrating = False
-            if r.skipped and self.calibrating:
-                return True
-        return r.skipped and grew
-
     def observe(self, r: StepRecord) -> Finding | None:
         c = self.config
         self.steps += 1
-        if self._expected(r):
+        skipped = r.skipped
+        # Expected skips: calibration at the start, or the probe right after GradScaler grew its scale.
+        scale, prev = r.loss_scale, self.prev_scale
+        self.prev_scale = scale
+        if self.calibrating:
+            if not skipped or self.steps > c.calibration_steps:
+                self.calibrating = False
+            else:
+                return None
+        if skipped and scale is not None and prev is not None and scale > prev:
             return None
-        if len(self.recent) == self.recent.maxlen:
-            self.skips_in_window -= self.recent[0]
-        self.recent.append(r.skipped)
-        self.skips_in_window += r.skipped
-        if r.skipped:
+        recent = self.recent
+        if len(recent) == recent.maxlen:
+            self.skips_in_window -= recent[0]
+        recent.append(skipped)
+        if skipped:
+            self.skips_in_window += 1
             if self.run_len == 0:
                 self.run_start = r.step
             self.run_len += 1
         else:
             self.run_len = 0
-        ev = {"consecutive_skips": self.run_len, "skips_in_window": self.skips_in_window, "window": len(self.recent),
-              "loss_scale": r.loss_scale, "first_step": self.run_start}
+            if not self.skips_in_window:
+                return None  # the common case: nothing skipped in the window
+        ev = {"consecutive_skips": self.run_len, "skips_in_window": self.skips_in_window, "window": len(recent),
+              "loss_scale": scale, "first_step": self.run_start}
         if self.run_len >= c.consecutive_critical:
             return Finding(
                 message=f"GradScaler skipped {self.run_len} optimizer steps in a row (since step {self.run_start}); "

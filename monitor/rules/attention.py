@@ -116,6 +116,7 @@ class AttentionLogitGrowth(Rule):
     """
 
     id = "attention.logit_growth"
+    needs = "attention"
     family = "attention"
     severity = Severity.warning
     Config = LogitGrowthConfig

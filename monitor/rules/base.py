@@ -59,6 +59,9 @@ class Rule:
     # "global": judged on rank 0's records only (gradients, LR, loss scale and attention are the same on
     # every rank after the all-reduce); "rank": judged on every rank's own records (loss, stalls).
     scope: ClassVar[str] = "global"
+    # A StepRecord field without which `observe` does nothing (returns None and changes no state): the
+    # engine skips the call for records where that field is empty (the daemon's hot path).
+    needs: ClassVar[str | None] = None
 
     # The engine's list of rules that retired and are still to be taken out of its loop (see `retired`).
     _retire_sink: list | None = None

@@ -28,6 +28,7 @@ class DdpDesync(Rule):
     """
 
     id = "ddp.desync"
+    needs = "ddp"
     family = "ddp"
     severity = Severity.critical
 
@@ -76,6 +77,7 @@ class DdpStraggler(Rule):
     """
 
     id = "ddp.straggler"
+    needs = "ddp"
     family = "ddp"
     severity = Severity.warning
     Config = StragglerConfig

@@ -67,6 +67,9 @@ class RulesEngine:
         self._states: dict[int, list[_RuleState]] = {}
         self._retired: dict[int, list[_RuleState]] = {}
         self._retiring: list[Rule] = []  # rules that set `retired`, not yet taken out of their rank's loop
+        # Per rank, the states in registry order cut into runs of equal `needs`: a run whose field the
+        # record lacks is skipped whole.
+        self._segments: dict[int, list[tuple[str | None, list[_RuleState]]]] = {}
 
     # Pickling (the daemon's state file): rule state and alert history travel; sinks and callbacks are
     # the process's own and are attached again after loading.
@@ -75,7 +78,14 @@ class RulesEngine:
         state["sinks"] = []
         state["_on_error"] = None
         state["alerts"] = self.alerts[-200:]
+        state.pop("_segments", None)  # derived from _states: rebuilt on loading
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "_retiring" not in state:  # pickled by an older version
+            self._retiring = []
+        self._segments = {rank: _segments(states) for rank, states in self._states.items()}
 
     def attach(self, sinks: Iterable[AlertSink], on_error: Callable[[str, BaseException], None] | None = None) -> None:
         self.sinks = list(sinks)
@@ -102,28 +112,33 @@ class RulesEngine:
                     self._retiring.append(rule)
                 states.append(_RuleState(rule))
             self._states[rank] = states
+            self._segments[rank] = _segments(states)
         return states
 
     def observe(self, record: StepRecord) -> list[Alert]:
         """Feed one record; returns the alerts (firing or resolved) it caused."""
         out: list[Alert] = []
-        states = self._states.get(record.rank)
-        if states is None:
-            states = self._states_for(record.rank)
-        for st in states:
-            try:
-                finding = st.observe(record)
-            except Exception as e:
-                self._error(f"rule {st.rule.id}", e)
+        segments = self._segments.get(record.rank)
+        if segments is None:
+            self._states_for(record.rank)
+            segments = self._segments[record.rank]
+        for needs, states in segments:
+            if needs is not None and not getattr(record, needs):
                 continue
-            if finding is None and st.active is None:  # the common case: nothing to do
-                continue
-            alert = self._transition(st, record, finding)
-            if alert is not None:
-                out.append(alert)
-                self._deliver(alert)
+            for st in states:
+                try:
+                    finding = st.observe(record)
+                except Exception as e:
+                    self._error(f"rule {st.rule.id}", e)
+                    continue
+                if finding is None and st.active is None:  # the common case: nothing to do
+                    continue
+                alert = self._transition(st, record, finding)
+                if alert is not None:
+                    out.append(alert)
+                    self._deliver(alert)
         if self._retiring:
-            self._retire(record.rank, states)
+            self._retire(record.rank, self._states[record.rank])
         return out
 
     def _retire(self, rank: int, states: list[_RuleState]) -> None:
@@ -133,6 +148,7 @@ class RulesEngine:
         if not gone:
             return
         self._states[rank] = [st for st in states if not st.rule.retired]
+        self._segments[rank] = _segments(self._states[rank])
         self._retired.setdefault(rank, []).extend(gone)
         ids = {id(st.rule) for st in gone}
         self._retiring[:] = [r for r in self._retiring if id(r) not in ids]
@@ -250,6 +266,17 @@ class RulesEngine:
         elif where not in self._reported:
             self._reported.add(where)
             log.warning("trainmon: error in %s (reported once, counted after): %r", where, exc)
+
+
+def _segments(states: list[_RuleState]) -> list[tuple[str | None, list[_RuleState]]]:
+    out: list[tuple[str | None, list[_RuleState]]] = []
+    for st in states:
+        needs = st.rule.needs
+        if out and out[-1][0] == needs:
+            out[-1][1].append(st)
+        else:
+            out.append((needs, [st]))
+    return out
 
 
 def severity_at_least(alert: Alert, threshold: Severity | str) -> bool:

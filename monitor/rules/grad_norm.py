@@ -9,8 +9,10 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
-from monitor.rules.stats import ParamBaseline, RobustWindow, describe_movers, finite, top_movers
+from monitor.rules.stats import ParamBaseline, RobustWindow, describe_movers, top_movers
 from monitor.schema import Severity, StepRecord
+
+_INF, _log = math.inf, math.log
 
 
 class GradNormGrowthConfig(RuleConfig):
@@ -57,16 +59,6 @@ class GradNormGrowth(Rule):
         self.floor_norms: dict[str, float] | None = None
         self.left_band_at: int | None = None
 
-    def _signal(self, r: StepRecord) -> float | None:
-        g = r.grad_norm
-        if r.skipped or not finite(g) or g <= 0:
-            return None
-        s = math.log(g)
-        lr = r.max_lr
-        if self.config.normalize_lr and lr is not None and lr > 0 and self.peak_lr > 0:
-            s += 0.5 * math.log(lr / self.peak_lr)
-        return s
-
     def observe(self, r: StepRecord) -> Finding | None:
         lr = r.max_lr
         if lr is not None:
@@ -74,18 +66,25 @@ class GradNormGrowth(Rule):
             if self.prev_lr is not None and lr <= self.prev_lr and lr > 0:
                 self.in_warmup = False
             self.prev_lr = lr
-            self.peak_lr = max(self.peak_lr, lr)
+            if lr > self.peak_lr:
+                self.peak_lr = lr
             if self.in_warmup:
                 return None
-        s = self._signal(r)
-        if s is None:
+        # The signal: log grad norm, LR-normalised.
+        g = r.grad_norm
+        if r.skipped or g is None or not 0.0 < g < _INF:
             return None
-        if r.param_norms:
-            self.last_norms = r.param_norms
-        if not self.buf:
+        s = _log(g)
+        if self.config.normalize_lr and lr is not None and lr > 0 and self.peak_lr > 0:
+            s += 0.5 * _log(lr / self.peak_lr)
+        norms = r.param_norms
+        if norms:
+            self.last_norms = norms
+        buf = self.buf
+        if not buf:
             self.buf_first = r.step
-        self.buf.append(s)
-        if len(self.buf) < self.config.block:
+        buf.append(s)
+        if len(buf) < self.config.block:
             return None
         m = median(self.buf)
         first = self.buf_first
@@ -165,14 +164,15 @@ class GradNormSpike(Rule):
 
     def observe(self, r: StepRecord) -> Finding | None:
         g = r.grad_norm
-        if r.skipped or not finite(g) or g <= 0:
+        if r.skipped or g is None or not 0.0 < g < _INF:  # finite and positive
             return None
         c = self.config
-        x = math.log(g)
+        x = _log(g)
         finding = None
-        if self.window.full:
-            med = self.window.median
-            z = self.window.zscore(x, min_sigma=1e-3)
+        w = self.window
+        if w.full:
+            med = w.med
+            z = w.zscore(x, min_sigma=1e-3)
             if z >= c.z_threshold and x - med >= math.log(c.min_ratio):
                 base = math.exp(med)
                 absorbed = r.clip_coef is not None and r.clip_coef < 1.0
@@ -189,6 +189,8 @@ class GradNormSpike(Rule):
                     severity=sev,
                 )
         if finding is None:
-            self.params.update(r.param_norms)
-        self.window.push(x)
+            norms = r.param_norms
+            if norms:
+                self.params.update(norms)
+        w.push(x)
         return finding

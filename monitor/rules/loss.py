@@ -9,8 +9,10 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
-from monitor.rules.stats import Ema, ParamBaseline, RobustWindow, describe_movers, finite
+from monitor.rules.stats import Ema, ParamBaseline, RobustWindow, describe_movers
 from monitor.schema import Severity, StepRecord
+
+_INF, _log = math.inf, math.log
 
 
 @register
@@ -132,16 +134,20 @@ class LossSpike(Rule):
         return Severity.critical if z >= self.config.z_critical else Severity.warning
 
     def observe(self, r: StepRecord) -> Finding | None:
-        c = self.config
-        if not finite(r.loss) or r.loss <= 0:
+        loss = r.loss
+        if loss is None or not 0.0 < loss < _INF:  # finite and positive
             return None
-        x = math.log(r.loss)
-        g = r.grad_norm if r.grad_norm is not None and r.grad_norm > 0 and math.isfinite(r.grad_norm) else None
+        c = self.config
+        x = _log(loss)
+        g = r.grad_norm
+        if g is not None and not 0.0 < g < _INF:
+            g = None
         finding = None
         # The first window is the early transient: no baseline yet.
-        if self.window.full:
-            med = self.window.median
-            z = self.window.zscore(x, min_sigma=1e-4)
+        w = self.window
+        if w.full:
+            med = w.med
+            z = w.zscore(x, min_sigma=1e-4)
             p = self.pending
             if p is not None:
                 if z >= c.z_warning / 2 and x - med >= math.log1p(c.min_jump) / 2:
@@ -164,10 +170,12 @@ class LossSpike(Rule):
                 else:
                     self.pending = p
         if finding is None and self.pending is None:
-            self.params.update(r.param_norms)
-        self.window.push(x)
+            norms = r.param_norms
+            if norms:
+                self.params.update(norms)
+        w.push(x)
         if g is not None:
-            self.grads.push(math.log(g))
+            self.grads.push(_log(g))
         return finding
 
 
@@ -207,21 +215,24 @@ class LossDivergence(Rule):
         self.params = ParamBaseline()
 
     def observe(self, r: StepRecord) -> Finding | None:
-        c = self.config
-        if not finite(r.loss) or r.loss <= 0:
+        loss = r.loss
+        if loss is None or not 0.0 < loss < _INF:  # finite and positive
             return None
-        ema = self.ema.push(r.loss)
+        c = self.config
+        ema = self.ema.push(loss)
         if self.best is None or ema < self.best:
             self.best, self.best_step = ema, r.step
         limit = c.ratio * self.best
         # The first raw loss above the limit dates the problem; the EMA (which lags) confirms it.
-        if r.loss > limit and self.since is None:
+        if loss > limit and self.since is None:
             self.since = r.step
         if ema <= limit:
             self.above = 0
-            if r.loss <= limit:
+            if loss <= limit:
                 self.since = None
-            self.params.update(r.param_norms)
+            norms = r.param_norms
+            if norms:
+                self.params.update(norms)
             return None
         self.above += 1
         if self.above < c.patience:

@@ -127,6 +127,11 @@ class LrTrace:
     def push(self, step: int, lr: float | None) -> None:
         if lr is None:
             return
+        if self.warmup_done:  # the usual case, after the first steps: only the peak can move
+            if lr > self.peak:
+                self.peak, self.peak_step = lr, step
+            self.prev = lr
+            return
         if self.first_lr is None:
             self.first_lr, self.first_step = lr, step
         if lr > self.peak:
