@@ -257,3 +257,28 @@ def test_live_view_shows_the_latest_attention_sample_of_rank_0():
     assert _attention(view) == "0.30 / 150"
     view.attention([rec(60, rank=1, attention={"x": {"entropy_ratio": 0.9, "max_logit": 1.0}})])
     assert view.attn_logit == 150.0  # rank 0's sample is the one shown
+
+
+def test_histogram_batches_expose_exactly_what_one_by_one_observing_does():
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from monitor.exporters.prometheus import STEP_BUCKETS, observe_all
+
+    rng = random.Random(3)
+    values = [rng.choice([rng.random() * 0.3, 0.1, 0.005, 300.0, 1e9, 0.0, 5.0, 1e-9]) for _ in range(3000)]
+    out = []
+    for batched in (False, True):
+        reg = CollectorRegistry()
+        h = Histogram("h", "h", ["a"], buckets=STEP_BUCKETS, registry=reg).labels("x")
+        h.observe(0.3)
+        for i in range(0, len(values), 700):
+            chunk = values[i:i + 700]
+            if batched:
+                observe_all(h, chunk)
+            else:
+                for v in chunk:
+                    h.observe(v)
+        out.append([line for line in generate_latest(reg).decode().splitlines() if "_created" not in line])
+    assert out[0] == out[1] and any('le="0.1"' in line for line in out[1])

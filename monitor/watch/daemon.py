@@ -276,7 +276,10 @@ class Watcher:
         stall_floor = self._stall_floor()
         by_rank: dict[int, list[StepRecord]] = {}
         for r in records:
-            by_rank.setdefault(r.rank, []).append(r)
+            recs = by_rank.get(r.rank)
+            if recs is None:
+                recs = by_rank[r.rank] = []
+            recs.append(r)
         # Metrics first, then rules: when an alert shows up, /metrics already has the step behind it.
         for rank, recs in by_rank.items():
             self._metrics(run, rank).observe_many(recs)
@@ -290,11 +293,12 @@ class Watcher:
             if now - t <= stall_floor:
                 run.live = True
         engine = run.engine
+        started, observe = run.started, engine.observe
         for r in records:
-            if r.rank not in run.started:
-                run.started.add(r.rank)
+            if r.rank not in started:  # preflight checks just before the rank's first step
+                started.add(r.rank)
                 engine.start(r.rank)
-            engine.observe(r)
+            observe(r)
         info_ended = getattr(source.info, "model_extra", None) or {}
         run.finished = bool(info_ended.get("ended"))
         if run.live and not run.finished:

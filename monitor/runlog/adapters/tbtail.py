@@ -93,18 +93,23 @@ class TensorBoardTail:
 
     def poll_events(self) -> list[tuple[str, event_pb2.Event]]:
         """(file name, Event) of every whole record appended since the last poll, file by file."""
-        return self.poll_decoded(self._event)
+        def event(name: str) -> Callable[[bytes], tuple[str, event_pb2.Event]]:
+            def decode(data: bytes) -> tuple[str, event_pb2.Event]:
+                ev = event_pb2.Event.FromString(data)
+                if self.first_wall_time is None:
+                    self.first_wall_time = ev.wall_time
+                return name, ev
+            return decode
 
-    def _event(self, name: str, data: bytes) -> tuple[str, event_pb2.Event]:
-        ev = event_pb2.Event.FromString(data)
-        if self.first_wall_time is None:
-            self.first_wall_time = ev.wall_time
-        return name, ev
+        return self._poll(event)
 
-    def poll_decoded(self, decode: Callable[[str, bytes], Any]) -> list[Any]:
-        """`decode(file name, record bytes)` of every whole record appended since the last poll, file by
-        file; None results are dropped. A record that decode rejects with DecodeError is reported once
-        per file and skipped."""
+    def poll_decoded(self, decode: Callable[[bytes], Any]) -> list[Any]:
+        """`decode(record bytes)` of every whole record appended since the last poll, file by file; None
+        results are dropped. A record that decode rejects with DecodeError is reported once per file
+        and skipped."""
+        return self._poll(lambda _name: decode)
+
+    def _poll(self, decoder: Callable[[str], Callable[[bytes], Any]]) -> list[Any]:
         try:
             names = event_file_names(self.directory)
         except FileNotFoundError:
@@ -120,10 +125,10 @@ class TensorBoardTail:
             del self.offsets[name]
         for name in names:
             if name not in self.dead:
-                self._read_file(name, out, decode)
+                self._read_file(name, out, decoder(name))
         return out
 
-    def _read_file(self, name: str, out: list[Any], decode: Callable[[str, bytes], Any]) -> None:
+    def _read_file(self, name: str, out: list[Any], decode: Callable[[bytes], Any]) -> None:
         path = self.directory / name
         offset = self.offsets.get(name, 0)
         try:
@@ -154,7 +159,7 @@ class TensorBoardTail:
                     base, used = offset, 0
                     for used, data in iter_buffer(buf):
                         try:
-                            item = decode(name, data)
+                            item = decode(data)
                         except DecodeError:
                             self._report(f"proto:{name}", f"{path}: a record that is not a TensorBoard event at "
                                          f"byte {base + used - len(data) - 16}; skipped it")

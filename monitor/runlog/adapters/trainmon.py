@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from operator import lt
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,13 @@ class TrainmonSource:
             dec = self._decoders.get(rank)
             if dec is None or dec.param_names is not names:  # run.json may name the parameters later
                 dec = self._decoders[rank] = StepDecoder(rank, names)
+            recs = tail.poll_decoded(dec.decode)
+            steps = [r.step for r in recs]
+            if all(map(lt, steps, steps[1:])):  # the usual case: one writer, steps in order
+                out.extend(recs)
+                continue
             by_step: dict[int, StepRecord] = {}
-            for r in tail.poll_decoded(lambda _name, data, decode=dec.decode: decode(data)):
+            for r in recs:
                 by_step[r.step] = r  # a restarted writer's later record for a step wins (as read_run)
             out.extend(by_step[s] for s in sorted(by_step))
         return out
