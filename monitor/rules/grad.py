@@ -49,6 +49,7 @@ class GradVanishing(Rule):
     def __init__(self, config: GradVanishingConfig, run) -> None:
         super().__init__(config, run)
         self.names = list(run.model.param_names)
+        self._names_set = frozenset(self.names)
         self.streak: dict[str, int] = {}
         self.since: dict[str, int] = {}
 
@@ -61,7 +62,7 @@ class GradVanishing(Rule):
         c = self.config
         values = list(norms.values())
         if values and not self.streak and min(values) > max(c.abs_floor, c.rel_floor * max(values)) and isfinite(sum(values)) \
-                and (not self.names or all(n in norms for n in self.names)):
+                and (not self.names or norms.keys() >= self._names_set):
             # Every parameter is present and above any floor the median could set (the median is at
             # most the largest): nothing is dead and no streak is running, so nothing changes.
             return None

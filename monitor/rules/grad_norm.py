@@ -189,8 +189,6 @@ class GradNormSpike(Rule):
                     severity=sev,
                 )
         if finding is None:
-            norms = r.param_norms
-            if norms:
-                self.params.update(norms)
+            self.params.update(r.param_norms)
         w.push(x)
         return finding

@@ -170,9 +170,7 @@ class LossSpike(Rule):
                 else:
                     self.pending = p
         if finding is None and self.pending is None:
-            norms = r.param_norms
-            if norms:
-                self.params.update(norms)
+            self.params.update(r.param_norms)
         w.push(x)
         if g is not None:
             self.grads.push(_log(g))
@@ -230,9 +228,7 @@ class LossDivergence(Rule):
             self.above = 0
             if loss <= limit:
                 self.since = None
-            norms = r.param_norms
-            if norms:
-                self.params.update(norms)
+            self.params.update(r.param_norms)
             return None
         self.above += 1
         if self.above < c.patience:
