@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import math
-from bisect import bisect_left
 import threading
+from bisect import bisect_left
 from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter, is_not
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -23,6 +25,15 @@ from monitor.schema import Alert, Severity, StepRecord
 RUN_LABELS = ("run", "rank")
 # Step times from a few ms (small models on GPUs) to minutes (huge ones).
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+_not_none = partial(is_not, None)
+
+
+def _latest(recs: list[StepRecord], field: str) -> Any:
+    """The last non-None value of `field` in `recs`, or None. In C (map, filter): a field that no record
+    has is looked up in every record of the batch."""
+    return next(filter(_not_none, map(attrgetter(field), reversed(recs))), None)
 
 
 def observe_all(child: Any, values: list[float]) -> None:
@@ -180,7 +191,7 @@ class TrainMetrics:
         # Per-rank gauges: the latest value each has in the batch.
         for gauge, field in ((self.loss, "loss"), (self.local_grad_norm, "local_grad_norm"), (self.busy, "busy_time"),
                              (self.memory, "memory")):
-            self._g(gauge, next((getattr(r, field) for r in reversed(recs) if getattr(r, field) is not None), None))
+            self._g(gauge, _latest(recs, field))
         self._g(self.last_step, last.time)
         if not self.global_stats:
             return
@@ -188,7 +199,7 @@ class TrainMetrics:
             self._g(self.lr, lr, str(i))
         for gauge, field in ((self.grad_norm, "grad_norm"), (self.grad_norm_clipped, "grad_norm_clipped"),
                              (self.clip_coef, "clip_coef"), (self.loss_scale, "loss_scale")):
-            self._g(gauge, next((getattr(r, field) for r in reversed(recs) if getattr(r, field) is not None), None))
+            self._g(gauge, _latest(recs, field))
         sampled = next((r.attention for r in reversed(recs) if r.attention), None)
         if sampled:
             self._attention(sampled)
