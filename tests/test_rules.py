@@ -467,6 +467,7 @@ def test_retired_rules_leave_only_their_own_ranks_loop():
 
         id = "custom.once"
         scope = "rank"
+        retires = True
 
         def observe(self, r):
             seen.append((r.rank, r.step))
@@ -479,9 +480,13 @@ def test_retired_rules_leave_only_their_own_ranks_loop():
     engine = RulesEngine(RUN, {}, registry=reg)
     engine.observe_many(StepRecord(step=s, rank=0, loss=2.0) for s in range(5))
     engine.observe_many(StepRecord(step=s, rank=1, loss=2.0) for s in range(2))
-    assert seen == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    assert seen == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)] and engine.errors == 0
     engine.observe_many(StepRecord(step=s, rank=1, loss=2.0) for s in range(2, 6))
     assert seen[-1] == (1, 2) and not engine._states[0] and not engine._states[1] and not engine._retiring
+    Once.retires = False  # a rule that retires without saying so: batches feed it on, and the engine says so
+    undeclared = RulesEngine(RUN, {}, registry=reg)
+    undeclared.observe_many(StepRecord(step=s, rank=0, loss=2.0) for s in range(5))
+    assert undeclared.errors == 1
     rule = engine._retired[0][0].rule
     old = {k: v for k, v in rule.__dict__.items() if k not in ("_retired", "_retire_sink")} | {"retired": True}
     fresh = type(rule).__new__(type(rule))

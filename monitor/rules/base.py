@@ -62,6 +62,9 @@ class Rule:
     # A StepRecord field without which `observe` does nothing (returns None and changes no state): the
     # engine skips the call for records where that field is empty (the daemon's hot path).
     needs: ClassVar[str | None] = None
+    # Whether `observe` may set `retired`: such a rule is fed record by record in a batch, so that it
+    # sees nothing after the record on which it retired (others are mapped over a batch at once).
+    retires: ClassVar[bool] = False
 
     # The engine's list of rules that retired and are still to be taken out of its loop (see `retired`).
     _retire_sink: list | None = None

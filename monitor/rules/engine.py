@@ -147,6 +147,10 @@ class RulesEngine:
         gone = [st for st in states if st.rule.retired]
         if not gone:
             return
+        for st in gone:
+            if not st.rule.retires:  # observe_many has fed it the rest of its batch: say so, once
+                self._error(f"rule {st.rule.id} retired without declaring `retires = True`",
+                            TypeError("undeclared retirement"))
         self._states[rank] = [st for st in states if not st.rule.retired]
         self._segments[rank] = _segments(self._states[rank])
         self._retired.setdefault(rank, []).extend(gone)
@@ -192,10 +196,88 @@ class RulesEngine:
         return out
 
     def observe_many(self, records: Iterable[StepRecord]) -> list[Alert]:
+        """Feed many records: the same alerts, in the same order, as `observe` one by one.
+
+        The daemon reads thousands of records a poll. Each run of consecutive records of one rank is
+        fed rule by rule: a rule is mapped over the whole run (its `observe` calls happen in C), and
+        only where it found something, or has an alert open, are the records walked in Python. The
+        alerts are then delivered in record order, then registry order, as one by one would."""
+        records = records if isinstance(records, list) else list(records)
         out: list[Alert] = []
-        for r in records:
-            out.extend(self.observe(r))
+        i, n = 0, len(records)
+        while i < n:
+            rank = records[i].rank
+            j = i + 1
+            while j < n and records[j].rank == rank:
+                j += 1
+            # Chunks small enough that their records stay in the CPU's cache while every rule reads them.
+            for k in range(i, j, _CHUNK):
+                chunk = records[k:min(k + _CHUNK, j)]
+                out.extend(self._observe_batch(rank, chunk) if len(chunk) > 1 else self.observe(chunk[0]))
+            i = j
         return out
+
+    def _observe_batch(self, rank: int, batch: list[StepRecord]) -> list[Alert]:
+        states = self._states.get(rank)
+        if states is None:
+            states = self._states_for(rank)
+        found: list[tuple[int, int, Alert]] = []  # (record, rule in registry order, alert)
+        subsets: dict[str, tuple[list[int], list[StepRecord]]] = {}  # records that have a field
+        for k, st in enumerate(states):
+            needs = st.rule.needs
+            if needs is None:
+                index, recs = None, batch
+            else:
+                sub = subsets.get(needs)
+                if sub is None:
+                    index = [i for i, r in enumerate(batch) if getattr(r, needs)]
+                    sub = subsets[needs] = (index, [batch[i] for i in index])
+                index, recs = sub
+                if not recs:
+                    continue
+            if st.rule.retires:
+                findings = self._walk(st, recs)
+            else:
+                findings = self._map(st, recs)
+                if st.active is None and findings.count(None) == len(findings):
+                    continue  # the common case: nothing found, nothing open
+            for i, finding in enumerate(findings):
+                if finding is _RAISED or (finding is None and st.active is None):
+                    continue
+                alert = self._transition(st, recs[i], finding)
+                if alert is not None:
+                    found.append((i if index is None else index[i], k, alert))
+        found.sort(key=lambda f: (f[0], f[1]))
+        for _, _, alert in found:
+            self._deliver(alert)
+        if self._retiring:
+            self._retire(rank, self._states[rank])
+        return [alert for _, _, alert in found]
+
+    def _map(self, st: _RuleState, recs: list[StepRecord]) -> list:
+        """st.observe over recs, in C; a record whose call raised gets _RAISED (counted, no transition)."""
+        findings: list = []
+        it = iter(recs)
+        while True:
+            try:
+                findings.extend(map(st.observe, it))  # on an exception, what came before stays
+                return findings
+            except Exception as e:
+                self._error(f"rule {st.rule.id}", e)
+                findings.append(_RAISED)
+
+    def _walk(self, st: _RuleState, recs: list[StepRecord]) -> list:
+        """st.observe record by record, stopping after the record on which the rule retired."""
+        findings: list = []
+        for r in recs:
+            try:
+                findings.append(st.observe(r))
+            except Exception as e:
+                self._error(f"rule {st.rule.id}", e)
+                findings.append(_RAISED)
+            if st.rule.retired:
+                break
+        return findings
 
     def emit(self, alert: Alert) -> None:
         """Deliver an alert raised outside the rules (preflight checks) through the same sinks."""
@@ -266,6 +348,10 @@ class RulesEngine:
         elif where not in self._reported:
             self._reported.add(where)
             log.warning("trainmon: error in %s (reported once, counted after): %r", where, exc)
+
+
+_CHUNK = 256  # records per rule-by-rule pass of observe_many
+_RAISED = object()  # a record on which a rule raised: counted, no transition (as in `observe`)
 
 
 def _segments(states: list[_RuleState]) -> list[tuple[str | None, list[_RuleState]]]:

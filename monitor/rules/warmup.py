@@ -41,6 +41,7 @@ class WarmupMissing(Rule):
     """
 
     id = "warmup.missing"
+    retires = True
     family = "warmup"
     severity = Severity.warning
     Config = WarmupMissingConfig
@@ -138,6 +139,7 @@ class WarmupTooShort(Rule):
     """
 
     id = "warmup.too_short"
+    retires = True
     family = "warmup"
     severity = Severity.warning
     Config = WarmupTooShortConfig

@@ -293,12 +293,17 @@ class Watcher:
             if now - t <= stall_floor:
                 run.live = True
         engine = run.engine
-        started, observe = run.started, engine.observe
-        for r in records:
-            if r.rank not in started:  # preflight checks just before the rank's first step
-                started.add(r.rank)
-                engine.start(r.rank)
-            observe(r)
+        i, n = 0, len(records)
+        while i < n:  # runs of consecutive records of one rank, fed at once
+            rank = records[i].rank
+            j = i + 1
+            while j < n and records[j].rank == rank:
+                j += 1
+            if rank not in run.started:  # preflight checks just before the rank's first step
+                run.started.add(rank)
+                engine.start(rank)
+            engine.observe_many(records[i:j])
+            i = j
         info_ended = getattr(source.info, "model_extra", None) or {}
         run.finished = bool(info_ended.get("ended"))
         if run.live and not run.finished:
