@@ -56,20 +56,32 @@ def read_records(f: BinaryIO, offset: int = 0, *, check_crc: bool = True) -> Ite
 
 def iter_buffer(buf: bytes, offset: int = 0, *, check_crc: bool = True) -> Iterator[tuple[int, bytes]]:
     """`read_records` over bytes already read: (offset in `buf` after the record, data) for each whole
-    record from `offset` on. The daemon reads a file's new bytes in one call and frames them here,
-    which costs a third of a read() per record."""
+    record from `offset` on."""
+    at = [offset, offset]
+    for data in frames(buf, at, check_crc=check_crc):
+        yield at[0], data
+
+
+def frames(buf: bytes, at: list[int], *, check_crc: bool = True) -> Iterator[bytes]:
+    """The data of each whole record in `buf` from offset at[0] on; after each, at[0] is the offset
+    that follows it and at[1] where it began. The daemon reads a file's new bytes in one call and
+    frames them here, which costs a third of a read() per record. Raises CorruptRecord at a bad
+    checksum (at[0] is then the end of the last good record); stops before an incomplete one."""
     unpack_header, unpack_footer = _HEADER.unpack_from, _FOOTER.unpack_from
+    crc = masked_crc32c
+    offset = at[0]
     end = len(buf)
-    while offset + _HEADER.size <= end:
+    while offset + 12 <= end:
         length, length_crc = unpack_header(buf, offset)
-        if check_crc and masked_crc32c(buf[offset:offset + 8]) != length_crc:
+        if check_crc and crc(buf[offset:offset + 8]) != length_crc:
             raise CorruptRecord(f"bad length checksum at byte {offset}")
-        start = offset + _HEADER.size
+        start = offset + 12
         stop = start + length
-        if stop + _FOOTER.size > end:
+        if stop + 4 > end:
             return  # incomplete: the writer has not finished this record yet
         data = buf[start:stop]
-        if check_crc and masked_crc32c(data) != unpack_footer(buf, stop)[0]:
+        if check_crc and crc(data) != unpack_footer(buf, stop)[0]:
             raise CorruptRecord(f"bad data checksum at byte {offset}")
-        offset = stop + _FOOTER.size
-        yield offset, data
+        at[1] = offset
+        offset = at[0] = stop + 4
+        yield data

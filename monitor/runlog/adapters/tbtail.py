@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from google.protobuf.message import DecodeError
 from tensorboard.compat.proto import event_pb2, types_pb2
 
-from monitor.runlog.tfrecord import CorruptRecord, iter_buffer
+from monitor.runlog.tfrecord import CorruptRecord, frames
 
 _CHUNK = 16 << 20  # bytes read at a time
 
@@ -145,7 +145,6 @@ class TensorBoardTail:
         elif size == offset:
             self.offsets[name] = offset
             return
-        append = out.append
         try:
             with open(path, "rb") as f:
                 # What the stat saw, read in chunks (bytes appended since wait for the next poll); a
@@ -156,19 +155,12 @@ class TensorBoardTail:
                     buf = f.read(min(chunk, size - offset))
                     if not buf:
                         break
-                    base, used = offset, 0
-                    for used, data in iter_buffer(buf):
-                        try:
-                            item = decode(data)
-                        except DecodeError:
-                            self._report(f"proto:{name}", f"{path}: a record that is not a TensorBoard event at "
-                                         f"byte {base + used - len(data) - 16}; skipped it")
-                            item = None
-                        offset = base + used
-                        if item is not None:
-                            self.events_read += 1
-                            append(item)
-                    if used == 0:  # not one whole record in the chunk
+                    at = [0, 0]
+                    try:
+                        self._decode_all(buf, at, decode, out, path, offset)
+                    finally:
+                        offset += at[0]  # the end of the last whole record, also when one was corrupt
+                    if at[0] == 0:  # not one whole record in the chunk
                         if len(buf) < chunk:
                             break  # the writer has not finished it yet
                         chunk *= 2  # a record larger than a chunk
@@ -179,6 +171,20 @@ class TensorBoardTail:
         except OSError as e:
             self._report(f"read:{name}", f"{path}: unreadable: {e.strerror or e}")
         self.offsets[name] = offset
+
+    def _decode_all(self, buf: bytes, at: list[int], decode: Callable[[bytes], Any], out: list[Any],
+                    path: Path, base: int) -> None:
+        """decode() of each whole record of `buf` (in C: map over the frames), non-None results to `out`."""
+        it = frames(buf, at)
+        n = len(out)
+        while True:
+            try:
+                out.extend(filter(None, map(decode, it)))  # on an exception, what came before stays
+                break
+            except DecodeError:
+                self._report(f"proto:{path.name}", f"{path}: a record that is not a TensorBoard event at byte "
+                             f"{base + at[1]}; skipped it")
+        self.events_read += len(out) - n
 
     def points(self, events: list[tuple[str, event_pb2.Event]],
                keep: Callable[[str], bool] | None = None) -> list[ScalarPoint]:
