@@ -211,10 +211,12 @@ class ParamNorms(Mapping):
     read them on sampled steps or when they alert), and decoding dozens of names per record would
     be a large share of the daemon's ingest time."""
 
-    __slots__ = ("_names", "_raw", "_dict")
+    __slots__ = ("_names", "_raw", "_dict", "fold")
 
     def __init__(self, names: list[str], raw: bytes) -> None:
         self._names, self._raw, self._dict = names, raw, None
+        # The rules' last parameter-baseline fold of this vector (monitor.rules.stats.ParamBaseline).
+        self.fold: tuple | None = None
 
     def _d(self) -> dict[str, float]:
         if self._dict is None:
