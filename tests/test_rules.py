@@ -515,3 +515,25 @@ def test_rules_that_need_a_field_do_nothing_without_it(cls):
     for s in range(40, 60):
         assert rule.observe(StepRecord(step=s, loss=2.0, lr=[1e-3], grad_norm=1.0)) is None
     assert pickle.dumps(rule.__dict__) == before
+
+
+def test_param_baselines_share_folds_of_the_same_decoded_vector_only_when_equal():
+    import struct
+
+    from monitor.rules.stats import ParamBaseline
+    from monitor.runlog.events import ParamNorms
+
+    names = [f"p{i}" for i in range(6)]
+    a, b, c, odd, plain, odd_plain = (ParamBaseline() for _ in range(6))
+    odd.update({n: 9.0 for n in names})  # a different start: never shares with the others
+    odd_plain.update({n: 9.0 for n in names})
+    for step in range(45):
+        values = [(k + 1) * (1.0 + 0.2 * math.sin(step + k)) for k in range(6)]
+        vec = ParamNorms(names, struct.pack("<6f", *values))
+        for bl in (a, b, c, odd):
+            bl.update(vec)
+        plain.update(dict(vec.items()))
+        odd_plain.update(dict(vec.items()))
+        assert a.log_norms == b.log_norms == c.log_norms == plain.log_norms
+        assert odd.log_norms == odd_plain.log_norms != plain.log_norms
+    assert a.log_norms is b.log_norms is c.log_norms  # folded once, shared
