@@ -209,3 +209,30 @@ def test_tail_reads_across_chunk_boundaries(tmp_path, monkeypatch):
     second = source.poll()
     assert [r.step for r in first + second] == list(range(40)) and not source.problems
     assert all(_same(a, b) for a, b in zip(first + second, read_run(tmp_path / "run").records[0], strict=True))
+
+
+def test_source_reads_in_slices_without_losing_or_repeating_records(tmp_path):
+    from monitor.runlog.adapters.trainmon import TrainmonSource
+
+    rd = RunDir(tmp_path / "run")
+    rd.write_run_info(RunInfo(run_id="run", world_size=2))
+    for writer_records in (_records(13), _records(30)[13:]):  # rank 0: a restarted writer's second file
+        w = EventWriter(rd.events_dir, 0, param_norms_every=4)
+        for r in writer_records:
+            w.write(r)
+        w.close()
+    w1 = EventWriter(rd.events_dir / "rank1", 1)
+    for r in _records(25, rank=1):
+        w1.write(r)
+    w1.close()
+    whole = TrainmonSource(tmp_path / "run").poll()
+    sliced, source = [], TrainmonSource(tmp_path / "run")
+    while True:
+        got = source.poll(limit=4)
+        assert len(got) <= 4
+        sliced += got
+        if not got:
+            break
+    assert [(r.rank, r.step) for r in sliced] == [(r.rank, r.step) for r in whole] == \
+        [(0, s) for s in range(30)] + [(1, s) for s in range(25)]
+    assert all(_same(a, b) for a, b in zip(sliced, whole, strict=True)) and not source.problems

@@ -282,3 +282,26 @@ def test_histogram_batches_expose_exactly_what_one_by_one_observing_does():
                     h.observe(v)
         out.append([line for line in generate_latest(reg).decode().splitlines() if "_created" not in line])
     assert out[0] == out[1] and any('le="0.1"' in line for line in out[1])
+
+
+def test_a_backlog_read_in_slices_gives_the_same_verdicts(tmp_path, monkeypatch):
+    """The daemon reads a trainmon run's backlog a slice at a time (bounded memory, records judged
+    while in cache); however small the slice, the verdicts are those of one pass and of the process."""
+    import monitor.watch.daemon as daemon
+
+    cfg = TrainConfig.from_preset("tiny", max_steps=160, faults=["no-warmup", "resume-without-scheduler:80", "nan-at:130"])
+    res = train(cfg, run_dir=tmp_path / "runs" / "r", monitor_config=QUIET, progress=False)
+    verdicts = {}
+    for slice_ in (10**9, 7):
+        monkeypatch.setattr(daemon, "POLL_SLICE", slice_)
+        sink = ListSink()
+        watcher = Watcher([tmp_path / "runs"], MonitorConfig(), state_dir=None, sinks=[sink])
+        watcher.scan()
+        assert watcher.poll() == 160 and watcher.poll() == 0
+        run = next(iter(watcher.runs.values()))
+        verdicts[slice_] = [(a.rule, a.severity.value, a.step, a.status) for a in sink.alerts]
+        assert run.view.step == 159
+    assert verdicts[7] == verdicts[10**9]
+    assert sorted((r, s, st) for r, s, st, status in verdicts[7] if status == "firing") == sorted(
+        (a.rule, a.severity.value, a.step) for a in res.alerts)
+    assert {"warmup.missing", "loss.nonfinite"} <= {a.rule for a in res.alerts}

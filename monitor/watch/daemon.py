@@ -24,9 +24,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from monitor.config import MonitorConfig
 from monitor.exporters.prometheus import MetricFamilies, TrainMetrics
 from monitor.rules.engine import RulesEngine
+from monitor.runlog.adapters.trainmon import TrainmonSource
 from monitor.runlog.sources import Source
 from monitor.schema import Alert, StepRecord
 from monitor.watch.state import SavedRun, WatchState
+
+POLL_SLICE = 8192  # records of a trainmon run read, judged and freed at a time (memory stays bounded)
 
 log = logging.getLogger("monitor.watch")
 
@@ -275,7 +278,24 @@ class Watcher:
 
     def _poll_run(self, run: WatchedRun, now: float) -> int:
         source = run.source
-        records = source.poll()
+        # Our own runs are read in slices: a backlog of 100k records is decoded, judged and freed a
+        # slice at a time, while its records are still in the CPU's cache.
+        sliced = isinstance(source, TrainmonSource)
+        total = 0
+        while True:
+            records = source.poll(limit=POLL_SLICE) if sliced else source.poll()
+            self._ingest(run, records, now)
+            total += len(records)
+            if not sliced or len(records) < POLL_SLICE:
+                break
+        info_ended = getattr(source.info, "model_extra", None) or {}
+        run.finished = bool(info_ended.get("ended"))
+        if run.live and not run.finished:
+            run.engine.tick(now)
+        return total
+
+    def _ingest(self, run: WatchedRun, records: list[StepRecord], now: float) -> None:
+        source = run.source
         for problem in source.problems:
             if problem not in run.reported:
                 run.reported.add(problem)
@@ -312,11 +332,6 @@ class Watcher:
                 engine.start(rank)
             engine.observe_many(records[i:j])
             i = j
-        info_ended = getattr(source.info, "model_extra", None) or {}
-        run.finished = bool(info_ended.get("ended"))
-        if run.live and not run.finished:
-            run.engine.tick(now)
-        return len(records)
 
     def _stall_floor(self) -> float:
         opts = self.config.rules.get("run.stalled", {})

@@ -18,6 +18,7 @@ import os
 import re
 import struct
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -103,13 +104,13 @@ class TensorBoardTail:
 
         return self._poll(event)
 
-    def poll_decoded(self, decode: Callable[[bytes], Any]) -> list[Any]:
+    def poll_decoded(self, decode: Callable[[bytes], Any], limit: int | None = None) -> list[Any]:
         """`decode(record bytes)` of every whole record appended since the last poll, file by file; None
         results are dropped. A record that decode rejects with DecodeError is reported once per file
-        and skipped."""
-        return self._poll(lambda _name: decode)
+        and skipped. With `limit`, at most that many results: the rest waits for the next call."""
+        return self._poll(lambda _name: decode, limit)
 
-    def _poll(self, decoder: Callable[[str], Callable[[bytes], Any]]) -> list[Any]:
+    def _poll(self, decoder: Callable[[str], Callable[[bytes], Any]], limit: int | None = None) -> list[Any]:
         try:
             names = event_file_names(self.directory)
         except FileNotFoundError:
@@ -124,11 +125,13 @@ class TensorBoardTail:
             self._report(f"gone:{name}", f"{self.directory / name}: the file vanished after {self.offsets[name]} bytes")
             del self.offsets[name]
         for name in names:
+            if limit is not None and len(out) >= limit:
+                break
             if name not in self.dead:
-                self._read_file(name, out, decoder(name))
+                self._read_file(name, out, decoder(name), limit)
         return out
 
-    def _read_file(self, name: str, out: list[Any], decode: Callable[[bytes], Any]) -> None:
+    def _read_file(self, name: str, out: list[Any], decode: Callable[[bytes], Any], limit: int | None = None) -> None:
         path = self.directory / name
         offset = self.offsets.get(name, 0)
         try:
@@ -149,15 +152,16 @@ class TensorBoardTail:
             with open(path, "rb") as f:
                 # What the stat saw, read in chunks (bytes appended since wait for the next poll); a
                 # record cut at a chunk's end is read again with the next chunk.
-                chunk = _CHUNK
-                while offset < size:
+                # With a limit, about what that many records take (a few hundred bytes each).
+                chunk = _CHUNK if limit is None else min(_CHUNK, max(64 << 10, 512 * limit))
+                while offset < size and (limit is None or len(out) < limit):
                     f.seek(offset)
                     buf = f.read(min(chunk, size - offset))
                     if not buf:
                         break
                     at = [0, 0]
                     try:
-                        self._decode_all(buf, at, decode, out, path, offset)
+                        self._decode_all(buf, at, decode, out, path, offset, limit)
                     finally:
                         offset += at[0]  # the end of the last whole record, also when one was corrupt
                     if at[0] == 0:  # not one whole record in the chunk
@@ -173,13 +177,16 @@ class TensorBoardTail:
         self.offsets[name] = offset
 
     def _decode_all(self, buf: bytes, at: list[int], decode: Callable[[bytes], Any], out: list[Any],
-                    path: Path, base: int) -> None:
-        """decode() of each whole record of `buf` (in C: map over the frames), non-None results to `out`."""
+                    path: Path, base: int, limit: int | None = None) -> None:
+        """decode() of each whole record of `buf` (in C: map over the frames), non-None results to `out`,
+        up to `limit` in `out`; at[0] ends up after the last record taken."""
         it = frames(buf, at)
         n = len(out)
         while True:
             try:
-                out.extend(filter(None, map(decode, it)))  # on an exception, what came before stays
+                results = filter(None, map(decode, it))
+                # islice asks for no record beyond the last it returns, so at[0] stays exact.
+                out.extend(results if limit is None else islice(results, max(0, limit - len(out))))
                 break
             except DecodeError:
                 self._report(f"proto:{path.name}", f"{path}: a record that is not a TensorBoard event at byte "

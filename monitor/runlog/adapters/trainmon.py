@@ -65,7 +65,9 @@ class TrainmonSource:
         except SourceError as e:  # written atomically, so this is real damage; keep what we had
             self._report(f"info:{mtime}", str(e))
 
-    def poll(self) -> list[StepRecord]:
+    def poll(self, limit: int | None = None) -> list[StepRecord]:
+        """Records completed since the last call, rank by rank; with `limit`, at most that many (the
+        daemon reads a long backlog in slices, each decoded, judged and freed while in the CPU's cache)."""
         self._refresh_info()
         try:
             dirs = rank_dirs(self.path)
@@ -75,13 +77,15 @@ class TrainmonSource:
         out: list[StepRecord] = []
         names = self.info.model.param_names
         for rank, d in sorted(dirs.items()):
+            if limit is not None and len(out) >= limit:
+                break
             tail = self._tails.get(rank)
             if tail is None:
                 tail = self._tails[rank] = TensorBoardTail(d, self.problems)
             dec = self._decoders.get(rank)
             if dec is None or dec.param_names is not names:  # run.json may name the parameters later
                 dec = self._decoders[rank] = StepDecoder(rank, names)
-            recs = tail.poll_decoded(dec.decode)
+            recs = tail.poll_decoded(dec.decode, None if limit is None else limit - len(out))
             steps = [r.step for r in recs]
             if all(map(lt, steps, steps[1:])):  # the usual case: one writer, steps in order
                 out.extend(recs)
