@@ -537,3 +537,57 @@ def test_param_baselines_share_folds_of_the_same_decoded_vector_only_when_equal(
         assert a.log_norms == b.log_norms == c.log_norms == plain.log_norms
         assert odd.log_norms == odd_plain.log_norms != plain.log_norms
     assert a.log_norms is b.log_norms is c.log_norms  # folded once, shared
+
+
+def test_mad_by_bisection_equals_sorting_the_deviations():
+    import random
+
+    from monitor.rules.stats import _mad
+
+    rng = random.Random(11)
+    for trial in range(3000):
+        n = rng.randint(1, 60)
+        pool = [rng.gauss(0, 1), rng.gauss(5, 0.01), 0.0, -0.0, 1.0, round(rng.gauss(0, 3), 1)]
+        vals = sorted(rng.choice(pool) if trial % 2 else rng.gauss(0, 10) for _ in range(n))
+        assert _mad(vals, _plain_median_mad(vals)[0]) == _plain_median_mad(vals)[1], vals
+
+
+def _spiky(n=1500, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    loss_spikes = {300: 4.0, 301: 1.0, 600: 3.0, 601: 3.0, 602: 3.0, 603: 3.0, 900: 8.0, 1200: 50.0}
+    grad_spikes = {600: 6.0, 900: 1.0, 1000: 20.0, 1001: 20.0, 1300: 3.0}
+    out = []
+    for s in range(n):
+        loss = 3.0 * (1 + 0.02 * rng.gauss(0, 1)) * loss_spikes.get(s, 1.0)
+        g = 0.7 * (1 + 0.1 * rng.gauss(0, 1)) * grad_spikes.get(s, 1.0)
+        if s >= 1350 and s % 5 == 0:  # one-step bumps that grow through the alarm level, finely
+            loss *= 1 + (s - 1350) / 150 * 0.4
+            g *= 1 + (s - 1350) / 150 * 3.0
+        if s in (450, 451):
+            loss = math.nan
+        out.append(StepRecord(step=s, loss=loss, lr=[1e-3], grad_norm=math.inf if s == 700 else g,
+                              skipped=s in (700, 701), clip_coef=min(1.0, 1 / g),
+                              param_norms={f"p{k}": g * (k + 1) / 4 for k in range(4)} if s % 2 else None))
+    return out
+
+
+@pytest.mark.parametrize("cls", [c for c in REGISTRY if c.observe_batch is not None], ids=lambda c: c.id)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_loops_find_and_keep_exactly_what_observe_does(cls, seed):
+    """A rule's observe_batch is only a faster observe: the same findings, the same state after."""
+    import pickle
+    import random
+
+    records = _spiky(seed=seed)
+    one, batched = cls(cls.Config(), RUN), cls(cls.Config(), RUN)
+    expected = [one.observe(r) for r in records]
+    got, i, rng = [], 0, random.Random(seed)
+    while i < len(records):
+        k = rng.choice([1, 3, 64, 256, 700])
+        batched.observe_batch(records[i:i + k], got)
+        i += k
+    assert [repr(f) for f in got] == [repr(f) for f in expected]
+    assert sum(f is not None for f in expected) >= 2  # the streams do reach the exact path
+    assert pickle.dumps(batched.__dict__) == pickle.dumps(one.__dict__)

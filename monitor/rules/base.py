@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -93,6 +94,11 @@ class Rule:
 
     def observe(self, record: StepRecord) -> Finding | None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # Optional: observe_batch(records, out) appends observe(r) for each record in order, with the same
+    # state changes, faster (the daemon feeds records in batches). If a record raises, what came
+    # before it must already be in `out`: the engine counts the error and goes on after that record.
+    observe_batch: ClassVar[Callable[..., None] | None] = None
 
     def on_start(self) -> Finding | None:
         """A finding from the run's facts alone (RunInfo), before any step: preflight checks."""

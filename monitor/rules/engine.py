@@ -37,6 +37,7 @@ class _RuleState:
 
     def __post_init__(self) -> None:
         self.observe = self.rule.observe  # the bound method, looked up once: this loop is the daemon's hot path
+        self.batch = self.rule.observe_batch  # None, or the rule's own loop over a batch
 
 
 class RulesEngine:
@@ -86,6 +87,10 @@ class RulesEngine:
         if "_retiring" not in state:  # pickled by an older version
             self._retiring = []
         self._segments = {rank: _segments(states) for rank, states in self._states.items()}
+        for group in (self._states, self._retired):
+            for states in group.values():
+                for st in states:  # the bound methods, as of this version of the rules
+                    st.observe, st.batch = st.rule.observe, st.rule.observe_batch
 
     def attach(self, sinks: Iterable[AlertSink], on_error: Callable[[str, BaseException], None] | None = None) -> None:
         self.sinks = list(sinks)
@@ -255,8 +260,17 @@ class RulesEngine:
         return [alert for _, _, alert in found]
 
     def _map(self, st: _RuleState, recs: list[StepRecord]) -> list:
-        """st.observe over recs, in C; a record whose call raised gets _RAISED (counted, no transition)."""
+        """st.observe over recs, in C (or the rule's own batch loop); a record whose call raised gets
+        _RAISED (counted, no transition)."""
         findings: list = []
+        if st.batch is not None:
+            while len(findings) < len(recs):
+                try:
+                    st.batch(recs[len(findings):] if findings else recs, findings)
+                except Exception as e:
+                    self._error(f"rule {st.rule.id}", e)
+                    findings.append(_RAISED)
+            return findings
         it = iter(recs)
         while True:
             try:

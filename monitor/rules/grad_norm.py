@@ -192,3 +192,25 @@ class GradNormSpike(Rule):
             self.params.update(r.param_norms)
         w.push(x)
         return finding
+
+    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
+        """observe() over a batch: a record clearly below the alarm level (see RobustWindow.alarm_floor)
+        only updates the baselines; any other goes through observe() itself."""
+        c = self.config
+        w, params, observe, append, log = self.window, self.params, self.observe, out.append, _log
+        version, floor = -1, _INF
+        for r in recs:
+            g = r.grad_norm
+            if r.skipped or g is None or not 0.0 < g < _INF:
+                append(None)
+                continue
+            if w.version != version:
+                version = w.version
+                floor = w.alarm_floor(c.z_threshold, 1e-3, math.log(c.min_ratio)) if w.full else -_INF
+            x = log(g)
+            if x >= floor:
+                append(observe(r))
+                continue
+            params.update(r.param_norms)
+            w.push(x)
+            append(None)

@@ -176,6 +176,32 @@ class LossSpike(Rule):
             self.grads.push(_log(g))
         return finding
 
+    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
+        """observe() over a batch: with no spike pending, a loss clearly below the alarm level (see
+        RobustWindow.alarm_floor) only updates the windows and baselines; any other record goes
+        through observe() itself."""
+        c = self.config
+        w, grads, params, observe, append, log = self.window, self.grads, self.params, self.observe, out.append, _log
+        version, floor = -1, _INF
+        for r in recs:
+            loss = r.loss
+            if loss is None or not 0.0 < loss < _INF:
+                append(None)
+                continue
+            if w.version != version:
+                version = w.version
+                floor = w.alarm_floor(c.z_warning, 1e-4, math.log1p(c.min_jump)) if w.full else -_INF
+            x = log(loss)
+            if x >= floor or self.pending is not None:
+                append(observe(r))
+                continue
+            params.update(r.param_norms)
+            w.push(x)
+            g = r.grad_norm
+            if g is not None and 0.0 < g < _INF:
+                grads.push(log(g))
+            append(None)
+
 
 class LossDivergenceConfig(RuleConfig):
     span: int = Field(20, ge=1, description="Span (steps) of the loss EMA that smooths step-to-step noise.")

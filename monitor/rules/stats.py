@@ -30,6 +30,8 @@ class RobustWindow:
         self.mad = math.nan
         self.full = False
 
+    version = 0  # bumped at each refresh of med/mad (a class default: windows pickled before it load)
+
     def __len__(self) -> int:
         return len(self.values)
 
@@ -45,19 +47,27 @@ class RobustWindow:
         n = len(vals)
         mid = n // 2
         med = vals[mid] if n % 2 else 0.5 * (vals[mid - 1] + vals[mid])
-        # |v - med| without abs(): med - v below the median (falling), v - med above it (rising),
-        # the same floats; two sorted runs, which the sort merges in one pass.
-        dev = list(map(sub, repeat(med, mid), vals[:mid]))
-        dev.reverse()
-        dev += map(sub, vals[mid:], repeat(med))
-        dev.sort()
         self.med = med
-        self.mad = dev[mid] if n % 2 else 0.5 * (dev[mid - 1] + dev[mid])
+        self.mad = _mad(vals, med) if math.isfinite(sum(vals)) else _mad_sorting(vals, med)
         self._since = 0
+        self.version += 1
 
     @property
     def median(self) -> float:
         return self.med
+
+    def alarm_floor(self, z: float, min_sigma: float, min_gap: float) -> float:
+        """A value below which x is certainly not both `z` robust sigmas (sigma floored at min_sigma) and
+        `min_gap` above the median: rules that test both need the exact test only at or above it. The
+        margin (1e-9 relative) covers the rounding of the exact test many times over; -inf when the
+        window gives no usable sigma."""
+        sigma = MAD_TO_SIGMA * self.mad
+        if sigma < min_sigma:
+            sigma = min_sigma
+        if not sigma > 0 or not math.isfinite(self.med):
+            return -math.inf
+        bound = self.med + max(z * sigma, min_gap)
+        return bound - 1e-9 * (abs(bound) + 1.0)
 
     def zscore(self, x: float, min_sigma: float = 0.0) -> float:
         """Robust z of x against the window: (x - median) / (1.4826 MAD), sigma floored at min_sigma."""
@@ -67,6 +77,46 @@ class RobustWindow:
         if sigma <= 0:
             return math.inf if x > self.med else 0.0
         return (x - self.med) / sigma
+
+
+def _mad(vals: list[float], med: float) -> float:
+    """The median of |v - med| over sorted finite `vals`, without sorting the deviations.
+
+    Above the median the deviations v - med rise (A[t] = vals[mid + t] - med); below it med - v rise
+    too, read downwards (B[t] = med - vals[mid - 1 - t]): the same floats as |v - med|. The median of
+    their union comes from splitting off its `mid` smallest: i from A and mid - i from B, found by
+    bisection on i (the k-th of two sorted lists), in O(log n) instead of a sort."""
+    n = len(vals)
+    mid = n // 2
+    a, b = n - mid, mid
+    lo, hi = 0, min(mid, a)
+    while lo <= hi:
+        i = (lo + hi) // 2
+        j = mid - i
+        if i > 0 and j < b and vals[mid + i - 1] - med > med - vals[mid - 1 - j]:
+            hi = i - 1  # A[i-1] > B[j]: fewer from A
+        elif j > 0 and i < a and med - vals[mid - j] > vals[mid + i] - med:
+            lo = i + 1  # B[j-1] > A[i]: more from A
+        else:
+            break
+    else:  # no split found: only if the comparisons were inconsistent, which finite floats are not
+        return _mad_sorting(vals, med)
+    right = min(vals[mid + i] - med if i < a else math.inf, med - vals[mid - 1 - j] if j < b else math.inf)
+    if n % 2:
+        return right
+    left = max(vals[mid + i - 1] - med if i > 0 else -math.inf, med - vals[mid - j] if j > 0 else -math.inf)
+    return 0.5 * (left + right)
+
+
+def _mad_sorting(vals: list[float], med: float) -> float:
+    """_mad for windows with non-finite values: the deviations sorted (two runs, merged in one pass)."""
+    n = len(vals)
+    mid = n // 2
+    dev = list(map(sub, repeat(med, mid), vals[:mid]))
+    dev.reverse()
+    dev += map(sub, vals[mid:], repeat(med))
+    dev.sort()
+    return dev[mid] if n % 2 else 0.5 * (dev[mid - 1] + dev[mid])
 
 
 def finite(x: float | None) -> bool:
