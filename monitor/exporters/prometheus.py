@@ -31,9 +31,12 @@ _not_none = partial(is_not, None)
 
 
 def _latest(recs: list[StepRecord], field: str) -> Any:
-    """The last non-None value of `field` in `recs`, or None. In C (map, filter): a field that no record
-    has is looked up in every record of the batch."""
-    return next(filter(_not_none, map(attrgetter(field), reversed(recs))), None)
+    """The last non-None value of `field` in `recs`, or None. In C (map, count): a field that no record
+    has (common: the run does not produce it) is looked up in every record of the batch."""
+    values = list(map(attrgetter(field), recs))
+    if values.count(None) == len(values):
+        return None
+    return next(filter(_not_none, reversed(values)))
 
 
 def observe_all(child: Any, values: list[float]) -> None:

@@ -64,6 +64,7 @@ HAS_MORE = 1 << 20  # attention statistics or extra scalars follow as scalar val
 ATTENTION_TAG = "trainmon/attention/"  # trainmon/attention/<stat>/<layer>
 SCALAR_TAG = "trainmon/scalars/"
 _INT_FIELDS = {"tokens", "micro_batches", "scheduler_steps"}
+_EXTRA_PREFIXES = (PARAM_TAG, ATTENTION_TAG, SCALAR_TAG)  # scalar values read back besides the vectors
 
 
 _file_seq = itertools.count()
@@ -336,7 +337,17 @@ class StepAssembler:
             attention: dict[str, dict[str, float]] = {}
             scalars: dict[str, float] = {}
             params: dict[str, float] = {}
-            for v in values[rest:]:
+            # The extras follow the chart scalars (record_values' order, then the DDP comparison): read
+            # back from the end up to the first chart scalar instead of looking at every value.
+            extras = []
+            for v in reversed(values[rest:]):
+                tag = v.tag
+                if tag == DDP_TAG or tag.startswith(_EXTRA_PREFIXES):
+                    extras.append(v)
+                else:
+                    break
+            extras.reverse()
+            for v in extras:
                 if v.tag == DDP_TAG:
                     d["ddp"] = json.loads(v.tensor.string_val[0]) if v.tensor.string_val else None
                 else:
