@@ -80,8 +80,12 @@ class AttentionEntropyCollapse(Rule):
             elif r.lr and self.trace.in_warmup:
                 continue  # the baseline starts after warmup
             else:
-                self.base.setdefault(layer, Ema(c.span)).push(ent)
-                self.base_min.setdefault(layer, Ema(c.span)).push(low if finite(low) else ent)
+                if ema is None:
+                    ema = self.base[layer] = Ema(c.span)
+                if ema_min is None:
+                    ema_min = self.base_min[layer] = Ema(c.span)
+                ema.push(ent)
+                ema_min.push(low if finite(low) else ent)
         if not bad:
             return None
         bad.sort(key=lambda b: b["entropy_ratio"])
@@ -134,7 +138,9 @@ class AttentionLogitGrowth(Rule):
             m = st.get("max_logit")
             if not finite(m):
                 continue
-            hist = self.history.setdefault(layer, deque(maxlen=c.growth_samples))
+            hist = self.history.get(layer)
+            if hist is None:
+                hist = self.history[layer] = deque(maxlen=c.growth_samples)
             oldest = hist[0] if hist else None
             hist.append(m)
             sev = None

@@ -318,7 +318,7 @@ class StepAssembler:
         return self._build(ev.step, ev.wall_time, vec, values)
 
     def _build(self, step: int, wall_time: float, vec: tuple[float, ...], values=None,
-               param_raw: bytes | None = None) -> StepRecord:
+               param_raw: bytes | None = None, extras: tuple | None = None) -> StepRecord:
         """The record of a step vector; the per-parameter vector comes as `param_raw` (the template
         path) or from `values`, the event's summary values, which also hold any extras."""
         mask = int(vec[0])
@@ -333,21 +333,27 @@ class StepAssembler:
             has_vector = True
             d["param_norms"] = self._param_vector(values[1].tensor)
             rest = 2
-        if mask & HAS_MORE and values is not None:
-            attention: dict[str, dict[str, float]] = {}
-            scalars: dict[str, float] = {}
-            params: dict[str, float] = {}
+        if mask & HAS_MORE and extras is not None:  # gathered by the template path
+            attention, scalars, params = extras
+            d["attention"] = attention or None
+            d["scalars"] = scalars
+            if params and not has_vector:
+                d["param_norms"] = params
+        elif mask & HAS_MORE and values is not None:
+            attention = {}
+            scalars = {}
+            params = {}
             # The extras follow the chart scalars (record_values' order, then the DDP comparison): read
             # back from the end up to the first chart scalar instead of looking at every value.
-            extras = []
+            tail = []
             for v in reversed(values[rest:]):
                 tag = v.tag
                 if tag == DDP_TAG or tag.startswith(_EXTRA_PREFIXES):
-                    extras.append(v)
+                    tail.append(v)
                 else:
                     break
-            extras.reverse()
-            for v in extras:
+            tail.reverse()
+            for v in tail:
                 if v.tag == DDP_TAG:
                     d["ddp"] = json.loads(v.tensor.string_val[0]) if v.tensor.string_val else None
                 else:
@@ -416,6 +422,12 @@ class _Template(NamedTuple):
     mid: bytes  # after it: the per-parameter vector's header, or the next value's header up to its tag
     mid_len: int
     param_len: int  # bytes of the per-parameter payload that follows `mid` (0: none)
+    # Events with extras (attention statistics, mon.log() scalars): everything after the vectors as
+    # alternating framing bytes and float32 values, the framing to compare, and a function (generated
+    # per shape) that makes (attention, scalars, params) from the unpacked values. None otherwise.
+    rest: struct.Struct | None = None
+    framing: tuple[bytes, ...] = ()
+    extras: Callable[[tuple], tuple] | None = None
 
 
 class StepDecoder(StepAssembler):
@@ -476,10 +488,19 @@ class StepDecoder(StepAssembler):
         at = p + t.vector_at
         vec = t.vector.unpack_from(data, at)
         at += t.vector.size
-        if int(vec[0]) & HAS_MORE or not data.startswith(t.mid, at):
+        if not data.startswith(t.mid, at):
             return _MISS
-        return self._build(step, _WALL.unpack_from(data, 1)[0], vec,
-                           param_raw=data[at + t.mid_len:at + t.mid_len + t.param_len] if t.param_len else None)
+        at += t.mid_len
+        raw = data[at:at + t.param_len] if t.param_len else None
+        extras = None
+        if int(vec[0]) & HAS_MORE:
+            if t.rest is None:
+                return _MISS
+            parts = t.rest.unpack_from(data, at + t.param_len)
+            if parts[0::2] != t.framing:
+                return _MISS
+            extras = t.extras(parts)
+        return self._build(step, _WALL.unpack_from(data, 1)[0], vec, param_raw=raw, extras=extras)
 
     def _learn(self, data: bytes, ev: event_pb2.Event) -> None:
         """Remember the framing of `data` when it is a step event the template path can read."""
@@ -487,8 +508,9 @@ class StepDecoder(StepAssembler):
         if not ev.step or not ev.wall_time or values[0].tag != STEP_VECTOR_TAG:
             return
         content = values[0].tensor.tensor_content
-        if not content or len(content) % 8 or int(struct.unpack_from("<d", content)[0]) & HAS_MORE:
+        if not content or len(content) % 8:
             return
+        more = bool(int(struct.unpack_from("<d", content)[0]) & HAS_MORE)
         # The end of the step varint: after the 0x09 wall time and the 0x10 tag.
         p = 10
         while data[p] & 0x80:
@@ -509,7 +531,7 @@ class StepDecoder(StepAssembler):
             if param_at < 0:
                 return
             mid_end, param_len = param_at, len(raw)
-        elif len(values) > 1:  # the next value's framing up to and including its tag
+        elif len(values) > 1 and not more:  # the next value's framing up to and including its tag
             tag = values[1].tag.encode()
             tag_at = data.find(tag, end)
             if tag_at < 0:
@@ -519,6 +541,11 @@ class StepDecoder(StepAssembler):
             mid_end = end
         t = _Template(data[p:at], at - p, struct.Struct(f"<{len(content) // 8}d"), data[end:mid_end], mid_end - end,
                       param_len)
+        if more:
+            rest = _scalar_values(data, mid_end + param_len)
+            if rest is None:
+                return  # not scalar values only (the DDP comparison's JSON): protobuf reads these
+            t = t._replace(**rest)
         # Accept it only if it reads this very event back the same way protobuf did.
         self._templates[key] = t
         if not _same(self._fast(data), self.from_event(ev)):
@@ -527,6 +554,71 @@ class StepDecoder(StepAssembler):
 
 _WALL = struct.Struct("<d")
 _MISS = object()
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = data[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _scalar_values(data: bytes, start: int) -> dict | None:
+    """The layout of `data[start:]` when it is only Summary.Values of a tag and a simple_value (chart
+    scalars and extras): a Struct alternating framing bytes and float32 values, the framing, and the
+    function that turns the unpacked parts into (attention, scalars, params). None for anything else."""
+    floats: list[tuple[int, str]] = []  # (offset of the float, tag)
+    q = start
+    try:
+        while q < len(data):
+            if data[q] != 0x0A:  # Summary.value (field 1, length-delimited)
+                return None
+            size, r = _varint(data, q + 1)
+            end = r + size
+            if data[r] != 0x0A:  # Value.tag (field 1)
+                return None
+            tag_len, t = _varint(data, r + 1)
+            at = t + tag_len
+            if at + 5 != end or data[at] != 0x15:  # then Value.simple_value (field 2, fixed32), and nothing else
+                return None
+            floats.append((at + 1, data[t:at].decode()))
+            q = end
+    except (IndexError, UnicodeDecodeError):
+        return None
+    fmt, framing, prev = ["<"], [], start
+    for at, _ in floats:
+        fmt += [f"{at - prev}s", "f"]
+        framing.append(data[prev:at])
+        prev = at + 4
+    fmt.append(f"{len(data) - prev}s")
+    framing.append(data[prev:])
+    return {"rest": struct.Struct("".join(fmt)), "framing": tuple(framing), "extras": _extras_maker(floats)}
+
+
+def _extras_maker(floats: list[tuple[int, str]]) -> Callable[[tuple], tuple]:
+    """make(parts) -> (attention, scalars, params) for values at these positions, as _take_extra would
+    gather them one by one; generated per shape (dict displays; a repeated key keeps its place, the
+    later value wins, as with repeated assignment)."""
+    attention: dict[str, list[str]] = {}
+    scalars, params = [], []
+    for k, (_, tag) in enumerate(floats):
+        v = f"parts[{2 * k + 1}]"
+        if tag.startswith(PARAM_TAG):
+            params.append(f"{tag[len(PARAM_TAG):]!r}: {v}")
+        elif tag.startswith(ATTENTION_TAG):
+            stat, _, layer = tag[len(ATTENTION_TAG):].partition("/")
+            attention.setdefault(layer, []).append(f"{stat!r}: {v}")
+        elif tag.startswith(SCALAR_TAG):
+            scalars.append(f"{tag[len(SCALAR_TAG):]!r}: {v}")
+    att = ", ".join(f"{layer!r}: {{{', '.join(stats)}}}" for layer, stats in attention.items())
+    src = f"def make(parts):\n    return {{{att}}}, {{{', '.join(scalars)}}}, {{{', '.join(params)}}}\n"
+    namespace: dict = {}
+    exec(src, namespace)  # noqa: S102 - built above from the event's own tags, as repr() literals
+    return namespace["make"]
 
 
 def _same(a, b: StepRecord | None) -> bool:
