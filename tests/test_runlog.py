@@ -148,15 +148,19 @@ def _varied(n=400):
 
 
 def test_template_decoder_reads_every_shape_exactly_as_protobuf(tmp_path):
-    datas = [encode_step(r, param_norms=r.step % 3 == 0, param_names=NAMES) for r in _varied()]
+    records = _varied(1200)
+    datas = [encode_step(r, param_norms=r.step % 3 == 0, param_names=NAMES) for r in records]
     slow, fast = StepAssembler(0, NAMES), StepDecoder(0, NAMES)
-    hits = 0
-    for data in datas:
+    hits = extra_hits = 0
+    for r, data in zip(records, datas):
         expect = slow.from_event(event_pb2.Event.FromString(data))
-        hits += fast._fast(data) is not _MISS
+        hit = fast._fast(data) is not _MISS
+        hits += hit
+        extra_hits += hit and bool(r.attention or r.scalars)
         got = fast.decode(data)
         assert _same(got, expect), (got, expect)
-    assert hits > len(datas) // 2  # most records took the template path (extras and first shapes did not)
+    assert hits > len(datas) // 2  # most records took the template path (the first of each shape did not)
+    assert extra_hits >= 10  # records with attention statistics or logged scalars too
 
 
 def test_template_decoder_falls_back_when_the_framing_differs():
