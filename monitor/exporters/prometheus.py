@@ -33,6 +33,9 @@ _not_none = partial(is_not, None)
 def _latest(recs: list[StepRecord], field: str) -> Any:
     """The last non-None value of `field` in `recs`, or None. In C (map, count): a field that no record
     has (common: the run does not produce it) is looked up in every record of the batch."""
+    last = getattr(recs[-1], field)
+    if last is not None:
+        return last
     values = list(map(attrgetter(field), recs))
     if values.count(None) == len(values):
         return None

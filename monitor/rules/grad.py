@@ -53,6 +53,12 @@ class GradVanishing(Rule):
         self.streak: dict[str, int] = {}
         self.since: dict[str, int] = {}
 
+    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
+        """observe() over a batch: only every `stride`-th step is looked at."""
+        stride, observe, append = self.config.stride, self.observe, out.append
+        for r in recs:
+            append(None if r.step % stride else observe(r))
+
     def observe(self, r: StepRecord) -> Finding | None:
         if r.step % self.config.stride or r.skipped:
             return None
