@@ -9,6 +9,7 @@ carry them and skip the rest.
 from __future__ import annotations
 
 from collections import deque
+from math import isfinite
 
 from pydantic import Field
 
@@ -69,26 +70,28 @@ class AttentionEntropyCollapse(Rule):
         if not r.attention:
             return None
         c = self.config
+        floor, head_floor, keep, min_samples = c.floor, c.head_floor, 1 - c.drop, c.min_samples
+        warming = bool(r.lr) and self.trace.in_warmup  # the baseline starts after warmup
         bad = []
         for layer, st in r.attention.items():
             ent = st.get("entropy_ratio")
-            if not finite(ent):
+            if ent is None or not isfinite(ent):
                 continue
             low = st.get("entropy_min")
             ema, ema_min = self.base.get(layer), self.base_min.get(layer)
-            settled = ema is not None and ema.count >= c.min_samples
+            settled = ema is not None and ema.count >= min_samples
             reasons = []
-            if ent < c.floor:
-                reasons.append(f"below the floor {c.floor:g}")
-            if settled and ent < (1 - c.drop) * ema.value:
+            if ent < floor:
+                reasons.append(f"below the floor {floor:g}")
+            if settled and ent < keep * ema.value:
                 reasons.append(f"{1 - ent / ema.value:.0%} below its baseline {ema.value:.3f}")
-            if settled and finite(low) and low < c.head_floor and ema_min.value > 5 * c.head_floor:
+            if settled and low is not None and isfinite(low) and low < head_floor and ema_min.value > 5 * head_floor:
                 reasons.append(f"a head at {low:.3f} from {ema_min.value:.3f}")
             if reasons:
                 bad.append({"layer": layer, "entropy_ratio": ent, "entropy_min": low,
                             "baseline": ema.value if ema else None, "why": "; ".join(reasons)})
-            elif r.lr and self.trace.in_warmup:
-                continue  # the baseline starts after warmup
+            elif warming:
+                continue
             else:
                 if ema is None:
                     ema = self.base[layer] = Ema(c.span)
