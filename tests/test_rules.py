@@ -568,8 +568,11 @@ def _spiky(n=1500, seed=0):
         if s in (450, 451):
             loss = math.nan
         ent = 0.8 if s < 1100 else 0.8 * 0.9 ** ((s - 1100) / 10)  # attention collapsing from step 1100
-        out.append(StepRecord(step=s, loss=loss, lr=[1e-3], grad_norm=math.inf if s == 700 else g,
-                              skipped=s in (700, 701), clip_coef=min(1.0, 1 / g),
+        skipped = s in (700, 701) or 1150 <= s < 1154  # AMP: a pair, then a run of skipped steps
+        out.append(StepRecord(step=s, loss=loss, lr=[0.0 if 1400 <= s < 1410 else 1e-3],
+                              grad_norm=math.inf if skipped else g, skipped=skipped, clip_coef=min(1.0, 1 / g),
+                              loss_scale=0.5 if 1460 <= s < 1465 else 2.0 ** (10 - skipped),
+                              scheduler_steps=4 if 500 <= s < 510 else 1, time=1.7e9 + s + (300 if s > 1200 else 0),
                               param_norms={f"p{k}": 0.0 if k == 2 and s > 800 else g * (k + 1) / 4 for k in range(4)}
                               if s % 2 == 0 else None,
                               attention={f"l{i}": {"entropy_ratio": ent * (1 - 0.05 * i), "entropy_min": ent / 2,
@@ -593,5 +596,6 @@ def test_batch_loops_find_and_keep_exactly_what_observe_does(cls, seed):
         batched.observe_batch(records[i:i + k], got)
         i += k
     assert [repr(f) for f in got] == [repr(f) for f in expected]
-    assert sum(f is not None for f in expected) >= 1  # the streams do reach the exact path
+    if cls.id != "run.stalled":  # which finds nothing in records (the clock does, on_tick)
+        assert sum(f is not None for f in expected) >= 1  # the streams do reach the exact path
     assert pickle.dumps(batched.__dict__) == pickle.dumps(one.__dict__)

@@ -54,6 +54,21 @@ class AmpOverflow(Rule):
         self.skips_in_window = 0
         self.prev_scale: float | None = None
 
+    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
+        """observe() over a batch: an applied step with no skip in the window (the usual case) is
+        counted inline; anything else goes through observe()."""
+        observe, append, recent = self.observe, out.append, self.recent
+        for r in recs:
+            if r.skipped or self.calibrating or self.skips_in_window:
+                append(observe(r))
+                continue
+            # As observe(): no skip to expect or count; the window drops a False (no skip in it).
+            self.steps += 1
+            self.prev_scale = r.loss_scale
+            recent.append(False)
+            self.run_len = 0
+            append(None)
+
     def observe(self, r: StepRecord) -> Finding | None:
         c = self.config
         self.steps += 1
@@ -128,6 +143,17 @@ class AmpScaleCollapse(Rule):
     def __init__(self, config: AmpScaleCollapseConfig, run) -> None:
         super().__init__(config, run)
         self.since: int | None = None
+
+    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
+        """observe() over a batch: a scale at or above the floor (or none) only clears `since`, inline."""
+        floor, observe, append = self.config.floor, self.observe, out.append
+        for r in recs:
+            s = r.loss_scale
+            if s is None or s >= floor:
+                self.since = None
+                append(None)
+            else:
+                append(observe(r))
 
     def observe(self, r: StepRecord) -> Finding | None:
         s = r.loss_scale

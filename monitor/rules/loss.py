@@ -12,7 +12,7 @@ from monitor.rules.registry import register
 from monitor.rules.stats import Ema, ParamBaseline, RobustWindow, describe_movers
 from monitor.schema import Severity, StepRecord
 
-_INF, _log = math.inf, math.log
+_INF, _log, _isfinite = math.inf, math.log, math.isfinite
 
 
 @register
@@ -31,6 +31,16 @@ class LossNonFinite(Rule):
     family = "loss"
     severity = Severity.critical
     scope = "rank"
+
+    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
+        """observe() over a batch: finite values (the usual case) are passed over inline."""
+        observe, append = self.observe, out.append
+        for r in recs:
+            loss, g = r.loss, r.grad_norm
+            if (loss is None or _isfinite(loss)) and (g is None or _isfinite(g) or r.skipped):
+                append(None)
+            else:
+                append(observe(r))
 
     def observe(self, r: StepRecord) -> Finding | None:
         bad_loss = r.loss is not None and not math.isfinite(r.loss)

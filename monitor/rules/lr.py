@@ -43,6 +43,21 @@ class LrZero(Rule):
         self.peak = 0.0
         self.last_nonzero: float | None = None
 
+    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
+        """observe() over a batch: a non-zero LR (the usual case) only resets the count, inline."""
+        observe, append = self.observe, out.append
+        for r in recs:
+            lr = r.max_lr
+            if lr is None:
+                append(None)
+            elif lr != 0.0:
+                self.zeros, self.first_zero, self.last_nonzero = 0, None, lr
+                if lr > self.peak:
+                    self.peak = lr
+                append(None)
+            else:
+                append(observe(r))
+
     def observe(self, r: StepRecord) -> Finding | None:
         lr = r.max_lr
         if lr is None:

@@ -223,6 +223,17 @@ class WarmupPerMicrobatch(Rule):
         self.run_len = 0
         self.since: int | None = None
 
+    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
+        """observe() over a batch: one scheduler step per optimizer step (the usual case) inline."""
+        observe, append = self.observe, out.append
+        for r in recs:
+            n = r.scheduler_steps
+            if n is None or n <= 1:
+                self.run_len, self.since = 0, None
+                append(None)
+            else:
+                append(observe(r))
+
     def observe(self, r: StepRecord) -> Finding | None:
         n = r.scheduler_steps
         if n is None or n <= 1:
