@@ -69,6 +69,7 @@ class Rule:
 
     # The engine's list of rules that retired and are still to be taken out of its loop (see `retired`).
     _retire_sink: list | None = None
+    _retired: bool = False  # also for a subclass whose __init__ forgets super().__init__
 
     def __init__(self, config: RuleConfig, run: RunInfo) -> None:
         self.config = config
