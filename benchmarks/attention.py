@@ -98,7 +98,8 @@ def main() -> None:
         f"the unmonitored step (median paired difference, probe every step vs probe off).",
         f"- **Amortised** at the interval a run alone keeps with the defaults ({every} steps: the probe's schedule "
         f"fed the unmonitored step and the sampled-step cost): {result['amortised_cost_ms']:.3f} ms per step, "
-        f"{result['amortised_share'] * 100:.3f}% (budget: 1%). The `defaults` run here kept {kept}: its clock sees "
+        f"{result['amortised_share'] * 100:.3f}% (budget: {AttentionConfig().budget:.1%}). The `defaults` run here kept "
+        f"{kept}: its clock sees "
         "a whole round of interleaved steps as one step.",
         f"- The probe's own measurement of a sampled step: "
         f"{result['probe_own_median_cost_ms']:.2f} ms (run.json `attention_probe.median_cost_seconds`)."
