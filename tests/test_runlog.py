@@ -120,7 +120,7 @@ def test_param_norm_vectors_round_trip_exactly(tmp_path):
 
 # -- the daemon's fast reading path: byte framing and the template decoder --------------------------
 
-from tensorboard.compat.proto import event_pb2  # noqa: E402
+from tensorboard.compat.proto import event_pb2, summary_pb2, types_pb2  # noqa: E402
 
 from monitor.runlog.events import _MISS, StepAssembler, StepDecoder, _same, encode_step  # noqa: E402
 from monitor.runlog.tfrecord import CorruptRecord, encode_record, iter_buffer, read_records  # noqa: E402
@@ -240,3 +240,29 @@ def test_source_reads_in_slices_without_losing_or_repeating_records(tmp_path):
     assert [(r.rank, r.step) for r in sliced] == [(r.rank, r.step) for r in whole] == \
         [(0, s) for s in range(30)] + [(1, s) for s in range(25)]
     assert all(_same(a, b) for a, b in zip(sliced, whole, strict=True)) and not source.problems
+
+
+def test_a_step_event_with_impossible_values_is_skipped_not_fatal(tmp_path):
+    """A record with a valid checksum whose step vector makes no record (a NaN presence mask) is
+    reported once and passed over; the records after it still arrive, now and on later polls."""
+    from monitor.runlog.adapters.trainmon import TrainmonSource
+    from monitor.runlog.events import STEP_VECTOR_TAG, _vector
+
+    rd = RunDir(tmp_path / "run")
+    rd.write_run_info(RunInfo(run_id="run"))
+    w = EventWriter(rd.events_dir, 0)
+    for r in _records(3):
+        w.write(r)
+    bad = event_pb2.Event(wall_time=1.0, step=3, summary=summary_pb2.Summary(
+        value=[_vector(STEP_VECTOR_TAG, [math.nan, 2.0], types_pb2.DT_DOUBLE, "d")]))
+    w._write(bad.SerializeToString())
+    for r in _records(6)[4:]:
+        w.write(r)
+    w.flush()
+    source = TrainmonSource(tmp_path / "run")
+    assert [r.step for r in source.poll()] == [0, 1, 2, 4, 5]
+    assert len(source.problems) == 1 and "unreadable step event" in source.problems[0]
+    for r in _records(8)[6:]:
+        w.write(r)
+    w.close()
+    assert [r.step for r in source.poll()] == [6, 7] and len(source.problems) == 1

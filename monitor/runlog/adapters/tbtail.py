@@ -191,6 +191,13 @@ class TensorBoardTail:
             except DecodeError:
                 self._report(f"proto:{path.name}", f"{path}: a record that is not a TensorBoard event at byte "
                              f"{base + at[1]}; skipped it")
+            except CorruptRecord:
+                raise  # the framing itself is damaged: _read_file stops reading the file there
+            except (ValueError, TypeError, OverflowError, IndexError, KeyError, struct.error) as e:
+                # An event that parses but whose values make no record (a NaN presence mask, say): skip
+                # it, or every later poll would stop at it again.
+                self._report(f"value:{path.name}", f"{path}: an unreadable step event at byte {base + at[1]} "
+                             f"({type(e).__name__}: {e}); skipped it")
         self.events_read += len(out) - n
 
     def points(self, events: list[tuple[str, event_pb2.Event]],
