@@ -13,6 +13,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,11 +48,10 @@ def one_step(run: _Run, step: int, autocast) -> None:
     run.scheduler.step()
 
 
-def run_paired(a: argparse.Namespace, configs: dict[str, dict]) -> tuple[TrainConfig, dict[str, list[float]],
-                                                                        dict[str, dict]]:
-    """(train config, step times per configuration with "off" first, run.json of each monitored run)."""
-    cfg = TrainConfig.from_preset(a.preset, max_steps=a.steps + a.warmup, device=a.device)
-    device = torch.device(a.device)
+def setup(preset: str, max_steps: int, device_name: str) -> tuple[TrainConfig, torch.device, Callable, Callable]:
+    """(train config, device, autocast() context factory, sync()) for timing the reference run."""
+    cfg = TrainConfig.from_preset(preset, max_steps=max_steps, device=device_name)
+    device = torch.device(device_name)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
     def autocast():
@@ -59,8 +59,15 @@ def run_paired(a: argparse.Namespace, configs: dict[str, dict]) -> tuple[TrainCo
 
     def sync() -> None:
         if device.type == "cuda":
-            torch.cuda.synchronize()  # benchmark only: step boundaries must be real on the device
+            torch.cuda.synchronize()  # benchmarks only: step boundaries must be real on the device
 
+    return cfg, device, autocast, sync
+
+
+def run_paired(a: argparse.Namespace, configs: dict[str, dict]) -> tuple[TrainConfig, dict[str, list[float]],
+                                                                        dict[str, dict]]:
+    """(train config, step times per configuration with "off" first, run.json of each monitored run)."""
+    cfg, device, autocast, sync = setup(a.preset, a.steps + a.warmup, a.device)
     names = ["off", *configs]
     runs = {name: _Run(cfg, device) for name in names}
     tmp = tempfile.TemporaryDirectory()

@@ -25,10 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS  # noqa: E402
-from _paired import one_step  # noqa: E402
+from _paired import one_step, setup  # noqa: E402
 
 import monitor  # noqa: E402
-from monitor.trainer import TrainConfig  # noqa: E402
 from monitor.trainer.loop import _Run  # noqa: E402
 
 
@@ -39,17 +38,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="steps under cProfile (10 more under the op profiler)")
     a = ap.parse_args()
     warm, counted = 20, 10
-    cfg = TrainConfig.from_preset(a.preset, max_steps=warm + counted + a.steps, device=a.device)
-    device = torch.device(a.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # diagnostic only: step boundaries must be real on the device
-
+    cfg, device, autocast, sync = setup(a.preset, warm + counted + a.steps, a.device)
     out: list[str] = [f"# profile-step: preset {a.preset} ({cfg.precision}) on {a.device}", ""]
     base_counts: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -123,7 +123,7 @@ def test_param_norm_vectors_round_trip_exactly(tmp_path):
 from tensorboard.compat.proto import event_pb2, summary_pb2, types_pb2  # noqa: E402
 
 from monitor.runlog.events import _MISS, StepAssembler, StepDecoder, _same, encode_step  # noqa: E402
-from monitor.runlog.tfrecord import CorruptRecord, encode_record, iter_buffer, read_records  # noqa: E402
+from monitor.runlog.tfrecord import CorruptRecord, encode_record, frames, read_records  # noqa: E402
 
 NAMES = [f"blocks.{i}.w" for i in range(5)]
 
@@ -179,18 +179,24 @@ def test_template_decoder_falls_back_when_the_framing_differs():
         assert _same(dec.decode(other), expect) if expect is not None else dec.decode(other) is None
 
 
-def test_iter_buffer_frames_like_read_records():
+def _framed(buf):
+    """(offset after each record, its data), as read_records yields them, from `frames`."""
+    at = [0, 0]
+    return [(at[0], data) for data in frames(buf, at)]
+
+
+def test_frames_frame_like_read_records():
     datas = [encode_step(r, param_names=NAMES) for r in _varied(20)]
     buf = b"".join(encode_record(d) for d in datas)
-    assert list(iter_buffer(buf)) == list(read_records(io.BytesIO(buf)))
+    assert _framed(buf) == list(read_records(io.BytesIO(buf)))
     # A record still being written is left for later; what came before is returned.
     cut = buf[:-7]
-    assert [d for _, d in iter_buffer(cut)] == datas[:-1]
-    assert [d for _, d in iter_buffer(buf[:len(buf) - len(encode_record(datas[-1])) + 5])] == datas[:-1]
+    assert [d for _, d in _framed(cut)] == datas[:-1]
+    assert [d for _, d in _framed(buf[:len(buf) - len(encode_record(datas[-1])) + 5])] == datas[:-1]
     bad = bytearray(buf)
     bad[len(encode_record(datas[0])) + 20] ^= 0xFF  # inside the second record's data
     with pytest.raises(CorruptRecord):
-        list(iter_buffer(bytes(bad)))
+        _framed(bytes(bad))
 
 
 def test_tail_reads_across_chunk_boundaries(tmp_path, monkeypatch):

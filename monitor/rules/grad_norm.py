@@ -206,7 +206,7 @@ class GradNormSpike(Rule):
                 continue
             if w.version != version:
                 version = w.version
-                floor = w.alarm_floor(c.z_threshold, 1e-3, math.log(c.min_ratio)) if w.full else -_INF
+                floor = w.alarm_floor(c.z_threshold, 1e-3, math.log(c.min_ratio))
             x = log(g)
             if x >= floor:
                 append(observe(r))

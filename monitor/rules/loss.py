@@ -200,7 +200,7 @@ class LossSpike(Rule):
                 continue
             if w.version != version:
                 version = w.version
-                floor = w.alarm_floor(c.z_warning, 1e-4, math.log1p(c.min_jump)) if w.full else -_INF
+                floor = w.alarm_floor(c.z_warning, 1e-4, math.log1p(c.min_jump))
             x = log(loss)
             if x >= floor or self.pending is not None:
                 append(observe(r))

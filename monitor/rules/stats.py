@@ -59,8 +59,10 @@ class RobustWindow:
     def alarm_floor(self, z: float, min_sigma: float, min_gap: float) -> float:
         """A value below which x is certainly not both `z` robust sigmas (sigma floored at min_sigma) and
         `min_gap` above the median: rules that test both need the exact test only at or above it. The
-        margin (1e-9 relative) covers the rounding of the exact test many times over; -inf when the
-        window gives no usable sigma."""
+        margin (1e-9 relative) covers the rounding of the exact test many times over; -inf while the
+        window is not full or gives no usable sigma."""
+        if not self.full:
+            return -math.inf  # no baseline yet: rules take their exact path
         sigma = MAD_TO_SIGMA * self.mad
         if sigma < min_sigma:
             sigma = min_sigma

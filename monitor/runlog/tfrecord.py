@@ -54,14 +54,6 @@ def read_records(f: BinaryIO, offset: int = 0, *, check_crc: bool = True) -> Ite
         yield offset, data
 
 
-def iter_buffer(buf: bytes, offset: int = 0, *, check_crc: bool = True) -> Iterator[tuple[int, bytes]]:
-    """`read_records` over bytes already read: (offset in `buf` after the record, data) for each whole
-    record from `offset` on."""
-    at = [offset, offset]
-    for data in frames(buf, at, check_crc=check_crc):
-        yield at[0], data
-
-
 def frames(buf: bytes, at: list[int], *, check_crc: bool = True) -> Iterator[bytes]:
     """The data of each whole record in `buf` from offset at[0] on; after each, at[0] is the offset
     that follows it and at[1] where it began. The daemon reads a file's new bytes in one call and
