@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,10 +18,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from monitor.config import MonitorConfig, load_config
-from monitor.exporters.console import ConsoleSink
+from monitor.exporters.console import ConsoleSink, install_console_handler
 from monitor.exporters.prometheus import MetricsServer, TrainMetrics, serve
 from monitor.exporters.sinks import build_http_sinks, close_sinks
-from monitor.hooks import ddp, introspect
+from monitor.hooks import ddp, introspect, resolve
 from monitor.hooks.collector import StepCollector, TrainingHalted
 from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.publisher import Publisher
@@ -29,9 +30,14 @@ from monitor.runlog.events import EventWriter
 from monitor.runlog.rundir import ALERTS_JSONL, JsonlAlertSink, RunDir, RunDirError, default_run_dir
 from monitor.schema import Alert, Endpoint, RunInfo
 
-log = logging.getLogger("monitor")
+log = logging.getLogger("trainmon")
 
 __all__ = ["Monitor", "RunDirError", "TrainingHalted", "attach"]
+
+
+# Monitors not yet closed: a second attach to the same model or optimizer (a re-run notebook cell)
+# closes the first, whose hooks would otherwise see every step twice.
+_LIVE: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
 
 def _check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, max_steps) -> None:
@@ -40,6 +46,7 @@ def _check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, m
 
     if not isinstance(model, torch.nn.Module):
         raise bad("model", "a torch.nn.Module", model)
+    resolve.check_not_deepspeed(model, optimizer)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise bad("optimizer", "a torch.optim.Optimizer", optimizer)
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
@@ -72,10 +79,11 @@ def _probe_allowed(model: torch.nn.Module, cfg: MonitorConfig) -> tuple[bool, st
     return True, None
 
 
-def _agree_on_run_dir(run_dir: str | os.PathLike[str] | None, dist: introspect.DistInfo, store: Any) -> Path:
+def _agree_on_run_dir(run_dir: str | os.PathLike[str] | None, dist: introspect.DistInfo, store: Any,
+                      runs_root: str | os.PathLike[str] | None) -> Path:
     if run_dir is not None:
         return Path(run_dir)
-    path = default_run_dir()
+    path = default_run_dir(parent=runs_root)
     if dist.world_size > 1 and store is not None and "MONITOR_RUN_DIR" not in os.environ:
         # Ranks start at slightly different times: rank 0's name wins, through the job's store (no
         # collective: a rank that does not attach the monitor cannot make the others wait forever).
@@ -83,8 +91,28 @@ def _agree_on_run_dir(run_dir: str | os.PathLike[str] | None, dist: introspect.D
     return path
 
 
+def _replace_earlier(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    inner = introspect.unwrap(model)
+    for other in list(_LIVE):
+        c = other._collector
+        if other._closed or c is None:
+            continue
+        if c.optimizer is optimizer or introspect.unwrap(c.model) is inner:
+            log.warning("trainmon: this model or optimizer already had a monitor (run dir %s); it is closed and "
+                        "replaced by the new one", other.run_dir)
+            other.close()
+
+
 class Monitor:
-    """A running monitor. Create it with `monitor.attach(...)`; close it with `close()` or a `with` block."""
+    """A running monitor. Create it with `monitor.attach(...)`; close it with `close()` or a `with` block.
+
+    The keyword-only arguments are for framework integrations (monitor.integrations), which know
+    more about the loop than hooks can see: `start_step` (the loop's step index, else the
+    optimizer's own count), `raise_on_halt=False` (the integration stops its trainer when
+    `halt_requested` says so, instead of an exception from optimizer.step()), `forward_hooks=False`
+    (the integration reports micro-batches to the collector), `runs_root` (the parent of the
+    default run directory).
+    """
 
     def __init__(
         self,
@@ -96,9 +124,20 @@ class Monitor:
         run_dir: str | os.PathLike[str] | None = None,
         config: MonitorConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
         max_steps: int | None = None,
+        *,
+        start_step: int | None = None,
+        raise_on_halt: bool = True,
+        forward_hooks: bool = True,
+        runs_root: str | os.PathLike[str] | None = None,
     ) -> None:
         _check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, max_steps)
+        found = resolve.resolve(optimizer, scheduler)  # the objects inside Accelerate's/Lightning's wrappers
+        optimizer, scheduler = found.optimizer, found.scheduler
+        if scaler is None:
+            scaler = found.scaler
         self.config = cfg = load_config(config)  # ConfigError names the key, before anything starts
+        _replace_earlier(model, optimizer)
+        self._raise_on_halt = raise_on_halt
         self._closed = False
         self._close_lock = threading.Lock()
         self._server: MetricsServer | None = None
@@ -117,13 +156,14 @@ class Monitor:
         dist = introspect.dist_info()
         self.rank, self.local_rank, self.world_size = dist.rank, dist.local_rank, dist.world_size
         store = ddp.job_store() if dist.world_size > 1 else None
-        self.rundir = RunDir(_agree_on_run_dir(run_dir, dist, store), dist.rank)  # RunDirError names the path
+        self.rundir = RunDir(_agree_on_run_dir(run_dir, dist, store, runs_root), dist.rank)  # RunDirError names the path
         self.run_dir = self.rundir.path
         self.run_id = cfg.run_name or self.rundir.run_id
 
         params = introspect.optimizer_params(optimizer)
         names = introspect.param_names(model, params)
-        start_step = introspect.resumed_step(optimizer)
+        if start_step is None:
+            start_step = introspect.resumed_step(optimizer)
         self.info = RunInfo(
             run_id=self.run_id,
             hostname=introspect.hostname(),
@@ -151,11 +191,14 @@ class Monitor:
         self._facts_written = False
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
+        install_console_handler()
         try:
-            self._start(cfg, model, optimizer, scaler, scheduler, loss_fn, params, names, start_step)
+            self._start(cfg, model, optimizer, scaler, scheduler, loss_fn, params, names, start_step,
+                        forward_hooks, found.scheduler_steps_per_step)
         except BaseException:
             self._teardown()
             raise
+        _LIVE.add(self)
         atexit.register(self.close)
 
     @staticmethod
@@ -169,7 +212,8 @@ class Monitor:
                         backoff_factor=scaler._backoff_factor, growth_interval=scaler._growth_interval)
         return info
 
-    def _start(self, cfg, model, optimizer, scaler, scheduler, loss_fn, params, names, start_step) -> None:
+    def _start(self, cfg, model, optimizer, scaler, scheduler, loss_fn, params, names, start_step,
+               forward_hooks, scheduler_steps_per_step) -> None:
         registry = CollectorRegistry()
         self.metrics = TrainMetrics(registry, self.run_id, self.rank, attention_layers=cfg.attention.prometheus_layers)
         self.guard.listeners.append(self.metrics.count_error)
@@ -211,6 +255,7 @@ class Monitor:
             before=self._before_outputs, on_tick=lambda: self.engine.tick(time.time()),
         )
         probe_model, why_not = _probe_allowed(model, cfg)
+        sharded = introspect.sharded(model, params)
         self.info.attention_probe = {"enabled": probe_model and self.rank == 0, "every": cfg.attention.every,
                                      **({"off": why_not} if why_not else {})}
         self._collector = StepCollector(
@@ -218,10 +263,12 @@ class Monitor:
             params=params, start_step=start_step, param_norms_every=cfg.collector.param_norms_every,
             count_tokens=cfg.collector.count_tokens, handoff=self._publisher.submit, guard=self.guard,
             halt_check=self._halt_check, global_stats=self.rank == 0,
-            fingerprint_every=self._exchange.every if self._exchange else 0,
+            # Sharded ranks hold different parameters by design: nothing to fingerprint.
+            fingerprint_every=self._exchange.every if self._exchange and not sharded else 0,
             local_grad_norm=cfg.ddp.local_grad_norm and self.world_size > 1,
             attention=cfg.attention, probe_model=probe_model,
             module_names={id(m): n for n, m in introspect.unwrap(model).named_modules()},
+            forward_hooks=forward_hooks, scheduler_steps_per_step=scheduler_steps_per_step, sharded=sharded,
         )
         if cfg.watchdog.enabled:
             self._watchdog = threading.Thread(target=self._watch, args=(cfg.watchdog.interval_seconds,),
@@ -315,20 +362,28 @@ class Monitor:
     def _halt_check(self) -> None:
         """Training thread, before each optimizer step: two int reads unless a halt is due."""
         at = self._halt_at
-        if at is None or self._halt_raised or self.step < at:
+        if at is None or self._halt_raised or self.step < at or not self._raise_on_halt:
             return
         self._halt_raised = True  # raise once; a loop that catches it may go on
         self.flush()
+        raise TrainingHalted(self.halt_requested, self._halt_from[1] if self._halt_from else self._halt)
+
+    @property
+    def halt_requested(self) -> str | None:
+        """Why training must stop now (`halt_on`), once the step every rank agreed on is reached; else None.
+
+        Framework integrations read it after each optimizer step to stop their trainer themselves.
+        """
+        at = self._halt_at
+        if at is None or self.step < at:
+            return None
         if self._halt_from is not None:
             rank, alert = self._halt_from
             why = f"rank {rank} raised {alert.line()}"
         else:
-            alert, why = self._halt, self._halt.line()
+            why = self._halt.line()
         where = f" at step {self.step}, with every rank" if self._halter is not None else ""
-        raise TrainingHalted(
-            f"trainmon halted training{where} (halt_on={self.config.halt_on!r}): {why} Run dir: {self.run_dir}",
-            alert,
-        )
+        return f"trainmon halted training{where} (halt_on={self.config.halt_on!r}): {why} Run dir: {self.run_dir}"
 
     # -- public API ---------------------------------------------------------------------------
 

@@ -39,6 +39,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def sharded(model: torch.nn.Module, params: list[torch.Tensor]) -> bool:
+    """Whether gradients are sharded across ranks (FSDP 1 or 2): then a local norm is not the global one.
+
+    Recognised by class names (FSDP1's wrapper, FSDP2's DTensor parameters), without importing them.
+    """
+    if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in model.modules() for c in type(m).__mro__):
+        return True
+    return any(type(p).__name__ == "DTensor" for p in params[:1] + params[-1:])
+
+
 def param_names(model: torch.nn.Module, params: list[torch.Tensor]) -> list[str]:
     by_id = {id(p): n for n, p in unwrap(model).named_parameters(remove_duplicate=False)}
     return [by_id.get(id(p), f"param{i}") for i, p in enumerate(params)]

@@ -35,13 +35,13 @@ class RunDirError(OSError):
     """The run directory cannot be created or written; the message names the path."""
 
 
-def default_run_dir(environ: dict[str, str] | None = None) -> Path:
-    """$MONITOR_RUN_DIR, else runs/<utc-time>-<host>."""
+def default_run_dir(environ: dict[str, str] | None = None, parent: str | os.PathLike[str] | None = None) -> Path:
+    """$MONITOR_RUN_DIR, else <parent>/<utc-time>-<host> (parent: runs/, or a framework's output directory)."""
     env = os.environ if environ is None else environ
     if env.get("MONITOR_RUN_DIR"):
         return Path(env["MONITOR_RUN_DIR"])
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path("runs") / f"{stamp}-{socket.gethostname()}"
+    return Path("runs" if parent is None else parent) / f"{stamp}-{socket.gethostname()}"
 
 
 def rank_dir(run_dir: Path, rank: int) -> Path:
