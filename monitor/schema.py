@@ -47,6 +47,12 @@ class StepRecord(BaseModel):
     grad_norm: float | None = Field(None, description="Global L2 norm of unscaled gradients before clipping.")
     grad_norm_clipped: float | None = Field(None, description="Global norm after clipping.")
     clip_coef: float | None = Field(None, description="Factor clipping applied (1.0 when it did not clip).")
+    grad_norm_unknown: bool = Field(
+        False, description="The pre-clip gradient norm could not be measured truthfully, so grad_norm is None: "
+        "clip_grad_norm_ ran on each micro-batch (the step's whole gradient was never seen before clipping), or the "
+        "parameters are sharded (FSDP) and no clip call reported the global norm. grad_norm_clipped then holds the "
+        "norm the optimizer applied, when it could be measured.",
+    )
     max_norm: float | None = Field(None, description="Clip threshold passed to clip_grad_norm_, when the loop clips.")
     loss_scale: float | None = Field(None, description="GradScaler scale used for this step's backward.")
     skipped: bool = Field(False, description="GradScaler skipped the update (inf/NaN gradients).")

@@ -111,6 +111,10 @@ def check(
     else:
         steps = sum(len(r) for r in data.records.values())
         typer.echo(f"{run_dir}: {steps} step records from {len(data.records)} rank(s), {len(alerts)} alert(s)")
+        unknown = sum(r.grad_norm_unknown for rs in data.records.values() for r in rs)
+        if unknown:
+            typer.echo(f"note: the pre-clip gradient norm is unknown on {unknown} step record(s) (grad_norm_unknown): "
+                       "clipping ran on each micro-batch, or sharded parameters had no clip reporting the global norm")
         for a in alerts:
             typer.echo(a.line())
     if any(a.severity.at_least(fail_on) for a in alerts):

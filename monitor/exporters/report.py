@@ -821,6 +821,10 @@ def _facts(info: RunInfo, records: dict[int, list[StepRecord]]) -> list[tuple[st
         skipped = sum(1 for r in recs if r.skipped)
         if skipped:
             facts.append(("Skipped steps", f"{skipped} (GradScaler)"))
+        unknown = sum(1 for r in recs if r.grad_norm_unknown)
+        if unknown:
+            facts.append(("Gradient norm", f"pre-clip norm unknown on {unknown} step(s): clipping ran on each "
+                                           "micro-batch, or sharded parameters had no clip reporting the global norm"))
     return facts
 
 

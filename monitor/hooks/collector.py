@@ -27,15 +27,20 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_
 
 from monitor.hooks import clip as clip_patch
 from monitor.hooks.attention import STATS, AttentionProbe, ProbeSchedule, attention_stats, sdpa_masks
+from monitor.hooks.clip import StepClips, covers
 from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.intercept import intercept
 
-# Order of the loss sources: an explicit mon.log() wins; then a loss module's
-# output, then the model's own output; scaler.scale() sees the loss after the
-# user divided it by the accumulation steps, so it is the last resort.
-_LOSS_SOURCES = ("log", "loss_fn", "model", "scaler")
+# The loss sources, in order (the first with a value wins), and how a step's values combine. An
+# explicit mon.log() wins; then what a framework integration reports: the Hugging Face Trainer's
+# training_step returns each micro-batch's share of the step loss (summed, as the Trainer sums them),
+# Lightning's training_step a micro-batch loss; then a loss module's output, then the model's own
+# output; scaler.scale() sees the loss after the user divided it by the accumulation steps, so it
+# is the last resort.
+_LOSS_SOURCES = {"log": "mean", "shares": "sum", "training_step": "mean", "loss_fn": "mean", "model": "mean",
+                 "scaler": "mean"}
 
-log = logging.getLogger("monitor")
+log = logging.getLogger("trainmon")
 
 
 class TrainingHalted(RuntimeError):
@@ -62,6 +67,7 @@ class Packet:
     micro_batches: int
     scheduler_steps: int | None
     max_norm: float | None
+    grad_norm_unknown: bool = False  # the pre-clip norm could not be measured (see StepRecord)
     autocast: str | None = None
     loss_value: float | None = None
     busy_time: float | None = None
@@ -132,6 +138,9 @@ class StepCollector:
         attention: Any | None = None,
         module_names: dict[int, str] | None = None,
         probe_model: bool = True,
+        forward_hooks: bool = True,
+        scheduler_steps_per_step: int = 1,
+        sharded: bool = False,
     ) -> None:
         self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
         self.params = params
@@ -155,6 +164,9 @@ class StepCollector:
         self._local_grad_norm = local_grad_norm
         self._in_scaler_step = False
         self._prev_end: float | None = None
+        # Sharded parameters (FSDP): a local norm is not the global one, and the monitor runs no collective.
+        self._sharded = sharded
+        self._sched_per_step = scheduler_steps_per_step
         # Attention statistics (rank 0): the schedule decides "probe this step?" once per step; the
         # probe hooks SDPA/MHA calls of the first forward of a due step; mon.observe_attention feeds
         # the same step from custom kernels.
@@ -170,7 +182,7 @@ class StepCollector:
                 self._probe = AttentionProbe(module_names or {}, rows=attention.rows, batch=attention.batch,
                                              on_error=guard.record)
         self._reset()
-        self._install(loss_fn)
+        self._install(loss_fn, forward_hooks)
 
     # -- per-step state ----------------------------------------------------------
 
@@ -180,7 +192,7 @@ class StepCollector:
         self._logged_tokens: int | None = None
         self._micro = 0
         self._t_first: float | None = None
-        self._clips: list[tuple[torch.Tensor, float]] = []
+        self._clips = StepClips()
         self._norm_total: torch.Tensor | None = None
         self._param_norms: list[torch.Tensor] | None = None
         self._param_index: tuple[int, ...] | None = None
@@ -200,13 +212,14 @@ class StepCollector:
 
     # -- installation ------------------------------------------------------------------
 
-    def _install(self, loss_fn: torch.nn.Module | None) -> None:
+    def _install(self, loss_fn: torch.nn.Module | None, forward_hooks: bool) -> None:
         m = self.model
-        self._handles.append(m.register_forward_pre_hook(self._forward_pre, with_kwargs=True))
-        self._handles.append(m.register_forward_hook(self._forward_post_model))
-        if self.schedule is not None:
-            # always_call: a forward that raises still leaves the probe's mode.
-            self._handles.append(m.register_forward_hook(self._forward_end, always_call=True))
+        if forward_hooks:  # else a framework integration reports micro-batches (begin_forward/end_forward)
+            self._handles.append(m.register_forward_pre_hook(self._forward_pre, with_kwargs=True))
+            self._handles.append(m.register_forward_hook(self._forward_post_model))
+            if self.schedule is not None:
+                # always_call: a forward that raises still leaves the probe's mode.
+                self._handles.append(m.register_forward_hook(self._forward_end, always_call=True))
         if loss_fn is not None:
             self._handles.append(loss_fn.register_forward_hook(self._forward_post_loss_fn))
         self._handles.append(self.optimizer.register_step_pre_hook(self._optimizer_pre))
@@ -215,7 +228,12 @@ class StepCollector:
         if self._local_grad_norm:
             from monitor.hooks.ddp import install_local_norm_hook
 
-            install_local_norm_hook(m, self.local_sq)
+            undo = install_local_norm_hook(m, self.local_sq)
+            if undo is not None:
+                self._undo.append(undo)
+        if type(m).__name__ == "FullyShardedDataParallel" and callable(getattr(m, "clip_grad_norm_", None)):
+            # FSDP1 clips sharded gradients in its own method, which all-reduces the norm itself.
+            self._undo.append(intercept(m, "clip_grad_norm_", self._fsdp_clip))
         if self.scaler is not None:
             self._undo.append(intercept(self.scaler, "scale", self._scaler_scale))
             self._undo.append(intercept(self.scaler, "step", self._scaler_step))
@@ -241,16 +259,23 @@ class StepCollector:
         return module.training and torch.is_grad_enabled()
 
     def _forward_pre(self, module, args, kwargs):
+        if self._training(module):
+            self.begin_forward(args, kwargs)
+        return None
+
+    def begin_forward(self, args: tuple, kwargs: dict, autocast: str | None = None) -> None:
+        """A training micro-batch starts (the model's forward pre-hook, or a framework's batch start,
+        which passes the autocast dtype its precision setting will use)."""
         try:
-            if not self._training(module):
-                return None
             if self._t_first is None:
                 self._t_first = time.perf_counter()
             if self._micro == 0 and self.schedule is not None:
                 self._fwd_t0 = time.perf_counter()
                 if self._probe is not None and self.schedule.due(self.step):
                     self._probe.begin()  # only this step's first forward is probed
-            if self._micro == 0 and torch.is_autocast_enabled(self._device_type):
+            if self._micro == 0 and autocast is not None:
+                self._autocast = autocast
+            elif self._micro == 0 and torch.is_autocast_enabled(self._device_type):
                 # For the preflight checks (fp16 without GradScaler, GradScaler with bf16).
                 self._autocast = str(torch.get_autocast_dtype(self._device_type)).removeprefix("torch.")
             self._micro += 1
@@ -261,13 +286,25 @@ class StepCollector:
                     self._batch = batch
         except Exception as e:
             self._guard.record("forward pre-hook", e)
-        return None
 
     def _forward_post_model(self, module, args, output):
         if module.training and torch.is_grad_enabled():
             # The last forward of a step ends its "busy" part: what follows is the backward with the all-reduce.
             self._t_fwd_end = time.perf_counter()
         self._capture_output("model", module, output)
+
+    def end_forward(self) -> None:
+        """A framework's training micro-batch finished its forward (Lightning: before the backward)."""
+        self._t_fwd_end = time.perf_counter()
+        self._forward_end(None, (), None)
+
+    def add_loss(self, source: str, loss: torch.Tensor) -> None:
+        """A loss a framework integration reports for the step ("shares" or "training_step")."""
+        try:
+            if isinstance(loss, torch.Tensor) and loss.dim() == 0:
+                self._losses[source].append(loss.detach())
+        except Exception as e:
+            self._guard.record(f"{source} loss", e)
 
     def _forward_end(self, module, args, output):
         """End of a forward (also one that raised): close the probe and account for its cost."""
@@ -348,22 +385,63 @@ class StepCollector:
                 parameters = [parameters]
             if not isinstance(parameters, (list, tuple)) or not parameters:
                 return  # a generator here would be consumed by looking at it: leave it alone
-            if id(parameters[0]) not in self._param_ids or not self._global:
-                return  # clipping some other model's parameters, or a rank that leaves global stats to rank 0
-            self._clips.append((total_norm, float(max_norm)))
-            if self._want_param_norms() and self._param_norms is None:
+            if not self._global or not covers(parameters, self._param_ids):
+                return  # a rank that leaves global stats to rank 0, or clipping some other model's parameters
+            if self._sharded:
+                if self._clips.inside_fsdp:
+                    return  # FSDP1's own clip_grad_norm_ (unsharded, it calls this one): its return is recorded
+                total_norm = clip_patch.sharded_total(parameters, total_norm)
+                if total_norm is None:
+                    self._clips.unknown = True
+                    return
+            first = not self._clips
+            self._clips.add(parameters, float(max_norm), total_norm, self._micro)
+            if first and self._want_param_norms() and self._param_norms is None and not self._sharded:
                 # Gradients are still unclipped here: one extra read of them, on sampled steps only.
                 self._compute_norms(total=False)
         except Exception as e:
             self._guard.record("clip_grad_norm_ hook", e)
 
+    def _fsdp_clip(self, original, max_norm, norm_type=2.0):
+        self._clips.inside_fsdp = True
+        try:
+            total = original(max_norm, norm_type)
+        finally:
+            self._clips.inside_fsdp = False
+        try:
+            if self._global and isinstance(total, torch.Tensor) and float(norm_type) == 2.0:
+                self._clips.add(self.params, float(max_norm), total, self._micro)
+        except Exception as e:
+            self._guard.record("FSDP clip_grad_norm_ hook", e)
+        return total
+
     def _optimizer_pre(self, optimizer, args, kwargs):
         self._halt_check()  # may raise TrainingHalted: deliberately outside the guard
         try:
-            self._begin_step(in_optimizer=True)
+            self._read_lrs()
+            # args is (optimizer, *step's args): the closure is step's first argument.
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+            if callable(closure):
+                # The closure computes this step's gradients inside step() (LBFGS, Lightning, which also
+                # clips in it): they are read when it returns, not now.
+                return self._after_closure(args, kwargs, closure)
+            self._measure(in_optimizer=True)
         except Exception as e:
             self._guard.record("optimizer step pre-hook", e)
         return None
+
+    def _after_closure(self, args: tuple, kwargs: dict, closure: Callable[[], Any]) -> tuple[tuple, dict]:
+        def measured_closure():
+            result = closure()
+            try:
+                self._measure(in_optimizer=True)
+            except Exception as e:
+                self._guard.record("optimizer closure", e)
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": measured_closure}
+        return (args[0], measured_closure, *args[2:]), kwargs
 
     def _optimizer_post(self, optimizer, args, kwargs):
         if self._in_scaler_step:
@@ -391,10 +469,16 @@ class StepCollector:
 
     # -- step assembly (training thread, no host sync) ---------------------------------------
 
-    def _begin_step(self, in_optimizer: bool) -> None:
+    def _read_lrs(self) -> None:
         if self._lrs is None:
             self._lrs = [g["lr"] for g in self.optimizer.param_groups] if self._global else []
-        if self._clips or self._norm_total is not None or not self._global:
+
+    def _measure(self, in_optimizer: bool) -> None:
+        """The gradients as the optimizer gets them: their norm is the pre-clip one unless a clip call
+        said otherwise (then it is the norm after clipping, recorded as such)."""
+        if self._norm_total is not None or not self._global or self._sharded:
+            return
+        if self._clips and not self._clips.unknown:
             return
         divide_by = None
         if in_optimizer and self._in_scaler_step:
@@ -443,7 +527,8 @@ class StepCollector:
     def _scaler_step_done(self) -> None:
         if self._lrs is None or (not self._clips and self._norm_total is None):
             # A skipped step never reached optimizer.step(): the grads are unscaled now (inf included).
-            self._begin_step(in_optimizer=False)
+            self._read_lrs()
+            self._measure(in_optimizer=False)
         found_inf = None
         scale = None
         if getattr(self.scaler, "_enabled", False):
@@ -458,7 +543,8 @@ class StepCollector:
 
     def _finalize(self, found_inf: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
         if self._lrs is None:
-            self._begin_step(in_optimizer=False)
+            self._read_lrs()
+            self._measure(in_optimizer=False)
         now = time.perf_counter()
         wall = time.time()
         start = self._prev_end if self._prev_end is not None else self._t_first
@@ -471,29 +557,36 @@ class StepCollector:
         layout: list[str] = []
         parts: list[torch.Tensor] = []
         loss_value = None  # a Python float passed to mon.log(loss=...)
-        for source in _LOSS_SOURCES:
+        for source, reduce in _LOSS_SOURCES.items():
             ls = self._losses[source]
             if not ls:
                 continue
             tensors = [x for x in ls if isinstance(x, torch.Tensor)]
             if tensors:  # mon.log mixing floats and tensors in one step: the tensors count
-                loss = tensors[0].float() if len(tensors) == 1 else torch.stack([x.float() for x in tensors]).mean()
+                loss = tensors[0].float() if len(tensors) == 1 else torch.stack([x.float() for x in tensors])
                 layout.append("loss")
-                parts.append(loss)
+                parts.append(loss if loss.dim() == 0 else loss.sum() if reduce == "sum" else loss.mean())
             else:
                 loss_value = sum(ls) / len(ls)
             break
         max_norm = None
-        if self._clips:
-            if len(self._clips) == 1:
-                total, max_norm = self._clips[0]
-            else:  # several clip calls (e.g. per sub-model): the global norm over all of them
-                total = torch.linalg.vector_norm(torch.stack([c[0].float() for c in self._clips]), 2.0)
-                max_norm = min(c[1] for c in self._clips)
+        clips = self._clips
+        # Unknown: clipping the monitor could not see whole (each micro-batch), or a sharded model
+        # whose global norm no clip call reported.
+        norm_unknown = clips.unknown or (self._sharded and self._global and not clips)
+        if clips and not clips.unknown:
+            total, max_norm = clips.total()
             # Same formula as clip_grad_norm_'s coefficient.
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             layout += ["grad_norm", "clip_coef"]
             parts += [total, coef]
+        elif norm_unknown:
+            if clips:
+                max_norm = clips.total()[1]
+            if self._norm_total is not None:  # what the optimizer applied, after the clipping
+                layout.append("grad_norm_clipped")
+                parts.append(self._norm_total)
+            self._param_norms = None  # measured after clipping, or local shards: not the step's pre-clip truth
         elif self._norm_total is not None:
             layout.append("grad_norm")
             parts.append(self._norm_total)
@@ -540,13 +633,16 @@ class StepCollector:
         values, event = self._to_host(parts, (self._param_norms or []) + list(fp))
         tokens = self._logged_tokens if self._logged_tokens is not None else (self._tokens or None)
         sched_now = self._read_sched()
-        sched_steps = sched_now - self._sched_last if sched_now is not None and self._sched_last is not None else None
+        sched_steps = None
+        if sched_now is not None and self._sched_last is not None:
+            sched_steps = (sched_now - self._sched_last) // self._sched_per_step
         self._sched_last = sched_now
         packet = Packet(
             step=self.step, layout=tuple(layout), values=values, event=event, param_index=param_index,
             lrs=lrs, time=wall, step_time=step_time, tokens=tokens, micro_batches=self._micro,
             scheduler_steps=sched_steps,
-            max_norm=max_norm, autocast=self._autocast, loss_value=loss_value, scalars=scalars,
+            max_norm=max_norm, grad_norm_unknown=norm_unknown, autocast=self._autocast, loss_value=loss_value,
+            scalars=scalars,
             busy_time=busy, memory=memory, batch_size=self._batch, fp_count=fp_count,
             probe_cost=probe_cost, probe_every=probe_every,
         )

@@ -63,6 +63,7 @@ def build_record(p: Packet, rank: int, param_names: list[str]) -> tuple[StepReco
         step=p.step, rank=rank, time=p.time, loss=fields.get("loss"), lr=lrs,
         grad_norm=grad_norm, grad_norm_clipped=fields.get("grad_norm_clipped"),
         clip_coef=fields.get("clip_coef"), max_norm=p.max_norm, loss_scale=fields.get("loss_scale"),
+        grad_norm_unknown=p.grad_norm_unknown,
         skipped=bool(found_inf) if found_inf is not None else False,
         step_time=p.step_time, tokens=p.tokens, micro_batches=p.micro_batches, autocast=p.autocast,
         scheduler_steps=p.scheduler_steps, param_norms=param_norms, attention=attention or None, scalars=scalars,

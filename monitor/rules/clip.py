@@ -35,6 +35,10 @@ class ClipSaturated(Rule):
     gradient norm it hides is usually growing because the LR is too high.
     Fix: lower the peak LR (the usual cause), or raise max_norm if the unclipped norms are stable
     and simply above it.
+
+    When the monitor could not measure the pre-clip norm (`grad_norm_unknown`: clipping on every
+    micro-batch, or sharded parameters no clip call reported), the rule says, as info, that it
+    cannot judge those steps instead of judging a norm measured after clipping.
     """
 
     id = "clip.saturated"
@@ -51,6 +55,14 @@ class ClipSaturated(Rule):
 
     def observe(self, r: StepRecord) -> Finding | None:
         self.trace.push(r.step, r.max_lr)
+        if r.grad_norm_unknown:
+            return Finding(
+                message="cannot judge clipping: the pre-clip gradient norm of this step is unknown (clip_grad_norm_ "
+                "ran on each micro-batch, or the parameters are sharded and no clip call reported the global norm).",
+                hint="Clip once per optimizer step, after the last backward (FSDP1: the model's own clip_grad_norm_).",
+                evidence={"grad_norm_clipped": r.grad_norm_clipped, "max_norm": r.max_norm},
+                severity=Severity.info,
+            )
         if r.clip_coef is None or r.skipped or (r.lr and self.trace.in_warmup):
             return None
         hit = r.clip_coef < 1.0

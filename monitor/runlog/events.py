@@ -40,6 +40,7 @@ FIELD_TAGS = {
     "busy_time": "trainmon/busy_time",
     "local_grad_norm": "trainmon/local_grad_norm",
     "memory": "trainmon/memory_bytes",
+    "grad_norm_unknown": "trainmon/grad_norm_unknown",
 }
 TAG_FIELDS = {v: k for k, v in FIELD_TAGS.items()}
 AUTOCAST_TAG = "trainmon/autocast"
@@ -58,7 +59,9 @@ STEP_VECTOR_TAG = "trainmon/step"
 VECTOR_FIELDS = ("loss", "grad_norm", "grad_norm_clipped", "clip_coef", "max_norm", "loss_scale", "skipped",
                  "step_time", "tokens", "micro_batches", "scheduler_steps", "autocast",
                  # appended later: bit positions are the file format, new fields go at the end
-                 "busy_time", "local_grad_norm", "memory")
+                 "busy_time", "local_grad_norm", "memory", "grad_norm_unknown")
+_BOOL_FIELDS = frozenset({"skipped", "grad_norm_unknown"})
+_WHEN_TRUE = frozenset({"grad_norm_unknown"})  # flags stored only when set (absent reads back as False)
 DDP_TAG = "trainmon/ddp"  # rank 0's comparison of the ranks, JSON in a string tensor
 HAS_MORE = 1 << 20  # attention statistics or extra scalars follow as scalar values
 ATTENTION_TAG = "trainmon/attention/"  # trainmon/attention/<stat>/<layer>
@@ -90,7 +93,7 @@ def record_values(r: StepRecord, *, param_norms: bool = True) -> list[tuple[str,
     out: list[tuple[str, float]] = []
     for field, tag in FIELD_TAGS.items():
         v = getattr(r, field)
-        if v is None or (field == "skipped" and r.loss_scale is None and not v):
+        if v is None or (not v and (field in _WHEN_TRUE or field == "skipped" and r.loss_scale is None)):
             continue
         out.append((tag, float(v)))
     out.extend((LR_TAG.format(i), lr) for i, lr in enumerate(r.lr))
@@ -120,7 +123,7 @@ def step_vector(r: StepRecord, more: bool = False) -> list[float]:
     out = [0.0]
     for bit, field in enumerate(VECTOR_FIELDS):
         v = getattr(r, field)
-        if v is None:
+        if v is None or (field in _WHEN_TRUE and not v):
             continue
         if field == "autocast":
             if v not in AUTOCAST_CODES:
@@ -279,7 +282,7 @@ def _layout(mask: int) -> Callable[..., dict]:
             v = f"vec[{pos[field]}]"
             if field in _INT_FIELDS:
                 expr = f"(int({v}) if _isfinite({v}) else None)"
-            elif field == "skipped":
+            elif field in _BOOL_FIELDS:
                 expr = f"{v} != 0.0"
             elif field == "autocast":
                 expr = f"_autocast({v})"
@@ -385,7 +388,7 @@ class StepAssembler:
             if field is not None:
                 seen = True
                 x = v.simple_value
-                if field == "skipped":
+                if field in _BOOL_FIELDS:
                     fields[field] = x != 0.0
                 elif field in _INT_FIELDS:
                     fields[field] = int(x) if math.isfinite(x) else None
