@@ -302,7 +302,7 @@ def test_errors_inside_hooks_never_reach_the_loop(tmp_path, mon_config, caplog):
 
     model = Model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    caplog.set_level(logging.WARNING, logger="monitor")
+    caplog.set_level(logging.WARNING, logger="trainmon")
     with monitor.attach(model, opt, run_dir=tmp_path / "r", config=mon_config) as mon:
         for x, y in batches(5):
             model(x, y)

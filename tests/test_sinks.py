@@ -58,7 +58,7 @@ def test_a_hanging_endpoint_never_blocks_and_its_secret_is_never_logged(caplog):
         srv.bind(("127.0.0.1", 0))
         srv.listen(64)
         url = f"http://127.0.0.1:{srv.getsockname()[1]}/services/T000/B000/TOPSECRET?token=hunter2"
-        caplog.set_level(logging.WARNING, logger="monitor.sinks")
+        caplog.set_level(logging.WARNING, logger="trainmon.sinks")
         sink = WebhookSink(url, timeout=0.2, retries=1, backoff=0.05, queue_size=4)
         for i in range(50):  # the engine's thread: every emit returns at once, the overflow is counted
             sink.emit(_alert(step=i))

@@ -1,20 +1,57 @@
-"""Console alert sink: one line per alert on stderr (or any writer)."""
+"""Console alert sink: one line per alert through `logging`, logger "trainmon.alerts".
+
+Through logging, users route, filter or silence alerts with the usual configuration (a level on
+"trainmon", a handler of their own). Until they configure logging anywhere (no handler on the
+root logger), the "trainmon" logger keeps one handler of its own that writes the line above any
+tqdm progress bar (the Hugging Face Trainer's and Lightning's) with `tqdm.write`, so a bar is not
+torn, and to stderr otherwise. Levels: info, warning and critical alerts log at INFO, WARNING and
+CRITICAL; a resolved alert at INFO.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
-from collections.abc import Callable
 
-from monitor.schema import Alert
+from monitor.schema import Alert, Severity
+
+LOGGER = "trainmon"
+ALERTS_LOGGER = "trainmon.alerts"
+_LEVELS = {Severity.info: logging.INFO, Severity.warning: logging.WARNING, Severity.critical: logging.CRITICAL}
+
+
+class ConsoleHandler(logging.Handler):
+    """The default handler of the "trainmon" logger; silent once the root logger has a handler
+    (the user configured logging, and the record reaches their handlers by propagation)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return
+        try:
+            msg = self.format(record)
+            tqdm = sys.modules.get("tqdm")  # loaded: a bar may be on screen
+            if tqdm is not None and hasattr(tqdm, "tqdm"):
+                tqdm.tqdm.write(msg, file=sys.stderr)
+            else:
+                sys.stderr.write(msg + "\n")
+                sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def install_console_handler() -> None:
+    """Give the "trainmon" logger its default handler and INFO level, unless it has a handler or a level."""
+    logger = logging.getLogger(LOGGER)
+    if not logger.handlers:
+        logger.addHandler(ConsoleHandler())
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
 
 
 class ConsoleSink:
-    def __init__(self, write: Callable[[str], object] | None = None) -> None:
-        self._write = write
+    def __init__(self) -> None:
+        self._log = logging.getLogger(ALERTS_LOGGER)
 
     def emit(self, alert: Alert) -> None:
-        line = alert.line()
-        if self._write is not None:
-            self._write(line)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        level = _LEVELS[alert.severity] if alert.status == "firing" else logging.INFO
+        self._log.log(level, alert.line())

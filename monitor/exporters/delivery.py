@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-log = logging.getLogger("monitor.sinks")
+log = logging.getLogger("trainmon.sinks")
 
 _STOP = object()
 

@@ -21,12 +21,14 @@ import math
 import os
 import struct
 import time
+import weakref
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import torch
 
-log = logging.getLogger("monitor")
+log = logging.getLogger("trainmon")
 
 _PREFIX = "trainmon/"
 
@@ -149,31 +151,49 @@ def compare(step: int, payloads: dict[int, dict], world: int) -> dict:
     }
 
 
-def install_local_norm_hook(model: torch.nn.Module, sink: list) -> bool:
+# DDP model -> [the list our communication hook appends to, or None]: DDP cannot unregister a hook,
+# so closing a monitor empties the slot (the hook then only all-reduces) and a later monitor refills it.
+_HOOK_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def install_local_norm_hook(model: torch.nn.Module, sink: list) -> Callable[[], None] | None:
     """On a DDP model without a communication hook of its own: measure each gradient bucket before
     its all-reduce (this rank's own gradients), then all-reduce exactly as DDP does by default.
 
-    `sink` collects the squared norms (device tensors, no sync); returns whether the hook went in.
+    `sink` collects the squared norms (device tensors, no sync). Returns the undo (the capture
+    stops), or None when no hook went in (not DDP, or the user's own hook stays).
     """
     from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(model, DistributedDataParallel):
-        return False
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        return None
+    slot = _HOOK_SLOTS.get(model)
+    if slot is None:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    def hook(process_group, bucket):
+        slot = [None]
+
+        def hook(process_group, bucket):
+            target = slot[0]
+            if target is not None:
+                try:
+                    target.append(torch.linalg.vector_norm(bucket.buffer().detach(), 2.0, dtype=torch.float32) ** 2)
+                except Exception:  # measuring must never stop the all-reduce
+                    pass
+            return allreduce_hook(process_group, bucket)
+
         try:
-            buf = bucket.buffer()
-            sink.append(torch.linalg.vector_norm(buf.detach(), 2.0, dtype=torch.float32) ** 2)
-        except Exception:  # measuring must never stop the all-reduce
-            pass
-        return allreduce_hook(process_group, bucket)
+            model.register_comm_hook(None, hook)
+        except RuntimeError:  # the user registered one already: theirs stays
+            return None
+        _HOOK_SLOTS[model] = slot
+    slot[0] = sink
 
-    try:
-        model.register_comm_hook(None, hook)
-    except RuntimeError:  # the user registered one already: theirs stays
-        return False
-    return True
+    def undo() -> None:
+        if slot[0] is sink:
+            slot[0] = None
+
+    return undo
 
 
 class HaltCoordinator:

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-log = logging.getLogger("monitor")
+log = logging.getLogger("trainmon")
 
 
 class ErrorGuard:

@@ -20,7 +20,7 @@ from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import REGISTRY, RuleRegistry, _load_builtins
 from monitor.schema import Alert, RunInfo, Severity, StepRecord
 
-log = logging.getLogger("monitor.rules")
+log = logging.getLogger("trainmon.rules")
 
 
 class AlertSink(Protocol):

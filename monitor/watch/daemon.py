@@ -31,7 +31,7 @@ from monitor.watch.state import SavedRun, WatchState
 
 POLL_SLICE = 8192  # records of a trainmon run read, judged and freed at a time (memory stays bounded)
 
-log = logging.getLogger("monitor.watch")
+log = logging.getLogger("trainmon.watch")
 
 
 class WatchHealth:

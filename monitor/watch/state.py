@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("monitor.watch")
+log = logging.getLogger("trainmon.watch")
 
 STATE_FILE = "watch-state.json"
 VERSION = 1
