@@ -35,6 +35,10 @@ class RunDirError(OSError):
     """The run directory cannot be created or written; the message names the path."""
 
 
+# The framework callbacks' runs go under <the framework's output directory>/trainmon/.
+INTEGRATION_RUNS = "trainmon"
+
+
 def default_run_dir(environ: dict[str, str] | None = None, parent: str | os.PathLike[str] | None = None) -> Path:
     """$MONITOR_RUN_DIR, else <parent>/<utc-time>-<host> (parent: runs/, or a framework's output directory)."""
     env = os.environ if environ is None else environ

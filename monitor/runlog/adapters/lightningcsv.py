@@ -1,0 +1,261 @@
+"""A Source over PyTorch Lightning's CSVLogger file (`lightning_logs/version_N/metrics.csv`), tailed.
+
+CSVLogger writes one row per `log_metrics` call: the module's `self.log` values with `epoch` and `step`,
+LearningRateMonitor's `lr-<Opt>[/pg<N>]` in a row of their own, validation metrics in another; cells of
+keys a row lacks are empty. Columns are mapped by the Lightning table of `frameworks` (and `--map`, with
+column names as tags, fnmatch patterns included), as a Lightning TensorBoard logdir is: `train_loss` /
+`train_loss_step` / `loss` (bare `loss` only when the file has an `epoch` column) -> loss, `lr-<Opt>...`
+-> lr per param group, `grad_2.0_norm_total` -> grad_norm, `grad_2.0_norm/<param>` -> param_norms,
+`val_loss` -> scalars. A file whose columns name none of these is not read until they appear (or a
+--map names some); `unrecognized` says why.
+
+Steps: Lightning's `step` column is the count of optimizer steps done BEFORE the one just logged (the
+`_batches_that_stepped` of its loop: the first step logs at 0), which is StepRecord's 0-based step, as
+the TensorBoard source keeps it; taken as written.
+
+Rows of one step are gathered (`frameworks.StepBuffer`); a row of another step releases the step, as do
+`flush()` and, in `poll()`, `settle_s` seconds without new rows (CSVLogger writes every
+`flush_logs_every_n_steps` steps, 100 by default: the next step's rows may be far off). Records carry
+the file's modification time (rows have none).
+
+Tailing: new rows are read from a byte offset; a partial last line waits for its end. When a new metric
+key appears Lightning rewrites the whole file with a wider, re-sorted header and the old rows in their
+order, then appends: a changed header line makes the file be read again from its start, skipping the
+rows already read (checked: the old columns are all still there and the last row read is still at its
+place), so no step is read twice or lost. A file caught mid-rewrite (fewer rows than were read) is read
+again at the next poll that finds it changed; one that stays shorter, or whose rows differ, is another
+run's file: reported in `problems`, and read again from its start. A bad cell (not a number) is reported
+and left out. Rows are parsed with `csv`, one per line (metric names hold no newlines).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from monitor.runlog.adapters.frameworks import LIGHTNING, StepBuffer, TagMap, validate_mapping
+from monitor.schema import RunInfo, StepRecord
+
+METRICS_CSV = "metrics.csv"
+HPARAMS_YAML = "hparams.yaml"
+SETTLE_S = 2.0
+# Without an `epoch` column a bare `loss` column is nobody's in particular (see frameworks.LIGHTNING.weak).
+_NO_BARE_LOSS = dataclasses.replace(LIGHTNING, tags={**LIGHTNING.tags, "loss": ("train_loss", "train_loss_step")})
+
+
+def _cells(line: bytes) -> list[str]:
+    text = line.decode("utf-8", "replace").rstrip("\r\n")
+    try:
+        return next(csv.reader([text]), [])
+    except csv.Error:
+        return [text]  # a row no header matches: reported by the caller
+
+
+class LightningCSVSource:
+    """A Source over one CSVLogger metrics.csv (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike[str], mapping: dict[str, str] | None = None, *,
+                 settle_s: float | None = None, clock=time.monotonic) -> None:
+        self.path = Path(path)
+        self.file = self.path if self.path.suffix == ".csv" and not self.path.is_dir() else self.path / METRICS_CSV
+        d = self.file.parent
+        self.info = RunInfo(run_id=d.name or d.resolve().name, source="lightning", created=0.0)
+        self.mapping = validate_mapping(mapping)
+        self.settle_s = SETTLE_S if settle_s is None else settle_s
+        self.problems: list[str] = []
+        self.tagmap: TagMap | None = None
+        self.header: list[str] | None = None
+        self._header_line = ""  # the header line as read (decoded), and its length in bytes with its end
+        self._header_len = 0
+        self._tail: tuple[str, int] = ("", 0)  # the last whole line read (decoded, no end) and its length in bytes
+        self.offset = 0  # bytes of whole lines read
+        self.rows = 0  # data rows read
+        self._last_row: list[list[str]] | None = None  # the last row read: [[column, cell], ...] of its cells
+        self._seen: tuple[int, int, int] | None = None  # (inode, size, mtime) when last read
+        self._columns: list[str] | None = None  # the header last seen, also when it names no known column
+        self._waiting: tuple[int, int, int] | None = None  # the key of a file found shorter than what was read
+        self._buffer = StepBuffer()
+        self._last_arrival: float | None = None
+        self._clock = clock
+        self._reported: set[str] = set()
+
+    def _report(self, key: str, message: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            self.problems.append(message)
+
+    @property
+    def unrecognized(self) -> str | None:
+        """Why no records can come from this file yet (no known column and no mapping), else None."""
+        if self.tagmap is not None or self._columns is None:
+            return None
+        cols = ", ".join(repr(c) for c in self._columns[:20]) + (" ..." if len(self._columns) > 20 else "")
+        return (f"{self.file}: a CSV without the columns of a Lightning run (looked for 'train_loss', "
+                "'train_loss_step', 'loss' with 'epoch', 'lr-<Optimizer>', 'grad_2.0_norm_total'); "
+                + (f"columns: {cols}; " if cols else "no header yet; ")
+                + "name yours with --map loss=COLUMN (and lr=COLUMN, grad_norm=COLUMN, ...)")
+
+    def _decide(self, header: list[str]) -> TagMap | None:
+        cols = set(header)
+        self._columns = header
+        if not LIGHTNING.score(cols) and not self.mapping:
+            return None
+        return TagMap(LIGHTNING if "epoch" in cols else _NO_BARE_LOSS, self.mapping)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def poll(self) -> list[StepRecord]:
+        out: list[StepRecord] = []
+        try:
+            st = os.stat(self.file)
+        except FileNotFoundError:
+            self._report("gone", f"{self.file}: the file {'vanished' if self.rows else 'does not exist'}")
+            return out
+        except OSError as e:
+            self._report("stat", f"{self.file}: unreadable: {e.strerror or e}")
+            return out
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if key != self._seen:
+            try:
+                with open(self.file, "rb") as f:
+                    self._read(f, st, key, out)
+            except OSError as e:
+                self._report(f"read:{key}", f"{self.file}: unreadable: {e.strerror or e}")
+        now = self._clock()
+        buf = self._buffer
+        if buf.pending is not None and self._last_arrival is not None and now - self._last_arrival >= self.settle_s:
+            self._emit(buf.release(), out)
+        return out
+
+    def _read(self, f: Any, st: os.stat_result, key: tuple[int, int, int], out: list[StepRecord]) -> None:
+        if self.header is not None and st.st_size >= self.offset and self._same_file(f):  # rows were appended
+            f.seek(self.offset)
+            data = f.read(st.st_size - self.offset)
+            end = data.rfind(b"\n") + 1
+            lines = data[:end].split(b"\n")[:-1]
+            self._rows(lines, st.st_mtime, out)
+            if lines:
+                self._tail = (lines[-1].decode("utf-8", "replace"), len(lines[-1]) + 1)
+            self.offset += end
+            self._seen = key
+            return
+        f.seek(0)
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        lines = data[:end].split(b"\n")[:-1]
+        if not lines:
+            return  # not even a whole header yet (being written)
+        header = _cells(lines[0])
+        rows = lines[1:]
+        if self.header is not None and self.rows:
+            wider = set(self.header) <= set(header)
+            if wider and len(rows) >= self.rows and self._norm(header, _cells(rows[self.rows - 1])) == self._last_row:
+                rows = rows[self.rows:]  # rewritten with a wider header: the rows after those read
+            elif wider and len(rows) < self.rows and key != self._waiting:
+                self._waiting = key  # caught mid-rewrite? wait for the file to change
+                return
+            else:
+                self._report(f"restart:{key}", f"{self.file}: the file was rewritten with other rows (or shrank "
+                             f"from {self.rows} to {len(rows)} rows): another run's? reading it again from its start")
+                self._emit(self._buffer.release(), out)
+                self.rows, self._last_row = 0, None
+        self._waiting = None
+        self._seen = key
+        self.tagmap = tagmap = self._decide(header)
+        if tagmap is None:
+            self.header = None  # read again from the start when the file changes: its columns may come
+            return
+        self.header = header
+        self._header_len = len(lines[0]) + 1
+        self._header_line = data[: self._header_len].decode("utf-8", "replace")
+        self._tail = (lines[-1].decode("utf-8", "replace"), len(lines[-1]) + 1)
+        if not self.info.created:
+            self.info.created = st.st_mtime
+        self._rows(rows, st.st_mtime, out)
+        self.offset = end
+
+    def _same_file(self, f: Any) -> bool:
+        """Whether the file still starts with the header read and has the last line read where it was."""
+        if f.read(self._header_len).decode("utf-8", "replace") != self._header_line:
+            return False
+        text, n = self._tail
+        if n > self.offset:
+            return False
+        f.seek(self.offset - n)
+        return f.read(n).decode("utf-8", "replace") == text + "\n"
+
+    def _norm(self, header: list[str], cells: list[str]) -> list[list[str]]:
+        return sorted([k, v] for k, v in zip(header, cells) if v != "")
+
+    def _rows(self, lines: list[bytes], mtime: float, out: list[StepRecord]) -> None:
+        header, tagmap = self.header, self.tagmap
+        assert header is not None and tagmap is not None
+        buf = self._buffer
+        for line in lines:
+            cells = _cells(line)
+            self.rows += 1
+            if len(cells) != len(header):
+                self._report("width", f"{self.file}: row {self.rows} has {len(cells)} cells, the header "
+                             f"{len(header)}; skipped it (and any more such rows)")
+                continue
+            row = dict(zip(header, cells))
+            try:
+                step = int(row.get("step", ""))
+            except ValueError:
+                self._report("step", f"{self.file}: row {self.rows} has no whole-number step "
+                             f"({row.get('step', '')[:40]!r}); skipped it (and any more such rows)")
+                continue
+            for col, cell in row.items():
+                if cell == "" or col == "step" or not tagmap.relevant(col):
+                    continue
+                try:
+                    value = float(cell)
+                except ValueError:
+                    self._report(f"cell:{col}", f"{self.file}: row {self.rows}: {col}={cell[:40]!r} is not a "
+                                 f"number; left out (and any more such cells of {col!r})")
+                    continue
+                self._emit(buf.add(step, mtime, col, value), out)
+        if lines:
+            self._last_row = self._norm(header, _cells(lines[-1]))
+            self._last_arrival = self._clock()
+
+    def _emit(self, p: Any, out: list[StepRecord]) -> None:
+        if p is not None and self.tagmap is not None:
+            r = self.tagmap.record(p.step, p.wall_time, p.values)
+            if r is not None:
+                out.append(r)
+
+    def flush(self) -> list[StepRecord]:
+        out: list[StepRecord] = []
+        self._emit(self._buffer.release(), out)
+        return out
+
+    # -- positions --------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "lightning-csv", "offset": self.offset, "rows": self.rows, "header": self.header,
+                "header_line": self._header_line, "header_len": self._header_len, "tail": list(self._tail),
+                "last_row": self._last_row, "seen": list(self._seen) if self._seen else None,
+                "pending": self._buffer.state(), "created": self.info.created}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        header = state.get("header")
+        if header:
+            self.header = [str(c) for c in header]
+            self.tagmap = self._decide(self.header)
+            self._header_line = str(state.get("header_line") or "")
+            self._header_len = int(state.get("header_len") or 0)
+            tail = state.get("tail") or ["", 0]
+            self._tail = (str(tail[0]), int(tail[1]))
+            self.offset, self.rows = int(state.get("offset") or 0), int(state.get("rows") or 0)
+            self._last_row = state.get("last_row")
+            seen = state.get("seen")
+            self._seen = (int(seen[0]), int(seen[1]), int(seen[2])) if seen else None
+        if state.get("created"):
+            self.info.created = float(state["created"])
+        self._buffer.restore(state.get("pending"))
+        self._last_arrival = self._clock() if self._buffer.pending is not None else None
