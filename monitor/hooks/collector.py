@@ -243,6 +243,8 @@ class StepCollector:
         self._sched_last = self._read_sched()
 
     def remove(self) -> None:
+        if self._probe is not None:
+            self._probe.end()  # a forward that never ended (a framework's step that raised) leaves its mode
         for h in self._handles:
             h.remove()
         self._handles.clear()

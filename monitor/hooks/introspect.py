@@ -31,8 +31,8 @@ def dist_info() -> DistInfo:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside DDP/FSDP-style wrappers and torch.compile."""
-    for attr in ("module", "_orig_mod"):
+    """The user's module inside DDP/FSDP-style wrappers, Lightning's wrapper and torch.compile."""
+    for attr in ("module", "_orig_mod", "_forward_module"):
         inner = getattr(model, attr, None)
         if isinstance(inner, torch.nn.Module):
             return unwrap(inner)
