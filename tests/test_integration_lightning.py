@@ -166,3 +166,42 @@ def test_halt_stops_the_trainer_without_an_exception(tmp_path):
     model, cb, trainer = fit(tmp_path, steps=30, warmup=0, config={"halt_on": "warning"})
     assert "warmup.missing" in cb.monitor.halt_requested
     assert trainer.global_step < 30
+
+
+@pytest.mark.slow
+def test_attach_takes_a_lightning_optimizer_and_its_grad_scaler(tmp_path):
+    """monitor.attach(self, self.optimizers(), ...) by hand: the LightningOptimizer is unwrapped, so the
+    precision plugin's scaler.step(optimizer) is recognised as this optimizer's step."""
+    import monitor
+    from lightning.pytorch.plugins import MixedPrecision
+
+    class Manual(module_class(L)):
+        def on_train_start(self):
+            self.mon = monitor.attach(self, self.optimizers(), scaler=self.trainer.precision_plugin.scaler,
+                                      run_dir=tmp_path / "run", config=QUIET)
+
+        def on_before_optimizer_step(self, optimizer):
+            self._truth(optimizer)  # unscaled here (no clipping in this loop)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self.net(x).view(-1, VOCAB), y.view(-1))
+            self.mon.log(loss=loss)
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    torch.manual_seed(0)
+    model = Manual(manual=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=5, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(model, data())
+    model.mon.close()
+    recs = read_run(tmp_path / "run").records[0]
+    assert [r.step for r in recs] == list(range(5))
+    assert [r.loss_scale for r in recs] == [2.0**6] * 5
+    assert [r.grad_norm for r in recs] == pytest.approx(model.norms, rel=1e-6)
+    assert model.mon.internal_errors == 0

@@ -115,3 +115,27 @@ def test_a_bad_config_fails_when_the_callback_is_built():
 
     with pytest.raises(monitor.ConfigError, match="metrics.prot"):
         TrainmonCallback(config={"metrics": {"prot": 1}})
+
+
+@pytest.mark.slow
+def test_under_torchrun_each_rank_reports_its_share_and_their_mean_is_the_logged_loss(tmp_path):
+    """DDP over gloo: with num_items_in_batch and tokens averaged across processes, a rank's share is
+    scaled by the world size; the ranks' records average to exactly what the Trainer logs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "workers" / "hf_ddp.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker),
+         str(tmp_path)], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world"] == 2
+    recs = read_run(result["run_dir"]).records
+    assert sorted(recs) == [0, 1] and [len(recs[0]), len(recs[1])] == [6, 6]
+    mean = [(a.loss + b.loss) / 2 for a, b in zip(recs[0], recs[1])]
+    assert mean == pytest.approx(result["loss"], rel=1e-6)
+    assert [r.grad_norm for r in recs[0]] == pytest.approx(result["grad_norm"], rel=1e-6)
+    assert all(r.local_grad_norm is not None for r in recs[1])  # each rank's own, before the all-reduce
