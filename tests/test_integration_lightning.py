@@ -172,8 +172,9 @@ def test_halt_stops_the_trainer_without_an_exception(tmp_path):
 def test_attach_takes_a_lightning_optimizer_and_its_grad_scaler(tmp_path):
     """monitor.attach(self, self.optimizers(), ...) by hand: the LightningOptimizer is unwrapped, so the
     precision plugin's scaler.step(optimizer) is recognised as this optimizer's step."""
-    import monitor
     from lightning.pytorch.plugins import MixedPrecision
+
+    import monitor
 
     class Manual(module_class(L)):
         def on_train_start(self):
