@@ -154,9 +154,12 @@ def run_training(cfg, *, run_dir: Path | None, monitor_config: Any, progress: bo
                 pass
         return False
 
+    from monitor.exporters.console import to_terminal
+
     try:
-        result = train(cfg, run_dir=run_dir, monitor_config=monitor_config, progress=progress,
-                       on_step=on_step, on_attach=on_attach)
+        with to_terminal():
+            result = train(cfg, run_dir=run_dir, monitor_config=monitor_config, progress=progress,
+                           on_step=on_step, on_attach=on_attach)
     except monitor.TrainingHalted as e:
         a = e.alert
         line = f"Training halted by trainmon after {a.rule} at step {a.step} (halt_on: {a.severity.value})."

@@ -5,13 +5,16 @@ Through logging, users route, filter or silence alerts with the usual configurat
 root logger), the "trainmon" logger keeps one handler of its own that writes the line above any
 tqdm progress bar (the Hugging Face Trainer's and Lightning's) with `tqdm.write`, so a bar is not
 torn, and to stderr otherwise. Levels: info, warning and critical alerts log at INFO, WARNING and
-CRITICAL; a resolved alert at INFO.
+CRITICAL; a resolved alert at INFO. The CLI's own training commands (`monitor train`, `monitor
+demo`) print to their terminal whatever else configured logging (`to_terminal`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 from monitor.schema import Alert, Severity
 
@@ -24,8 +27,10 @@ class ConsoleHandler(logging.Handler):
     """The default handler of the "trainmon" logger; silent once the root logger has a handler
     (the user configured logging, and the record reaches their handlers by propagation)."""
 
+    forced = False  # inside to_terminal(): always write
+
     def emit(self, record: logging.LogRecord) -> None:
-        if logging.getLogger().handlers:
+        if not ConsoleHandler.forced and logging.getLogger().handlers:
             return
         try:
             msg = self.format(record)
@@ -46,6 +51,20 @@ def install_console_handler() -> None:
         logger.addHandler(ConsoleHandler())
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def to_terminal() -> Iterator[None]:
+    """For a command that trains in its own process: the "trainmon" records go to its stderr, once
+    (not also to the root logger's handlers); the logger's settings come back afterwards."""
+    install_console_handler()
+    logger = logging.getLogger(LOGGER)
+    saved = logger.propagate
+    logger.propagate, ConsoleHandler.forced = False, True
+    try:
+        yield
+    finally:
+        logger.propagate, ConsoleHandler.forced = saved, False
 
 
 class ConsoleSink:
