@@ -21,7 +21,7 @@ from monitor.config import MonitorConfig, load_config
 from monitor.exporters.console import ConsoleSink, install_console_handler
 from monitor.exporters.prometheus import MetricsServer, TrainMetrics, serve
 from monitor.exporters.sinks import build_http_sinks, close_sinks
-from monitor.hooks import ddp, introspect, resolve
+from monitor.hooks import compiled, ddp, introspect, resolve
 from monitor.hooks.collector import StepCollector, TrainingHalted
 from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.publisher import Publisher
@@ -418,7 +418,7 @@ class Monitor:
         q: torch.Tensor | None = None,
         k: torch.Tensor | None = None,
         *,
-        layer: str,
+        layer: str | None = None,
         logits: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         is_causal: bool = False,
@@ -430,14 +430,22 @@ class Monitor:
         kv_heads, keys, dim), or the pre-softmax `logits` (batch, heads, queries, keys). `mask` is
         SDPA's: bool (True = may attend) or float (added to the logits). Costs nothing on steps
         the probe does not sample; on sampled steps the first call per `layer` with autograd on
-        counts (evaluation passes under no_grad are left out). Inside a
-        torch.compile'd forward it runs eagerly, outside the graph (a graph break).
+        counts (evaluation passes under no_grad are left out). Without `layer`, calls are named by
+        their order in the forward: `attention.0`, `attention.1`, ...
+
+        Inside a torch.compile'd forward it adds no graph break: the first `attention.batch`
+        sequences are sliced in the graph and measured as it runs, on sampled steps. The name is a
+        constant of the graph: blocks compiled one by one (one code object) that pass different
+        names are compiled once per name, so leave `layer` out there and let the order name them.
         """
         if torch.compiler.is_compiling():
-            return _eager_observe_attention()(self, q, k, layer=layer, logits=logits, mask=mask,
-                                              is_causal=is_causal, scale=scale)
-        if not isinstance(layer, str) or not layer:
-            raise TypeError(f"observe_attention: `layer` must be a non-empty str, got {layer!r}")
+            c = self._collector
+            if c is not None:  # a few sequences sliced in the graph, measured as it runs (hooks/compiled.py)
+                compiled.observe_in_graph(c, self.config.attention.batch, q, k, logits, mask, layer, bool(is_causal),
+                                          scale)
+            return
+        if layer is not None and (not isinstance(layer, str) or not layer):
+            raise TypeError(f"observe_attention: `layer` must be a non-empty str or None, got {layer!r}")
         if logits is None and not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
             raise TypeError("observe_attention: pass `q` and `k` tensors, or `logits`")
         if logits is not None and not isinstance(logits, torch.Tensor):
@@ -509,6 +517,9 @@ class Monitor:
         sched = self._collector.schedule if self._collector else None
         if sched is not None:
             summary["attention_probe"] = {**(self.info.attention_probe or {}), **sched.summary()}
+            off = self._collector.probe_off or sched.off
+            if off:
+                summary["attention_probe"].update(enabled=False, off=off)
         self.rundir.update_json("run.json", lambda old: {**(old or {}), **summary}, {})
 
     def __enter__(self) -> Monitor:
@@ -519,18 +530,6 @@ class Monitor:
 
     def __repr__(self) -> str:
         return f"Monitor(run_id={self.run_id!r}, rank={self.rank}, step={self.step}, run_dir={str(self.run_dir)!r})"
-
-
-_EAGER_OBSERVE = None
-
-
-def _eager_observe_attention():
-    """Monitor.observe_attention kept out of dynamo's graphs. Made on first use: torch.compiler.disable
-    imports torch._dynamo (a second), which only runs that compile anyway pay."""
-    global _EAGER_OBSERVE
-    if _EAGER_OBSERVE is None:
-        _EAGER_OBSERVE = torch.compiler.disable(Monitor.observe_attention)
-    return _EAGER_OBSERVE
 
 
 class _CallbackSink:
@@ -564,6 +563,7 @@ def attach(
     run_dir: str | os.PathLike[str] | None = None,
     config: MonitorConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     max_steps: int | None = None,
+    runs_root: str | os.PathLike[str] | None = None,
 ) -> Monitor:
     """Install the monitor's hooks on a training loop; call once, before the loop.
 
@@ -571,9 +571,11 @@ def attach(
     skipped steps, step time and tokens are captured per optimizer step without
     further calls in the loop. Results go to `run_dir` (TensorBoard events,
     alerts.jsonl, run.json, targets.json) and to a Prometheus endpoint.
+    Without `run_dir` (or $MONITOR_RUN_DIR) the run goes to `<runs_root>/<utc-time>-<host>`
+    (runs_root: `runs`), a name the ranks of a distributed job agree on.
     Raises TypeError naming a wrong argument, ConfigError naming a bad config key,
     RunDirError naming an unwritable run directory.
     """
     return Monitor(model, optimizer, scaler=scaler, scheduler=scheduler, loss_fn=loss_fn, run_dir=run_dir,
-                   config=config, max_steps=max_steps)
+                   config=config, max_steps=max_steps, runs_root=runs_root)
 

@@ -381,7 +381,14 @@ class ProbeSchedule:
     cost is set against the time it is amortised over, interval x typical step time: above `budget`
     the interval doubles (up to `max_every`) until it fits; below a quarter of the budget it halves
     back towards `every`. The typical step time is a running median-like EMA of unprobed steps.
+
+    The budget is honest: when `OVER_BUDGET` probes in a row cost more than the budget even at
+    `max_every`, the cost cannot be bounded and probing stops (`off` says why); never a cap that
+    still exceeds the budget. A `max_every` equal to `every` pins the interval: the user chose that
+    rate, and the budget is not enforced.
     """
+
+    OVER_BUDGET = 3
 
     def __init__(self, every: int, max_every: int, budget: float, start_step: int = 0) -> None:
         self.base, self.max_every, self.budget = every, max_every, budget
@@ -392,6 +399,8 @@ class ProbeSchedule:
         self.samples = 0
         self.costs: list[float] = []  # the last few probe costs, for run.json
         self.hurried = 0  # probes brought forward because attention moved
+        self.off: str | None = None  # why probing stopped for good
+        self._over = 0  # probes in a row over budget at max_every
         self._last: dict[str, dict[str, float]] = {}
 
     def due(self, step: int) -> bool:
@@ -418,9 +427,18 @@ class ProbeSchedule:
                 self.every *= 2
             while self.every > self.base and share(self.every // 2) < self.budget / 4:
                 self.every = max(self.base, self.every // 2)
+            over = self.max_every > self.base and share(self.every) > self.budget
+            self._over = self._over + 1 if over else 0
+            if self._over >= self.OVER_BUDGET:
+                self.off = (f"a probe costs {cost * 1e3:.1f} ms, {share(self.every):.1%} of the time even every "
+                            f"{self.every} steps (attention.max_every), above attention.budget {self.budget:.1%}")
+                self.next = math.inf  # due() is False from now on
+                return
         self.next = step + self.every
 
     def observe(self, step: int, attention: dict[str, dict[str, float]]) -> bool:
+        if self.off:
+            return False
         """A sample's statistics (publisher thread). When a layer's max logit doubled (and is above
         `MOVED_LOGIT`) or its entropy ratio fell by `MOVED_ENTROPY` since the last sample, or a value
         is not finite, the next probe comes `every` steps after this one whatever the budget says:

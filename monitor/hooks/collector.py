@@ -26,6 +26,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
 from monitor.hooks import clip as clip_patch
+from monitor.hooks import compiled
 from monitor.hooks.attention import STATS, AttentionProbe, ProbeSchedule, attention_stats, sdpa_masks
 from monitor.hooks.clip import StepClips, covers
 from monitor.hooks.guard import ErrorGuard
@@ -172,10 +173,16 @@ class StepCollector:
         # the same step from custom kernels.
         self.schedule: ProbeSchedule | None = None
         self._probe: AttentionProbe | None = None
+        self.probe_off: str | None = None  # why the probe turned itself off during the run
+        self.compiled_key = compiled.register(self)
+        self.token = torch.zeros(1, device=self._device)  # what the compiled observe_attention op "writes"
+        compiled.install()
+        self._compile_watch = True
         self._attn_cfg = attention
         self._empty_probes = 0
         self._fwd_t0: float | None = None
         self._attn_gen = torch.Generator().manual_seed(1)  # the explicit API's own (CPU) generator
+        self._calls = 0
         if attention is not None and global_stats:
             self.schedule = ProbeSchedule(attention.every, attention.max_every, attention.budget, start_step)
             if attention.enabled and probe_model:
@@ -245,6 +252,9 @@ class StepCollector:
     def remove(self) -> None:
         if self._probe is not None:
             self._probe.end()  # a forward that never ended (a framework's step that raised) leaves its mode
+        if self._compile_watch:
+            compiled.uninstall()
+            self._compile_watch = False
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -261,6 +271,10 @@ class StepCollector:
         return module.training and torch.is_grad_enabled()
 
     def _forward_pre(self, module, args, kwargs):
+        if torch.compiler.is_compiling():  # traced into a compiled graph: reported after it ran (hooks/compiled.py)
+            ids = compiled.token_ids(args, kwargs) if self._count_tokens else None
+            compiled.forward_began(self.compiled_key, ids, self._training(module))
+            return None
         if self._training(module):
             self.begin_forward(args, kwargs)
         return None
@@ -271,9 +285,10 @@ class StepCollector:
         try:
             if self._t_first is None:
                 self._t_first = time.perf_counter()
+            self._calls = 0  # mon.observe_attention calls without a layer name, in this forward
             if self._micro == 0 and self.schedule is not None:
                 self._fwd_t0 = time.perf_counter()
-                if self._probe is not None and self.schedule.due(self.step):
+                if self._probe is not None and self.schedule.due(self.step) and self._probe_runs_eagerly():
                     self._probe.begin()  # only this step's first forward is probed
             if self._micro == 0 and autocast is not None:
                 self._autocast = autocast
@@ -290,6 +305,9 @@ class StepCollector:
             self._guard.record("forward pre-hook", e)
 
     def _forward_post_model(self, module, args, output):
+        if torch.compiler.is_compiling():
+            compiled.forward_ended(self.compiled_key, "model", find_loss(output), self._training(module))
+            return
         if module.training and torch.is_grad_enabled():
             # The last forward of a step ends its "busy" part: what follows is the backward with the all-reduce.
             self._t_fwd_end = time.perf_counter()
@@ -310,6 +328,8 @@ class StepCollector:
 
     def _forward_end(self, module, args, output):
         """End of a forward (also one that raised): close the probe and account for its cost."""
+        if torch.compiler.is_compiling():
+            return
         try:
             if self._fwd_t0 is None:
                 return
@@ -332,19 +352,54 @@ class StepCollector:
         except Exception as e:
             self._guard.record("attention probe", e)
 
-    def observe_attention(self, q, k, layer: str, logits, mask, is_causal: bool, scale) -> None:
-        """Statistics of one attention call from the user (custom kernels); only on due steps."""
+    def _probe_runs_eagerly(self) -> bool:
+        """Before a sampled forward: the probe's mode would be traced into compiled code and make it
+        recompile, so on a model (or part of one) that runs compiled it turns off, saying so once."""
+        why = compiled.compiled_reason(self.model)
+        if why is not None:
+            self._probe_off(why)
+        return why is None
+
+    def _probe_off(self, why: str) -> None:
+        self._probe = None
+        self.probe_off = f"{why}: the probe does not run inside compiled code; report with mon.observe_attention"
+        log.info("trainmon: attention probe off: %s", self.probe_off)
+
+    def compiled_forward_began(self, tokens: torch.Tensor | None) -> None:
+        """After a compiled graph ran: a training forward of the model began in it."""
+        if self._probe is not None:
+            self._probe_off("the model's forward runs under torch.compile")
+        self.begin_forward((tokens,) if tokens is not None else (), {})
+
+    def compiled_forward_ended(self, source: str, loss: torch.Tensor | None) -> None:
+        """After a compiled graph ran: a forward of the model ("model") or the loss module ended in it."""
+        if source == "model":
+            self._t_fwd_end = time.perf_counter()
+        if isinstance(loss, torch.Tensor) and loss.dim() == 0:
+            self._losses[source].append(loss.detach())
+
+    def observe_attention(self, q, k, layer: str | None, logits, mask, is_causal: bool, scale,
+                          presliced: bool = False) -> None:
+        """Statistics of one attention call from the user (custom kernels); only on due steps.
+        `presliced`: the sequences were chosen already, inside a compiled graph (which also told
+        whether autograd was on: it runs with autograd off). An unnamed call is named by its order
+        in the forward."""
+        if not presliced and not torch.is_grad_enabled():
+            return  # an evaluation pass (no_grad) inside a sampled step is not the step's attention
+        if not layer:
+            layer = f"attention.{self._calls}"
+            self._calls += 1
         if self.schedule is None or not self.schedule.due(self.step) or layer in self._attn:
             return
-        if not torch.is_grad_enabled():
-            return  # an evaluation pass (no_grad) inside a sampled step is not the step's attention
         t0 = time.perf_counter()
         try:
             cfg = self._attn_cfg
             if self._attn_offset is None:  # one position per step, as the probe draws one per forward
                 self._attn_offset = float(torch.rand((), generator=self._attn_gen))
+            t = logits if logits is not None else q
             stats = attention_stats(q, k, logits=logits, masks=sdpa_masks(mask), is_causal=is_causal, scale=scale,
-                                    rows=cfg.rows, batch=cfg.batch, offset=self._attn_offset)
+                                    rows=cfg.rows, batch=t.shape[0] if presliced else cfg.batch,
+                                    offset=0.0 if presliced else self._attn_offset)
             if stats is not None:
                 self._attn[layer] = stats
             self._probed = True
@@ -354,6 +409,9 @@ class StepCollector:
             self._probe_cost += time.perf_counter() - t0
 
     def _forward_post_loss_fn(self, module, args, output):
+        if torch.compiler.is_compiling():
+            compiled.forward_ended(self.compiled_key, "loss_fn", find_loss(output), torch.is_grad_enabled())
+            return
         self._capture_output("loss_fn", module, output)
 
     def _capture_output(self, source: str, module, output) -> None:
@@ -663,6 +721,9 @@ class StepCollector:
             sched.skipped(self.step)  # no training forward ran (or no call): try again later
             return None, None
         sched.probed(self.step, self._probe_cost)
+        if sched.off:
+            log.info("trainmon: attention statistics off: %s", sched.off)
+            return self._probe_cost, sched.every
         if self._empty_probes >= 3 and self._probe is not None:
             # Three probed forwards without an SDPA or MHA call: this model computes attention some
             # other way (mon.observe_attention can still report it). Stop paying for the mode.
