@@ -78,6 +78,8 @@ def run(tmp_path, *, monitored: bool, order: str, observe: bool = False, backend
             blk.mon, blk.named = mon, not order.startswith("blocks")
     if order == "after":
         called = compile_(model)
+    elif order == "in-place":
+        model.compile(backend=backend, fullgraph=True)
     elif order == "blocks-after":
         compile_blocks()
     g = torch.Generator().manual_seed(1)
@@ -96,7 +98,7 @@ def run(tmp_path, *, monitored: bool, order: str, observe: bool = False, backend
     return seen, losses, mon
 
 
-ORDERS = ["after", "before", "blocks-after", "blocks-before"]
+ORDERS = ["after", "before", "in-place", "blocks-after", "blocks-before"]
 
 
 @pytest.mark.slow
