@@ -29,6 +29,9 @@ def arguments(description: str) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=150, help="measured optimizer steps per configuration")
     ap.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every run's model after attach (nanoGPT's order); results get a -compiled suffix")
+    ap.add_argument("--configs", default="", help="comma-separated subset of the configurations (default: all)")
     return ap.parse_args()
 
 
@@ -68,6 +71,8 @@ def run_paired(a: argparse.Namespace, configs: dict[str, dict]) -> tuple[TrainCo
                                                                         dict[str, dict]]:
     """(train config, step times per configuration with "off" first, run.json of each monitored run)."""
     cfg, device, autocast, sync = setup(a.preset, a.steps + a.warmup, a.device)
+    if a.configs:
+        configs = {k: v for k, v in configs.items() if k in a.configs.split(",")}
     names = ["off", *configs]
     runs = {name: _Run(cfg, device) for name in names}
     tmp = tempfile.TemporaryDirectory()
@@ -78,6 +83,9 @@ def run_paired(a: argparse.Namespace, configs: dict[str, dict]) -> tuple[TrainCo
                              config={"metrics": {"port": 0}, "console": {"enabled": False}, **configs[name]})
         for name in configs
     }
+    if a.compile:  # after attach, as nanoGPT compiles after building its optimizer; compiled by the warm-up steps
+        for run in runs.values():
+            run.model = torch.compile(run.model)
     times: dict[str, list[float]] = {n: [] for n in names}
     infos: dict[str, dict] = {}
     try:

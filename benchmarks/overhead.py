@@ -43,10 +43,11 @@ def main() -> None:
                      "median_paired_ratio": statistics.median(ratios),
                      "ratio_p25": statistics.quantiles(ratios, n=4)[0], "ratio_p75": statistics.quantiles(ratios, n=4)[2],
                      "median_ratio_of_medians": statistics.median(times[name]) / base})
+    compiled = " (torch.compile, inductor, compiled after attach)" if a.compile else ""
     md = [
-        "# Monitor overhead per optimizer step",
+        "# Monitor overhead per optimizer step" + compiled,
         "",
-        f"Preset `{a.preset}` ({cfg.precision}) on {a.device}, {a.steps} measured steps per configuration after "
+        f"Preset `{a.preset}` ({cfg.precision}) on {a.device}{compiled}, {a.steps} measured steps per configuration after "
         f"{a.warmup} warm-up steps; identical runs in one process taking steps in turn (rotating order), each "
         "step paired with the unmonitored step of its round.",
         "",
@@ -63,7 +64,11 @@ def main() -> None:
                "steps in turn with the others, so its clock sees a whole round as one step and its budget stretches "
                f"the interval less than a run alone would (`attention-{a.preset}-{a.device}.md` gives that interval)."]
     text = "\n".join(md) + "\n"
-    path = write_results(f"overhead-{a.preset}-{a.device}", {"args": vars(a), "rows": rows}, text)
+    if a.compile:
+        md += ["", f"Attention probe: {probe.get('off', 'on')}."]
+        text = "\n".join(md) + "\n"
+    path = write_results(f"overhead-{a.preset}-{a.device}{'-compiled' if a.compile else ''}",
+                         {"args": vars(a), "rows": rows}, text)
     print(text)
     print(f"written to {path}")
 

@@ -80,6 +80,21 @@ def test_accelerate_prepared_objects_one_record_per_optimizer_step(tmp_path, acc
     assert mon.internal_errors == 0
 
 
+def test_a_healthy_accelerate_run_with_warmup_is_quiet(tmp_path, accelerator_factory):
+    acc = accelerator_factory(gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 40))
+    model, opt, sched = acc.prepare(model, opt, sched)
+    mon = monitor.attach(model, opt, scheduler=sched, run_dir=tmp_path / "r", max_steps=60,
+                         config={**CFG, "collector": {"param_norms_every": 1}})
+    _accelerate_loop(acc, model, opt, sched, steps=60, accum=2)
+    mon.flush()
+    mon.close()
+    assert [a.line() for a in mon.alerts if a.severity.value != "info"] == []
+
+
 def test_accelerate_finds_the_accelerators_grad_scaler(tmp_path, accelerator_factory):
     """Accelerate makes its GradScaler on GPUs only; this CPU accelerator is given one the same way, so
     the optimizer wrapper steps through scaler.step() as it does on a GPU, and attach finds the scaler."""

@@ -206,3 +206,9 @@ def test_attach_takes_a_lightning_optimizer_and_its_grad_scaler(tmp_path):
     assert [r.loss_scale for r in recs] == [2.0**6] * 5
     assert [r.grad_norm for r in recs] == pytest.approx(model.norms, rel=1e-6)
     assert model.mon.internal_errors == 0
+
+
+@pytest.mark.slow
+def test_a_healthy_run_with_warmup_is_quiet(tmp_path):
+    _, cb, _ = fit(tmp_path, steps=60, warmup=40, clip=1.0)
+    assert [a.line() for a in cb.monitor.alerts if a.severity.value != "info"] == []
