@@ -7,7 +7,7 @@ import math
 import pytest
 
 from monitor.rules import REGISTRY, Finding, Rule, RuleConfig, RuleRegistry, RulesEngine
-from monitor.schema import OptimizerInfo, ParamGroupInfo, RunInfo, Severity, StepRecord
+from monitor.schema import ModelInfo, OptimizerInfo, ParamGroupInfo, RunInfo, Severity, StepRecord
 
 RUN = RunInfo(run_id="t", optimizer=OptimizerInfo(name="AdamW", groups=[ParamGroupInfo(lr=1e-3, betas=[0.9, 0.95])]))
 
@@ -217,6 +217,50 @@ def test_rules_are_per_rank():
     assert fired == [("warmup.missing", 0)]
 
 
+def _run(lr=1e-3, beta2=0.95, max_steps=None, trainable=1.0):
+    return RunInfo(run_id="t", max_steps=max_steps,
+                   optimizer=OptimizerInfo(name="AdamW", groups=[ParamGroupInfo(lr=lr, betas=[0.9, beta2])]),
+                   model=ModelInfo(name="m", parameters=1000, trainable=int(1000 * trainable)))
+
+
+def _unstable_at(step, base=2.0):
+    return noisy(lambda s: float("nan") if s == step else base)
+
+
+WARMUP_CALIBRATION = [
+    # (name, run, records, rule, severities in order (empty: quiet))
+    ("nanoGPT shakespeare_char: warmup 100, beta2 0.99, 5000 iters", _run(beta2=0.99, max_steps=5000),
+     recs(400, lr=warmup(1e-3, 100), loss=noisy(lambda s: 4 * math.exp(-s / 80) + 1)), "warmup.too_short", ["info"]),
+    ("the same, unstable right after its warmup", _run(beta2=0.99, max_steps=5000),
+     recs(400, lr=warmup(1e-3, 100), loss=_unstable_at(150)), "warmup.too_short", ["info", "warning"]),
+    ("a 3-step warmup with beta2 0.999 at a from-scratch LR", _run(beta2=0.999),
+     recs(100, lr=warmup(1e-3, 3)), "warmup.too_short", ["warning"]),
+    ("the same at a fine-tuning LR: advice", _run(lr=2e-5, beta2=0.999),
+     recs(100, lr=warmup(2e-5, 3)), "warmup.too_short", ["info"]),
+    ("a short run asks for at most 10% of itself", _run(beta2=0.999, max_steps=200),
+     recs(200, lr=warmup(1e-3, 20)), "warmup.too_short", []),
+    ("HF fine-tuning defaults: lr 5e-5, no warmup, linear decay", _run(lr=5e-5, beta2=0.999, max_steps=500),
+     recs(200, lr=lambda s: 5e-5 * (1 - s / 500), loss=noisy(lambda s: 2 * math.exp(-s / 100) + 1)),
+     "warmup.missing", ["info"]),
+    ("no warmup at a fine-tuning LR, then a NaN", _run(lr=5e-5), recs(100, lr=5e-5, loss=_unstable_at(40)),
+     "warmup.missing", ["info", "warning"]),
+    ("no warmup at a from-scratch LR", _run(lr=6e-4), recs(40, lr=6e-4), "warmup.missing", ["warning"]),
+    ("no warmup, adapters only (LoRA) at 2e-4", _run(lr=2e-4, trainable=0.01), recs(150, lr=2e-4),
+     "warmup.missing", ["info"]),
+]
+
+
+@pytest.mark.parametrize("name, run, records, rule, severities", WARMUP_CALIBRATION,
+                         ids=[c[0] for c in WARMUP_CALIBRATION])
+def test_warmup_severity_follows_the_evidence(name, run, records, rule, severities):
+    alerts = run_rules(records, [rule], run=run)
+    assert [a.severity.value for a in alerts] == severities, [a.line() for a in alerts]
+    for a in alerts:
+        assert a.step == alerts[0].step and a.evidence
+    if len(alerts) > 1:
+        assert alerts[-1].evidence["instability"][0]["what"].startswith("loss nan")
+
+
 def test_sgd_runs_are_not_held_to_adam_warmup():
     run = RunInfo(run_id="t", optimizer=OptimizerInfo(name="SGD"))
     assert run_rules(recs(40, lr=0.1), ["warmup.missing"], run=run) == []
@@ -242,7 +286,8 @@ MORE_CASES = [
      "loss.divergence", ("critical", 100, 125)),
     ("loss falls normally", recs(300, lr=warmup(), loss=noisy(lambda s: 5 * math.exp(-s / 50) + 0.5, 0.1)),
      "loss.divergence", None),
-    ("warmup of 10 steps with beta2 0.95", recs(60, lr=warmup(steps=10)), "warmup.too_short", ("warning", 9, 12)),
+    ("warmup of 10 steps with beta2 0.95, stable: advice", recs(60, lr=warmup(steps=10)), "warmup.too_short",
+     ("info", 9, 12)),
     ("warmup printed rounded (llm.c): repeats are not its end",
      recs(900, lr=lambda s: round(6e-4 * min(1.0, (s + 1) / 700), 6)), "warmup.too_short", None),
     ("warmup of 50 steps with beta2 0.95", recs(100, lr=warmup(steps=50)), "warmup.too_short", None),

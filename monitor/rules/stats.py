@@ -7,6 +7,10 @@ from collections import deque
 from collections.abc import Mapping
 from itertools import repeat
 from operator import sub
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from monitor.schema import StepRecord
 
 # MAD of a normal distribution times this is its standard deviation.
 MAD_TO_SIGMA = 1.4826
@@ -202,6 +206,41 @@ class LrTrace:
     @property
     def in_warmup(self) -> bool:
         return not self.warmup_done
+
+
+class EarlyInstability:
+    """Signs that the start of a run is unstable, collected up to a horizon step: a non-finite loss or
+    gradient norm, or a loss `spike_ratio` times above the lowest seen after the first `settle` steps
+    (early losses fall fast, so a rise to well above the best so far is not noise).
+
+    The warmup rules use it as evidence: advice about a warmup becomes a warning when the run it
+    describes is visibly unstable in or right after the warmup.
+    """
+
+    def __init__(self, spike_ratio: float, settle: int = 10, keep: int = 5) -> None:
+        self.spike_ratio, self.settle, self.keep = spike_ratio, settle, keep
+        self.low = math.inf
+        self.seen = 0
+        self.events: list[dict] = []
+
+    def push(self, r: StepRecord) -> bool:
+        """Fold in a record; True when it is a sign of instability."""
+        self.seen += 1
+        loss, g = r.loss, r.grad_norm
+        what = None
+        if loss is not None and not math.isfinite(loss):
+            what = f"loss {loss}"
+        elif g is not None and not math.isfinite(g) and not r.skipped:
+            what = f"gradient norm {g}"
+        elif loss is not None:
+            if self.seen > self.settle and self.low > 0 and loss > self.spike_ratio * self.low:
+                what = f"loss {loss:.4g}, {loss / self.low:.1f}x the lowest so far ({self.low:.4g})"
+            self.low = min(self.low, loss)
+        if what is None:
+            return False
+        if len(self.events) < self.keep:
+            self.events.append({"step": r.step, "what": what})
+        return True
 
 
 class ParamBaseline:
