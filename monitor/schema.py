@@ -76,6 +76,22 @@ class StepRecord(BaseModel):
         None, description="Per-layer attention statistics: entropy_ratio (mean over heads), entropy_min, max_logit, max_prob.",
     )
     scalars: dict[str, float] = Field(default_factory=dict, description="Extra scalars passed to mon.log().")
+    # Step phases (appended later; see PHASES). Host seconds unless noted.
+    input_time: float | None = Field(
+        None, description="Seconds of the step's input phases: from the previous optimizer step's end (first "
+        "micro-batch) or the previous micro-batch's backward end to the forward of the model the loop calls (data "
+        "loading, the loop's own work), summed over micro-batches. Holds no collective.",
+    )
+    compute_time: float | None = Field(
+        None, description="Seconds of the step's forwards of the module inside the DDP wrapper (after DDP's "
+        "pre-forward buffer broadcast), summed over micro-batches; device time (CUDA events) on CUDA. Holds no "
+        "collective (not measured for sharded models, whose forwards all-gather).",
+    )
+    collective_wait_time: float | None = Field(
+        None, description="Seconds the step waited in DDP's collectives: its pre-forward work (the buffer "
+        "broadcast) plus the gradient all-reduce left after the backward (last bucket done minus last bucket ready, "
+        "from the monitor's communication hook). A slow rank's wait is short; the others wait for it.",
+    )
 
     @classmethod
     def fast(cls, **values: Any) -> StepRecord:
@@ -120,6 +136,10 @@ class _MaxLr:
 
 
 StepRecord.max_lr = _MaxLr()  # after the class: pydantic would take a class attribute for a field
+
+# Step phase -> StepRecord field: the names the rank exchange, ddp.straggler and the
+# trainmon_step_phase_seconds{phase=...} gauge use.
+PHASES = {"input": "input_time", "compute": "compute_time", "collective_wait": "collective_wait_time"}
 
 _STEP_PLAIN_DEFAULTS = {n: f.default for n, f in StepRecord.model_fields.items()
                         if not f.is_required() and f.default_factory is None}

@@ -1,4 +1,5 @@
-"""Real torchrun with two gloo ranks: per-rank records and files, desync, stragglers, hangs, and silence when healthy."""
+"""Real torchrun with two gloo ranks: per-rank records and files, desync, stragglers (named by the step phase
+that differs, through DDP's buffer broadcast and with no_sync accumulation), hangs, and silence when healthy."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from monitor.cli.check import check_run
 from monitor.config import load_config
 from monitor.runlog.reader import read_alerts, read_run
+from monitor.schema import PHASES, StepRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "ddp_loop.py"
@@ -65,8 +68,14 @@ def test_per_rank_files_records_and_facts(healthy):
     assert r0[5].grad_norm is not None and r1[5].grad_norm is None and r1[5].lr == []
     assert r0[5].local_grad_norm != r1[5].local_grad_norm and r0[5].loss != r1[5].loss
     assert all(r.busy_time is not None and r.busy_time >= 0 for r in r0 + r1)
+    # every phase on every rank from the second step on (the first has no previous step end to start from)
+    assert r0[0].input_time is None and r0[0].compute_time is not None
+    for r in r0[1:] + r1[1:]:
+        assert all(getattr(r, f) is not None and getattr(r, f) >= 0 for f in PHASES.values()), r
     compared = [r.ddp for r in r0 if r.ddp]
     assert compared and all(c["reported"] == [0, 1] and c["desync"] == [] for c in compared)
+    assert all(set(c["phases"]["compute"]) == {"0", "1"} for c in compared)
+    assert all(set(c["phases"]["input"]) == {"0", "1"} for c in compared[1:])
 
 
 def test_a_desync_on_one_rank_is_named_within_50_steps(tmp_path):
@@ -81,11 +90,58 @@ def test_a_desync_on_one_rank_is_named_within_50_steps(tmp_path):
     assert ("ddp.desync", a["step"]) in {(x.rule, x.step) for x in replayed}
 
 
-def test_a_slow_rank_is_named_as_the_straggler_within_50_steps(tmp_path):
-    ranks = torchrun(tmp_path, "--steps", "60", "--with-monitor", "--fault", "straggler")
+def straggler(ranks: list[dict]) -> dict:
     hits = [a for a in ranks[0]["alerts"] if a["rule"] == "ddp.straggler"]
     assert hits, rules(ranks[0]["alerts"])
-    assert hits[0]["evidence"]["rank"] == 1 and hits[0]["evidence"].get("detected_at", hits[0]["step"]) <= 50
+    assert len(hits) == 1 and rules(ranks[1]["alerts"], "ddp.") == [], rules(ranks[0]["alerts"] + ranks[1]["alerts"])
+    return hits[0]
+
+
+def test_a_slow_rank_is_named_as_the_straggler_within_50_steps(tmp_path):
+    """A model without buffers: the fast rank waits in the gradient all-reduce."""
+    hit = straggler(torchrun(tmp_path, "--steps", "60", "--with-monitor", "--fault", "straggler"))
+    assert hit["evidence"]["rank"] == 1 and hit["evidence"].get("detected_at", hit["step"]) <= 50
+    assert hit["evidence"]["phase"] == "input" and "rank 1 is slow in its input phase" in hit["message"]
+
+
+@pytest.fixture(scope="module")
+def buffered_healthy(tmp_path_factory):
+    """The model with a registered buffer, default broadcast_buffers, 2 micro-batches under no_sync."""
+    out = tmp_path_factory.mktemp("buffered")
+    return out, torchrun(out, "--steps", "40", "--with-monitor", "--buffer")
+
+
+def test_a_healthy_run_of_a_model_with_a_buffer_raises_no_ddp_alert(buffered_healthy):
+    out, ranks = buffered_healthy
+    assert rules(ranks[0]["alerts"] + ranks[1]["alerts"], "ddp.") == []
+    data = read_run(out / "run")
+    compared = [r.ddp for r in data.records[0] if r.ddp]
+    assert compared and all(set(c["phases"]["collective_wait"]) == {"0", "1"} for c in compared)
+    # `monitor check` replays the same records: no ddp alert there either
+    _, replayed = check_run(out / "run", load_config(None, environ={}))
+    assert [a.rule for a in replayed if a.rule.startswith("ddp.")] == []
+
+
+@pytest.mark.parametrize("accum, sleep", [(1, "0.15"), (3, "0.05")], ids=["one-batch", "no_sync-accumulation"])
+def test_a_slow_input_rank_is_named_through_the_buffer_broadcast(tmp_path, accum, sleep):
+    """DDP broadcasts the buffer at the start of every forward: the fast rank waits for the slow one inside
+    its forward, so the time before the backward is the same on both ranks. The input phase (before the
+    forward; with no_sync accumulation, that of every micro-batch) still names the slow rank."""
+    ranks = torchrun(tmp_path, "--steps", "40", "--accum", str(accum), "--with-monitor", "--buffer",
+                     "--fault", f"slowinput:{sleep}")
+    hit = straggler(ranks)
+    ev = hit["evidence"]
+    assert ev["rank"] == 1 and ev["phase"] == "input" and ev.get("detected_at", hit["step"]) <= 60
+    # every micro-batch's sleep is in the input phase (a lower bound: a sleep never ends early)
+    assert ev["phase_seconds"]["input"]["1"] >= accum * float(sleep)
+    assert "rank 1 is slow in its input phase" in hit["message"] and "input pipeline" in hit["hint"]
+    assert set(ev["phase_seconds"]) == set(PHASES) and set(ev["busy_seconds"]) == {"0", "1"}
+    data = read_run(tmp_path / "run")
+    assert [r.micro_batches for r in data.records[1]] == [accum] * 40
+    # `monitor check` reads the phases back from the event files and names the same rank and phase
+    _, replayed = check_run(tmp_path / "run", load_config(None, environ={}))
+    again = [a for a in replayed if a.rule == "ddp.straggler"]
+    assert [(a.step, a.evidence["rank"], a.evidence["phase"]) for a in again] == [(hit["step"], 1, "input")]
 
 
 def test_a_hang_raises_run_stalled_on_every_rank_with_a_stack_dump(tmp_path):
@@ -141,6 +197,10 @@ def test_per_rank_metrics_through_the_daemon(healthy):
         assert samples[("trainmon_local_grad_norm", rank)] > 0 and ("trainmon_busy_seconds", rank) in samples
         assert ("trainmon_loss", rank) in samples
     assert ("trainmon_grad_norm", "0") in samples and ("trainmon_grad_norm", "1") not in samples
+    phases = {(s.labels["rank"], s.labels["phase"]) for fam in text_string_to_metric_families(
+        generate_latest(watcher.registry).decode()) for s in fam.samples
+        if s.name == "trainmon_step_phase_seconds" and s.labels.get("run") == "run"}
+    assert phases == {(rank, phase) for rank in ("0", "1") for phase in PHASES}
 
 
 def test_only_some_ranks_monitoring_never_blocks_the_run(tmp_path):
@@ -169,3 +229,144 @@ def test_halt_on_stops_every_rank_at_the_same_step(tmp_path):
     assert "rank 1 raised" in h0["message"] and "loss.nonfinite" in h0["message"]
     assert "loss.nonfinite" in h1["message"] and "with every rank" in h1["message"]
     assert [a["rule"] for a in ranks[1]["alerts"] if a["severity"] == "critical"] == ["loss.nonfinite"]
+
+
+# -- step phases, in process ---------------------------------------------------------------------------
+
+
+def test_the_phase_clock_counts_every_micro_batch_input_and_keeps_waits_out(monkeypatch):
+    """Input runs from the previous step's end (then from each backward's end) to the wrapper's forward;
+    compute is the inner forward; DDP's pre-forward work and the all-reduce left after the backward are
+    collective wait. A fake clock: the phases are sums of known intervals."""
+    import types
+
+    from monitor.hooks import ddp
+
+    clock = [0.0]
+    monkeypatch.setattr(ddp, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def at(t):
+        clock[0] = t
+
+    ph = ddp.StepPhases(torch.device("cpu"), ddp=True)
+    ph.comm = True
+    ph.step_end(0.0)  # the previous optimizer step ended at 0
+    ph.forward_begin(1.0)  # micro-batch 0: 1 s of input
+    at(1.5), ph.inner_begin()  # 0.5 s of DDP pre-forward work (the buffer broadcast)
+    at(2.0), ph.inner_end()  # 0.5 s of compute
+    ph.forward_end(2.0)
+    at(3.0), ph.backward_end()  # its backward (no_sync) ends at 3
+    ph.forward_begin(3.25)  # micro-batch 1: 0.25 s of input
+    at(3.25), ph.inner_begin()
+    at(3.5), ph.inner_end()
+    ph.forward_end(3.5)
+    at(3.75), ph.bucket_ready()
+    at(4.0)
+    last = ph.bucket_ready()
+    at(4.5), ph.bucket_done(None)
+    at(5.0), ph.bucket_done(last)  # the last all-reduce completes 1 s after the last bucket was ready
+    ph.backward_end()
+    marks = ph.step_end(5.5)
+    assert ddp.resolve_phases(marks) == {"input": 1.25, "compute": 0.75, "collective_wait": 1.5}
+    # the next step's input starts at the step end; a step with no training forward measures nothing
+    ph.forward_begin(6.0)
+    assert ph.input == 0.5
+    assert ddp.resolve_phases(ddp.StepPhases(torch.device("cpu"), ddp=False).step_end(1.0)) == {
+        "input": None, "compute": None, "collective_wait": None}
+
+
+def test_cuda_event_marks_are_resolved_on_the_publisher_thread():
+    """On CUDA the marks are events recorded on the training thread; only resolve_phases (the publisher
+    thread) waits for them. Stand-in events with CUDA's elapsed_time (milliseconds)."""
+    from monitor.hooks.ddp import PhaseMarks, resolve_phases
+
+    waited = []
+
+    class Event:
+        def __init__(self, t):
+            self.t = t
+
+        def synchronize(self):
+            waited.append(self.t)
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    e = [Event(t) for t in (0.0, 0.5, 1.0, 2.0, 2.5, 4.0)]
+    marks = PhaseMarks(0.25, [("pre", e[0], e[1]), ("compute", e[1], e[2])], [e[2], e[3]], [e[4], e[5]], True, True)
+    assert resolve_phases(marks) == {"input": 0.25, "compute": 0.5, "collective_wait": 0.5 + 2.0}
+    assert waited
+
+
+def test_phases_of_an_accumulating_loop_are_recorded_and_read_back_identically(tmp_path, monkeypatch):
+    """One process: input and compute per step (no collective wait without DDP); the end of every
+    micro-batch's backward is seen; the event file gives the same values back on both decoder paths."""
+    from conftest import TinyLM, batches
+
+    import monitor
+    from monitor.hooks import ddp
+    from monitor.runlog.events import StepDecoder, encode_step
+
+    ends = []
+    real = ddp.StepPhases.backward_end
+    monkeypatch.setattr(ddp.StepPhases, "backward_end", lambda self: (ends.append(1), real(self)))
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = monitor.attach(model, opt, run_dir=tmp_path / "run", config={"metrics": {"port": 0},
+                                                                        "console": {"enabled": False}})
+    data = batches(12)
+    for _ in range(4):
+        for _ in range(3):
+            x, y = next(data)
+            (model(x, y)[1] / 3).backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    assert len(ends) == 12  # every micro-batch's backward end
+    recs = read_run(tmp_path / "run").records[0]
+    assert [r.micro_batches for r in recs] == [3] * 4
+    assert recs[0].input_time is None and all(r.input_time is not None and r.input_time >= 0 for r in recs[1:])
+    assert all(r.compute_time is not None and r.compute_time > 0 and r.collective_wait_time is None for r in recs)
+    rec = StepRecord(step=7, loss=1.0, lr=[1e-3], input_time=0.123456789, compute_time=1 / 3,
+                     collective_wait_time=2.5e-5)
+    dec = StepDecoder()
+    for _ in range(2):  # the first through protobuf, the second through the learned template
+        back = dec.decode(encode_step(rec))
+        assert [getattr(back, f) for f in PHASES.values()] == [0.123456789, 1 / 3, 2.5e-5]
+
+
+# -- ddp.straggler on exchanges ------------------------------------------------------------------------
+
+
+def _straggler_alerts(exchanges: list[dict]) -> list:
+    from monitor.rules.engine import RulesEngine
+    from monitor.schema import RunInfo
+
+    engine = RulesEngine(RunInfo(run_id="r", world_size=2), {})
+    engine.observe_many(StepRecord(step=10 * i, loss=2.0, lr=[1e-3], ddp={"step": 10 * i, **ex})
+                        for i, ex in enumerate(exchanges))
+    return [a for a in engine.alerts if a.rule == "ddp.straggler" and a.status == "firing"]
+
+
+def test_straggler_names_the_phase_and_prefers_compute_when_both_are_slow():
+    slow_input = {"busy": {"0": 0.2, "1": 0.2}, "phases": {
+        "input": {"0": 0.001, "1": 0.15}, "compute": {"0": 0.01, "1": 0.011},
+        "collective_wait": {"0": 0.15, "1": 0.002}}}
+    (a,) = _straggler_alerts([slow_input] * 4)
+    assert (a.evidence["rank"], a.evidence["phase"], a.step) == (1, "input", 0)
+    assert "input phase" in a.message and "wait 0.15 s per step in collectives" in a.message
+    both = {"phases": {"input": {"0": 0.01, "1": 0.05}, "compute": {"0": 0.1, "1": 0.3}, "collective_wait": {}}}
+    (b,) = _straggler_alerts([both] * 3)
+    assert (b.evidence["rank"], b.evidence["phase"]) == (1, "compute") and "forward compute" in b.message
+    # only in a row: a quiet exchange in between starts the count again; equal ranks raise nothing
+    quiet = {"phases": {"input": {"0": 0.01, "1": 0.012}, "compute": {"0": 0.1, "1": 0.1}}}
+    assert _straggler_alerts([slow_input, slow_input, quiet, slow_input, slow_input]) == []
+    assert _straggler_alerts([quiet] * 10) == []
+
+
+def test_straggler_still_reads_exchanges_of_older_run_directories():
+    """Exchanges written before phase times existed hold busy time only: judged on it, as before."""
+    (a,) = _straggler_alerts([{"busy": {"0": 0.1, "1": 0.5}, "reported": [0, 1]}] * 3)
+    assert (a.evidence["rank"], a.evidence["phase"]) == (1, "busy") and "busy time" in a.message
+    # this monitor's exchange with the buffer broadcast equalising busy time: phases decide, not busy
+    assert _straggler_alerts([{"busy": {"0": 0.1, "1": 0.5}, "phases": {}}] * 3) == []

@@ -413,12 +413,26 @@ def ddp(options: Any = None, job: str = promrules.JOB) -> dict[str, Any]:
     L.add(timeseries("Throughput per rank (tokens/s)", "Tokens (input elements) per second, per rank.",
                      [Q(f"sum by (run, rank) (rate(trainmon_tokens_total{per_rank}[{RATE}]))",
                         "{{run}} rank {{rank}}")], unit="suffix: tok/s"))
+    judged = 'phase=~"input|compute"'
+    L.add(timeseries("Step phases per rank", "Seconds of each rank's last step per phase: input (previous step's end "
+                     "to the forward: data loading, summed over micro-batches), compute (the forward inside the DDP "
+                     "wrapper) and collective_wait (DDP's buffer broadcast and the gradient all-reduce left after "
+                     "the backward). A straggler's input or compute stands out; the ranks waiting for it have the "
+                     "higher collective_wait.",
+                     [Q(f"trainmon_step_phase_seconds{per_rank}", "{{run}} rank {{rank}} {{phase}}")], unit="s"))
+    L.add(timeseries("Input and compute relative to the median rank", "Each rank's input and compute phases "
+                     "(averaged over the interval) divided by the median over the run's ranks: what ddp.straggler "
+                     "judges (it names a rank persistently above its factor).",
+                     [Q(f"avg_over_time(trainmon_step_phase_seconds{per_rank[:-1]}, {judged}}}[{RATE}])\n"
+                        f"/ on (run, phase) group_left ()\nquantile by (run, phase) (0.5,\n  "
+                        f"avg_over_time(trainmon_step_phase_seconds{all_ranks[:-1]}, {judged}}}[{RATE}])\n)",
+                        "{{run}} rank {{rank}} {{phase}}")], unit="none"))
     L.add(timeseries("Skipped steps per rank", "Optimizer steps GradScaler skipped per interval, per rank.",
                      [Q(f"sum by (run, rank) (increase(trainmon_skipped_steps_total{per_rank}[{RATE}]))",
                         "{{run}} rank {{rank}}")], bars=True), w=24)
     return dashboard("trainmon-ddp", "trainmon / DDP ranks",
                      "Per-rank statistics of distributed trainmon runs: loss, step time, stragglers, throughput, "
-                     "skipped steps.", L, variables(job, "run", "rank"), [ALERT_ANNOTATION])
+                     "step phases (input, compute, collective wait), skipped steps.", L, variables(job, "run", "rank"), [ALERT_ANNOTATION])
 
 
 DASHBOARDS = {"overview": overview, "alerts": alerts, "attention": attention, "ddp": ddp}

@@ -20,7 +20,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from monitor.schema import Alert, Severity, StepRecord
+from monitor.schema import PHASES, Alert, Severity, StepRecord
 
 RUN_LABELS = ("run", "rank")
 # Step times from a few ms (small models on GPUs) to minutes (huge ones).
@@ -100,6 +100,11 @@ class MetricFamilies:
                                      lab, registry=r)
         self.busy = Gauge("trainmon_busy_seconds", "Seconds of the last step spent outside collectives (data loading "
                           "and forwards): a straggler's is higher.", lab, registry=r)
+        self.phase = Gauge("trainmon_step_phase_seconds", "Seconds of the last step per phase: input (previous step's "
+                           "end to the forward: data loading), compute (the forward inside the DDP wrapper) and "
+                           "collective_wait (DDP's buffer broadcast and the gradient all-reduce left after the "
+                           "backward). A straggler's input or compute is higher; the ranks waiting for it have "
+                           "the higher collective_wait.", (*lab, "phase"), registry=r)
         self.memory = Gauge("trainmon_memory_allocated_bytes", "Peak device memory allocated by this rank so far.",
                             lab, registry=r)
         self.probe_seconds = Gauge("trainmon_attention_probe_seconds", "What the last attention probe cost the "
@@ -153,6 +158,7 @@ class TrainMetrics:
             f.step_duration, f.tokens, f.attn_entropy, f.attn_max_logit, f.last_step, f.alerts_total,
             f.alert_active, f.dropped, f.errors, f.local_grad_norm, f.busy, f.memory)
         self.probe_seconds, self.probe_interval = f.probe_seconds, f.probe_interval
+        self.phase = f.phase
         # Children that exist from the first scrape, so rate() and alert rules see a 0, not an absence.
         self._steps = self.steps.labels(run, self.rank)
         self._skipped = self.skipped.labels(run, self.rank)
@@ -198,6 +204,8 @@ class TrainMetrics:
         for gauge, field in ((self.loss, "loss"), (self.local_grad_norm, "local_grad_norm"), (self.busy, "busy_time"),
                              (self.memory, "memory")):
             self._g(gauge, _latest(recs, field))
+        for phase, field in PHASES.items():
+            self._g(self.phase, _latest(recs, field), phase)
         self._g(self.last_step, last.time)
         if not self.global_stats:
             return

@@ -28,7 +28,7 @@ from monitor.hooks.publisher import Publisher
 from monitor.rules.engine import RulesEngine
 from monitor.runlog.events import EventWriter
 from monitor.runlog.rundir import ALERTS_JSONL, JsonlAlertSink, RunDir, RunDirError, default_run_dir
-from monitor.schema import Alert, Endpoint, RunInfo
+from monitor.schema import PHASES, Alert, Endpoint, RunInfo
 
 log = logging.getLogger("trainmon")
 
@@ -188,6 +188,7 @@ class Monitor:
             self._exchange = ddp.RankExchange(store, self.rank, self.world_size, cfg.ddp.exchange_every,
                                               cfg.ddp.exchange_timeout)
         self._busy: list[float] = []
+        self._phases: dict[str, list[float]] = {name: [] for name in PHASES}  # since the last exchange
         self._facts_written = False
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
@@ -306,14 +307,21 @@ class Monitor:
         sched = self._collector.schedule if self._collector is not None else None
         if rec.attention and sched is not None:
             sched.observe(rec.step, rec.attention)  # statistics that moved bring the next probe forward
-        if rec.busy_time is not None:
-            self._busy.append(rec.busy_time)
         ex = self._exchange
-        if ex is not None:
+        if ex is not None:  # the busy and phase times of the steps since the last exchange
+            if rec.busy_time is not None:
+                self._busy.append(rec.busy_time)
+            for name, field in PHASES.items():
+                v = getattr(rec, field)
+                if v is not None:
+                    self._phases[name].append(v)
             if fingerprint is not None:
                 busy = sum(self._busy) / len(self._busy) if self._busy else None
                 self._busy.clear()
-                ex.post(rec.step, {"fp": ddp.pack_floats(fingerprint), "busy": busy})
+                phases = ddp.window_phases(self._phases)
+                for values in self._phases.values():
+                    values.clear()
+                ex.post(rec.step, {"fp": ddp.pack_floats(fingerprint), "busy": busy, "phases": phases})
             if ex.pending:
                 outcomes = ex.collect()
                 if outcomes:

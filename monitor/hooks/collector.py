@@ -29,6 +29,7 @@ from monitor.hooks import clip as clip_patch
 from monitor.hooks import compiled
 from monitor.hooks.attention import STATS, AttentionProbe, ProbeSchedule, attention_stats, sdpa_masks
 from monitor.hooks.clip import StepClips, covers
+from monitor.hooks.ddp import PhaseMarks, StepPhases
 from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.intercept import intercept
 
@@ -78,6 +79,7 @@ class Packet:
     scalars: dict[str, float] = field(default_factory=dict)
     probe_cost: float | None = None  # seconds the attention probe took on this step (probed steps only)
     probe_every: int | None = None  # the probe's interval after this step
+    phases: PhaseMarks | None = None  # input / compute / collective-wait marks (resolved by the publisher)
 
 
 def find_loss(output: Any) -> torch.Tensor | None:
@@ -107,6 +109,22 @@ def _scheduler_counter(scheduler: Any) -> str | None:
         if isinstance(getattr(scheduler, name, None), int):
             return name
     return None
+
+
+def _grad_root(output: Any, loss: torch.Tensor | None) -> torch.Tensor | None:
+    """A tensor of a forward's output that the backward will reach early (its loss, as find_loss found it,
+    else the first output that requires grad): a hook on it sees that micro-batch's backward start."""
+    if loss is not None and loss.requires_grad:
+        return loss
+    if isinstance(output, torch.Tensor):
+        candidates: Any = (output,)
+    elif isinstance(output, (tuple, list)):
+        candidates = output
+    elif isinstance(output, dict):
+        candidates = output.values()
+    else:
+        candidates = (getattr(output, "logits", None),)
+    return next((v for v in candidates if isinstance(v, torch.Tensor) and v.requires_grad), None)
 
 
 def _count_tokens(args: tuple, kwargs: dict) -> tuple[int, int | None]:
@@ -179,6 +197,13 @@ class StepCollector:
         compiled.install()
         self._compile_watch = True
         self._attn_cfg = attention
+        # Step phases (input / compute / collective wait: hooks/ddp.py). Under DDP the compute is the
+        # inner module's forward, after DDP's pre-forward work (the buffer broadcast); a sharded model's
+        # inner forward holds its all-gathers, so its compute is not measured.
+        from torch.nn.parallel import DistributedDataParallel
+
+        self._ddp = isinstance(model, DistributedDataParallel)
+        self.phases = StepPhases(self._device, ddp=self._ddp, compute=not sharded)
         self._empty_probes = 0
         self._fwd_t0: float | None = None
         self._attn_gen = torch.Generator().manual_seed(1)  # the explicit API's own (CPU) generator
@@ -232,10 +257,14 @@ class StepCollector:
         self._handles.append(self.optimizer.register_step_pre_hook(self._optimizer_pre))
         self._handles.append(self.optimizer.register_step_post_hook(self._optimizer_post))
         clip_patch.add_listener(self._on_clip)
+        if self._ddp:
+            # The compute phase: the inner module's forward, after DDP's own pre-forward work.
+            self._handles.append(m.module.register_forward_pre_hook(self._inner_pre))
+            self._handles.append(m.module.register_forward_hook(self._inner_post))
         if self._local_grad_norm:
             from monitor.hooks.ddp import install_local_norm_hook
 
-            undo = install_local_norm_hook(m, self.local_sq)
+            undo = install_local_norm_hook(m, self.local_sq, self.phases)
             if undo is not None:
                 self._undo.append(undo)
         if type(m).__name__ == "FullyShardedDataParallel" and callable(getattr(m, "clip_grad_norm_", None)):
@@ -279,12 +308,18 @@ class StepCollector:
             self.begin_forward(args, kwargs)
         return None
 
-    def begin_forward(self, args: tuple, kwargs: dict, autocast: str | None = None) -> None:
+    def begin_forward(self, args: tuple, kwargs: dict, autocast: str | None = None, timed: bool = True) -> None:
         """A training micro-batch starts (the model's forward pre-hook, or a framework's batch start,
-        which passes the autocast dtype its precision setting will use)."""
+        which passes the autocast dtype its precision setting will use). `timed`: now is when it starts
+        (not so after a compiled graph ran: that step's phases are not measured)."""
         try:
+            now = time.perf_counter()
             if self._t_first is None:
-                self._t_first = time.perf_counter()
+                self._t_first = now
+            if timed:
+                self.phases.forward_begin(now)
+            else:
+                self.phases.valid = False
             self._calls = 0  # mon.observe_attention calls without a layer name, in this forward
             if self._micro == 0 and self.schedule is not None:
                 self._fwd_t0 = time.perf_counter()
@@ -301,21 +336,80 @@ class StepCollector:
                 self._tokens += tokens
                 if batch is not None:
                     self._batch = batch
+            if not self._ddp and timed:
+                self.phases.inner_begin()  # no wrapper: the model's own forward is the compute
         except Exception as e:
             self._guard.record("forward pre-hook", e)
+
+    def _inner_pre(self, module, args):
+        if torch.compiler.is_compiling():
+            return None
+        try:
+            if self._training(module):
+                self.phases.inner_begin()
+        except Exception as e:
+            self._guard.record("inner forward pre-hook", e)
+        return None
+
+    def _inner_post(self, module, args, output):
+        if torch.compiler.is_compiling():
+            return None
+        try:
+            if self._training(module):
+                self.phases.inner_end()
+        except Exception as e:
+            self._guard.record("inner forward hook", e)
+        return None
+
+    def _forward_done(self) -> None:
+        """A training forward of the model returned: the input phase of the next micro-batch starts at
+        the end of this one's backward (seen through a hook on the output: _watch_backward), else here."""
+        now = time.perf_counter()
+        self._t_fwd_end = now
+        try:
+            if not self._ddp:
+                self.phases.inner_end()
+            self.phases.forward_end(now)
+        except Exception as e:
+            self._guard.record("forward timing", e)
+
+    def _watch_backward(self, output: Any, loss: torch.Tensor | None) -> None:
+        try:
+            root = _grad_root(output, loss)
+            if root is not None:
+                root.register_hook(self._backward_began)
+        except Exception as e:
+            self._guard.record("backward timing", e)
+
+    def _backward_began(self, grad):
+        # The backward reached this micro-batch's output: ask the engine to call back when it is done.
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
+        except Exception as e:
+            self._guard.record("backward timing", e)
+        return None
+
+    def _backward_ended(self) -> None:
+        try:
+            self.phases.backward_end()
+        except Exception as e:
+            self._guard.record("backward timing", e)
 
     def _forward_post_model(self, module, args, output):
         if torch.compiler.is_compiling():
             compiled.forward_ended(self.compiled_key, "model", find_loss(output), self._training(module))
             return
-        if module.training and torch.is_grad_enabled():
+        training = module.training and torch.is_grad_enabled()
+        if training:
             # The last forward of a step ends its "busy" part: what follows is the backward with the all-reduce.
-            self._t_fwd_end = time.perf_counter()
-        self._capture_output("model", module, output)
+            self._forward_done()
+        loss = self._capture_output("model", module, output)
+        if training:
+            self._watch_backward(output, loss)
 
     def end_forward(self) -> None:
         """A framework's training micro-batch finished its forward (Lightning: before the backward)."""
-        self._t_fwd_end = time.perf_counter()
+        self._forward_done()
         self._forward_end(None, (), None)
 
     def add_loss(self, source: str, loss: torch.Tensor) -> None:
@@ -369,12 +463,13 @@ class StepCollector:
         """After a compiled graph ran: a training forward of the model began in it."""
         if self._probe is not None:
             self._probe_off("the model's forward runs under torch.compile")
-        self.begin_forward((tokens,) if tokens is not None else (), {})
+        self.begin_forward((tokens,) if tokens is not None else (), {}, timed=False)
 
     def compiled_forward_ended(self, source: str, loss: torch.Tensor | None) -> None:
         """After a compiled graph ran: a forward of the model ("model") or the loss module ended in it."""
         if source == "model":
             self._t_fwd_end = time.perf_counter()
+            self.phases.forward_end(self._t_fwd_end)
         if isinstance(loss, torch.Tensor) and loss.dim() == 0:
             self._losses[source].append(loss.detach())
 
@@ -414,14 +509,17 @@ class StepCollector:
             return
         self._capture_output("loss_fn", module, output)
 
-    def _capture_output(self, source: str, module, output) -> None:
+    def _capture_output(self, source: str, module, output) -> torch.Tensor | None:
+        """Keep the loss of a training forward's output; returns it (None: none found)."""
         try:
             if torch.is_grad_enabled() and (source == "loss_fn" or module.training):
                 loss = find_loss(output)
                 if loss is not None:
                     self._losses[source].append(loss.detach())
+                return loss
         except Exception as e:
             self._guard.record(f"{source} forward hook", e)
+        return None
 
     def _scaler_scale(self, original, outputs):
         try:
@@ -613,6 +711,7 @@ class StepCollector:
         # Host-side allocator counter (no device sync): the process's peak so far.
         memory = float(torch.cuda.max_memory_allocated(self._device)) if self._device.type == "cuda" else None
         self._prev_end = now
+        phases = self.phases.step_end(now)
 
         layout: list[str] = []
         parts: list[torch.Tensor] = []
@@ -704,7 +803,7 @@ class StepCollector:
             max_norm=max_norm, grad_norm_unknown=norm_unknown, autocast=self._autocast, loss_value=loss_value,
             scalars=scalars,
             busy_time=busy, memory=memory, batch_size=self._batch, fp_count=fp_count,
-            probe_cost=probe_cost, probe_every=probe_every,
+            probe_cost=probe_cost, probe_every=probe_every, phases=phases,
         )
         self.step += 1
         self._reset()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from monitor.hooks.collector import Packet
+from monitor.hooks.ddp import resolve_phases
 from monitor.hooks.guard import ErrorGuard
 from monitor.schema import StepRecord
 
@@ -59,6 +60,7 @@ def build_record(p: Packet, rank: int, param_names: list[str]) -> tuple[StepReco
         param_norms = {param_names[i]: v for i, v in zip(index, norms)}
     if "loss" not in fields and p.loss_value is not None:
         fields["loss"] = p.loss_value
+    phases = resolve_phases(p.phases)  # CUDA events are waited for here, off the training thread
     return StepRecord.fast(
         step=p.step, rank=rank, time=p.time, loss=fields.get("loss"), lr=lrs,
         grad_norm=grad_norm, grad_norm_clipped=fields.get("grad_norm_clipped"),
@@ -68,6 +70,7 @@ def build_record(p: Packet, rank: int, param_names: list[str]) -> tuple[StepReco
         step_time=p.step_time, tokens=p.tokens, micro_batches=p.micro_batches, autocast=p.autocast,
         scheduler_steps=p.scheduler_steps, param_norms=param_norms, attention=attention or None, scalars=scalars,
         busy_time=p.busy_time, local_grad_norm=fields.get("local_grad_norm"), memory=p.memory,
+        input_time=phases["input"], compute_time=phases["compute"], collective_wait_time=phases["collective_wait"],
     ), fingerprint
 
 

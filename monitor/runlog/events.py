@@ -41,6 +41,9 @@ FIELD_TAGS = {
     "local_grad_norm": "trainmon/local_grad_norm",
     "memory": "trainmon/memory_bytes",
     "grad_norm_unknown": "trainmon/grad_norm_unknown",
+    "input_time": "trainmon/phase/input",
+    "compute_time": "trainmon/phase/compute",
+    "collective_wait_time": "trainmon/phase/collective_wait",
 }
 TAG_FIELDS = {v: k for k, v in FIELD_TAGS.items()}
 AUTOCAST_TAG = "trainmon/autocast"
@@ -59,7 +62,8 @@ STEP_VECTOR_TAG = "trainmon/step"
 VECTOR_FIELDS = ("loss", "grad_norm", "grad_norm_clipped", "clip_coef", "max_norm", "loss_scale", "skipped",
                  "step_time", "tokens", "micro_batches", "scheduler_steps", "autocast",
                  # appended later: bit positions are the file format, new fields go at the end
-                 "busy_time", "local_grad_norm", "memory", "grad_norm_unknown")
+                 "busy_time", "local_grad_norm", "memory", "grad_norm_unknown",
+                 "input_time", "compute_time", "collective_wait_time")  # bits 16-18 (HAS_MORE is bit 20)
 _BOOL_FIELDS = frozenset({"skipped", "grad_norm_unknown"})
 _WHEN_TRUE = frozenset({"grad_norm_unknown"})  # flags stored only when set (absent reads back as False)
 DDP_TAG = "trainmon/ddp"  # rank 0's comparison of the ranks, JSON in a string tensor

@@ -33,6 +33,8 @@ class Scenario:
     pending: str | None = None  # why the scenario cannot be judged yet
     nproc: int = 1  # > 1: ranks under torchrun (`monitor train --nproc`), in subprocesses
     stop_when_alerted: bool = False  # a run that never ends by itself (a hang): stop it once the rules fired
+    # rule id -> evidence an alert must carry to count as the detection (e.g. the rank and phase it names)
+    evidence: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
@@ -80,7 +82,8 @@ SCENARIOS: list[Scenario] = [
     Scenario("ddp-desync", "2 ranks; from step 30 the last rank nudges one weight after every update",
              {"faults": ["ddp-desync:30"], "max_steps": 60}, {"ddp.desync": 15}, fault_step=30, nproc=2),
     Scenario("straggler", "2 ranks; rank 1 sleeps 80 ms before every micro-batch",
-             {"faults": ["straggler:1"], "max_steps": 60}, {"ddp.straggler": 40}, nproc=2),
+             {"faults": ["straggler:1"], "max_steps": 60}, {"ddp.straggler": 40}, nproc=2,
+             evidence={"ddp.straggler": {"rank": 1, "phase": "input"}}),
     Scenario("hang", "2 ranks; the last rank blocks forever before its backward at step 30 (stall limit 3 s)",
              {"faults": ["hang:30"], "max_steps": 60}, {"run.stalled": 0}, fault_step=30, nproc=2,
              stop_when_alerted=True),
@@ -128,7 +131,8 @@ def run_scenario(s: Scenario, seed: int | None = None, run_dir: Path | None = No
         skipped, norms = res.skipped_steps, res.grad_norms
     latency: dict[str, int | None] = {}
     for rule in s.expect:
-        hits = [a for a in alerts if a.rule == rule]
+        want = s.evidence.get(rule, {})
+        hits = [a for a in alerts if a.rule == rule and all(a.evidence.get(k) == v for k, v in want.items())]
         latency[rule] = min(detected_at(a) for a in hits) - s.fault_step if hits else None
     loud = [a for a in alerts if a.rule not in s.expect and a.severity.value in ("warning", "critical")]
     if not s.healthy:

@@ -310,8 +310,9 @@ FAULTS: dict[str, FaultSpec] = {
             "DDP only (world size > 1). Rank RANK (default 1) sleeps 80 ms before fetching every "
             "micro-batch, from the first step on, as a slow input pipeline would: several times a "
             "tiny or small step. The other ranks wait for it in the gradient all-reduce, so every "
-            "rank's step slows down alike; only the straggler's time before its forward (data wait) "
-            "stands out. ddp.straggler within its window.",
+            "rank's step slows down alike; only the straggler's input phase (previous step's end to its "
+            "forward: the data wait) stands out. ddp.straggler names the rank and the input phase within "
+            "its window.",
             arg="RANK",
             default=1,
             runtime=_Straggler,

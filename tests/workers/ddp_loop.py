@@ -4,9 +4,11 @@
 
 Each rank writes OUT_DIR/rank<N>.json: its final parameter hash and, when monitored, its alerts.
 Faults (rank 1 only): desync:STEP adds 1e-3 to one weight after the optimizer step; straggler sleeps
-before every forward; hang:STEP blocks before the backward of that step; nanlog:STEP reports a NaN
-loss through mon.log at that step (so only rank 1's monitor sees it). A TrainingHalted ends the loop
-and is written to rank<N>.json as "halted" (step and message).
+before every forward; slowinput:SECONDS sleeps SECONDS before fetching every micro-batch (a slow input
+pipeline); hang:STEP blocks before the backward of that step; nanlog:STEP reports a NaN loss through
+mon.log at that step (so only rank 1's monitor sees it). A TrainingHalted ends the loop and is written
+to rank<N>.json as "halted" (step and message). --buffer trains a TinyLM with a registered float buffer
+used in its forward, so DDP (broadcast_buffers=True, the default) broadcasts it at every forward.
 """
 
 from __future__ import annotations
@@ -28,6 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import VOCAB, TinyLM  # noqa: E402
 
 
+class BufferedLM(TinyLM):
+    """TinyLM with a registered float buffer in its forward (as a causal mask or rotary cache is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("gain", torch.ones(16))
+
+    def forward(self, idx, targets=None):
+        logits = self.head(self.norm(self.emb(idx) * self.gain))
+        loss = None
+        if targets is not None:
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
@@ -37,13 +54,14 @@ def main() -> None:
     ap.add_argument("--fault", default="")
     ap.add_argument("--config", default="{}")
     ap.add_argument("--monitor-ranks", default="all", help="'all', or a comma-separated list of ranks that attach")
+    ap.add_argument("--buffer", action="store_true", help="a model with a registered buffer (broadcast every forward)")
     a = ap.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"pid{rank}").write_text(str(os.getpid()))  # so a test can stop a hung rank for sure
     torch.manual_seed(0)
-    model = DDP(TinyLM())
+    model = DDP(BufferedLM() if a.buffer else TinyLM())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     import monitor
@@ -57,6 +75,8 @@ def main() -> None:
     halted = None
     for step in range(a.steps):
         for micro in range(a.accum):
+            if fault == "slowinput" and rank == 1:
+                time.sleep(float(arg))  # a slow input pipeline: the wait is before the batch is fetched
             x = torch.randint(0, VOCAB, (4, 8), generator=g)
             y = torch.roll(x, -1, dims=1)
             if fault == "straggler" and rank == 1:
