@@ -67,6 +67,10 @@ CASES = [
     ("one hard batch: info", recs(300, loss=noisy(lambda s: 8.0 if s == 250 else 2.0)), "loss.spike", ("info", 250, 251)),
     ("spike inside the first window is a transient", recs(80, loss=noisy(lambda s: 8.0 if s == 30 else 2.0)),
      "loss.spike", None),
+    ("loss only: three transient 2x spikes within 400 steps recur", recs(700, grad_norm=None, loss=noisy(
+        lambda s: 4.0 if s in (250, 400, 560) else 2.0)), "loss.spike", ("info", 250, 560)),
+    ("loss only: one isolated 2x spike stays info", recs(700, grad_norm=None, loss=noisy(
+        lambda s: 4.0 if s == 250 else 2.0)), "loss.spike", ("info", 250, 251)),
     ("constant LR: no warmup", recs(40, lr=1e-3), "warmup.missing", ("warning", 0, 6)),
     ("cosine from peak: no warmup", recs(40, lr=lambda s: 1e-3 * math.cos(s / 100)), "warmup.missing", ("warning", 0, 6)),
     ("linear warmup", recs(100, lr=warmup()), "warmup.missing", None),
@@ -644,3 +648,30 @@ def test_batch_loops_find_and_keep_exactly_what_observe_does(cls, seed):
     if cls.id != "run.stalled":  # which finds nothing in records (the clock does, on_tick)
         assert sum(f is not None for f in expected) >= 1  # the streams do reach the exact path
     assert pickle.dumps(batched.__dict__) == pickle.dumps(one.__dict__)
+
+
+SPIKES = [
+    # (name, records, rule, whether it ends in a warning listing the spikes)
+    ("three transient 2x loss spikes within 400 steps: the third escalates, listing them",
+     recs(700, grad_norm=None, loss=noisy(lambda s: 4.0 if s in (250, 400, 560) else 2.0)), "loss.spike", True),
+    ("the third in the cooldown after the first one's info: a worse finding gets through",
+     recs(500, grad_norm=None, loss=noisy(lambda s: 4.0 if s in (250, 290, 310) else 2.0)), "loss.spike", True),
+    ("the same spread over 900 steps: not recurring", recs(1200, grad_norm=None,
+     loss=noisy(lambda s: 4.0 if s in (250, 700, 1150) else 2.0)), "loss.spike", False),
+    ("hard batches of 1.3x recurring: not instability", recs(700, grad_norm=None,
+     loss=noisy(lambda s: 2.6 if s in (250, 320, 400, 480) else 2.0)), "loss.spike", False),
+    ("three clipped 6x gradient spikes within 400 steps", _with(recs(700, lr=warmup(), grad_norm=noisy(
+        lambda s: 6.0 if s in (200, 300, 450) else 1.0)), clip_coef=lambda s: 0.2 if s in (200, 300, 450) else 1.0),
+     "grad_norm.spike", True),
+]
+
+
+@pytest.mark.parametrize("name, records, rule, escalates", SPIKES, ids=[c[0] for c in SPIKES])
+def test_recurring_spikes_escalate(name, records, rule, escalates):
+    alerts = run_rules(records, [rule])
+    assert alerts and alerts[0].severity.value == "info", [a.line() for a in alerts]
+    loud = [a for a in alerts if a.severity.value != "info"]
+    assert bool(loud) == escalates, [a.line() for a in alerts]
+    if escalates:  # the third spike, within the cooldown of the second one's info or not
+        assert loud == alerts[-1:] and len(loud[0].evidence["spike_steps"]) == 3
+        assert "spikes of at least" in loud[0].message

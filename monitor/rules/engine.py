@@ -3,7 +3,8 @@
 It owns the alert lifecycle, so rules only say "the condition holds now":
 a finding opens an alert (firing) unless that rule's alert is already active;
 a more severe finding escalates it; `resolve_after` quiet steps resolve it;
-`cooldown_steps` then keep the rule quiet, so one problem is one alert.
+`cooldown_steps` then keep the rule quiet, so one problem is one alert (a
+finding more severe than the resolved alert still gets through).
 State is per (rank, rule); the engine serves one run. An exception inside a
 rule or a sink is caught and counted: a broken rule never breaks a run.
 """
@@ -34,6 +35,7 @@ class _RuleState:
     quiet: int = 0
     fired: bool = False
     cooldown_until: int = -1
+    cooldown_severity: int = -1  # Severity.rank of the alert the cooldown follows: only worse gets through
 
     def __post_init__(self) -> None:
         self.observe = self.rule.observe  # the bound method, looked up once: this loop is the daemon's hot path
@@ -317,6 +319,7 @@ class RulesEngine:
             resolved = st.active.model_copy(update={"status": "resolved", "step": record.step, "time": time.time()})
             st.active = None
             st.cooldown_until = record.step + cfg.cooldown_steps
+            st.cooldown_severity = resolved.severity.rank
             return resolved
         severity = finding.severity or rule.default_severity(cfg)
         if cfg.severity is not None:  # a configured severity overrides what the rule chose
@@ -328,7 +331,7 @@ class RulesEngine:
         else:
             if rule.once and st.fired:
                 return None
-            if record.step < st.cooldown_until:
+            if record.step < st.cooldown_until and severity.rank <= st.cooldown_severity:
                 return None
         evidence = dict(finding.evidence)
         if finding.step is not None and finding.step != record.step:

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
-from monitor.rules.stats import ParamBaseline, RobustWindow, describe_movers, top_movers
+from monitor.rules.stats import ParamBaseline, Recurrence, RobustWindow, describe_movers, top_movers
 from monitor.schema import Severity, StepRecord
 
 _INF, _log = math.inf, math.log
@@ -133,6 +133,11 @@ class GradNormSpikeConfig(RuleConfig):
     warning_ratio: float = Field(
         5.0, gt=1, description="Spikes of at least this multiple of the median that clipping did not absorb are warnings.",
     )
+    recur_count: int = Field(
+        3, ge=2, description="This many spikes of at least warning_ratio within recur_window steps make the ones "
+        "clipping absorbed a warning too.",
+    )
+    recur_window: int = Field(400, ge=10, description="Optimizer steps over which spikes count as recurring.")
     resolve_after: int = Field(20, ge=1, description="Steps without a spike before the alert resolves.")
     cooldown_steps: int = Field(50, ge=0, description="After an alert resolves, steps during which the rule stays quiet.")
 
@@ -143,7 +148,8 @@ class GradNormSpike(Rule):
 
     Symptom: log(grad_norm) is more than z_threshold robust standard deviations above the median of
     the trailing window and at least min_ratio times that median: a warning when it is warning_ratio
-    times the median and clipping did not bound the update, info otherwise.
+    times the median and clipping did not bound the update, or when such large spikes recur
+    (`recur_count` within `recur_window` steps, clipped or not); info otherwise.
     Why: a sudden gradient spike means one batch or one layer produced an outsized update; clipping
     bounds what reaches the weights (hard batches of real text do this now and then), but an
     unclipped spike goes straight into them and into Adam's moment estimates, and spikes that
@@ -161,6 +167,7 @@ class GradNormSpike(Rule):
         super().__init__(config, run)
         self.window = RobustWindow(config.window)
         self.params = ParamBaseline()
+        self.recur = Recurrence(config.recur_count, config.recur_window)
 
     def observe(self, r: StepRecord) -> Finding | None:
         g = r.grad_norm
@@ -176,16 +183,24 @@ class GradNormSpike(Rule):
             if z >= c.z_threshold and x - med >= math.log(c.min_ratio):
                 base = math.exp(med)
                 absorbed = r.clip_coef is not None and r.clip_coef < 1.0
-                sev = Severity.warning if g >= c.warning_ratio * base and not absorbed else Severity.info
+                large = g >= c.warning_ratio * base
+                sev = Severity.warning if large and not absorbed else Severity.info
+                recurring = self.recur.add(r.step) if large else None
+                why = ""
+                if recurring and sev is Severity.info:
+                    sev = Severity.warning
+                    why = (f"; {len(recurring)} spikes of at least {c.warning_ratio:g}x within {c.recur_window} "
+                           f"steps (steps {', '.join(map(str, recurring))}): clipping bounds each, but they recur")
                 movers = self.params.movers(r.param_norms)
                 finding = Finding(
                     message=f"gradient norm {g:.4g} is {g / base:.1f}x the median {base:.4g} of the last {c.window} "
-                    f"steps (robust z {z:.1f})" + (f"; grew most: {describe_movers(movers)}." if movers else "."),
+                    f"steps (robust z {z:.1f}){why}" + (f"; grew most: {describe_movers(movers)}." if movers else "."),
                     hint="Check this step's batch and the parameters named; if spikes recur, lower the LR or beta2 and "
                     "keep clipping on.",
                     evidence={"grad_norm": g, "baseline_median": base, "z": round(z, 2), "loss": r.loss,
                               "clip_coef": r.clip_coef,
-                              "lr": r.max_lr, "first_step": r.step, "top_params": movers},
+                              "lr": r.max_lr, "first_step": r.step, "top_params": movers,
+                              **({"spike_steps": recurring} if recurring else {})},
                     severity=sev,
                 )
         if finding is None:

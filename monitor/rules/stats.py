@@ -243,6 +243,22 @@ class EarlyInstability:
         return True
 
 
+class Recurrence:
+    """The steps of recent spikes: `count` of them within `window` steps make a recurrence."""
+
+    def __init__(self, count: int, window: int) -> None:
+        self.count, self.window = count, window
+        self.steps: deque[int] = deque()
+
+    def add(self, step: int) -> list[int] | None:
+        """Count a spike at `step`; the spikes of the window when they are `count` or more, else None."""
+        steps = self.steps
+        steps.append(step)
+        while step - steps[0] >= self.window:
+            steps.popleft()
+        return list(steps) if len(steps) >= self.count else None
+
+
 class ParamBaseline:
     """A slow EMA of each parameter's log gradient norm, to name the ones that moved most.
 
