@@ -3,7 +3,8 @@
 gloo on CPU, nccl when there is a GPU for every local rank. Every rank writes its own records
 into the shared run directory (rank 0's files at the top, `rank<N>/` beside them); rank 0 judges the
 global quantities (gradient norm, LR), every rank its own loss and speed, and the ranks compare
-parameter fingerprints (`ddp.desync`) and busy time (`ddp.straggler`) through torchrun's store.
+parameter fingerprints (`ddp.desync`) and step phase times (`ddp.straggler`: input, compute)
+through torchrun's store.
 
     torchrun --standalone --nproc-per-node 2 examples/ddp_torchrun.py
     torchrun --standalone --nproc-per-node 2 examples/ddp_torchrun.py --steps 20 --out /tmp/runs

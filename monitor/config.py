@@ -107,8 +107,8 @@ class DdpConfig(_Section):
     """How ranks compare notes (through the job's key-value store, never a collective)."""
 
     exchange_every: int = Field(
-        10, ge=0, description="Every N optimizer steps each rank posts its parameter fingerprint and busy time; "
-        "rank 0 compares them (ddp.desync, ddp.straggler). 0: off.",
+        10, ge=0, description="Every N optimizer steps each rank posts its parameter fingerprint and step phase "
+        "times (input, compute, collective wait); rank 0 compares them (ddp.desync, ddp.straggler). 0: off.",
     )
     exchange_timeout: float = Field(60.0, gt=0, description="Seconds rank 0 waits for the other ranks' posts.")
     halt_margin_seconds: float = Field(
