@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -66,3 +69,12 @@ def sample(metrics: dict, name: str, **labels) -> float:
 def targets_url(run_dir: Path) -> str:
     targets = json.loads((Path(run_dir) / "targets.json").read_text())
     return f"http://{targets[0]['targets'][0]}/metrics"
+
+
+def torchrun_worker(name: str, *args: str, nproc: int = 2, timeout: float = 300.0) -> None:
+    """Run tests/workers/<name> under `torchrun --standalone` (gloo on CPU); fail with its output if it fails."""
+    worker = Path(__file__).parent / "workers" / name
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(worker),
+         *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from conftest import TinyLM, batches
+from conftest import TinyLM, batches, torchrun_worker
 
 import monitor
 from monitor.runlog.reader import read_run
@@ -178,16 +178,8 @@ def test_fsdp_clip_paths_record_the_global_norm_or_unknown(tmp_path):
     """FSDP1's own clip and FSDP2 through clip_grad_norm_ report the global norm (rank 0 records it); a
     torch.nn.utils clip over FSDP1's local shards, and an unclipped sharded run, are recorded as unknown."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    worker = Path(__file__).parent / "workers" / "fsdp_loop.py"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker),
-         str(tmp_path)], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun_worker("fsdp_loop.py", str(tmp_path))
     truth = json.loads((tmp_path / "rank0.json").read_text())
     for variant, known in (("fsdp1", True), ("fsdp1-plain-clip", False), ("fsdp2", True), ("fsdp2-no-clip", False)):
         recs = read_run(tmp_path / variant).records[0]

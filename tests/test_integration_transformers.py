@@ -122,15 +122,10 @@ def test_under_torchrun_each_rank_reports_its_share_and_their_mean_is_the_logged
     """DDP over gloo: with num_items_in_batch and tokens averaged across processes, a rank's share is
     scaled by the world size; the ranks' records average to exactly what the Trainer logs."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    worker = Path(__file__).parent / "workers" / "hf_ddp.py"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker),
-         str(tmp_path)], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from conftest import torchrun_worker
+
+    torchrun_worker("hf_ddp.py", str(tmp_path))
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world"] == 2
     recs = read_run(result["run_dir"]).records

@@ -27,8 +27,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from monitor.config import MonitorConfig, load_config
+from monitor.config import MonitorConfig
 from monitor.hooks.intercept import intercept
+from monitor.integrations._attached import Attached
 from monitor.runlog.rundir import INTEGRATION_RUNS
 
 log = logging.getLogger("trainmon")
@@ -52,66 +53,52 @@ def _batch_args(batch: Any) -> tuple[tuple, dict]:
     return (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), {}
 
 
-class TrainmonCallback(*_callback_bases()):  # type: ignore[misc]
-    """Monitors a Lightning run; the running Monitor is `.monitor` (None before training starts)."""
+class TrainmonCallback(Attached, *_callback_bases()):  # type: ignore[misc]
+    """Monitors a Lightning run; takes `config=` and `run_dir=` like monitor.attach. The running Monitor is
+    `.monitor` (None before training starts)."""
 
     def __init__(self, config: MonitorConfig | dict | str | os.PathLike[str] | None = None,
                  run_dir: str | os.PathLike[str] | None = None) -> None:
-        super().__init__()
-        self.config = load_config(config)  # a bad config fails here, before training starts
-        self.run_dir = run_dir
-        self.monitor: Any = None
-        self._undo: list = []
+        super().__init__(config, run_dir)
         self._autocast: str | None = None
         self._unnormalize = 1
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._close()
-        try:
-            from monitor.hooks.attach import Monitor
+        from monitor.hooks.attach import Monitor
 
-            if len(trainer.optimizers) > 1:
-                log.info("trainmon: %d optimizers; monitoring the first", len(trainer.optimizers))
-            configs = [c for c in trainer.lr_scheduler_configs if c.interval == "step" and c.frequency == 1]
-            max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-            if max_steps is None and math.isfinite(trainer.estimated_stepping_batches):
-                max_steps = int(trainer.estimated_stepping_batches)
-            self.monitor = Monitor(
-                trainer.strategy.model, trainer.optimizers[0], scaler=getattr(trainer.precision_plugin, "scaler", None),
-                scheduler=configs[0].scheduler if configs else None, config=self.config, run_dir=self.run_dir,
-                max_steps=max_steps, start_step=trainer.global_step, raise_on_halt=False, forward_hooks=False,
-                runs_root=Path(trainer.default_root_dir) / INTEGRATION_RUNS,
-            )
+        if len(trainer.optimizers) > 1:
+            log.info("trainmon: %d optimizers; monitoring the first", len(trainer.optimizers))
+        configs = [c for c in trainer.lr_scheduler_configs if c.interval == "step" and c.frequency == 1]
+        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if max_steps is None and math.isfinite(trainer.estimated_stepping_batches):
+            max_steps = int(trainer.estimated_stepping_batches)
+        attached = self._attach(lambda: Monitor(
+            trainer.strategy.model, trainer.optimizers[0], scaler=getattr(trainer.precision_plugin, "scaler", None),
+            scheduler=configs[0].scheduler if configs else None, config=self.config, run_dir=self.run_dir,
+            max_steps=max_steps, start_step=trainer.global_step, raise_on_halt=False, forward_hooks=False,
+            runs_root=Path(trainer.default_root_dir) / INTEGRATION_RUNS,
+        ))
+        if attached:
             self._autocast = _AUTOCAST.get(str(getattr(trainer.precision_plugin, "precision", "")))
             self._unnormalize = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
             self._undo.append(intercept(trainer.strategy, "backward", self._backward))
-        except Exception as e:  # never an exception out of trainer.fit(): it trains on, unmonitored
-            log.error("trainmon: not monitoring this run: %s", e, exc_info=not isinstance(e, NotImplementedError))
-            self._close()
-
-    def _collector(self):
-        mon = self.monitor
-        return mon._collector if mon is not None and not mon._closed else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        c = self._collector()
-        if c is not None:
+        mon = self._live()
+        if mon is not None:
             args, kwargs = _batch_args(batch)
-            c.begin_forward(args, kwargs, autocast=self._autocast)
+            mon._collector.begin_forward(args, kwargs, autocast=self._autocast)
 
     def _backward(self, original, closure_loss, *args, **kwargs):
-        c = self._collector()
-        if c is not None:
-            c.end_forward()
-            c.add_loss("training_step", closure_loss * self._unnormalize if self._unnormalize != 1 else closure_loss)
+        mon = self._live()
+        if mon is not None:
+            mon._collector.end_forward()
+            loss = closure_loss * self._unnormalize if self._unnormalize != 1 else closure_loss
+            mon._collector.add_loss("training_step", loss)
         return original(closure_loss, *args, **kwargs)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        mon = self.monitor
-        why = mon.halt_requested if mon is not None and not mon._closed else None
-        if why and not trainer.should_stop:
-            mon.flush()
-            log.critical("%s; stopping the Lightning Trainer", why)
+        if self._halt_due("stopping the Lightning Trainer"):
             trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -119,10 +106,3 @@ class TrainmonCallback(*_callback_bases()):  # type: ignore[misc]
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._close()
-
-    def _close(self) -> None:
-        for undo in self._undo:
-            undo()
-        self._undo.clear()
-        if self.monitor is not None:
-            self.monitor.close()

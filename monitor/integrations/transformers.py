@@ -19,15 +19,13 @@ so the Trainer saves a checkpoint and stops; nothing is raised out of `trainer.t
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from monitor.config import MonitorConfig, load_config
 from monitor.hooks.intercept import intercept
+from monitor.integrations._attached import Attached
 from monitor.runlog.rundir import INTEGRATION_RUNS
 
 log = logging.getLogger("trainmon")
@@ -51,52 +49,37 @@ def _find_trainer() -> Trainer | None:
     return None
 
 
-class TrainmonCallback(TrainerCallback):
-    """Monitors a Hugging Face Trainer run; the running Monitor is `.monitor` (None before training)."""
-
-    def __init__(self, config: MonitorConfig | dict | str | os.PathLike[str] | None = None,
-                 run_dir: str | os.PathLike[str] | None = None) -> None:
-        self.config = load_config(config)  # a bad config fails here, before training starts
-        self.run_dir = run_dir
-        self.monitor: Any = None
-        self._undo: list = []
+class TrainmonCallback(Attached, TrainerCallback):
+    """Monitors a Hugging Face Trainer run; takes `config=` and `run_dir=` like monitor.attach. The running
+    Monitor is `.monitor` (None before training)."""
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        self._close()
-        trainer = _find_trainer()
-        try:
-            from monitor.hooks.attach import Monitor
+        from monitor.hooks.attach import Monitor
 
-            if trainer is not None:
-                model, optimizer, lr_scheduler = trainer.model_wrapped, trainer.optimizer, trainer.lr_scheduler
-            else:
-                log.warning("trainmon: the Trainer calling this callback was not found; the loss is read from the "
-                            "model's outputs and may differ from the Trainer's logged loss")
-            self.monitor = Monitor(
-                model, optimizer, scheduler=lr_scheduler, config=self.config, run_dir=self.run_dir,
-                max_steps=state.max_steps or None, start_step=state.global_step, raise_on_halt=False,
-                runs_root=Path(args.output_dir or ".") / INTEGRATION_RUNS,
-            )
-            if trainer is not None:
-                self._undo.append(intercept(trainer, "training_step", self._training_step))
-        except Exception as e:  # never an exception out of trainer.train(): it trains on, unmonitored
-            log.error("trainmon: not monitoring this run: %s", e, exc_info=not isinstance(e, NotImplementedError))
-            self._close()
+        trainer = _find_trainer()
+        if trainer is not None:
+            model, optimizer, lr_scheduler = trainer.model_wrapped, trainer.optimizer, trainer.lr_scheduler
+        else:
+            log.warning("trainmon: the Trainer calling this callback was not found; the loss is read from the "
+                        "model's outputs and may differ from the Trainer's logged loss")
+        attached = self._attach(lambda: Monitor(
+            model, optimizer, scheduler=lr_scheduler, config=self.config, run_dir=self.run_dir,
+            max_steps=state.max_steps or None, start_step=state.global_step, raise_on_halt=False,
+            runs_root=Path(args.output_dir or ".") / INTEGRATION_RUNS,
+        ))
+        if attached and trainer is not None:
+            self._undo.append(intercept(trainer, "training_step", self._training_step))
         return control
 
     def _training_step(self, original, *args, **kwargs):
         loss = original(*args, **kwargs)
-        mon = self.monitor
-        if mon is not None and mon._collector is not None:
+        mon = self._live()
+        if mon is not None:
             mon._collector.add_loss("shares", loss)
         return loss
 
     def on_step_end(self, args, state, control, **kwargs):
-        mon = self.monitor
-        why = mon.halt_requested if mon is not None else None
-        if why:
-            mon.flush()
-            log.critical("%s; saving a checkpoint and stopping the Trainer", why)
+        if self._halt_due("saving a checkpoint and stopping the Trainer"):
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -104,10 +87,3 @@ class TrainmonCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._close()
         return control
-
-    def _close(self) -> None:
-        for undo in self._undo:
-            undo()
-        self._undo.clear()
-        if self.monitor is not None:
-            self.monitor.close()
