@@ -286,6 +286,12 @@ def attn(ent, logit, low=None):
 
 
 MORE_CASES = [
+    ("deep clipping while the loss still falls fast (no warmup): info", _with(recs(120, lr=1e-4,
+     loss=lambda s: 5 * math.exp(-s / 40) + 1, grad_norm=5.0), clip_coef=0.2, max_norm=1.0), "clip.saturated",
+     ("info", None, 60)),
+    ("deep clipping with the loss flat: warning", _with(recs(120, lr=1e-4, loss=noisy(2.0), grad_norm=5.0),
+                                                       clip_coef=0.2, max_norm=1.0), "clip.saturated",
+     ("warning", None, 60)),
     ("loss climbs and stays up", recs(200, lr=warmup(), loss=lambda s: 2.0 if s < 100 else 4.0),
      "loss.divergence", ("critical", 100, 125)),
     ("loss falls normally", recs(300, lr=warmup(), loss=noisy(lambda s: 5 * math.exp(-s / 50) + 0.5, 0.1)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from statistics import median
 
@@ -20,6 +21,10 @@ class ClipSaturatedConfig(RuleConfig):
         0.5, gt=0, le=1, description="Warning when the window's median clip coefficient is below this (clipping "
         "removes most of the update); frequent but shallow clipping is info.",
     )
+    improving: float = Field(
+        0.1, ge=0, lt=1, description="Info only while the loss still falls fast: the median of the window's last tenth "
+        "at least this fraction below its first tenth's (clipping at the start of a run, warmup or not, is normal).",
+    )
 
 
 @register
@@ -29,7 +34,9 @@ class ClipSaturated(Rule):
     Symptom: clip_grad_norm_ scaled the gradients down (clip coefficient < 1) on more than
     `fraction` of a window of `window` steps, counted from the end of warmup (clipping while the
     loss falls fast at the very start is normal). A warning when the median coefficient is below
-    `deep_coef` (the gradient is typically several times max_norm), info when clipping is shallow.
+    `deep_coef` (the gradient is typically several times max_norm), info when clipping is shallow or
+    the loss still falls fast over the window (by `improving`: the first steps of a run without
+    warmup, or a fine-tune's first epoch).
     Why: clipping is a guard against rare outliers; when it binds on nearly every step, the update
     size is set by max_norm instead of the LR, the schedule stops meaning what it says, and the
     gradient norm it hides is usually growing because the LR is too high.
@@ -51,6 +58,7 @@ class ClipSaturated(Rule):
         self.trace = LrTrace()
         self.recent: deque[bool] = deque(maxlen=config.window)
         self.coefs: deque[float] = deque(maxlen=config.window)
+        self.losses: deque[float] = deque(maxlen=config.window)
         self.clipped = 0
 
     def observe(self, r: StepRecord) -> Finding | None:
@@ -67,6 +75,8 @@ class ClipSaturated(Rule):
             return None
         hit = r.clip_coef < 1.0
         self.coefs.append(r.clip_coef)
+        if r.loss is not None and math.isfinite(r.loss):
+            self.losses.append(r.loss)
         if len(self.recent) == self.recent.maxlen:
             self.clipped -= self.recent[0]
         self.recent.append(hit)
@@ -75,12 +85,19 @@ class ClipSaturated(Rule):
         if len(self.recent) < c.window or self.clipped <= c.fraction * c.window:
             return None
         coef = median(self.coefs)
+        tenth = max(1, len(self.losses) // 10)
+        early = median(list(self.losses)[:tenth]) if self.losses else None
+        late = median(list(self.losses)[-tenth:]) if self.losses else None
+        falling = early is not None and late is not None and late <= (1 - c.improving) * early
+        severity = Severity.warning if coef < c.deep_coef and not falling else Severity.info
         return Finding(
             message=f"gradient clipping was active on {self.clipped} of the last {c.window} steps, median "
-            f"coefficient {coef:.2f} (pre-clip norm now {r.grad_norm:.3g}, max_norm {r.max_norm}).",
+            f"coefficient {coef:.2f} (pre-clip norm now {r.grad_norm:.3g}, max_norm {r.max_norm})"
+            + (f"; the loss is still falling fast ({early:.3g} -> {late:.3g} over the window), as early in a run."
+               if falling else "."),
             hint="Lower the peak LR; raise max_norm only if the unclipped gradient norm is stable.",
             evidence={"clipped_steps": self.clipped, "window": c.window, "grad_norm": r.grad_norm,
                       "max_norm": r.max_norm, "clip_coef": r.clip_coef, "median_clip_coef": coef, "lr": r.max_lr,
-                      "first_step": r.step - c.window + 1},
-            severity=Severity.warning if coef < c.deep_coef else Severity.info,
+                      "first_step": r.step - c.window + 1, "loss_window_start": early, "loss_window_end": late},
+            severity=severity,
         )
