@@ -1,8 +1,11 @@
 """Detection quality of the rules on the reference trainer: recall, false alarms and latency per rule.
 
 Runs every scenario of monitor.trainer.detection (planted faults and healthy configurations) with
-several seeds and writes benchmarks/detection.md (and results/detection.json). One command:
-`make detection` (or `python benchmarks/detection.py --seeds 1337 1 2`).
+several seeds and writes benchmarks/detection.md (and results/detection.json). Then the calibration
+table (benchmarks/calibration.py: real public logs and well-known public configs reproduced on CPU, each
+against its known verdict) is appended to detection.md and written to results/calibration.{md,json}.
+One command: `make detection` (or `python benchmarks/detection.py --seeds 1337 1 2`; `--no-calibration`
+for the matrix alone). Exits 1 when any row of either table fails.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ OUT = Path(__file__).resolve().parent / "detection.md"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2])
+    ap.add_argument("--no-calibration", action="store_true",
+                    help="skip the calibration table (real logs and public configs, benchmarks/calibration.py)")
     a = ap.parse_args()
     # torch warns when GradScaler skipped the first optimizer.step (and in the per-micro-batch fault)
     warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -86,6 +91,14 @@ def main() -> None:
         result = f"pending: {s.pending}" if s.pending else f"{sum(o.passed for o in runs)}/{len(runs)} passed"
         md.append(f"| {s.name} | {s.description} | {expect} | {result} |")
     text = "\n".join(md) + "\n"
+    calibrated = []
+    if not a.no_calibration:
+        import calibration
+
+        print("calibration: real logs and public configs", flush=True)
+        calibrated = calibration.run_all()
+        calibration.write(calibrated)
+        text += "\n" + calibration.markdown(calibrated, heading="##")
     OUT.write_text(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "detection.json").write_text(json.dumps({
@@ -95,7 +108,7 @@ def main() -> None:
                  for o in rows]}, indent=1) + "\n")
     print(text)
     print(f"written to {OUT}")
-    if not all(o.passed for o in rows):
+    if not all(o.passed for o in rows) or not all(r.passed for r in calibrated):
         sys.exit(1)
 
 
