@@ -10,6 +10,9 @@
 #      (scripts/sync_check.py): no host-device sync, no internal error, a record per step
 #   e  overhead: benchmarks/overhead.py --device cuda --preset small --steps STEPS
 #   f  attention: benchmarks/attention.py --device cuda --preset small --steps STEPS (the probe's cost)
+#   g  compile: scripts/compile_check.py, a model compiled after attach with mode="reduce-overhead"
+#      (CUDA graphs): the same dynamo/inductor counters with and without the monitor, identical losses
+#      (hooks only), and with mon.observe_attention its statistics (cudagraph counters reported)
 # Results: benchmarks/results/gpu-check.md (pass/fail and numbers per section),
 #          benchmarks/results/gpu-check/*.log and run directories, overhead-small-cuda.{json,md},
 #          attention-small-cuda.{json,md}.
@@ -292,6 +295,14 @@ if [ "$RESULTS" != "$ROOT/benchmarks/results" ] && [ -f "$ATT" ]; then
     cp "$ATT" "${ATT%.json}.md" "$RESULTS/" 2>/dev/null
 fi
 row "f attention probe" "$(verdict $RC)" "$SECS" "$NUMS"
+
+# --- g: torch.compile (CUDA graphs on a GPU) -----------------------------------------------------
+for what in hooks observe; do
+    run_section "compile-$what" 150 "$PY" scripts/compile_check.py --device "$DEVICE" --steps 30 \
+        $([ "$what" = observe ] && echo --observe)
+    NUMS=$(grep -E '^(PASS|FAIL) compile-check' "$LOGS/compile-$what.log" | tail -1)
+    row "g compile ($what)" "$(verdict $RC)" "$SECS" "${NUMS:-no result line}"
+done
 
 FAILED=$(cut -f2 "$ROWS" | grep -cv -E '^(PASS|SKIPPED)$')
 echo
