@@ -240,15 +240,15 @@ def test_the_phase_clock_counts_every_micro_batch_input_and_keeps_waits_out(monk
     collective wait. A fake clock: the phases are sums of known intervals."""
     import types
 
-    from monitor.hooks import ddp
+    from monitor.hooks import phases
 
     clock = [0.0]
-    monkeypatch.setattr(ddp, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(phases, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     def at(t):
         clock[0] = t
 
-    ph = ddp.StepPhases(torch.device("cpu"), ddp=True)
+    ph = phases.StepPhases(torch.device("cpu"), ddp=True)
     ph.comm = True
     ph.step_end(0.0)  # the previous optimizer step ended at 0
     ph.forward_begin(1.0)  # micro-batch 0: 1 s of input
@@ -267,18 +267,18 @@ def test_the_phase_clock_counts_every_micro_batch_input_and_keeps_waits_out(monk
     at(5.0), ph.bucket_done(last)  # the last all-reduce completes 1 s after the last bucket was ready
     ph.backward_end()
     marks = ph.step_end(5.5)
-    assert ddp.resolve_phases(marks) == {"input": 1.25, "compute": 0.75, "collective_wait": 1.5}
+    assert phases.resolve_phases(marks) == {"input": 1.25, "compute": 0.75, "collective_wait": 1.5}
     # the next step's input starts at the step end; a step with no training forward measures nothing
     ph.forward_begin(6.0)
     assert ph.input == 0.5
-    assert ddp.resolve_phases(ddp.StepPhases(torch.device("cpu"), ddp=False).step_end(1.0)) == {
+    assert phases.resolve_phases(phases.StepPhases(torch.device("cpu"), ddp=False).step_end(1.0)) == {
         "input": None, "compute": None, "collective_wait": None}
 
 
 def test_cuda_event_marks_are_resolved_on_the_publisher_thread():
     """On CUDA the marks are events recorded on the training thread; only resolve_phases (the publisher
     thread) waits for them. Stand-in events with CUDA's elapsed_time (milliseconds)."""
-    from monitor.hooks.ddp import PhaseMarks, resolve_phases
+    from monitor.hooks.phases import PhaseMarks, resolve_phases
 
     waited = []
 
@@ -304,12 +304,12 @@ def test_phases_of_an_accumulating_loop_are_recorded_and_read_back_identically(t
     from conftest import TinyLM, batches
 
     import monitor
-    from monitor.hooks import ddp
+    from monitor.hooks import phases
     from monitor.runlog.events import StepDecoder, encode_step
 
     ends = []
-    real = ddp.StepPhases.backward_end
-    monkeypatch.setattr(ddp.StepPhases, "backward_end", lambda self: (ends.append(1), real(self)))
+    real = phases.StepPhases.backward_end
+    monkeypatch.setattr(phases.StepPhases, "backward_end", lambda self: (ends.append(1), real(self)))
     model = TinyLM()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     mon = monitor.attach(model, opt, run_dir=tmp_path / "run", config={"metrics": {"port": 0},

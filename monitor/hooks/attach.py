@@ -24,6 +24,7 @@ from monitor.exporters.sinks import build_http_sinks, close_sinks
 from monitor.hooks import compiled, ddp, introspect, resolve
 from monitor.hooks.collector import StepCollector, TrainingHalted
 from monitor.hooks.guard import ErrorGuard
+from monitor.hooks.phases import window_phases
 from monitor.hooks.publisher import Publisher
 from monitor.rules.engine import RulesEngine
 from monitor.runlog.events import EventWriter
@@ -318,7 +319,7 @@ class Monitor:
             if fingerprint is not None:
                 busy = sum(self._busy) / len(self._busy) if self._busy else None
                 self._busy.clear()
-                phases = ddp.window_phases(self._phases)
+                phases = window_phases(self._phases)
                 for values in self._phases.values():
                     values.clear()
                 ex.post(rec.step, {"fp": ddp.pack_floats(fingerprint), "busy": busy, "phases": phases})

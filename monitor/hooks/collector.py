@@ -29,9 +29,9 @@ from monitor.hooks import clip as clip_patch
 from monitor.hooks import compiled
 from monitor.hooks.attention import STATS, AttentionProbe, ProbeSchedule, attention_stats, sdpa_masks
 from monitor.hooks.clip import StepClips, covers
-from monitor.hooks.ddp import PhaseMarks, StepPhases
 from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.intercept import intercept
+from monitor.hooks.phases import PhaseHooks, PhaseMarks
 
 # The loss sources, in order (the first with a value wins), and how a step's values combine. An
 # explicit mon.log() wins; then what a framework integration reports: the Hugging Face Trainer's
@@ -111,22 +111,6 @@ def _scheduler_counter(scheduler: Any) -> str | None:
     return None
 
 
-def _grad_root(output: Any, loss: torch.Tensor | None) -> torch.Tensor | None:
-    """A tensor of a forward's output that the backward will reach early (its loss, as find_loss found it,
-    else the first output that requires grad): a hook on it sees that micro-batch's backward start."""
-    if loss is not None and loss.requires_grad:
-        return loss
-    if isinstance(output, torch.Tensor):
-        candidates: Any = (output,)
-    elif isinstance(output, (tuple, list)):
-        candidates = output
-    elif isinstance(output, dict):
-        candidates = output.values()
-    else:
-        candidates = (getattr(output, "logits", None),)
-    return next((v for v in candidates if isinstance(v, torch.Tensor) and v.requires_grad), None)
-
-
 def _count_tokens(args: tuple, kwargs: dict) -> tuple[int, int | None]:
     # Integer tensors fed to the model are token ids; numel and shape are metadata (no sync).
     for v in (*args, *kwargs.values()):
@@ -197,13 +181,7 @@ class StepCollector:
         compiled.install()
         self._compile_watch = True
         self._attn_cfg = attention
-        # Step phases (input / compute / collective wait: hooks/ddp.py). Under DDP the compute is the
-        # inner module's forward, after DDP's pre-forward work (the buffer broadcast); a sharded model's
-        # inner forward holds its all-gathers, so its compute is not measured.
-        from torch.nn.parallel import DistributedDataParallel
-
-        self._ddp = isinstance(model, DistributedDataParallel)
-        self.phases = StepPhases(self._device, ddp=self._ddp, compute=not sharded)
+        self.phases = PhaseHooks(model, self._device, sharded=sharded, guard=guard)  # input/compute/wait times
         self._empty_probes = 0
         self._fwd_t0: float | None = None
         self._attn_gen = torch.Generator().manual_seed(1)  # the explicit API's own (CPU) generator
@@ -257,14 +235,11 @@ class StepCollector:
         self._handles.append(self.optimizer.register_step_pre_hook(self._optimizer_pre))
         self._handles.append(self.optimizer.register_step_post_hook(self._optimizer_post))
         clip_patch.add_listener(self._on_clip)
-        if self._ddp:
-            # The compute phase: the inner module's forward, after DDP's own pre-forward work.
-            self._handles.append(m.module.register_forward_pre_hook(self._inner_pre))
-            self._handles.append(m.module.register_forward_hook(self._inner_post))
+        self._handles += self.phases.install(m)
         if self._local_grad_norm:
             from monitor.hooks.ddp import install_local_norm_hook
 
-            undo = install_local_norm_hook(m, self.local_sq, self.phases)
+            undo = install_local_norm_hook(m, self.local_sq, self.phases.clock)
             if undo is not None:
                 self._undo.append(undo)
         if type(m).__name__ == "FullyShardedDataParallel" and callable(getattr(m, "clip_grad_norm_", None)):
@@ -316,10 +291,7 @@ class StepCollector:
             now = time.perf_counter()
             if self._t_first is None:
                 self._t_first = now
-            if timed:
-                self.phases.forward_begin(now)
-            else:
-                self.phases.valid = False
+            self.phases.forward_begin(now, timed)
             self._calls = 0  # mon.observe_attention calls without a layer name, in this forward
             if self._micro == 0 and self.schedule is not None:
                 self._fwd_t0 = time.perf_counter()
@@ -336,64 +308,17 @@ class StepCollector:
                 self._tokens += tokens
                 if batch is not None:
                     self._batch = batch
-            if not self._ddp and timed:
-                self.phases.inner_begin()  # no wrapper: the model's own forward is the compute
         except Exception as e:
             self._guard.record("forward pre-hook", e)
 
-    def _inner_pre(self, module, args):
-        if torch.compiler.is_compiling():
-            return None
-        try:
-            if self._training(module):
-                self.phases.inner_begin()
-        except Exception as e:
-            self._guard.record("inner forward pre-hook", e)
-        return None
-
-    def _inner_post(self, module, args, output):
-        if torch.compiler.is_compiling():
-            return None
-        try:
-            if self._training(module):
-                self.phases.inner_end()
-        except Exception as e:
-            self._guard.record("inner forward hook", e)
-        return None
-
     def _forward_done(self) -> None:
-        """A training forward of the model returned: the input phase of the next micro-batch starts at
-        the end of this one's backward (seen through a hook on the output: _watch_backward), else here."""
+        """A training forward of the model returned."""
         now = time.perf_counter()
         self._t_fwd_end = now
         try:
-            if not self._ddp:
-                self.phases.inner_end()
-            self.phases.forward_end(now)
+            self.phases.forward_done(now)
         except Exception as e:
             self._guard.record("forward timing", e)
-
-    def _watch_backward(self, output: Any, loss: torch.Tensor | None) -> None:
-        try:
-            root = _grad_root(output, loss)
-            if root is not None:
-                root.register_hook(self._backward_began)
-        except Exception as e:
-            self._guard.record("backward timing", e)
-
-    def _backward_began(self, grad):
-        # The backward reached this micro-batch's output: ask the engine to call back when it is done.
-        try:
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
-        except Exception as e:
-            self._guard.record("backward timing", e)
-        return None
-
-    def _backward_ended(self) -> None:
-        try:
-            self.phases.backward_end()
-        except Exception as e:
-            self._guard.record("backward timing", e)
 
     def _forward_post_model(self, module, args, output):
         if torch.compiler.is_compiling():
@@ -405,7 +330,7 @@ class StepCollector:
             self._forward_done()
         loss = self._capture_output("model", module, output)
         if training:
-            self._watch_backward(output, loss)
+            self.phases.watch_backward(output, loss)
 
     def end_forward(self) -> None:
         """A framework's training micro-batch finished its forward (Lightning: before the backward)."""
@@ -469,7 +394,7 @@ class StepCollector:
         """After a compiled graph ran: a forward of the model ("model") or the loss module ended in it."""
         if source == "model":
             self._t_fwd_end = time.perf_counter()
-            self.phases.forward_end(self._t_fwd_end)
+            self.phases.clock.forward_end(self._t_fwd_end)
         if isinstance(loss, torch.Tensor) and loss.dim() == 0:
             self._losses[source].append(loss.detach())
 
@@ -711,7 +636,7 @@ class StepCollector:
         # Host-side allocator counter (no device sync): the process's peak so far.
         memory = float(torch.cuda.max_memory_allocated(self._device)) if self._device.type == "cuda" else None
         self._prev_end = now
-        phases = self.phases.step_end(now)
+        phases = self.phases.clock.step_end(now)
 
         layout: list[str] = []
         parts: list[torch.Tensor] = []

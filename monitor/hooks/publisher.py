@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 
 from monitor.hooks.collector import Packet
-from monitor.hooks.ddp import resolve_phases
 from monitor.hooks.guard import ErrorGuard
+from monitor.hooks.phases import resolve_phases
 from monitor.schema import StepRecord
 
 _STOP = object()
