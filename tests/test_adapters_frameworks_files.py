@@ -146,7 +146,6 @@ def test_trainer_state_tailed_while_training(hf_run):
 
 def test_trainer_state_and_tensorboard_give_the_same_steps(tmp_path):
     pytest.importorskip("transformers")
-    pytest.importorskip("torch.utils.tensorboard")
     out = tmp_path / "hf-tb"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
@@ -347,13 +346,9 @@ def lightning_run(tmp_path_factory):
                 seen["records"] += seen["source"].poll()
                 seen["headers"].append(list(seen["source"].header or []))
 
-    loggers = [CSVLogger(root / "csv", version=0)]
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger  # tensorboard is one of trainmon's dependencies
 
-        loggers.append(TensorBoardLogger(root / "tb", version=0))
-    except ImportError:  # neither tensorboard nor tensorboardX
-        pass
+    loggers = [CSVLogger(root / "csv", version=0), TensorBoardLogger(root / "tb", version=0)]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 4, generator=g)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
@@ -363,7 +358,7 @@ def lightning_run(tmp_path_factory):
                          log_every_n_steps=1, accelerator="cpu", val_check_interval=4, limit_val_batches=2)
     trainer.fit(Tiny(), data, data)
     seen["records"] += seen["source"].poll() + seen["source"].flush()
-    tb = root / "tb" / "lightning_logs" / "version_0" if len(loggers) > 1 else None
+    tb = root / "tb" / "lightning_logs" / "version_0"
     return version, seen, tb
 
 
@@ -401,8 +396,6 @@ def test_lightning_csv_tailed_while_training_through_a_header_rewrite(lightning_
 
 def test_lightning_csv_and_tensorboard_give_the_same_steps(lightning_run):
     version, _, tb = lightning_run
-    if tb is None:
-        pytest.skip("tensorboard is not installed")
     tb_src = open_source(tb)
     tb_recs, csv_recs = read_all(tb_src)[0], read_all(open_source(version))[0]
     assert tb_src.info.source == "lightning" and steps(tb_recs) == steps(csv_recs)
