@@ -338,7 +338,8 @@ class StepCollector:
         self._forward_end(None, (), None)
 
     def add_loss(self, source: str, loss: torch.Tensor) -> None:
-        """A loss a framework integration reports for the step ("shares" or "training_step")."""
+        """A loss reported for the step by a framework integration ("shares", "training_step") or by a
+        compiled graph after it ran ("model", "loss_fn")."""
         try:
             if isinstance(loss, torch.Tensor) and loss.dim() == 0:
                 self._losses[source].append(loss.detach())
@@ -393,10 +394,8 @@ class StepCollector:
     def compiled_forward_ended(self, source: str, loss: torch.Tensor | None) -> None:
         """After a compiled graph ran: a forward of the model ("model") or the loss module ended in it."""
         if source == "model":
-            self._t_fwd_end = time.perf_counter()
-            self.phases.clock.forward_end(self._t_fwd_end)
-        if isinstance(loss, torch.Tensor) and loss.dim() == 0:
-            self._losses[source].append(loss.detach())
+            self._forward_done()
+        self.add_loss(source, loss)
 
     def observe_attention(self, q, k, layer: str | None, logits, mask, is_causal: bool, scale,
                           presliced: bool = False) -> None:
