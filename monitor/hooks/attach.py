@@ -316,13 +316,14 @@ class Monitor:
                 v = getattr(rec, field)
                 if v is not None:
                     self._phases[name].append(v)
-            if fingerprint is not None:
+            if ex.due(rec.step):  # sharded ranks post no fingerprint, but their times all the same
                 busy = sum(self._busy) / len(self._busy) if self._busy else None
                 self._busy.clear()
                 phases = window_phases(self._phases)
                 for values in self._phases.values():
                     values.clear()
-                ex.post(rec.step, {"fp": ddp.pack_floats(fingerprint), "busy": busy, "phases": phases})
+                fp = ddp.pack_floats(fingerprint) if fingerprint is not None else None
+                ex.post(rec.step, {"fp": fp, "busy": busy, "phases": phases})
             if ex.pending:
                 outcomes = ex.collect()
                 if outcomes:
