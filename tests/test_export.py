@@ -66,6 +66,27 @@ def test_panel_thresholds_follow_the_rule_configs() -> None:
     assert steps(grafana.overview({"run.stalled": {"floor_seconds": 600}}), "Since the last step") == [None, 300, 600]
 
 
+def test_defaults_are_read_from_the_rule_config_classes(monkeypatch) -> None:
+    """No exporter repeats a rule's default: a changed default reaches the alert rules and the panels."""
+    from pydantic import create_model
+
+    for rule_id, name, value in (("run.stalled", "floor_seconds", 900.0), ("amp.scale_collapse", "floor", 4.0),
+                                 ("attention.entropy_collapse", "floor", 0.2),
+                                 ("attention.logit_growth", "warning", 70.0)):
+        rule = REGISTRY.get(rule_id)
+        monkeypatch.setattr(rule, "Config", create_model("Changed", __base__=rule.Config, **{name: (float, value)}))
+
+    def steps(dashboard: dict, title: str) -> list:
+        panel = next(p for p in dashboard["panels"] if p["title"] == title)
+        return [s["value"] for s in panel["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+
+    assert steps(grafana.overview(), "Since the last step") == [None, 450, 900]
+    assert steps(grafana.overview(), "Loss scale and skipped steps") == [None, 4.0]
+    assert steps(grafana.attention(), "Attention entropy ratio") == [None, 0.2]
+    assert steps(grafana.attention(), "Max attention logit") == [None, 70.0, 1000.0]
+    assert ", 900)" in _rules()["TrainmonRunStalled"]["expr"]
+
+
 def test_dashboards_are_deterministic() -> None:
     assert json.dumps(grafana.dashboards(), sort_keys=True) == json.dumps(grafana.dashboards(), sort_keys=True)
     for d in grafana.dashboards().values():

@@ -141,6 +141,7 @@ def stack(live_run, ddp_run, runs_root, alertmanager, prometheus_factory) -> Pro
 
 # -- (a) file_sd discovery ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_prometheus_discovers_runs_through_targets_json(stack: Prometheus, live_run) -> None:
     up = stack.query(f'up{{job="{JOB}"}}')
     found = sorted((s["metric"]["trainmon_run"], s["metric"]["trainmon_rank"], s["value"][1]) for s in up)
@@ -194,6 +195,7 @@ def _panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
             for p in dashboard["panels"] for t in p["targets"]]
 
 
+@pytest.mark.slow
 def test_every_dashboard_query_returns_series(stack: Prometheus) -> None:
     failures, checked = [], 0
     for dashboard in grafana.dashboards().values():
@@ -216,6 +218,7 @@ def test_every_dashboard_query_returns_series(stack: Prometheus) -> None:
     assert checked >= 30
 
 
+@pytest.mark.slow
 def test_attention_and_rank_variables_take_real_values(stack: Prometheus) -> None:
     variables = _resolve_variables(stack, grafana.attention())
     assert variables["$layer"] == _regex(sorted(LAYERS))
@@ -230,6 +233,7 @@ def _firing(alerts: list[dict[str, Any]], **labels: str) -> list[dict[str, Any]]
             and all(a["labels"].get(k) == v for k, v in labels.items())]
 
 
+@pytest.mark.slow
 def test_exported_alerts_fire_and_reach_the_webhook(stack: Prometheus, webhook, alertmanager) -> None:  # noqa: F811
     wanted = {
         "TrainmonAlertActive": {"rule": "loss.nonfinite", "severity": "critical", "run": DDP, "rank": "1"},
@@ -265,6 +269,7 @@ def _promtool(*args: str, cwd: Path) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_promtool_checks_and_tests_the_exported_rules(tmp_path: Path) -> None:
     promrules.write_rules(tmp_path)
     out = _promtool("check", "rules", promrules.RULES_FILE, cwd=tmp_path)
@@ -272,6 +277,7 @@ def test_promtool_checks_and_tests_the_exported_rules(tmp_path: Path) -> None:
     _promtool("test", "rules", promrules.TESTS_FILE, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_promtool_tests_pass_with_other_thresholds(tmp_path: Path) -> None:
     """The generated unit tests follow the configured thresholds, not just the defaults."""
     options = {"run.stalled": {"floor_seconds": 600, "factor": 3}, "amp.overflow": {"max_rate": 0.1, "window": 50}}
@@ -280,6 +286,7 @@ def test_promtool_tests_pass_with_other_thresholds(tmp_path: Path) -> None:
     _promtool("test", "rules", promrules.TESTS_FILE, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_promtool_checks_the_exported_scrape_config(tmp_path: Path, runs_root: Path, live_run) -> None:
     promrules.write_rules(tmp_path)
     config = scrape_config([runs_root], daemon="127.0.0.1:9739", rule_files=[promrules.RULES_FILE],
@@ -288,6 +295,7 @@ def test_promtool_checks_the_exported_scrape_config(tmp_path: Path, runs_root: P
     _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_promtool_accepts_the_committed_prometheus_files() -> None:
     prom_dir = ROOT / "grafana" / "prometheus"
     _promtool("check", "config", "prometheus.yml", cwd=prom_dir)
@@ -356,6 +364,7 @@ def test_dashboards_use_the_provisioned_datasource_uid() -> None:
     assert sorted(uids) == ["trainmon-alerts", "trainmon-attention", "trainmon-ddp", "trainmon-overview"]
 
 
+@pytest.mark.slow
 def test_a_run_started_later_is_discovered_without_touching_prometheus(stack: Prometheus, runs_root: Path) -> None:
     """file_sd over <runs>/.trainmon-targets/*.json: Prometheus picks up a new run by itself."""
     registry = CollectorRegistry()

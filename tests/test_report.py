@@ -396,6 +396,7 @@ def test_evidence_is_compact():
     assert ev["params"] == "[p0, p1, p2, … +17 more]"
 
 
+@pytest.mark.slow
 def test_example_page_renders_without_torch(tmp_path: Path):
     """report.py imports no torch (it runs where torch is absent)."""
     import subprocess
@@ -410,6 +411,7 @@ def test_example_page_renders_without_torch(tmp_path: Path):
     assert int(out.stdout) > 1000
 
 
+@pytest.mark.slow
 def test_check_writes_the_report(tmp_path):
     from typer.testing import CliRunner
 

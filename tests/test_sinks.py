@@ -2,25 +2,105 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import logging
+import pkgutil
 import socket
 import time
 
 import pytest
+from prometheus_client import CollectorRegistry
 from servers import alertmanager, alerts_in, wait_until, webhook  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
+import monitor.exporters
 from monitor.exporters.alertmanager import AlertmanagerSink
+from monitor.exporters.console import ConsoleSink
 from monitor.exporters.delivery import redact
+from monitor.exporters.prometheus import TrainMetrics
+from monitor.exporters.sinks import Sink
 from monitor.exporters.webhook import WebhookSink
 from monitor.schema import Alert, Severity
 
 
-def _alert(rule="loss.nonfinite", severity=Severity.critical, status="firing", run="r1", rank=0, step=150):
+def _alert(rule="loss.nonfinite", severity=Severity.critical, status="firing", run="r1", rank=0, step=150,
+           evidence=None):
     return Alert(rule=rule, severity=severity, step=step, rank=rank, run=run, status=status,
                  message=f"the loss is nan at step {step}.", hint="Restart from the last good checkpoint.",
-                 evidence={"loss": float("nan")})
+                 evidence={"loss": float("nan")} if evidence is None else evidence)
+
+
+# Every sink class in monitor/exporters, built for a test: a new sink class must be added here.
+SINKS = {
+    ConsoleSink: lambda url: ConsoleSink(),
+    WebhookSink: lambda url: WebhookSink(url, min_severity="info", retries=0),
+    AlertmanagerSink: lambda url: AlertmanagerSink(url, retries=0),
+    TrainMetrics: lambda url: TrainMetrics(CollectorRegistry(), "r1", 0),
+}
+
+
+def _exporter_sink_classes() -> set[type]:
+    """Classes defined in monitor/exporters with an `emit` method of their own (logging handlers, and
+    YAML dumpers whose `emit` comes from PyYAML, aside)."""
+    found = set()
+    for info in pkgutil.iter_modules(monitor.exporters.__path__):
+        module = importlib.import_module(f"monitor.exporters.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            emit = getattr(cls, "emit", None)
+            if (cls.__module__ == module.__name__ and cls is not Sink and not issubclass(cls, logging.Handler)
+                    and getattr(emit, "__module__", "").startswith("monitor.")):
+                found.add(cls)
+    return found
+
+
+def test_every_sink_class_implements_the_protocol(webhook):  # noqa: F811
+    assert _exporter_sink_classes() == set(SINKS)
+    for cls, build in SINKS.items():
+        sink = build(webhook.url)
+        try:
+            assert isinstance(sink, Sink), cls
+            for name in ("emit", "restore", "close"):
+                assert callable(getattr(cls, name, None)), (cls, name)
+        finally:
+            sink.close()
+
+
+def test_sinks_never_change_the_alert_they_are_given(webhook):  # noqa: F811
+    """One alert object goes to every sink of an engine: no sink may change it, so order does not matter."""
+    evidence = {"loss": 7.5, "top_params": [{"param": "h.0.w", "ratio": 40.0}], "layers": ["h.0", "h.1"]}
+    alerts = [_alert(rule="run.stalled", evidence=evidence), _alert(severity=Severity.warning),
+              _alert(status="resolved"), _alert(rule="run.stalled", status="resolved", evidence=evidence)]
+    for cls, build in SINKS.items():
+        sink = build(webhook.url)
+        before = [a.model_dump() for a in alerts]
+        try:
+            for a in alerts[:2]:
+                sink.restore(a)
+            for a in alerts:
+                sink.emit(a)
+        finally:
+            sink.close()
+        assert [a.model_dump() for a in alerts] == before, cls
+
+
+def test_restore_shows_an_alert_again_without_notifying(webhook):  # noqa: F811
+    webhook.clear()
+    firing = _alert(run="restored")
+    hook = WebhookSink(webhook.url, min_severity="info")
+    hook.restore(firing)
+    hook.close()
+    am = AlertmanagerSink(webhook.url, resend_seconds=3600)
+    am.restore(firing)
+    am.close()
+    assert webhook.bodies() == [] and hook.delivery.sent == am.delivery.sent == 0
+    assert list(am._active.values()) == [firing]  # the periodic re-post includes it
+    registry = CollectorRegistry()
+    TrainMetrics(registry, "restored", 0).restore(firing)
+    labels = {"run": "restored", "rank": "0", "rule": "loss.nonfinite", "severity": "critical"}
+    assert registry.get_sample_value("trainmon_alert_active", labels) == 1
+    assert not registry.get_sample_value("trainmon_alerts_total", labels)  # shown again, not counted again
 
 
 def test_webhook_posts_slack_compatible_json(webhook):  # noqa: F811
@@ -52,6 +132,7 @@ def test_webhook_retries_with_backoff_then_delivers(webhook):  # noqa: F811
     assert sink.delivery.sent == 1 and sink.delivery.failed == 0
 
 
+@pytest.mark.slow
 def test_a_hanging_endpoint_never_blocks_and_its_secret_is_never_logged(caplog):
     # A socket that accepts connections but never answers.
     with socket.socket() as srv:
@@ -71,6 +152,7 @@ def test_a_hanging_endpoint_never_blocks_and_its_secret_is_never_logged(caplog):
     assert redact(url).endswith("/***")
 
 
+@pytest.mark.slow
 def test_alertmanager_sink_fires_and_resolves_in_a_real_alertmanager(alertmanager, webhook):  # noqa: F811
     webhook.clear()
     sink = AlertmanagerSink(alertmanager.url, labels={"cluster": "test"}, resend_seconds=0.5)
@@ -84,7 +166,10 @@ def test_alertmanager_sink_fires_and_resolves_in_a_real_alertmanager(alertmanage
     # Alertmanager routes it to its receiver
     notified = webhook.wait_for(lambda b: [a for a in alerts_in(b) if a["labels"].get("run") == "am-run"])
     assert notified[0]["status"] == "firing"
-    time.sleep(1.5)  # idle: the sink re-posts the active alert so Alertmanager keeps it
+    # idle: the sink re-posts the active alert so Alertmanager keeps it
+    deadline = time.monotonic() + 30
+    while sink.delivery.sent < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert sink.delivery.sent >= 2
     sink.emit(_alert(run="am-run", status="resolved"))
     webhook.wait_for(lambda b: [a for a in alerts_in(b) if a["labels"].get("run") == "am-run"
@@ -92,6 +177,7 @@ def test_alertmanager_sink_fires_and_resolves_in_a_real_alertmanager(alertmanage
     sink.close()
 
 
+@pytest.mark.slow
 def test_the_daemon_delivers_to_alertmanager_directly(tmp_path, alertmanager, webhook):  # noqa: F811
     from monitor.cli.app import app
     from monitor.trainer import TrainConfig, train

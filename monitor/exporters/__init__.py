@@ -1,1 +1,2 @@
-"""Prometheus exposition and alert sinks."""
+"""What leaves the monitor: alert sinks, the Prometheus exposition, the generated Prometheus and
+Grafana files, and the HTML report."""

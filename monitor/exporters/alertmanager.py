@@ -33,6 +33,8 @@ def am_alert(alert: Alert, extra_labels: dict[str, str] | None = None, ends: flo
 
 
 class AlertmanagerSink:
+    """Alerts at or above `min_severity` POSTed to Alertmanager, active ones re-posted (a `Sink`)."""
+
     def __init__(self, url: str, *, min_severity: Severity | str = Severity.info, resend_seconds: float = 60.0,
                  labels: dict[str, str] | None = None, timeout: float = 5.0, retries: int = 3, backoff: float = 1.0,
                  queue_size: int = 256) -> None:
@@ -63,6 +65,15 @@ class AlertmanagerSink:
                     payload.append(am_alert(previous, self.labels, ends=time.time()))
         self.delivery.submit(self.endpoint, payload)
         self._last_send = time.monotonic()
+
+    def restore(self, alert: Alert) -> None:
+        """Count a still-firing alert as active again without posting it: the periodic re-post
+        (every `resend_seconds`) re-establishes it in Alertmanager, which deduplicates it against
+        the copy delivered before."""
+        if alert.status != "firing" or not alert.severity.at_least(self.min_severity):
+            return
+        with self._lock:
+            self._active[(alert.run, alert.rule, alert.rank)] = alert
 
     def _resend(self) -> None:
         if time.monotonic() - self._last_send < self.resend_seconds:

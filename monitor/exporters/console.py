@@ -68,9 +68,18 @@ def to_terminal() -> Iterator[None]:
 
 
 class ConsoleSink:
+    """Alerts as log lines on "trainmon.alerts" (a `Sink`)."""
+
     def __init__(self) -> None:
         self._log = logging.getLogger(ALERTS_LOGGER)
 
     def emit(self, alert: Alert) -> None:
         level = _LEVELS[alert.severity] if alert.status == "firing" else logging.INFO
         self._log.log(level, alert.line())
+
+    def restore(self, alert: Alert) -> None:
+        """Nothing to re-establish: the line was logged when the alert fired, and logging it again
+        would read as a second alert."""
+
+    def close(self) -> None:
+        """Nothing to release: the handlers belong to logging."""

@@ -1,9 +1,9 @@
 """Prometheus exposition of one training process (one rank).
 
-Metric names and labels are a contract (DESIGN.md). A fresh CollectorRegistry
-is passed in, so the user's default registry is untouched and tests use their
-own. Global statistics (LR, grad norms, loss scale) come from rank 0 only: after
-the all-reduce they are identical on every rank.
+Metric names and labels are a contract: dashboards, alert rules and users' queries select
+them. A fresh CollectorRegistry is passed in, so the user's default registry is untouched and
+tests use their own. Global statistics (LR, grad norms, loss scale) come from rank 0 only:
+after the all-reduce they are identical on every rank.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ def _latest(recs: list[StepRecord], field: str) -> Any:
 
 def observe_all(child: Any, values: list[float]) -> None:
     """`child.observe(v)` for each of `values` (finite), a batch at once: the daemon reads thousands of
-    records a poll, and Histogram.observe costs ~1 us each. Bucket counts are added per bucket and
-    the sum accumulates value by value from its current total, so the exposition is exactly what
-    observing one by one gives. Falls back to that where the client's internals differ."""
+    records a poll, and Histogram.observe scans the bounds and updates two locked values per call.
+    Bucket counts are added per bucket and the sum accumulates value by value from its current
+    total, so the exposition is exactly what observing one by one gives. Falls back to that where
+    the client's internals differ."""
     if len(values) < 8:
         for v in values:
             child.observe(v)
@@ -242,7 +243,7 @@ class TrainMetrics:
         self._g(self.probe_interval, interval)
 
     def emit(self, alert: Alert) -> None:
-        """Alert sink: counters and the active gauge (one active severity per rule)."""
+        """As a `Sink`: counters and the active gauge (one active severity per rule)."""
         rank = str(alert.rank)
         if alert.status == "resolved":
             self.alert_active.labels(self.run, rank, alert.rule, alert.severity.value).set(0)
@@ -251,9 +252,12 @@ class TrainMetrics:
         for sev in Severity:
             self.alert_active.labels(self.run, rank, alert.rule, sev.value).set(1 if sev == alert.severity else 0)
 
-    def restore_active(self, alert: Alert) -> None:
+    def restore(self, alert: Alert) -> None:
         """After a daemon restart: show an alert that is still active, without counting it again."""
         self.alert_active.labels(self.run, str(alert.rank), alert.rule, alert.severity.value).set(1)
+
+    def close(self) -> None:
+        """Nothing to release: the series stay in the registry, whose owner serves or drops them."""
 
     def count_dropped(self, n: int = 1) -> None:
         self._dropped.inc(n)

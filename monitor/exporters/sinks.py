@@ -1,14 +1,36 @@
-"""Alert sinks built from the config's `sinks:` section (shared by attach and the daemon)."""
+"""The alert sink protocol, and the HTTP sinks built from the config's `sinks:` section.
+
+Every sink implements all of `Sink` (a no-op where a method has nothing to do), so the engine,
+attach and the daemon call the methods directly. One alert object is shared by all the sinks of
+an engine: a sink never changes it, so the order of the sinks does not matter.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from monitor.config import MonitorConfig
+from monitor.schema import Alert
+
+if TYPE_CHECKING:
+    from monitor.config import MonitorConfig
 
 
-def build_http_sinks(cfg: MonitorConfig) -> list[Any]:
-    out: list[Any] = []
+@runtime_checkable
+class Sink(Protocol):
+    def emit(self, alert: Alert) -> None:
+        """Deliver a firing or resolved alert. Must not modify `alert`."""
+
+    def restore(self, alert: Alert) -> None:
+        """Re-establish an alert this sink delivered before (a daemon restart that resumes its
+        state): show it as active again without notifying anyone a second time."""
+
+    def close(self) -> None:
+        """Flush what is pending and release threads, files and sockets."""
+
+
+def build_http_sinks(cfg: MonitorConfig) -> list[Sink]:
+    """The webhook and Alertmanager sinks the config asks for; each delivers on a thread of its own."""
+    out: list[Sink] = []
     wh = cfg.sinks.webhook
     if wh is not None:
         from monitor.exporters.webhook import WebhookSink
@@ -25,8 +47,6 @@ def build_http_sinks(cfg: MonitorConfig) -> list[Any]:
     return out
 
 
-def close_sinks(sinks: list[Any]) -> None:
+def close_sinks(sinks: list[Sink]) -> None:
     for s in sinks:
-        close = getattr(s, "close", None)
-        if callable(close):
-            close()
+        s.close()

@@ -23,6 +23,8 @@ def slack_payload(alert: Alert) -> dict:
 
 
 class WebhookSink:
+    """Alerts at or above `min_severity` POSTed to a webhook URL (a `Sink`)."""
+
     def __init__(self, url: str, *, min_severity: Severity | str = Severity.warning, timeout: float = 5.0,
                  retries: int = 3, backoff: float = 1.0, queue_size: int = 256) -> None:
         self.url = url
@@ -33,6 +35,10 @@ class WebhookSink:
     def emit(self, alert: Alert) -> None:
         if alert.severity.at_least(self.min_severity):
             self.delivery.submit(self.url, slack_payload(alert))
+
+    def restore(self, alert: Alert) -> None:
+        """Nothing to re-establish: a chat message, once posted, stays; posting it again would
+        notify the channel a second time."""
 
     def close(self) -> None:
         self.delivery.close()
