@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 from monitor.exporters.prometheus import TrainMetrics  # noqa: E402
-from monitor.hooks.collector import Packet  # noqa: E402
 from monitor.hooks.guard import ErrorGuard  # noqa: E402
+from monitor.hooks.packet import Packet  # noqa: E402
 from monitor.hooks.publisher import Publisher  # noqa: E402
 from monitor.rules.engine import RulesEngine  # noqa: E402
 from monitor.runlog.events import EventWriter  # noqa: E402

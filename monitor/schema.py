@@ -1,12 +1,16 @@
 """On-disk and on-wire shapes: StepRecord, Alert, RunInfo.
 
-Pure pydantic, no torch: the daemon and `monitor check` read these without a
+No torch: the daemon and `monitor check` read these without a
 training environment. Field names here are what run.json and alerts.jsonl hold.
 """
 
 from __future__ import annotations
 
 import time
+import time as _time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from dataclasses import field as dc_field
 from enum import Enum
 from typing import Any, Literal
 
@@ -30,122 +34,97 @@ class Severity(str, Enum):
 _SEVERITY_RANK = {Severity.info: 0, Severity.warning: 1, Severity.critical: 2}
 
 
-class StepRecord(BaseModel):
+def _doc(default: Any = None, doc: str = "", factory: Any = None) -> Any:
+    """A StepRecord field with its description (read by `monitor.schema.step_fields()` for the docs)."""
+    if factory is not None:
+        return dc_field(default_factory=factory, metadata={"doc": doc})
+    return dc_field(default=default, metadata={"doc": doc})
+
+
+@dataclass(slots=True)
+class StepRecord:
     """Everything the monitor knows about one optimizer step of one rank.
 
     A step that GradScaler skipped is a record with ``skipped=True``. Nothing is
     filtered: a NaN loss is NaN here. Fields a source cannot know are None.
+
+    A plain slotted dataclass, not validated: records are built by the monitor itself and by the
+    log readers from values they have already parsed into numbers (tens of thousands a second in
+    the daemon). The JSON that comes in (run.json, alerts.jsonl, configs) is validated by pydantic.
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    step: int = Field(description="Optimizer step index (0-based; continues after a resume).")
+    step: int = _doc(doc="Optimizer step index (0-based; continues after a resume).")
     rank: int = 0
-    time: float = Field(default_factory=time.time, description="Unix time the step ended.")
-    loss: float | None = Field(None, description="Mean of the step's micro-batch losses.")
-    lr: list[float] = Field(default_factory=list, description="Learning rate per param group, as used by the step.")
-    grad_norm: float | None = Field(None, description="Global L2 norm of unscaled gradients before clipping.")
-    grad_norm_clipped: float | None = Field(None, description="Global norm after clipping.")
-    clip_coef: float | None = Field(None, description="Factor clipping applied (1.0 when it did not clip).")
-    grad_norm_unknown: bool = Field(
-        False, description="The pre-clip gradient norm could not be measured truthfully, so grad_norm is None: "
+    time: float = _doc(factory=_time.time, doc="Unix time the step ended.")
+    loss: float | None = _doc(doc="Mean of the step's micro-batch losses.")
+    lr: list[float] = _doc(factory=list, doc="Learning rate per param group, as used by the step.")
+    grad_norm: float | None = _doc(doc="Global L2 norm of unscaled gradients before clipping.")
+    grad_norm_clipped: float | None = _doc(doc="Global norm after clipping.")
+    clip_coef: float | None = _doc(doc="Factor clipping applied (1.0 when it did not clip).")
+    grad_norm_unknown: bool = _doc(
+        False, "The pre-clip gradient norm could not be measured truthfully, so grad_norm is None: "
         "clip_grad_norm_ ran on each micro-batch (the step's whole gradient was never seen before clipping), or the "
         "parameters are sharded (FSDP) and no clip call reported the global norm. grad_norm_clipped then holds the "
         "norm the optimizer applied, when it could be measured.",
     )
-    max_norm: float | None = Field(None, description="Clip threshold passed to clip_grad_norm_, when the loop clips.")
-    loss_scale: float | None = Field(None, description="GradScaler scale used for this step's backward.")
-    skipped: bool = Field(False, description="GradScaler skipped the update (inf/NaN gradients).")
-    step_time: float | None = Field(None, description="Seconds since the previous optimizer step ended.")
-    tokens: int | None = Field(None, description="Tokens (input elements) seen in this step, when known.")
-    micro_batches: int | None = Field(None, description="Forward passes that contributed to this step.")
-    autocast: str | None = Field(None, description="Autocast dtype of the step's forward passes ('float16', 'bfloat16').")
-    scheduler_steps: int | None = Field(None, description="scheduler.step() calls since the previous optimizer step.")
-    param_norms: dict[str, float] | None = Field(None, description="Per-parameter gradient norms (sampled steps).")
-    busy_time: float | None = Field(
-        None, description="Seconds of the step before its last backward (data loading, forwards): what a rank spends "
+    max_norm: float | None = _doc(doc="Clip threshold passed to clip_grad_norm_, when the loop clips.")
+    loss_scale: float | None = _doc(doc="GradScaler scale used for this step's backward.")
+    skipped: bool = _doc(False, "GradScaler skipped the update (inf/NaN gradients).")
+    step_time: float | None = _doc(doc="Seconds since the previous optimizer step ended.")
+    tokens: int | None = _doc(doc="Tokens (input elements) seen in this step, when known.")
+    micro_batches: int | None = _doc(doc="Forward passes that contributed to this step.")
+    autocast: str | None = _doc(doc="Autocast dtype of the step's forward passes ('float16', 'bfloat16').")
+    scheduler_steps: int | None = _doc(doc="scheduler.step() calls since the previous optimizer step.")
+    param_norms: Mapping[str, float] | None = _doc(doc="Per-parameter gradient norms (sampled steps).")
+    busy_time: float | None = _doc(
+        doc="Seconds of the step before its last backward (data loading, forwards): what a rank spends "
         "outside the gradient all-reduce. DDP equalises step times; this tells a straggler apart.",
     )
-    local_grad_norm: float | None = Field(None, description="This rank's own gradient norm, before the DDP all-reduce.")
-    memory: float | None = Field(None, description="Peak device memory allocated during the step (bytes).")
-    ddp: dict[str, Any] | None = Field(
-        None, description="Rank 0's comparison of the ranks (every few steps): who reported, their busy times, "
+    local_grad_norm: float | None = _doc(doc="This rank's own gradient norm, before the DDP all-reduce.")
+    memory: float | None = _doc(doc="Peak device memory allocated during the step (bytes).")
+    ddp: dict[str, Any] | None = _doc(
+        doc="Rank 0's comparison of the ranks (every few steps): who reported, their busy times, "
         "parameters that differ.",
     )
-    attention: dict[str, dict[str, float]] | None = Field(
-        None, description="Per-layer attention statistics: entropy_ratio (mean over heads), entropy_min, max_logit, max_prob.",
+    attention: dict[str, dict[str, float]] | None = _doc(
+        doc="Per-layer attention statistics: entropy_ratio (mean over heads), entropy_min, max_logit, max_prob.",
     )
-    scalars: dict[str, float] = Field(default_factory=dict, description="Extra scalars passed to mon.log().")
-    # Step phases (appended later; see PHASES). Host seconds unless noted.
-    input_time: float | None = Field(
-        None, description="Seconds of the step's input phases: from the previous optimizer step's end (first "
+    scalars: dict[str, float] = _doc(factory=dict, doc="Extra scalars passed to mon.log().")
+    input_time: float | None = _doc(
+        doc="Seconds of the step's input phases: from the previous optimizer step's end (first "
         "micro-batch) or the previous micro-batch's backward end to the forward of the model the loop calls (data "
         "loading, the loop's own work), summed over micro-batches. Holds no collective.",
     )
-    compute_time: float | None = Field(
-        None, description="Seconds of the step's forwards of the module inside the DDP wrapper (after DDP's "
+    compute_time: float | None = _doc(
+        doc="Seconds of the step's forwards of the module inside the DDP wrapper (after DDP's "
         "pre-forward buffer broadcast), summed over micro-batches; device time (CUDA events) on CUDA. Holds no "
         "collective (not measured for sharded models, whose forwards all-gather).",
     )
-    collective_wait_time: float | None = Field(
-        None, description="Seconds the step waited in DDP's collectives: its pre-forward work (the buffer "
+    collective_wait_time: float | None = _doc(
+        doc="Seconds the step waited in DDP's collectives: its pre-forward work (the buffer "
         "broadcast) plus the gradient all-reduce left after the backward (last bucket done minus last bucket ready, "
         "from the monitor's communication hook). A slow rank's wait is short; the others wait for it.",
     )
 
     @classmethod
-    def fast(cls, **values: Any) -> StepRecord:
-        """Build without validation, for trusted internal data on hot paths (publisher, tailing readers).
+    def fast(cls, **values: Any) -> StepRecord:  # transitional alias, removed once callers use StepRecord(...)
+        return cls(**values)
 
-        About 2 us instead of ~25 us for model_construct: the daemon reads tens of thousands of
-        records a second.
-        """
-        d = {**_STEP_PLAIN_DEFAULTS, **values}
-        for name, factory in _STEP_FACTORY_ITEMS:
-            if name not in values:
-                d[name] = factory()
-        return cls.from_trusted(d)
-
-    @classmethod
-    def from_trusted(cls, d: dict[str, Any]) -> StepRecord:
-        """A record whose __dict__ is `d`, which must hold every field (the event decoder builds it)."""
-        obj = _new(cls)
-        _set(obj, "__dict__", d)
-        _set(obj, "__pydantic_fields_set__", set())
-        _set(obj, "__pydantic_extra__", None)
-        _set(obj, "__pydantic_private__", None)
-        return obj
+    @property
+    def max_lr(self) -> float | None:
+        """The largest LR over param groups (what most rules judge)."""
+        lr = self.lr
+        return max(lr) if lr else None
 
 
-class _MaxLr:
-    """StepRecord.max_lr: the largest LR over param groups (what most rules judge).
+def step_fields() -> dict[str, str]:
+    """StepRecord's field names and their descriptions, in order."""
+    return {f.name: f.metadata.get("doc", "") for f in fields(StepRecord)}
 
-    Computed on first use and kept in the instance's __dict__, which then answers later lookups
-    without calling this (a non-data descriptor): records are not changed once built, and half the
-    rules ask. The event decoder fills it in when it builds a record. (functools.cached_property
-    would do the same with a lock taken on every first use.)
-    """
-
-    def __get__(self, obj: StepRecord | None, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        lr = obj.lr
-        value = max(lr) if lr else None
-        obj.__dict__["max_lr"] = value
-        return value
-
-
-StepRecord.max_lr = _MaxLr()  # after the class: pydantic would take a class attribute for a field
 
 # Step phase -> StepRecord field: the names the rank exchange, ddp.straggler and the
 # trainmon_step_phase_seconds{phase=...} gauge use.
 PHASES = {"input": "input_time", "compute": "compute_time", "collective_wait": "collective_wait_time"}
-
-_STEP_PLAIN_DEFAULTS = {n: f.default for n, f in StepRecord.model_fields.items()
-                        if not f.is_required() and f.default_factory is None}
-_STEP_FACTORIES = {n: f.default_factory for n, f in StepRecord.model_fields.items() if f.default_factory is not None}
-_STEP_FACTORY_ITEMS = tuple(_STEP_FACTORIES.items())
-_new, _set = object.__new__, object.__setattr__  # BaseModel's __new__ is object's; looked up once
 
 
 class Alert(BaseModel):

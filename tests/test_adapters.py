@@ -563,6 +563,7 @@ def test_real_llmc_gpt2_124m_log():
                and step not in (7435, 9025))
 
 
+@pytest.mark.slow
 def test_adapters_import_no_torch(tmp_path):
     hf_run(tmp_path / "hf", last=30)
     code = (

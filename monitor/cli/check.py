@@ -11,30 +11,13 @@ from pathlib import Path
 
 from monitor.config import MonitorConfig
 from monitor.rules.engine import RulesEngine
-from monitor.runlog.adapters import open_source, read_all
-from monitor.runlog.reader import RunData, RunReadError
-from monitor.runlog.sources import SourceError
+from monitor.runlog.reader import RunData, read_run
 from monitor.schema import Alert
-
-
-def load_run(path: Path, mapping: dict[str, str] | None = None) -> RunData:
-    """Every record of the run at `path`, by rank in step order, with its RunInfo and reading problems.
-
-    Raises RunReadError (a SourceError) naming the path and what was looked for.
-    """
-    try:
-        source = open_source(path, mapping)
-        records = read_all(source)
-    except RunReadError:
-        raise
-    except SourceError as e:
-        raise RunReadError(str(e)) from None
-    return RunData(path=Path(path), info=source.info, records=records, problems=list(source.problems))
 
 
 def check_run(run_dir: Path, config: MonitorConfig, mapping: dict[str, str] | None = None) -> tuple[RunData, list[Alert]]:
     """Replay every rank's records through a fresh engine; returns the firing alerts, preflight first."""
-    data = load_run(run_dir, mapping)
+    data = read_run(run_dir, mapping)
     engine = RulesEngine(data.info, config.rules)
     # Ranks are independent streams; replay each in step order, preflight (from run.json's facts) first.
     for rank in sorted(data.records) or [0]:

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ TARGETS_JSON = "targets.json"
 SHARED_TARGETS_DIR = ".trainmon-targets"
 ALERTS_JSONL = "alerts.jsonl"
 _LOCK = ".trainmon.lock"
+_RANK_DIR = re.compile(r"^rank(\d+)$")
 
 
 class RunDirError(OSError):
@@ -50,6 +52,17 @@ def default_run_dir(environ: dict[str, str] | None = None, parent: str | os.Path
 
 def rank_dir(run_dir: Path, rank: int) -> Path:
     return run_dir if rank == 0 else run_dir / f"rank{rank}"
+
+
+def rank_dirs(run_dir: Path) -> dict[int, Path]:
+    """Every rank's directory of a run (rank 0's is the run directory itself), by rank."""
+    out = {0: run_dir}
+    with os.scandir(run_dir) as it:
+        for e in it:
+            m = _RANK_DIR.match(e.name)
+            if m and e.is_dir():
+                out[int(m.group(1))] = Path(e.path)
+    return out
 
 
 class RunDir:
@@ -170,6 +183,9 @@ class JsonlAlertSink:
 
     def emit(self, alert: Alert) -> None:
         os.write(self._fd, (alert.model_dump_json() + "\n").encode("utf-8"))
+
+    def restore(self, alert: Alert) -> None:
+        """Already in the file."""
 
     def close(self) -> None:
         if self._fd >= 0:

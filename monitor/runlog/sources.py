@@ -24,8 +24,10 @@ class Source(Protocol):
     info: RunInfo  # source="trainmon" | "huggingface" | "lightning" | "megatron" | "megatron-text" | "llmc" | "tensorboard"
     problems: list[str]  # human-readable, one per damaged/unreadable file; appended, never raised
 
-    def poll(self) -> list[StepRecord]:
-        """Records completed since the last call, in step order per rank."""
+    def poll(self, limit: int | None = None) -> list[StepRecord]:
+        """Records completed since the last call, in step order per rank. `limit` bounds a call's
+        records where the source can stop part-way (trainmon run directories, read record by record;
+        the rest waits for the next call); sources that parse a whole file at a time return it all."""
         ...
 
     def flush(self) -> list[StepRecord]:
@@ -43,3 +45,7 @@ class Source(Protocol):
 
 class SourceError(ValueError):
     """A path that is not a readable run of any known kind; the message says what was looked for."""
+
+
+class RunReadError(SourceError):
+    """The path is not a readable run; the message says why."""

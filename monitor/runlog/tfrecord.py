@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
-try:  # the C implementation: ~0.4 us per record instead of ~40 us in pure Python
+try:  # the C implementation (the pure-Python fallback is two orders of magnitude slower)
     from google_crc32c import value as _crc32c
 
     def masked_crc32c(data: bytes) -> int:

@@ -204,7 +204,7 @@ class HFStateSource:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def poll(self) -> list[StepRecord]:
+    def poll(self, limit: int | None = None) -> list[StepRecord]:  # noqa: ARG002 - everything read
         out: list[StepRecord] = []
         chosen = self._choose()
         if chosen is None:

@@ -108,7 +108,7 @@ class LightningCSVSource:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def poll(self) -> list[StepRecord]:
+    def poll(self, limit: int | None = None) -> list[StepRecord]:  # noqa: ARG002 - everything read
         out: list[StepRecord] = []
         try:
             st = os.stat(self.file)

@@ -227,7 +227,7 @@ class TextLogSource:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def poll(self) -> list[StepRecord]:
+    def poll(self, limit: int | None = None) -> list[StepRecord]:  # noqa: ARG002 - everything read
         out: list[StepRecord] = []
         try:
             st = os.stat(self.path)

@@ -4,34 +4,34 @@ run.json gives the RunInfo (re-read when it changes: the training process adds e
 runs and a summary with "ended" at close); rank 0's event files lie in the run directory itself,
 rank N's in `rank<N>/` (ranks that appear later are picked up). Each event is one whole step
 (`monitor.runlog.events.StepDecoder`), so nothing is held back.
+This is how `monitor check`, `monitor watch` and `monitor.runlog.reader.read_run` read a run directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 from operator import lt
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from monitor.runlog.adapters.tbtail import TensorBoardTail
 from monitor.runlog.events import StepDecoder
-from monitor.runlog.reader import read_run_info
-from monitor.runlog.rundir import RUN_JSON
-from monitor.runlog.sources import SourceError
-from monitor.schema import StepRecord
-
-_RANK_DIR = re.compile(r"^rank(\d+)$")
+from monitor.runlog.rundir import RUN_JSON, rank_dir, rank_dirs
+from monitor.runlog.sources import RunReadError, SourceError
+from monitor.schema import RunInfo, StepRecord
 
 
-def rank_dirs(run_dir: Path) -> dict[int, Path]:
-    out = {0: run_dir}
-    with os.scandir(run_dir) as it:
-        for e in it:
-            m = _RANK_DIR.match(e.name)
-            if m and e.is_dir():
-                out[int(m.group(1))] = Path(e.path)
-    return out
+def read_run_info(run_dir: Path) -> RunInfo:
+    path = run_dir / RUN_JSON
+    try:
+        return RunInfo.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise RunReadError(f"{run_dir}: not a trainmon run directory (no {RUN_JSON})") from None
+    except (ValueError, ValidationError) as e:
+        raise RunReadError(f"{path}: unreadable run.json: {e}") from None
 
 
 class TrainmonSource:
@@ -41,7 +41,7 @@ class TrainmonSource:
         self.problems: list[str] = []
         self._info_mtime = self._mtime()
         self._tails: dict[int, TensorBoardTail] = {}
-        self._decoders: dict[int, StepDecoder] = {}  # per rank: each keeps its event shapes' templates
+        self._decoders: dict[int, StepDecoder] = {}  # per rank
         self._reported: set[str] = set()
 
     def _mtime(self) -> int | None:
@@ -67,7 +67,7 @@ class TrainmonSource:
 
     def poll(self, limit: int | None = None) -> list[StepRecord]:
         """Records completed since the last call, rank by rank; with `limit`, at most that many (the
-        daemon reads a long backlog in slices, each decoded, judged and freed while in the CPU's cache)."""
+        rest waits for the next call: the daemon reads a long backlog in slices, to bound its memory)."""
         self._refresh_info()
         try:
             dirs = rank_dirs(self.path)
@@ -92,7 +92,7 @@ class TrainmonSource:
                 continue
             by_step: dict[int, StepRecord] = {}
             for r in recs:
-                by_step[r.step] = r  # a restarted writer's later record for a step wins (as read_run)
+                by_step[r.step] = r  # a restarted writer's later record for a step wins
             out.extend(by_step[s] for s in sorted(by_step))
         return out
 
@@ -105,6 +105,5 @@ class TrainmonSource:
     def restore(self, state: dict[str, Any]) -> None:
         for rank, s in (state.get("ranks") or {}).items():
             rank = int(rank)
-            d = self.path if rank == 0 else self.path / f"rank{rank}"
-            tail = self._tails[rank] = TensorBoardTail(d, self.problems)
+            tail = self._tails[rank] = TensorBoardTail(rank_dir(self.path, rank), self.problems)
             tail.restore(s)

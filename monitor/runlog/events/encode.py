@@ -1,0 +1,147 @@
+"""StepRecord -> a step event, and the writer that appends them to a rank's event file (see `tags`)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+from monitor.runlog.events.tags import (
+    ATTENTION_TAG,
+    AUTOCAST_CODES,
+    AUTOCAST_TAG,
+    DDP_TAG,
+    FIELD_TAGS,
+    HAS_MORE,
+    LR_TAG,
+    NO_GRAD,
+    PARAM_TAG,
+    PARAM_VECTOR_TAG,
+    SCALAR_TAG,
+    STEP_VECTOR_TAG,
+    VECTOR_FIELDS,
+    WHEN_TRUE,
+)
+from monitor.runlog.tfrecord import encode_record
+from monitor.schema import StepRecord
+
+_file_seq = itertools.count()
+
+
+def event_file_name(rank: int) -> str:
+    # TensorBoard's own shape (events.out.tfevents.<unix seconds>.<host>...): names sort by creation
+    # time; pid, a per-process sequence and the rank keep concurrent writers and restarts apart.
+    return f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{next(_file_seq)}.rank{rank}"
+
+
+def record_values(r: StepRecord, *, param_norms: bool = True) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for field, tag in FIELD_TAGS.items():
+        v = getattr(r, field)
+        if v is None or (not v and (field in WHEN_TRUE or field == "skipped" and r.loss_scale is None)):
+            continue
+        out.append((tag, float(v)))
+    out.extend((LR_TAG.format(i), lr) for i, lr in enumerate(r.lr))
+    if r.autocast in AUTOCAST_CODES:
+        out.append((AUTOCAST_TAG, AUTOCAST_CODES[r.autocast]))
+    if param_norms and r.param_norms:
+        out.extend((PARAM_TAG + name, v) for name, v in r.param_norms.items())
+    if r.attention:
+        for layer, stats in r.attention.items():
+            out.extend((f"{ATTENTION_TAG}{stat}/{layer}", v) for stat, v in stats.items())
+    out.extend((SCALAR_TAG + k, v) for k, v in r.scalars.items())
+    return out
+
+
+def _vector(tag: str, values: list[float], dtype: int, fmt: str) -> summary_pb2.Summary.Value:
+    tensor = tensor_pb2.TensorProto(
+        dtype=dtype,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(values))]),
+        tensor_content=struct.pack(f"<{len(values)}{fmt}", *values),
+    )
+    return summary_pb2.Summary.Value(tag=tag, tensor=tensor)
+
+
+def step_vector(r: StepRecord, more: bool = False) -> list[float]:
+    """[presence mask, present fields in VECTOR_FIELDS order..., LRs...] as float64: exact values."""
+    mask = 0
+    out = [0.0]
+    for bit, field in enumerate(VECTOR_FIELDS):
+        v = getattr(r, field)
+        if v is None or (field in WHEN_TRUE and not v):
+            continue
+        if field == "autocast":
+            if v not in AUTOCAST_CODES:
+                continue
+            v = AUTOCAST_CODES[v]
+        mask |= 1 << bit
+        out.append(float(v))
+    if more or r.attention or r.scalars or r.ddp:
+        mask |= HAS_MORE
+    out[0] = float(mask)
+    out.extend(r.lr)
+    return out
+
+
+def encode_step(r: StepRecord, *, param_norms: bool = True, param_names: list[str] | None = None) -> bytes:
+    # The two vectors come first: readers take everything from them without touching the scalar
+    # values, which are there for TensorBoard's charts.
+    vector = bool(r.param_norms and param_names)
+    # Sampled per-parameter scalars without the vector must be read back from the scalar values.
+    values = [_vector(STEP_VECTOR_TAG, step_vector(r, more=bool(r.param_norms and param_norms and not vector)),
+                      types_pb2.DT_DOUBLE, "d")]
+    if vector:
+        values.append(_vector(PARAM_VECTOR_TAG, [r.param_norms.get(n, NO_GRAD) for n in param_names],
+                              types_pb2.DT_FLOAT, "f"))
+    values += [summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in record_values(r, param_norms=param_norms)]
+    if r.ddp:
+        values.append(summary_pb2.Summary.Value(tag=DDP_TAG, tensor=tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+            string_val=[json.dumps(r.ddp).encode()])))
+    summary = summary_pb2.Summary(value=values)
+    return event_pb2.Event(wall_time=r.time, step=r.step, summary=summary).SerializeToString()
+
+
+class EventWriter:
+    """Appends step events to one event file; synchronous, called from the publisher thread only."""
+
+    def __init__(self, directory: Path, rank: int, *, flush_secs: float = 2.0, param_norms_every: int = 50,
+                 param_names: list[str] | None = None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / event_file_name(rank)
+        self._f = open(self.path, "ab")  # noqa: SIM115 (kept open for the run)
+        self._flush_secs = flush_secs
+        self._param_norms_every = param_norms_every
+        self._param_names = param_names
+        self._last_flush = time.monotonic()
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        self.flush()
+
+    def _write(self, data: bytes) -> None:
+        self._f.write(encode_record(data))
+
+    def write(self, r: StepRecord) -> None:
+        every = self._param_norms_every
+        self._write(encode_step(r, param_norms=bool(every) and r.step % every == 0, param_names=self._param_names))
+        if time.monotonic() - self._last_flush >= self._flush_secs:
+            self.flush()
+
+    def maybe_flush(self) -> None:
+        if time.monotonic() - self._last_flush >= self._flush_secs:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            self._f.close()
