@@ -114,6 +114,7 @@ def hf_run(tmp_path_factory):
     return out, tail, polls
 
 
+@pytest.mark.slow
 def test_trainer_state_records_are_log_history(hf_run):
     out, _, _ = hf_run
     src = open_source(out)
@@ -137,6 +138,7 @@ def test_trainer_state_records_are_log_history(hf_run):
     assert signals(read_all(open_source(out / "checkpoint-6" / "trainer_state.json"))[0]) == signals(recs[:6])
 
 
+@pytest.mark.slow
 def test_trainer_state_tailed_while_training(hf_run):
     out, tail, polls = hf_run
     assert [(gs, steps(recs)) for gs, recs in polls] == [(6, [1, 2, 3, 4, 5, 6]), (12, list(range(7, 13))), (-1, [])]
@@ -144,6 +146,7 @@ def test_trainer_state_tailed_while_training(hf_run):
     assert tail.problems == [] and tail.file == out / "trainer_state.json"
 
 
+@pytest.mark.slow
 def test_trainer_state_and_tensorboard_give_the_same_steps(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "hf-tb"
@@ -362,6 +365,7 @@ def lightning_run(tmp_path_factory):
     return version, seen, tb
 
 
+@pytest.mark.slow
 def test_lightning_csv_records_are_the_rows(lightning_run):
     version, _, _ = lightning_run
     assert (version / "hparams.yaml").is_file()
@@ -387,6 +391,7 @@ def test_lightning_csv_records_are_the_rows(lightning_run):
     assert signals(read_all(open_source(version / "metrics.csv"))[0]) == signals(recs)
 
 
+@pytest.mark.slow
 def test_lightning_csv_tailed_while_training_through_a_header_rewrite(lightning_run):
     version, seen, _ = lightning_run
     assert seen["source"].problems == []
@@ -394,6 +399,7 @@ def test_lightning_csv_tailed_while_training_through_a_header_rewrite(lightning_
     assert signals(seen["records"]) == signals(read_all(open_source(version))[0])  # no step twice, none lost
 
 
+@pytest.mark.slow
 def test_lightning_csv_and_tensorboard_give_the_same_steps(lightning_run):
     version, _, tb = lightning_run
     tb_src = open_source(tb)
@@ -558,6 +564,7 @@ def test_lightning_csv_columns_and_mapping(tmp_path, columns, mapping, expect):
 # == discovery, the CLI, the daemon ===================================================================
 
 
+@pytest.mark.slow
 def test_discover_one_run_per_output_dir(tmp_path, hf_run, lightning_run):
     touch, root = Touch(), tmp_path / "exp"
     hf = root / "hf-out"
@@ -584,6 +591,7 @@ def test_discover_one_run_per_output_dir(tmp_path, hf_run, lightning_run):
     assert discover([lightning_run[0].parent.parent]) == [lightning_run[0]]
 
 
+@pytest.mark.slow
 def test_check_cli_on_real_runs_exits_0(hf_run, lightning_run):
     for path in (hf_run[0], hf_run[0] / "checkpoint-6" / "trainer_state.json", lightning_run[0]):
         result = runner.invoke(app, ["check", str(path), "--json"])
@@ -620,7 +628,7 @@ def test_check_cli_bad_input_exits_2(tmp_path, make, message):
     assert message in result.output
 
 
-def test_watch_daemon_reads_both_and_resumes_without_rereading(tmp_path):
+def test_watch_daemon_reads_both_and_resumes_after_a_restart(tmp_path):
     touch, root = Touch(), tmp_path / "runs"
     touch.write(root / "hf" / "checkpoint-3" / "trainer_state.json", H(1, 2, 3))
     touch.write(root / "pl" / "version_0" / "metrics.csv", BASE)
@@ -637,12 +645,16 @@ def test_watch_daemon_reads_both_and_resumes_without_rereading(tmp_path):
     touch.write(root / "pl" / "version_0" / "metrics.csv", WIDER)
     again = Watcher([root], config, state_dir=tmp_path / "state", on_event=lines.append)
     again.scan()
-    assert again.poll() == 3 + 2  # hf 4-6; pl 3 (restored, released by step 4's rows) and 4
+    # A restarted daemon reads each run again (the first records replayed with its sinks muted): hf 1-6;
+    # pl 0-4 (step 4 is released by the wider file's rows)
+    assert again.poll() == 6 + 5
+    assert [r.judged for r in again.runs.values()] == [{0: 6}, {0: 5}]
     views = {r.run_id: r.view.step for r in again.runs.values()}
     assert views == {"hf": 6, "version_0": 4}
     assert not [line for line in lines if line.startswith("warning")]
 
 
+@pytest.mark.slow
 def test_new_sources_import_no_torch(tmp_path):
     touch = Touch()
     touch.write(tmp_path / "hf" / "trainer_state.json", H(1, 2))

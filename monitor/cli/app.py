@@ -296,8 +296,8 @@ def watch(
                                                      "of other frameworks, text logs, or folders holding them.")],
     config: ConfigOpt = None,
     state_dir: Annotated[
-        Path | None, typer.Option(help="Where read positions and alert state survive restarts "
-                                       "(default: $XDG_STATE_HOME/trainmon/watch).")
+        Path | None, typer.Option(help="Where what the rules judged and the active alerts survive "
+                                       "restarts (default: $XDG_STATE_HOME/trainmon/watch).")
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Address of the daemon's /metrics.")] = "127.0.0.1",
     metrics_port: Annotated[int, typer.Option(help="Port of the daemon's /metrics (0: any free port, -1: off).")] = 9739,

@@ -16,7 +16,7 @@ from monitor.watch.view import make_view
 
 def run_watch(paths: list[Path], cfg: MonitorConfig, *, state_dir: Path, host: str, port: int | None,
               mapping: dict[str, str] | None, plain: bool | None, poll: float, discover: float, once: bool) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # which runs exist and where: private
     tune_gc()
     watcher: Watcher | None = None
     server = None

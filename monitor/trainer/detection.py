@@ -16,9 +16,9 @@ from typing import Any
 from monitor.trainer.config import TrainConfig
 from monitor.trainer.loop import train
 
-# The tiny model's CPU step (~8 ms) is far shorter than a real one's, while the attention probe's
-# cost is mostly fixed (~1.7 ms here): at the default 1% budget its interval would stretch to 20-40
-# steps. The matrix pins it at the default 10 (max_every) so that the attention rules (healthy runs
+# The tiny model's CPU step is far shorter than a real one's, while the attention probe's cost is
+# mostly fixed: at the default 1% budget its interval would stretch well beyond 10 steps (see
+# benchmarks/results/attention-tiny-cpu.md). The matrix pins it at the default 10 (max_every) so that the attention rules (healthy runs
 # included) are judged at that rate whatever the machine's load.
 QUIET = {"metrics": {"enabled": False}, "console": {"enabled": False}, "attention": {"max_every": 10}}
 

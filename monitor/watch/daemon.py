@@ -23,13 +23,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from monitor.config import MonitorConfig
 from monitor.exporters.prometheus import MetricFamilies, TrainMetrics
+from monitor.exporters.ruleconfig import rule_config
 from monitor.rules.engine import RulesEngine
-from monitor.runlog.adapters.trainmon import TrainmonSource
 from monitor.runlog.sources import Source
 from monitor.schema import Alert, StepRecord
 from monitor.watch.state import SavedRun, WatchState
 
-POLL_SLICE = 8192  # records of a trainmon run read, judged and freed at a time (memory stays bounded)
+POLL_SLICE = 8192  # records of a run read, judged and freed at a time (memory stays bounded)
 
 log = logging.getLogger("trainmon.watch")
 
@@ -49,8 +49,8 @@ class WatchHealth:
 
 def tune_gc() -> None:
     """For the daemon process: records are freed by reference counting (they hold no cycles), yet every
-    700 allocations the cyclic collector walks the young objects, a batch of live records among them:
-    ~10% of ingest time. Collect 70x less often. Process-wide, so the CLI calls it, not the Watcher."""
+    700 allocations the cyclic collector walks the young objects, a batch of live records among them.
+    Collect far less often. Process-wide, so the CLI calls it, not the Watcher."""
     gc.set_threshold(50_000, 10, 10)
 
 
@@ -97,7 +97,7 @@ class RunView:
 
 
 class WatchedRun:
-    def __init__(self, key: str, source: Source, run_id: str, engine: RulesEngine) -> None:
+    def __init__(self, key: str, source: Source, run_id: str, engine: RulesEngine, saved: SavedRun | None = None) -> None:
         self.key = key
         self.source = source
         self.run_id = run_id
@@ -109,20 +109,47 @@ class WatchedRun:
         self.started: set[int] = set()
         self.reported: set[str] = set()
         self.finished = False
+        self.judged: dict[int, int] = {}  # rank -> records fed to the rules
+        # After a daemon restart, until the first pass over the run is done: what was judged before.
+        self.saved = saved
+        self.replaying = False  # the records being fed were judged before the restart: sinks muted
+        self.muted: list[Alert] = []  # alerts raised while muted, restored to the sinks after the first pass
+        self.sink: _RunAlertSink | None = None  # its only sink in the engine (set by Watcher._add)
 
 
 class _RunAlertSink:
-    """A run's alerts into the daemon's own state: its metrics, the alert log of the view, health counters."""
+    """The run's only sink in its engine: the daemon's own state (metrics, the view's alert log, health
+    counters), then every delivery sink, unless the alert replays what was judged before a restart."""
 
     def __init__(self, watcher: Watcher, run: WatchedRun) -> None:
         self.watcher, self.run = watcher, run
 
     def emit(self, alert: Alert) -> None:
-        w = self.watcher
-        w._metrics(self.run, alert.rank).emit(alert)
+        w, run = self.watcher, self.run
+        w._metrics(run, alert.rank).emit(alert)
         w.alert_log.append(alert)
+        saved = run.saved
+        if run.replaying or (saved is not None and alert.status == "firing" and any(
+                (a.rule, a.rank, a.step) == (alert.rule, alert.rank, alert.step) for a in saved.active)):
+            run.muted.append(alert)
+            return
+        self.deliver(alert)
+
+    def deliver(self, alert: Alert) -> None:
+        w = self.watcher
         if alert.status == "firing":
             w.health.alerts.labels(alert.severity.value).inc()
+        for sink in w.sinks:
+            try:
+                sink.emit(alert)
+            except Exception as e:
+                w._error(f"sink {type(sink).__name__}", e)
+
+    def restore(self, alert: Alert) -> None:
+        """Not called: the daemon restores alerts to its delivery sinks itself."""
+
+    def close(self) -> None:
+        """The delivery sinks are closed by Watcher.close()."""
 
 
 class Watcher:
@@ -151,6 +178,8 @@ class Watcher:
         self.alert_log: deque[Alert] = deque(maxlen=200)
         self.state = WatchState(state_dir) if state_dir is not None else None
         self._saved: dict[str, SavedRun] = {}
+        self._first_scan = True
+        self.stall_floor = float(rule_config("run.stalled", config).floor_seconds)  # only runs seen since can stall
         self._unreadable: set[str] = set()
         self._lock = threading.Lock()
         if self.state is not None:
@@ -195,6 +224,7 @@ class Watcher:
                 continue
             self._unreadable.discard(key)
             self._add(key, source)
+        self._first_scan = False
 
     def _unique_id(self, run_id: str, path: Path) -> str:
         taken = {r.run_id for r in self.runs.values()}
@@ -209,28 +239,37 @@ class Watcher:
     def _add(self, key: str, source: Source) -> None:
         run_id = self._unique_id(source.info.run_id, Path(key))
         saved = self._saved.pop(key, None)
-        engine = saved.engine if saved is not None and saved.engine is not None else None
-        if engine is None:
-            info = source.info.model_copy(update={"run_id": run_id})
-            engine = RulesEngine(info, self.config.rules)
-        run = WatchedRun(key, source, run_id, engine)
-        engine.attach(self._sinks_for(run), on_error=self._error)
-        if saved is not None:
-            try:
-                source.restore(saved.positions)
-            except Exception as e:
-                self._error(f"restoring read positions of {key}", e)
-            run.live, run.last_time = saved.live, saved.last_time
-            run.started = {r for r in engine._states}  # ranks whose preflight already ran
-            for alert in engine.active():
-                self._metrics(run, alert.rank).restore_active(alert)
-                for sink in self.sinks:
-                    restore = getattr(sink, "restore", None)
-                    if callable(restore):
-                        restore(alert)
+        if saved is None and self._first_scan and self.state is not None and self.state.unreadable:
+            saved = SavedRun(everything=True)
+        engine = RulesEngine(source.info.model_copy(update={"run_id": run_id}), self.config.rules)
+        run = WatchedRun(key, source, run_id, engine, saved)
+        run.live = saved is not None and saved.live
+        run.sink = _RunAlertSink(self, run)
+        engine.attach([run.sink], on_error=self._error)
         with self._lock:
             self.runs[key] = run
-        self._event(f"watching {run_id} ({source.info.source}) at {key}" + (" (resumed)" if saved else ""))
+        self._event(f"watching {run_id} ({source.info.source}) at {key}" + (" (replaying what was judged before)"
+                                                                            if saved else ""))
+
+    def _restored(self, run: WatchedRun, sink: _RunAlertSink) -> None:
+        """The end of a restarted run's first pass: the muted alerts still active are restored to the
+        delivery sinks (they were delivered before the restart); alerts active then that no longer are
+        (a stall the run recovered from) are sent as resolved."""
+        active = run.engine.active()
+        ids = {id(a) for a in active}
+        for alert in run.muted:
+            if id(alert) in ids:
+                for s in self.sinks:
+                    try:
+                        s.restore(alert)
+                    except Exception as e:
+                        self._error(f"restoring an alert to {type(s).__name__}", e)
+        now_active = {(a.rule, a.rank) for a in active}
+        gone = [a for a in run.saved.active if (a.rule, a.rank) not in now_active]
+        run.saved, run.muted = None, []
+        for a in gone:
+            step = run.view.step if run.view.step is not None else a.step
+            sink.emit(a.model_copy(update={"status": "resolved", "step": step, "time": self.clock()}))
 
     def _forget(self, key: str) -> None:
         with self._lock:
@@ -245,9 +284,6 @@ class Watcher:
         if m is None:
             m = run.metrics[rank] = TrainMetrics(self.families, run.run_id, rank)
         return m
-
-    def _sinks_for(self, run: WatchedRun) -> list[Any]:
-        return [_RunAlertSink(self, run), *self.sinks]
 
     # -- polling ------------------------------------------------------------------------------
 
@@ -278,20 +314,20 @@ class Watcher:
 
     def _poll_run(self, run: WatchedRun, now: float) -> int:
         source = run.source
-        # Our own runs are read in slices: a backlog of 100k records is decoded, judged and freed a
-        # slice at a time, while its records are still in the CPU's cache.
-        sliced = isinstance(source, TrainmonSource)
+        # A long backlog is read, judged and freed a slice at a time: memory stays bounded.
         total = 0
         while True:
-            records = source.poll(limit=POLL_SLICE) if sliced else source.poll()
+            records = source.poll(limit=POLL_SLICE)
             self._ingest(run, records, now)
             total += len(records)
-            if not sliced or len(records) < POLL_SLICE:
+            if len(records) < POLL_SLICE:
                 break
         info_ended = getattr(source.info, "model_extra", None) or {}
         run.finished = bool(info_ended.get("ended"))
         if run.live and not run.finished:
             run.engine.tick(now)
+        if run.saved is not None:
+            self._restored(run, run.sink)
         return total
 
     def _ingest(self, run: WatchedRun, records: list[StepRecord], now: float) -> None:
@@ -301,7 +337,7 @@ class Watcher:
                 run.reported.add(problem)
                 self.health.problems.inc()
                 self._event(f"warning: {run.run_id}: {problem}")
-        stall_floor = self._stall_floor()
+        stall_floor = self.stall_floor
         by_rank: dict[int, list[StepRecord]] = {}
         for r in records:
             recs = by_rank.get(r.rank)
@@ -327,15 +363,22 @@ class Watcher:
             j = i + 1
             while j < n and records[j].rank == rank:
                 j += 1
+            # After a restart, the records judged before are fed with the sinks muted.
+            done = run.judged.get(rank, 0)
+            before = (j - i if run.saved.everything else max(0, min(run.saved.judged.get(rank, 0) - done, j - i))
+                      ) if run.saved is not None else 0
+            run.judged[rank] = done + j - i
             if rank not in run.started:  # preflight checks just before the rank's first step
                 run.started.add(rank)
+                run.replaying = before > 0
                 engine.start(rank)
-            engine.observe_many(records[i:j])
+            if before:
+                run.replaying = True
+                engine.observe_many(records[i:i + before])
+            run.replaying = False
+            if before < j - i:
+                engine.observe_many(records[i + before:j])
             i = j
-
-    def _stall_floor(self) -> float:
-        opts = self.config.rules.get("run.stalled", {})
-        return float(opts.get("floor_seconds", 120.0))
 
     def _count_states(self, now: float) -> None:
         counts = {"live": 0, "finished": 0, "idle": 0}
@@ -351,7 +394,7 @@ class Watcher:
         if self.state is None:
             return
         with self._lock:
-            runs = {k: SavedRun(positions=r.source.state(), engine=r.engine, live=r.live, last_time=r.last_time)
+            runs = {k: SavedRun(judged=dict(r.judged), active=r.engine.active(), live=r.live)
                     for k, r in self.runs.items()}
         # Runs not seen this time (unmounted filesystem, slow discovery) keep their saved state.
         for k, saved in self._saved.items():
@@ -382,9 +425,7 @@ class Watcher:
 
     def close(self) -> None:
         for sink in self.sinks:
-            close = getattr(sink, "close", None)
-            if callable(close):
-                try:
-                    close()
-                except Exception as e:
-                    self._error("closing a sink", e)
+            try:
+                sink.close()
+            except Exception as e:
+                self._error("closing a sink", e)

@@ -1,29 +1,34 @@
-"""The daemon's memory across restarts: read positions, rule state and alert state per run.
+"""The daemon's memory across restarts: per run, how far its rules got and which alerts were active.
 
-One file, written atomically (temp file + rename) every few seconds and at shutdown. Read
-positions are JSON (Source.state()); the rules engine of each run, whose windows and alert
-lifecycle must survive so that a restart neither re-sends old alerts nor forgets an active one,
-is pickled. A state file from another version that cannot be loaded is set aside, not fatal:
-the daemon then re-reads the runs with its sinks muted up to where it was.
+One JSON file (versioned, written atomically: temp file + rename) every few seconds and at shutdown.
+Nothing else is kept: on a restart the daemon reads each run again and replays it through fresh
+rules with its sinks muted for the records it had judged before (per rank, `judged` records), so
+windows, baselines and alert lifecycles are rebuilt from the records themselves and no alert is sent
+twice. Alerts that were active (`active`) and still are after the replay are restored to the sinks,
+not re-sent; those that are no longer active (a stall the run recovered from while no daemon
+watched) are sent as resolved.
+A state file that cannot be loaded is set aside, not fatal: every run present at startup is then
+taken as already judged (replayed muted), so old alerts are not sent again.
+The directory is created private (0700): it says which runs exist and where.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
-import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monitor.schema import Alert
+
 log = logging.getLogger("trainmon.watch")
 
 STATE_FILE = "watch-state.json"
-VERSION = 1
+VERSION = 2
 
 
 def default_state_dir() -> Path:
@@ -33,10 +38,24 @@ def default_state_dir() -> Path:
 
 @dataclass
 class SavedRun:
-    positions: dict[str, Any] = field(default_factory=dict)
-    engine: Any = None  # a RulesEngine, unpickled
-    live: bool = False
-    last_time: float | None = None
+    judged: dict[int, int] = field(default_factory=dict)  # rank -> records the rules had seen
+    active: list[Alert] = field(default_factory=list)  # the alerts active then
+    live: bool = False  # steps arrived while the daemon watched (only such a run can stall)
+    everything: bool = False  # judged up to whatever the run holds (the state was unreadable)
+
+
+def _saved_run(raw: Any) -> SavedRun:
+    """A run's entry, checked field by field (the file is input like any other)."""
+    if not isinstance(raw, dict):
+        raise ValueError("a run's entry is not an object")
+    judged = raw.get("judged", {})
+    active = raw.get("active", [])
+    if not isinstance(judged, dict) or not all(isinstance(v, int) and v >= 0 for v in judged.values()):
+        raise ValueError("'judged' must map ranks to record counts")
+    if not isinstance(active, list):
+        raise ValueError("'active' must be a list of alerts")
+    return SavedRun(judged={int(k): v for k, v in judged.items()}, active=[Alert.model_validate(a) for a in active],
+                    live=raw.get("live") is True)
 
 
 class WatchState:
@@ -44,6 +63,7 @@ class WatchState:
         self.dir = Path(directory)
         self.path = self.dir / STATE_FILE
         self.runs: dict[str, SavedRun] = {}
+        self.unreadable = False  # a state file was there but could not be loaded
 
     def load(self) -> list[str]:
         """Read the state file; returns problems (a damaged file is moved aside, never fatal)."""
@@ -51,12 +71,13 @@ class WatchState:
             return []
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            if data.get("version") != VERSION:
-                raise ValueError(f"state version {data.get('version')!r}, expected {VERSION}")
-            for key, r in data.get("runs", {}).items():
-                engine = pickle.loads(base64.b64decode(r["engine"])) if r.get("engine") else None
-                self.runs[key] = SavedRun(positions=r.get("positions", {}), engine=engine, live=r.get("live", False),
-                                          last_time=r.get("last_time"))
+            if not isinstance(data, dict) or data.get("version") != VERSION:
+                version = data.get("version") if isinstance(data, dict) else None
+                raise ValueError(f"state version {version!r}, expected {VERSION}")
+            runs = data.get("runs", {})
+            if not isinstance(runs, dict):
+                raise ValueError("'runs' is not an object")
+            self.runs = {str(key): _saved_run(r) for key, r in runs.items()}
             return []
         except Exception as e:
             aside = self.path.with_name(f"{STATE_FILE}.unreadable-{int(time.time())}")
@@ -65,18 +86,16 @@ class WatchState:
             except OSError:
                 pass
             self.runs = {}
-            return [f"{self.path}: could not load the saved state ({e}); moved to {aside.name}, starting afresh"]
+            self.unreadable = True
+            return [f"{self.path}: could not load the saved state ({e}); moved to {aside.name}; the runs found "
+                    "now are taken as already judged (their old alerts are not sent again)"]
 
     def save(self, runs: dict[str, SavedRun]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        data = {"version": VERSION, "saved": time.time(), "runs": {}}
-        for key, r in runs.items():
-            data["runs"][key] = {
-                "positions": r.positions,
-                "engine": base64.b64encode(pickle.dumps(r.engine)).decode("ascii") if r.engine is not None else None,
-                "live": r.live,
-                "last_time": r.last_time,
-            }
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data = {"version": VERSION, "saved": time.time(), "runs": {
+            key: {"judged": {str(rank): n for rank, n in r.judged.items()}, "active": [a.model_dump(mode="json") for a in r.active],
+                  "live": r.live}
+            for key, r in runs.items() if not r.everything}}
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".watch-state.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f)

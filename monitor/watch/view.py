@@ -46,6 +46,9 @@ class PlainView:
     def emit(self, alert: Alert) -> None:  # an alert sink
         self.event(f"{alert.run}: {alert.line()}")
 
+    def restore(self, alert: Alert) -> None:
+        """Shown in the alert log by the watcher itself (Watcher.alert_log)."""
+
     def refresh(self) -> None:
         pass
 
