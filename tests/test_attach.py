@@ -25,6 +25,7 @@ CONTRACT_METRICS = [
 ]
 
 
+@pytest.mark.slow
 def test_plain_loop_metrics_and_tensorboard(tmp_path, mon_config):
     """The issue's must-show: contract metrics via targets.json, grad norm == clip_grad_norm_'s return,
     TensorBoard's EventAccumulator reads one point per optimizer step."""
@@ -122,6 +123,7 @@ def _scaler_loop(model, opt, scaler, steps, inf_at=None, accum=1):
     return losses
 
 
+@pytest.mark.slow
 def test_grad_scaler_loss_scale_and_skipped_step(tmp_path, mon_config):
     torch.manual_seed(2)
     model = TinyLM()
@@ -168,6 +170,7 @@ def test_disabled_grad_scaler_and_loss_fn_module(tmp_path, mon_config):
         assert not any(n == "trainmon_loss_scale" for n, _ in m)
 
 
+@pytest.mark.slow
 def test_forward_output_shapes_and_explicit_log(tmp_path, mon_config):
     """Loss from a scalar output, an object with .loss, and mon.log() when no hook can see it."""
 
@@ -341,6 +344,7 @@ def _train(seed: int, run_dir=None, config=None, steps=8):
     return model.state_dict(), torch.get_rng_state()
 
 
+@pytest.mark.slow
 def test_monitored_run_is_bitwise_identical(tmp_path, mon_config):
     plain, rng_plain = _train(7)
     watched, rng_watched = _train(7, run_dir=tmp_path / "r", config=mon_config)
@@ -373,6 +377,7 @@ def test_close_restores_everything_and_is_idempotent(tmp_path, mon_config):
     assert info["steps"] == 0 and "ended" in info
 
 
+@pytest.mark.slow
 def test_full_queue_drops_and_counts_never_blocks(tmp_path, mon_config):
     """A publisher stuck in a slow on_alert callback: the loop keeps going, records are dropped and counted."""
     release = threading.Event()
@@ -438,18 +443,105 @@ def test_port_conflict_takes_the_next_free_port(tmp_path):
             assert targets_url(mon.run_dir) == mon.metrics_url
 
 
-def test_collector_has_no_host_sync_calls():
-    """The training-thread module never reads a device tensor on the host (GPU runs check this live
+def test_training_thread_modules_have_no_host_sync_calls():
+    """The training-thread modules never read a device tensor on the host (GPU runs check this live
     with torch.cuda.set_sync_debug_mode in scripts/gpu-check.sh)."""
     import ast
     import inspect
 
-    from monitor.hooks import collector
+    from monitor.hooks import collector, norms, packet, sampler
 
-    tree = ast.parse(inspect.getsource(collector))
     syncing = {"item", "tolist", "cpu", "numpy", "synchronize", "wait"}
-    calls = [n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
-    assert not syncing & set(calls), syncing & set(calls)
+    for module in (collector, norms, packet, sampler):
+        tree = ast.parse(inspect.getsource(module))
+        calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+        assert not syncing & calls, (module.__name__, syncing & calls)
+
+
+def test_a_stall_dumps_the_stacks_before_any_sink_sees_the_alert(tmp_path):
+    """In process: the watchdog's clock raises run.stalled; the stacks file is written first and every
+    sink (alerts.jsonl, mon.alerts) gets the alert that names it."""
+    import time
+
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = {"console": {"enabled": False}, "metrics": {"enabled": False}, "watchdog": {"interval_seconds": 0.1},
+           "rules": {"run.stalled": {"floor_seconds": 0.3}}}
+    with monitor.attach(model, opt, run_dir=tmp_path / "r", config=cfg) as mon:
+        for x, y in batches(2):
+            model(x, y)[1].backward()
+            opt.step()
+            opt.zero_grad()
+        mon.flush()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(a.rule == "run.stalled" for a in mon.alerts):
+            time.sleep(0.05)
+        (stall,) = [a for a in mon.alerts if a.rule == "run.stalled"]
+        assert stall.step == 1 and "Thread" in (tmp_path / "r" / "stacks-rank0-step1.txt").read_text()
+        assert stall.evidence["stacks"] == str(tmp_path / "r" / "stacks-rank0-step1.txt")
+        (active,) = [a for a in mon.active_alerts if a.rule == "run.stalled"]
+        assert active.evidence["stacks"] == stall.evidence["stacks"]
+    lines = [json.loads(line) for line in (tmp_path / "r" / "alerts.jsonl").read_text().splitlines()]
+    assert [a["evidence"]["stacks"] for a in lines if a["rule"] == "run.stalled"] == [stall.evidence["stacks"]]
+
+
+def test_alert_completion_never_changes_the_engines_alert_and_sink_order_does_not_matter(tmp_path):
+    from monitor.hooks.alerts import AlertFanout, StackDump
+    from monitor.hooks.guard import ErrorGuard
+    from monitor.schema import Alert
+
+    class Keep:
+        def __init__(self):
+            self.got = []
+
+        def emit(self, alert):
+            self.got.append(alert)
+
+    class Broken:
+        def emit(self, alert):
+            raise RuntimeError("sink down")
+
+    stall = Alert(rule="run.stalled", severity="critical", step=7, rank=0, message="no step", hint="",
+                  evidence={"idle": 3})
+    other = Alert(rule="loss.spike", severity="warning", step=8, rank=0, message="spike", hint="", evidence={})
+    results = []
+    for order in ((0, 1, 2), (2, 1, 0)):
+        sinks = [Keep(), Broken(), Keep()]
+        guard = ErrorGuard()
+        fan = AlertFanout([sinks[i] for i in order], guard, [StackDump(tmp_path, 0)])
+        for alert in (stall, other, stall.model_copy(update={"status": "resolved", "step": 9})):
+            fan.emit(alert)
+        assert guard.count == 3  # the broken sink, once per alert; the others still got every alert
+        assert stall.evidence == {"idle": 3}  # the engine's own alert is left as it was
+        firing, spike, resolved = sinks[0].got
+        assert sinks[2].got == sinks[0].got and firing is sinks[2].got[0]  # one object, shared by the sinks
+        assert fan.completed(stall) is firing and fan.completed(other) is other
+        results.append((firing.evidence, spike.evidence, resolved.evidence, resolved.status))
+    path = str(tmp_path / "stacks-rank0-step7.txt")
+    assert results[0] == results[1] == ({"idle": 3, "stacks": path}, {}, {"idle": 3, "stacks": path}, "resolved")
+
+
+def test_publisher_counts_an_error_under_the_stage_that_raised(caplog):
+    from monitor.hooks.guard import ErrorGuard
+    from monitor.hooks.packet import Packet
+    from monitor.hooks.publisher import Publisher
+
+    seen = []
+
+    def broken(step):
+        raise ValueError("boom")
+
+    guard = ErrorGuard()
+    pub = Publisher(rank=0, param_names=[], guard=guard, queue_size=4, on_drop=lambda: None,
+                    stages=[("first stage", broken), ("second stage", lambda s: seen.append(("stage", s.record.step)))],
+                    outputs=[("an output", lambda r: seen.append(("output", r.step)))])
+    with caplog.at_level(logging.WARNING, logger="trainmon"):
+        pub.submit(Packet(step=3, layout=("loss",), values=torch.tensor([1.5]), event=None, param_index=None, lrs=[],
+                          time=0.0, step_time=None, tokens=None, micro_batches=1, scheduler_steps=None, max_norm=None))
+        assert pub.flush(10)
+        pub.close()
+    assert seen == [("stage", 3), ("output", 3)] and guard.count == 1 and pub.published == 1
+    assert "internal error in first stage" in caplog.text
 
 
 def test_hooked_objects_still_checkpoint_and_pickle(tmp_path, mon_config):

@@ -57,6 +57,7 @@ def _accelerate_loop(acc, model, opt, sched, steps, accum):
     return truth
 
 
+@pytest.mark.slow
 def test_accelerate_prepared_objects_one_record_per_optimizer_step(tmp_path, accelerator_factory):
     acc = accelerator_factory(gradient_accumulation_steps=3)
     torch.manual_seed(0)
@@ -80,6 +81,7 @@ def test_accelerate_prepared_objects_one_record_per_optimizer_step(tmp_path, acc
     assert mon.internal_errors == 0
 
 
+@pytest.mark.slow
 def test_a_healthy_accelerate_run_with_warmup_is_quiet(tmp_path, accelerator_factory):
     acc = accelerator_factory(gradient_accumulation_steps=2)
     torch.manual_seed(0)
@@ -95,6 +97,7 @@ def test_a_healthy_accelerate_run_with_warmup_is_quiet(tmp_path, accelerator_fac
     assert [a.line() for a in mon.alerts if a.severity.value != "info"] == []
 
 
+@pytest.mark.slow
 def test_accelerate_finds_the_accelerators_grad_scaler(tmp_path, accelerator_factory):
     """Accelerate makes its GradScaler on GPUs only; this CPU accelerator is given one the same way, so
     the optimizer wrapper steps through scaler.step() as it does on a GPU, and attach finds the scaler."""
@@ -182,6 +185,7 @@ def _no_warmup_steps(mon_run_dir, config, steps=8):
     return mon
 
 
+@pytest.mark.slow
 def test_alerts_go_through_the_trainmon_logger(tmp_path, caplog):
     config = {"metrics": {"enabled": False}}
     with caplog.at_level(logging.INFO, logger="trainmon"):
@@ -194,6 +198,7 @@ def test_alerts_go_through_the_trainmon_logger(tmp_path, caplog):
     assert not [r for r in caplog.records if r.name == "trainmon.alerts"]
 
 
+@pytest.mark.slow
 def test_an_alert_during_a_tqdm_bar_is_written_above_it(tmp_path):
     """No logging configured: the default handler writes through tqdm.write, on a line of its own."""
     script = textwrap.dedent(f"""

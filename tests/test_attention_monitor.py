@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import monitor
-from monitor.hooks.attention import ProbeSchedule, attention_stats
+from monitor.hooks.attention import ProbeSchedule
+from monitor.hooks.attention_math import attention_stats
 from monitor.runlog.reader import read_run
 from monitor.trainer.data import TextData, read_corpus
 from monitor.trainer.model import GPT, GPTConfig
@@ -160,6 +161,7 @@ def test_probe_statistics_reach_the_records_exactly(tmp_path, text):
     assert [got[s] for s in ("entropy_ratio", "entropy_min", "max_logit", "max_prob")] == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sampled_statistics_in_tensorboard_prometheus_and_run_json(tmp_path, text):
     torch.manual_seed(0)
     data = TextData(text, block_size=16, batch_size=2, seed=1)
@@ -192,6 +194,7 @@ def test_sampled_statistics_in_tensorboard_prometheus_and_run_json(tmp_path, tex
     assert info["enabled"] and info["samples"] == 3 and info["every"] == 4 and info["median_cost_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_interval_lengthens_when_the_probe_exceeds_its_budget(tmp_path, text):
     torch.manual_seed(0)
     data = TextData(text, block_size=16, batch_size=2, seed=1)
@@ -224,6 +227,7 @@ def test_schedule_budget_arithmetic_and_movement():
     assert s.observe(270, {"a": {"entropy_ratio": 0.5, "max_logit": float("nan")}})
 
 
+@pytest.mark.slow
 def test_bitwise_identical_with_the_probe_on_every_step_and_attention_dropout(tmp_path, text):
     data = TextData(text, block_size=16, batch_size=2, seed=2)
 
@@ -251,6 +255,7 @@ def test_bitwise_identical_with_the_probe_on_every_step_and_attention_dropout(tm
     assert torch.equal(rng, rng_probed)
 
 
+@pytest.mark.slow
 def test_only_the_first_micro_batch_is_probed_and_a_raising_forward_leaves_no_mode(tmp_path, text):
     data = TextData(text, block_size=16, batch_size=2, seed=2)
     torch.manual_seed(0)
@@ -319,6 +324,7 @@ def _manual_run(tmp_path, text, compile_backend=None, before=None):
         return _records_with_attention(read_run(mon.run_dir).records[0])
 
 
+@pytest.mark.slow
 def test_observe_attention_for_kernels_the_probe_cannot_see(tmp_path, text):
     def bad_calls(mon):
         assert mon.attention_due  # step 0 is sampled: a caller may skip building q and k otherwise
@@ -332,12 +338,14 @@ def test_observe_attention_for_kernels_the_probe_cannot_see(tmp_path, text):
     assert 0 < sampled[0]["manual"]["entropy_ratio"] <= 1
 
 
+@pytest.mark.slow
 def test_observe_attention_inside_a_compiled_forward(tmp_path, text):
     # dynamo traces the forward (the eager backend needs no C++ build); the call runs eagerly outside
     # the graph, so "is this step sampled?" is asked anew each step.
     assert sorted(_manual_run(tmp_path, text, compile_backend="eager")) == [0, 3, 6]
 
 
+@pytest.mark.slow
 def test_compiled_models_turn_the_probe_off_and_say_why(tmp_path):
     model = GPT(GPTConfig(vocab_size=16))
     compiled = torch.compile(model)  # not run: the check looks at the wrapper only
@@ -356,6 +364,7 @@ def _attention_alerts(mon):
     return [a for a in mon.alerts if a.rule.startswith("attention.")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sdpa", "transformer-encoder"])
 def test_sharpening_attention_is_detected_within_30_steps_and_not_before(tmp_path, text, kind):
     torch.manual_seed(0)
@@ -375,6 +384,7 @@ def test_sharpening_attention_is_detected_within_30_steps_and_not_before(tmp_pat
     assert len(_records_with_attention(records)) >= 10
 
 
+@pytest.mark.slow
 def test_healthy_models_raise_no_attention_alert(tmp_path, text):
     for kind in ("sdpa", "transformer-encoder"):
         torch.manual_seed(1)

@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monitor.hooks import attention as att
-from monitor.hooks.attention import AttentionProbe, attention_stats
+from monitor.hooks import attention_math as att
+from monitor.hooks.attention import AttentionProbe
+from monitor.hooks.attention_math import attention_stats
 
 
 def _reference(weights: torch.Tensor, logits: torch.Tensor) -> list[float]:
@@ -176,6 +177,7 @@ def _mha_reference(mha: nn.MultiheadAttention, x, **kw):
     return w, _raw_logits(q, k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("masking", ["none", "causal", "padding", "float mask"])
 def test_multihead_attention_packed_projections(batch_first, masking):
@@ -203,6 +205,7 @@ def test_multihead_attention_packed_projections(batch_first, masking):
     _close(results["attn"], _reference(weights, logits))
 
 
+@pytest.mark.slow
 def test_separate_projection_weights():
     torch.manual_seed(1)
     mha = nn.MultiheadAttention(8, 2, kdim=6, vdim=5, batch_first=True)

@@ -137,6 +137,7 @@ def test_inductor_keeps_the_monitor_s_calls(tmp_path):
     assert [r.step for r in recs if r.attention] == [0, 2]
 
 
+@pytest.mark.slow
 def test_compile_is_restored_when_the_last_monitor_closes(tmp_path):
     original = torch.compile
     model = Net()

@@ -28,6 +28,7 @@ def _loud(alerts):
     {"post_ln": True, "max_steps": 80},
     {"data": "text", "max_steps": 60},
 ], ids=["fp32", "bf16", "accumulation", "post-ln", "text"])
+@pytest.mark.slow
 def test_healthy_runs_raise_no_warning(tmp_path, overrides):
     res = train(TrainConfig.from_preset("tiny", **overrides), run_dir=tmp_path / "run", monitor_config=QUIET,
                 progress=False)
@@ -42,6 +43,7 @@ def test_healthy_runs_raise_no_warning(tmp_path, overrides):
     (["nan-at:30"], {"max_steps": 40}, "loss.nonfinite", "critical", 30),
     (["fp16-overflow:10"], {"max_steps": 30}, "amp.overflow", "critical", 14),
 ], ids=["no-warmup", "nan", "fp16-overflow"])
+@pytest.mark.slow
 def test_planted_faults_are_detected(tmp_path, faults, overrides, rule, severity, max_step):
     res = train(TrainConfig.from_preset("tiny", faults=faults, **overrides), run_dir=tmp_path / "run",
                 monitor_config=QUIET, progress=False)
@@ -53,6 +55,7 @@ def test_planted_faults_are_detected(tmp_path, faults, overrides, rule, severity
     assert (rule, hits[0].step) in {(a.rule, a.step) for a in replayed}
 
 
+@pytest.mark.slow
 def test_monitor_demo_end_to_end(tmp_path):
     result = runner.invoke(app, ["demo", "--run-dir", str(tmp_path / "demo"), "--no-progress"])
     assert result.exit_code == 0, result.output
@@ -102,9 +105,10 @@ def test_list_faults_explains_each():
         assert name in out
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
 def test_checkpointing_and_scheduler_faults_work_with_the_monitor_attached(tmp_path):
-    """Regression: the monitor once set an attribute on the scheduler, which broke torch.save of its state."""
+    """Nothing is set on the scheduler: an attribute there would land in its state_dict and break torch.save."""
     cfg = TrainConfig.from_preset("tiny", max_steps=60, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=20,
                                   faults=["resume-without-scheduler:30"])
     res = train(cfg, run_dir=tmp_path / "a", monitor_config=QUIET, progress=False)

@@ -17,8 +17,8 @@
   module's forward always is one. The op declares that it writes a one-element token tensor of
   the monitor's, so no compiler removes it as dead code.
 
-Registration must precede the first trace. Importing torch._dynamo at attach would cost seconds to
-every run, so `install` registers at once when it is loaded already, and otherwise wraps
+Registration must precede the first trace. Importing torch._dynamo at attach would slow down the
+start of every run, so `install` registers at once when it is loaded already, and otherwise wraps
 `torch.compile` (as `nn.Module.compile` and Accelerate call it too) to register right after the
 user's call, before anything is traced. `uninstall` puts it back when the last monitor closes.
 """
@@ -49,7 +49,7 @@ def _in_compiled_call() -> bool:
     get = getattr(get, "get_eval_frame_callback", None)
     if get is not None:
         return get() not in (None, False)
-    frame = sys._getframe(1)  # older torch: look for dynamo's wrapper among the callers
+    frame = sys._getframe(1)  # no get_eval_frame_callback in this torch: find dynamo's wrapper among the callers
     while frame is not None:
         if frame.f_code.co_filename.endswith("_dynamo/eval_frame.py"):
             return True

@@ -30,8 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from monitor.hooks.phases import window_phases
+from monitor.schema import PHASES
+
 if TYPE_CHECKING:
     from monitor.hooks.phases import StepPhases
+    from monitor.schema import StepRecord
 
 log = logging.getLogger("trainmon")
 
@@ -92,7 +96,9 @@ class RankExchange:
 
     Runs on the publisher threads (its own store connection), so the training threads never wait;
     rank 0 looks for the other ranks' payloads without blocking and gives up on a step after
-    `timeout_s`, comparing the ranks that did report.
+    `timeout_s`, comparing the ranks that did report. `observe` is the publisher's stage: it keeps
+    the busy and phase times of the steps since the last exchange, posts on exchange steps and
+    puts the latest outcome on rank 0's record (`ddp`).
     """
 
     def __init__(self, store: Any, rank: int, world_size: int, every: int, timeout_s: float = 60.0) -> None:
@@ -101,6 +107,29 @@ class RankExchange:
         self.ns = f"{_PREFIX}{_job_id()}/x/"
         self.pending: dict[int, float] = {}  # step -> when rank 0 posted its own payload
         self.own: dict[int, dict] = {}
+        self._busy: list[float] = []  # since the last exchange
+        self._phases: dict[str, list[float]] = {name: [] for name in PHASES}
+
+    def observe(self, rec: StepRecord, fingerprint: list[float] | None) -> None:
+        """Publisher thread, each step: its record and, on exchange steps, the weights' fingerprint."""
+        if rec.busy_time is not None:
+            self._busy.append(rec.busy_time)
+        for name, field in PHASES.items():
+            v = getattr(rec, field)
+            if v is not None:
+                self._phases[name].append(v)
+        if self.due(rec.step):  # sharded ranks post no fingerprint, but their times all the same
+            busy = sum(self._busy) / len(self._busy) if self._busy else None
+            self._busy.clear()
+            phases = window_phases(self._phases)
+            for values in self._phases.values():
+                values.clear()
+            fp = pack_floats(fingerprint) if fingerprint is not None else None
+            self.post(rec.step, {"fp": fp, "busy": busy, "phases": phases})
+        if self.pending:
+            outcomes = self.collect()
+            if outcomes:
+                rec.ddp = outcomes[-1]
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -147,8 +176,8 @@ def compare(step: int, payloads: dict[int, dict], world: int) -> dict:
         bad = [i for i, (a, b) in enumerate(zip(ref, fp)) if a != b]
         if bad:
             desync.append({"rank": r, "params": bad[:10], "count": len(bad)})
-    # Phase-major, like "busy": {"input": {"0": s, "1": s}, ...}. Always present in this format (an
-    # exchange of an older monitor has "busy" only, which ddp.straggler still reads).
+    # Phase-major, like "busy": {"input": {"0": s, "1": s}, ...}. Always present in this format;
+    # ddp.straggler also reads outcomes that carry "busy" alone.
     phases: dict[str, dict[str, float]] = {}
     for r, p in sorted(payloads.items()):
         for name, v in (p.get("phases") or {}).items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -136,3 +137,34 @@ def schedule_preview(scheduler, max_steps: int | None, limit: int = 20_000) -> d
     peak = max(values)
     return {"source": "LambdaLR", "steps_previewed": n, "first_multiplier": values[0], "peak_multiplier": peak,
             "warmup_steps": values.index(peak) + 1 if values[0] < peak else 0}
+
+
+# Step counters of torch's LRScheduler and of common hand-written schedulers.
+_SCHEDULER_COUNTERS = ("last_epoch", "current_step", "step_count", "_step_count", "steps")
+
+
+class SchedulerSteps:
+    """How many times the loop stepped its LR scheduler per optimizer step, from the scheduler's own
+    counter. The scheduler is not wrapped: an attribute set on it would land in its state_dict()
+    (LRScheduler saves its __dict__) and break the user's checkpoints."""
+
+    def __init__(self, scheduler: Any, per_step: int = 1) -> None:
+        """`per_step`: scheduler.step() calls a wrapper makes per optimizer step (Accelerate)."""
+        self.scheduler, self.per_step = scheduler, per_step
+        self.attr = None
+        if scheduler is not None:
+            self.attr = next((n for n in _SCHEDULER_COUNTERS if isinstance(getattr(scheduler, n, None), int)), None)
+        self.last = self._read()
+
+    def _read(self) -> int | None:
+        if self.attr is None:
+            return None
+        v = getattr(self.scheduler, self.attr, None)
+        return v if isinstance(v, int) else None
+
+    def since_last(self) -> int | None:
+        """Scheduler steps since the last call (None: no counter to read)."""
+        now = self._read()
+        steps = (now - self.last) // self.per_step if now is not None and self.last is not None else None
+        self.last = now
+        return steps

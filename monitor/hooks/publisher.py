@@ -1,9 +1,13 @@
-"""The publisher thread: turns Packets into StepRecords and hands them to the outputs.
+"""The publisher thread: turns Packets into StepRecords and runs them through named stages.
 
 Everything slow (waiting for the device, building records, writing events,
-Prometheus, rules) happens here, off the training thread. The queue is bounded:
-when it is full the training thread drops the record and counts it instead of
-waiting.
+Prometheus, rules) happens here, off the training thread. Each step goes through
+`decode` (the Packet into a StepRecord), then the `stages` in order, which see
+the decoded step and may annotate its record (e.g. the rank exchange's outcome),
+then the `outputs` in order, which read the record (e.g. the event writer, the
+metrics, the rules). An error in one is counted and logged under that stage's
+name, and the step goes on to the next. The queue is bounded: when it is full the
+training thread drops the record and counts it instead of waiting.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from monitor.hooks.collector import Packet
 from monitor.hooks.guard import ErrorGuard
+from monitor.hooks.packet import Packet
 from monitor.hooks.phases import resolve_phases
 from monitor.schema import StepRecord
 
@@ -22,8 +27,17 @@ _STOP = object()
 _TICK = object()
 
 
-def build_record(p: Packet, rank: int, param_names: list[str]) -> tuple[StepRecord, list[float] | None]:
-    """The StepRecord of a packet, and the parameter fingerprint it carried (or None)."""
+@dataclass(slots=True)
+class Decoded:
+    """One step on the publisher thread: its record and what the packet carried beside it."""
+
+    record: StepRecord
+    fingerprint: list[float] | None  # the weights' norms, on rank exchange steps (the rank exchange's)
+    batch_size: int | None  # the per-device batch (run.json's batch facts)
+
+
+def decode(p: Packet, rank: int, param_names: list[str]) -> Decoded:
+    """The StepRecord of a packet, with the parameter fingerprint it carried (or None)."""
     if p.event is not None:
         p.event.synchronize()  # publisher thread: waits for the non_blocking copy, never the trainer
     values = p.values.tolist() if p.values is not None else []
@@ -61,7 +75,7 @@ def build_record(p: Packet, rank: int, param_names: list[str]) -> tuple[StepReco
     if "loss" not in fields and p.loss_value is not None:
         fields["loss"] = p.loss_value
     phases = resolve_phases(p.phases)  # CUDA events are waited for here, off the training thread
-    return StepRecord.fast(
+    rec = StepRecord(
         step=p.step, rank=rank, time=p.time, loss=fields.get("loss"), lr=lrs,
         grad_norm=grad_norm, grad_norm_clipped=fields.get("grad_norm_clipped"),
         clip_coef=fields.get("clip_coef"), max_norm=p.max_norm, loss_scale=fields.get("loss_scale"),
@@ -71,7 +85,13 @@ def build_record(p: Packet, rank: int, param_names: list[str]) -> tuple[StepReco
         scheduler_steps=p.scheduler_steps, param_norms=param_norms, attention=attention or None, scalars=scalars,
         busy_time=p.busy_time, local_grad_norm=fields.get("local_grad_norm"), memory=p.memory,
         input_time=phases["input"], compute_time=phases["compute"], collective_wait_time=phases["collective_wait"],
-    ), fingerprint
+    )
+    return Decoded(rec, fingerprint, p.batch_size)
+
+
+Stage = tuple[str, Callable[[Decoded], object]]
+Output = tuple[str, Callable[[StepRecord], object]]
+Task = tuple[str, Callable[[], object]]
 
 
 class Publisher:
@@ -80,26 +100,27 @@ class Publisher:
         *,
         rank: int,
         param_names: list[str],
-        outputs: list[tuple[str, Callable[[StepRecord], object]]],
+        outputs: Sequence[Output],
         guard: ErrorGuard,
         queue_size: int,
         on_drop: Callable[[], None],
-        idle: Callable[[], None] | None = None,
+        stages: Sequence[Stage] = (),
+        idle: Sequence[Task] = (),
         idle_secs: float = 1.0,
-        before: Callable[[StepRecord, Packet, list[float] | None], None] | None = None,
-        on_tick: Callable[[], None] | None = None,
+        tick: Task | None = None,
     ) -> None:
+        """`idle`: tasks run when no step came for `idle_secs`; `tick`: the task `tick()` asks for."""
         self.rank = rank
         self.param_names = param_names
-        self.outputs = outputs
+        self.stages = list(stages)
+        self.outputs = list(outputs)
         self.guard = guard
         self.dropped = 0
         self.published = 0
         self._on_drop = on_drop
-        self._idle = idle
+        self._idle = list(idle)
         self._idle_secs = idle_secs
-        self.before = before
-        self._on_tick = on_tick
+        self._tick = tick
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="trainmon-publisher", daemon=True)
         self._thread.start()
@@ -154,40 +175,38 @@ class Publisher:
             try:
                 item = self._q.get(timeout=self._idle_secs)
             except queue.Empty:
-                self._call_idle()
+                self._run_tasks(self._idle)
                 continue
             try:
                 if item is _STOP:
                     return
                 if item is _TICK:
-                    if self._on_tick is not None:
-                        try:
-                            self._on_tick()
-                        except Exception as e:
-                            self.guard.record("clock rules", e)
+                    if self._tick is not None:
+                        self._run_tasks((self._tick,))
                     continue
                 self._publish(item)
             finally:
                 self._q.task_done()
 
-    def _call_idle(self) -> None:
-        if self._idle is not None:
+    def _run_tasks(self, tasks: Sequence[Task]) -> None:
+        for name, task in tasks:
             try:
-                self._idle()
+                task()
             except Exception as e:
-                self.guard.record("publisher idle", e)
+                self.guard.record(name, e)
 
     def _publish(self, packet: Packet) -> None:
         try:
-            rec, fingerprint = build_record(packet, self.rank, self.param_names)
+            step = decode(packet, self.rank, self.param_names)
         except Exception as e:
-            self.guard.record("building a step record", e)
+            self.guard.record("decode", e)
             return
-        if self.before is not None:
+        for name, stage in self.stages:
             try:
-                self.before(rec, packet, fingerprint)  # the rank exchange, run.json facts: may annotate rec
+                stage(step)
             except Exception as e:
-                self.guard.record("rank exchange", e)
+                self.guard.record(name, e)
+        rec = step.record
         for name, out in self.outputs:
             try:
                 out(rec)

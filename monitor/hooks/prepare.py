@@ -1,0 +1,122 @@
+"""Before a monitor starts: its arguments checked, an earlier monitor of the same model closed, the run
+directory agreed on, the run's facts (RunInfo)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monitor.config import MonitorConfig
+from monitor.hooks import ddp, introspect, resolve
+from monitor.runlog.rundir import default_run_dir
+from monitor.schema import RunInfo
+
+log = logging.getLogger("trainmon")
+
+# Monitors not yet closed: a second attach to the same model or optimizer (a re-run notebook cell)
+# closes the first, whose hooks would otherwise see every step twice.
+LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, max_steps) -> None:
+    """TypeError or ValueError naming the first wrong argument of `attach`."""
+    def bad(name: str, want: str, got: Any) -> TypeError:
+        return TypeError(f"monitor.attach: `{name}` must be {want}, got {type(got).__name__}")
+
+    if not isinstance(model, torch.nn.Module):
+        raise bad("model", "a torch.nn.Module", model)
+    resolve.check_not_deepspeed(model, optimizer)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise bad("optimizer", "a torch.optim.Optimizer", optimizer)
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise bad("scaler", "a torch.amp.GradScaler or None", scaler)
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise bad("scheduler", "an LR scheduler (an object with a step() method) or None", scheduler)
+    if loss_fn is not None and not isinstance(loss_fn, torch.nn.Module):
+        raise bad("loss_fn", "a torch.nn.Module (e.g. nn.CrossEntropyLoss()) or None", loss_fn)
+    if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
+        raise bad("run_dir", "a path (str or os.PathLike) or None", run_dir)
+    if config is not None and not isinstance(config, (MonitorConfig, Mapping, str, os.PathLike)):
+        raise bad("config", "a MonitorConfig, a dict, a YAML/TOML path or None", config)
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)):
+        raise bad("max_steps", "an int or None", max_steps)
+    if max_steps is not None and max_steps <= 0:
+        raise ValueError(f"monitor.attach: `max_steps` must be positive, got {max_steps}")
+    if not any(True for g in optimizer.param_groups for _ in g["params"]):
+        raise ValueError("monitor.attach: `optimizer` has no parameters")
+
+
+def replace_earlier(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Close a live monitor of this model or optimizer, saying so."""
+    inner = introspect.unwrap(model)
+    for other in list(LIVE):
+        c = other._collector
+        if other._closed or c is None:
+            continue
+        if c.optimizer is optimizer or introspect.unwrap(c.model) is inner:
+            log.warning("trainmon: this model or optimizer already had a monitor (run dir %s); it is closed and "
+                        "replaced by the new one", other.run_dir)
+            other.close()
+
+
+def probe_allowed(model: torch.nn.Module, cfg: MonitorConfig) -> tuple[bool, str | None]:
+    """Whether the attention probe may enter its TorchFunctionMode around this model's forward."""
+    if not cfg.attention.enabled:
+        return False, "attention.enabled is false"
+    # torch.compile's OptimizedModule holds the original as submodule `_orig_mod` (checked by name:
+    # importing torch._dynamo to test the type would slow down every attach).
+    if any("_orig_mod" in m._modules for m in model.modules()):
+        # A mode around a compiled graph would make dynamo recompile; report with observe_attention.
+        return False, "compiled model: report attention with mon.observe_attention"
+    return True, None
+
+
+def agree_on_run_dir(run_dir: str | os.PathLike[str] | None, dist: introspect.DistInfo, store: Any,
+                     runs_root: str | os.PathLike[str] | None) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    path = default_run_dir(parent=runs_root)
+    if dist.world_size > 1 and store is not None and "MONITOR_RUN_DIR" not in os.environ:
+        # Ranks start at slightly different times: rank 0's name wins, through the job's store (no
+        # collective: a rank that does not attach the monitor cannot make the others wait forever).
+        path = Path(ddp.agree_on_name(store, dist.rank, str(path)))
+    return path
+
+
+def scaler_info(scaler: torch.amp.GradScaler | None) -> dict[str, Any] | None:
+    if scaler is None:
+        return None
+    enabled = scaler.is_enabled()
+    info: dict[str, Any] = {"enabled": enabled}
+    if enabled:
+        info.update(init_scale=scaler._init_scale, growth_factor=scaler._growth_factor,
+                    backoff_factor=scaler._backoff_factor, growth_interval=scaler._growth_interval)
+    return info
+
+
+def run_info(run_id: str, cfg: MonitorConfig, *, world_size: int, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, scaler: Any, scheduler: Any, params: list[torch.Tensor],
+             names: list[str], start_step: int, max_steps: int | None) -> RunInfo:
+    """The run's facts for run.json and the rules (preflight checks among them)."""
+    return RunInfo(
+        run_id=run_id,
+        hostname=introspect.hostname(),
+        world_size=world_size,
+        max_steps=max_steps,
+        start_step=start_step,
+        torch_version=torch.__version__,
+        cuda_version=torch.version.cuda,
+        device=str(params[0].device),
+        model=introspect.model_info(model, names),
+        optimizer=introspect.optimizer_info(optimizer, dict(zip(map(id, params), names))),
+        scaler=scaler_info(scaler),
+        scheduler=type(scheduler).__name__ if scheduler is not None else None,
+        schedule=introspect.schedule_preview(scheduler, max_steps) if start_step == 0 else None,
+        config=cfg.model_dump(mode="json"),
+    )
