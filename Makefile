@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` and `make test`. Both create or reuse .venv.
+# The README's commands: `make demo`, `make test` and `make test-fast`. All create or reuse .venv.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench detection docs grafana clean
+.PHONY: demo test test-fast lint bench detection docs grafana clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# Everything that neither trains the reference trainer, starts a subprocess or server, nor runs a
+# framework's Trainer (those are marked `slow`): the tier to run while changing code.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -145,6 +145,7 @@ def test_committed_rule_docs_are_generated():
     assert result.stdout == (ROOT / "docs" / "rules.md").read_text(), "run `make docs` and commit docs/rules.md"
 
 
+@pytest.mark.slow
 def test_check_rules_and_config_do_not_import_torch(finished_run):
     code = (
         "import sys\n"

@@ -17,6 +17,7 @@ from monitor.trainer.detection import SCENARIOS, run_scenario
 JUDGED = [s for s in SCENARIOS if s.pending is None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", JUDGED, ids=[s.name for s in JUDGED])
 def test_scenario(scenario, tmp_path):
     out = run_scenario(scenario, run_dir=tmp_path / "run")

@@ -122,6 +122,7 @@ def test_init_is_seeded_locally():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("post_ln", [False, True])
 def test_pre_and_post_ln_both_learn_synthetic_data(post_ln):
     r = run(60, post_ln=post_ln, warmup_steps=10)
@@ -164,6 +165,7 @@ def test_text_data_from_given_paths(tmp_path):
         read_corpus([str(tmp_path / "nope")], 100)
 
 
+@pytest.mark.slow
 def test_text_run_learns():
     r = run(30, data="text", text_max_bytes=100_000, lr=3e-3)
     assert r.final_loss < r.first_loss - 1.0
@@ -201,12 +203,14 @@ def test_unknown_preset_and_field_are_named():
 # --- determinism and checkpoints -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_same_bits_other_seed_other_bits():
     a, b = run(15, grad_accum=2), run(15, grad_accum=2)
     assert a.param_hash == b.param_hash and a.losses == b.losses
     assert run(15, grad_accum=2, seed=2).param_hash != a.param_hash
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     common = dict(grad_accum=2, warmup_steps=6)
     full = run(20, **common)
@@ -226,11 +230,13 @@ def test_checkpoint_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     assert latest_checkpoint(ckpt).name == "ckpt_0000020.pt"
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_starts_from_scratch(tmp_path):
     r = run(5, checkpoint_dir=str(tmp_path), resume=True)
     assert (r.start_step, r.steps) == (0, 5)
 
 
+@pytest.mark.slow
 def test_plain_progress_lines(capsys):
     train(TrainConfig.from_preset("tiny", max_steps=10, log_every=5), attach_monitor=False, progress=None)
     out = capsys.readouterr().out
@@ -242,12 +248,14 @@ def test_plain_progress_lines(capsys):
 # --- precision -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fp16_on_cpu_uses_an_enabled_grad_scaler():
     r = run(10, precision="fp16")
     assert r.loss_scale is not None and r.loss_scale > 1
     assert all(math.isfinite(x) for x in r.losses)
 
 
+@pytest.mark.slow
 def test_bf16_has_no_scaler():
     r = run(10, precision="bf16")
     assert r.loss_scale is None and r.skipped_steps == 0
@@ -289,6 +297,7 @@ def test_bad_fault_flags_are_named(flags, match):
         TrainConfig(faults=flags)
 
 
+@pytest.mark.slow
 def test_no_warmup_first_update_at_peak():
     cfg = TrainConfig.from_preset("tiny", faults=["no-warmup"])
     r = train(cfg, attach_monitor=False, progress=False, on_step=lambda info: info.step == 2)
@@ -296,6 +305,7 @@ def test_no_warmup_first_update_at_peak():
     assert run(5).lrs[0] == pytest.approx(r.config.lr / 5)  # vs. warmup: 1/warmup_steps of the peak
 
 
+@pytest.mark.slow
 def test_lr_too_high_multiplies_peak_and_destabilises():
     healthy, bad = run(100, warmup_steps=None), run(100, warmup_steps=None, faults=["lr-too-high"])
     assert bad.config.lr == pytest.approx(500 * healthy.config.lr)
@@ -304,6 +314,7 @@ def test_lr_too_high_multiplies_peak_and_destabilises():
     assert bad.final_loss > 3 * healthy.final_loss
 
 
+@pytest.mark.slow
 def test_per_microbatch_scheduler_runs_the_schedule_grad_accum_times_too_fast():
     with pytest.warns(UserWarning, match=r"lr_scheduler.step\(\)` before `optimizer.step\(\)"):
         r = run(12, warmup_steps=40, faults=["per-microbatch-scheduler"])  # torch notices, as in real life
@@ -312,6 +323,7 @@ def test_per_microbatch_scheduler_runs_the_schedule_grad_accum_times_too_fast():
     assert r.lrs[:10] == pytest.approx([r.config.lr * spec.lr_multiplier(4 * k + 1) for k in range(10)])
 
 
+@pytest.mark.slow
 def test_fp16_overflow_collapses_the_loss_scale():
     r = run(30, faults=["fp16-overflow:5"])
     assert r.config.precision == "fp16"
@@ -320,6 +332,7 @@ def test_fp16_overflow_collapses_the_loss_scale():
     assert all(not math.isfinite(g) for g in r.grad_norms[5:22])
 
 
+@pytest.mark.slow
 def test_nan_at_makes_that_steps_loss_nan():
     r = run(8, faults=["nan-at:4"])
     assert all(math.isfinite(x) for x in r.losses[:4])
@@ -327,6 +340,7 @@ def test_nan_at_makes_that_steps_loss_nan():
     assert not any(torch.isfinite(p).all() for p in r.model.parameters())  # fp32: the run is dead
 
 
+@pytest.mark.slow
 def test_attention_sharpen_raises_qk_gain_from_its_step():
     gains = []
     train(
@@ -339,6 +353,7 @@ def test_attention_sharpen_raises_qk_gain_from_its_step():
     assert gains[2] == pytest.approx(1.25) and gains[11] == pytest.approx(1.25**10)
 
 
+@pytest.mark.slow
 def test_resume_without_scheduler_restarts_warmup(tmp_path):
     r = run(20, warmup_steps=5, faults=["resume-without-scheduler:12"], checkpoint_dir=str(tmp_path))
     assert r.lrs[12] == pytest.approx(r.lrs[0]) and r.lrs[11] > 2.5 * r.lrs[12]

@@ -149,8 +149,9 @@ def test_ddp_desync_and_straggler_act_on_their_rank(tmp_path):
     assert all(a != b for a, b in zip(h0[4:], h1[4:]))  # rank 1 drifts from step 4 on, training continues
     assert len(h0) == len(h1) == 10
     w0, w1 = sorted(ranks[0]["waits"]), sorted(ranks[1]["waits"])
-    assert w1[len(w1) // 2] >= 0.07  # rank 1 sleeps 80 ms before fetching each batch
-    assert w0[len(w0) // 2] < 0.03  # rank 0 does not (it waits for rank 1 in the all-reduce instead)
+    assert w1[len(w1) // 2] >= 0.07  # rank 1 sleeps 80 ms before fetching each batch (a sleep never ends early)
+    # rank 0 does not (it waits for rank 1 in the all-reduce instead): relative, whatever the machine's load
+    assert w0[len(w0) // 2] < w1[len(w1) // 2] / 2
 
 
 # --- hang ------------------------------------------------------------------------------------------
