@@ -247,7 +247,7 @@ def test_watch_once_reports_and_exits(tmp_path, plain):
 
 def test_live_view_shows_the_latest_attention_sample_of_rank_0():
     from monitor.schema import StepRecord
-    from monitor.watch.daemon import RunView
+    from monitor.watch.run import RunView
     from monitor.watch.view import _attention
 
     def rec(step, rank=0, attention=None):

@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 
 from monitor.schema import Alert, Severity
-from monitor.watch.daemon import RunView, Watcher
+from monitor.watch.daemon import Watcher
+from monitor.watch.run import RunView
 
 BARS = "▁▂▃▄▅▆▇█"
 STYLE = {Severity.info: "cyan", Severity.warning: "yellow", Severity.critical: "bold red"}
