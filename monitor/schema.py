@@ -51,6 +51,7 @@ class StepRecord:
     A plain slotted dataclass, not validated: records are built by the monitor itself and by the
     log readers from values they have already parsed into numbers (tens of thousands a second in
     the daemon). The JSON that comes in (run.json, alerts.jsonl, configs) is validated by pydantic.
+    A record is not changed once built (rules cache what they derive from its mappings).
     """
 
     step: int = _doc(doc="Optimizer step index (0-based; continues after a resume).")
@@ -105,10 +106,6 @@ class StepRecord:
         "broadcast) plus the gradient all-reduce left after the backward (last bucket done minus last bucket ready, "
         "from the monitor's communication hook). A slow rank's wait is short; the others wait for it.",
     )
-
-    @classmethod
-    def fast(cls, **values: Any) -> StepRecord:  # transitional alias, removed once callers use StepRecord(...)
-        return cls(**values)
 
     @property
     def max_lr(self) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import pytest
 
@@ -489,27 +490,37 @@ def test_param_baseline_fast_fold_matches_the_plain_fold():
         assert fast.log_norms == plain and list(fast.log_norms) == list(plain), step
 
 
-def test_rules_read_parameter_vectors_without_any_gradient():
-    """A step where no parameter had a gradient decodes to an empty mapping that is still truthy
-    (the vector was there); rules must not trip over it."""
-    from monitor.runlog.events import NO_GRAD_BYTES, ParamNorms
+class _NoGradient(Mapping):
+    """A decoded parameter vector of a step where no parameter had a gradient: empty, yet truthy (the
+    vector was there)."""
 
+    def __getitem__(self, name):
+        raise KeyError(name)
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def test_rules_read_parameter_vectors_without_any_gradient():
+    """Rules must not trip over a vector without any gradient between ordinary ones."""
     names = ["a", "b", "c"]
     engine = RulesEngine(RUN.model_copy(update={"model": RUN.model.model_copy(update={"param_names": names})}), {})
     for s in range(400):
-        raw = NO_GRAD_BYTES * 3 if s % 7 == 0 else b"".join(
-            __import__("struct").pack("<f", 0.5 + 0.01 * (s % 5)) for _ in names)
-        engine.observe(StepRecord.fast(step=s, loss=2.0 + 0.01 * math.sin(s), lr=[1e-3 * min(1, (s + 1) / 50)],
-                                       grad_norm=1.0, param_norms=ParamNorms(names, raw)))
+        norms = _NoGradient() if s % 7 == 0 else {n: 0.5 + 0.01 * (s % 5) for n in names}
+        engine.observe(StepRecord(step=s, loss=2.0 + 0.01 * math.sin(s), lr=[1e-3 * min(1, (s + 1) / 50)],
+                                  grad_norm=1.0, param_norms=norms))
     assert engine.errors == 0
 
 
-def test_retired_rules_leave_only_their_own_ranks_loop():
-    """A rule that retires on one rank keeps seeing the other rank's records until it retires there
-    too (it sees the record on which it retired, as before), and a state pickled before `retired`
-    was a property still loads."""
-    import pickle
-
+def test_retired_rules_stop_on_their_own_rank_only_and_keep_their_alert():
+    """A rule that sets `retired` sees no record of that rank after the one it retired on; the same rule
+    on another rank goes on until it retires there too; an alert it raised stays active."""
     seen = []
 
     class Once(_Threshold):
@@ -522,12 +533,12 @@ def test_retired_rules_leave_only_their_own_ranks_loop():
 
         id = "custom.once"
         scope = "rank"
-        retires = True
 
         def observe(self, r):
             seen.append((r.rank, r.step))
             if r.step == 2:
                 self.retired = True
+                return Finding(message="done", hint="h")
             return None
 
     reg = RuleRegistry()
@@ -536,23 +547,34 @@ def test_retired_rules_leave_only_their_own_ranks_loop():
     engine.observe_many(StepRecord(step=s, rank=0, loss=2.0) for s in range(5))
     engine.observe_many(StepRecord(step=s, rank=1, loss=2.0) for s in range(2))
     assert seen == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)] and engine.errors == 0
-    engine.observe_many(StepRecord(step=s, rank=1, loss=2.0) for s in range(2, 6))
-    assert seen[-1] == (1, 2) and not engine._states[0] and not engine._states[1] and not engine._retiring
-    Once.retires = False  # a rule that retires without saying so: batches feed it on, and the engine says so
-    undeclared = RulesEngine(RUN, {}, registry=reg)
-    undeclared.observe_many(StepRecord(step=s, rank=0, loss=2.0) for s in range(5))
-    assert undeclared.errors == 1
-    rule = engine._retired[0][0].rule
-    old = {k: v for k, v in rule.__dict__.items() if k not in ("_retired", "_retire_sink")} | {"retired": True}
-    fresh = type(rule).__new__(type(rule))
-    fresh.__setstate__(old)
-    assert fresh.retired is True
-    again = RulesEngine(RUN, {})
-    again.observe_many(StepRecord(step=s, lr=[1e-3], loss=2.0) for s in range(3))
-    again = pickle.loads(pickle.dumps(again))  # the daemon's state file: rules keep their engine's list
-    again.observe_many(StepRecord(step=s, lr=[1e-3], loss=2.0) for s in range(3, 30))
-    assert "warmup.missing" in [a.rule for a in again.alerts] and not again._retiring
-    assert "warmup.missing" not in [st.rule.id for st in again._states[0]]
+    for s in range(2, 6):
+        engine.observe(StepRecord(step=s, rank=1, loss=2.0))
+    assert seen[-1] == (1, 2) and len(seen) == 6
+    assert [(a.rank, a.step) for a in engine.active()] == [(0, 2), (1, 2)]
+
+    builtin = RulesEngine(RUN, {})  # warmup.missing decides within the first steps, then retires
+    builtin.observe_many(StepRecord(step=s, lr=[1e-3], loss=2.0) for s in range(30))
+    assert [a.rule for a in builtin.alerts].count("warmup.missing") == 1
+
+
+def test_ranks_started_are_the_ranks_with_rules():
+    engine = RulesEngine(RUN, {})
+    assert engine.ranks_started() == set()
+    engine.start(2)
+    engine.observe(StepRecord(step=0, rank=0, loss=2.0))
+    assert engine.ranks_started() == {0, 2}
+
+
+def test_rule_defaults_are_read_from_the_rule_config_class():
+    """Other modules (the daemon's stall floor, the Prometheus rules) read a rule's defaults from its
+    config class, never from a copy of the number."""
+    from monitor.rules.run import RunStalledConfig
+
+    cls = REGISTRY.get("run.stalled")
+    assert cls.Config is RunStalledConfig
+    assert cls.Config().floor_seconds == RunStalledConfig.model_fields["floor_seconds"].default == 120.0
+    assert cls.Config().factor == 10.0
+    assert REGISTRY.validate_options({"run.stalled": {"floor_seconds": 30}})["run.stalled"].floor_seconds == 30.0
 
 
 @pytest.mark.parametrize("cls", [c for c in REGISTRY if c.needs], ids=lambda c: c.id)
@@ -572,26 +594,39 @@ def test_rules_that_need_a_field_do_nothing_without_it(cls):
     assert pickle.dumps(rule.__dict__) == before
 
 
-def test_param_baselines_share_folds_of_the_same_decoded_vector_only_when_equal():
-    import struct
-
+def test_param_baselines_share_folds_of_the_same_vector_only_when_equal():
     from monitor.rules.stats import ParamBaseline
-    from monitor.runlog.events import ParamNorms
 
     names = [f"p{i}" for i in range(6)]
     a, b, c, odd, plain, odd_plain = (ParamBaseline() for _ in range(6))
     odd.update({n: 9.0 for n in names})  # a different start: never shares with the others
     odd_plain.update({n: 9.0 for n in names})
     for step in range(45):
-        values = [(k + 1) * (1.0 + 0.2 * math.sin(step + k)) for k in range(6)]
-        vec = ParamNorms(names, struct.pack("<6f", *values))
+        vec = {n: (k + 1) * (1.0 + 0.2 * math.sin(step + k)) for k, n in enumerate(names)}
         for bl in (a, b, c, odd):
             bl.update(vec)
-        plain.update(dict(vec.items()))
-        odd_plain.update(dict(vec.items()))
+        plain.update(dict(vec))  # an equal vector, not the same one: folded on its own
+        odd_plain.update(dict(vec))
         assert a.log_norms == b.log_norms == c.log_norms == plain.log_norms
         assert odd.log_norms == odd_plain.log_norms != plain.log_norms
     assert a.log_norms is b.log_norms is c.log_norms  # folded once, shared
+    assert a.log_norms is not plain.log_norms
+
+
+def test_param_baselines_share_folds_across_a_chunk_fed_rule_by_rule():
+    """The engine feeds a chunk of records to one rule, then the next: the second baseline still finds
+    the first one's folds of the whole chunk."""
+    from monitor.rules.engine import _CHUNK
+    from monitor.rules.stats import _FOLDS, _FOLDS_KEPT, ParamBaseline
+
+    vecs = [{"a": 1.0 + 0.1 * math.sin(s), "b": 2.0} for s in range(_CHUNK)]
+    first, second = ParamBaseline(), ParamBaseline()
+    for v in vecs:
+        first.update(v)
+    for v in vecs:
+        second.update(v)
+    assert second.log_norms is first.log_norms
+    assert len(_FOLDS) <= _FOLDS_KEPT  # a bounded memo: it holds a few vectors, never a run's
 
 
 def test_mad_by_bisection_equals_sorting_the_deviations():
@@ -605,55 +640,6 @@ def test_mad_by_bisection_equals_sorting_the_deviations():
         pool = [rng.gauss(0, 1), rng.gauss(5, 0.01), 0.0, -0.0, 1.0, round(rng.gauss(0, 3), 1)]
         vals = sorted(rng.choice(pool) if trial % 2 else rng.gauss(0, 10) for _ in range(n))
         assert _mad(vals, _plain_median_mad(vals)[0]) == _plain_median_mad(vals)[1], vals
-
-
-def _spiky(n=1500, seed=0):
-    import random
-
-    rng = random.Random(seed)
-    loss_spikes = {300: 4.0, 301: 1.0, 600: 3.0, 601: 3.0, 602: 3.0, 603: 3.0, 900: 8.0, 1200: 50.0}
-    grad_spikes = {600: 6.0, 900: 1.0, 1000: 20.0, 1001: 20.0, 1300: 3.0}
-    out = []
-    for s in range(n):
-        loss = 3.0 * (1 + 0.02 * rng.gauss(0, 1)) * loss_spikes.get(s, 1.0)
-        g = 0.7 * (1 + 0.1 * rng.gauss(0, 1)) * grad_spikes.get(s, 1.0)
-        if s >= 1350 and s % 5 == 0:  # one-step bumps that grow through the alarm level, finely
-            loss *= 1 + (s - 1350) / 150 * 0.4
-            g *= 1 + (s - 1350) / 150 * 3.0
-        if s in (450, 451):
-            loss = math.nan
-        ent = 0.8 if s < 1100 else 0.8 * 0.9 ** ((s - 1100) / 10)  # attention collapsing from step 1100
-        skipped = s in (700, 701) or 1150 <= s < 1154  # AMP: a pair, then a run of skipped steps
-        out.append(StepRecord(step=s, loss=loss, lr=[0.0 if 1400 <= s < 1410 else 1e-3],
-                              grad_norm=math.inf if skipped else g, skipped=skipped, clip_coef=min(1.0, 1 / g),
-                              loss_scale=0.5 if 1460 <= s < 1465 else 2.0 ** (10 - skipped),
-                              scheduler_steps=4 if 500 <= s < 510 else 1, time=1.7e9 + s + (300 if s > 1200 else 0),
-                              param_norms={f"p{k}": 0.0 if k == 2 and s > 800 else g * (k + 1) / 4 for k in range(4)}
-                              if s % 2 == 0 else None,
-                              attention={f"l{i}": {"entropy_ratio": ent * (1 - 0.05 * i), "entropy_min": ent / 2,
-                                                   "max_logit": 8.0 / ent} for i in range(3)} if s % 10 == 0 else None))
-    return out
-
-
-@pytest.mark.parametrize("cls", [c for c in REGISTRY if c.observe_batch is not None], ids=lambda c: c.id)
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_batch_loops_find_and_keep_exactly_what_observe_does(cls, seed):
-    """A rule's observe_batch is only a faster observe: the same findings, the same state after."""
-    import pickle
-    import random
-
-    records = _spiky(seed=seed)
-    one, batched = cls(cls.Config(), RUN), cls(cls.Config(), RUN)
-    expected = [one.observe(r) for r in records]
-    got, i, rng = [], 0, random.Random(seed)
-    while i < len(records):
-        k = rng.choice([1, 3, 64, 256, 700])
-        batched.observe_batch(records[i:i + k], got)
-        i += k
-    assert [repr(f) for f in got] == [repr(f) for f in expected]
-    if cls.id != "run.stalled":  # which finds nothing in records (the clock does, on_tick)
-        assert sum(f is not None for f in expected) >= 1  # the streams do reach the exact path
-    assert pickle.dumps(batched.__dict__) == pickle.dumps(one.__dict__)
 
 
 SPIKES = [

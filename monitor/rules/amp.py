@@ -54,25 +54,17 @@ class AmpOverflow(Rule):
         self.skips_in_window = 0
         self.prev_scale: float | None = None
 
-    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
-        """observe() over a batch: an applied step with no skip in the window (the usual case) is
-        counted inline; anything else goes through observe()."""
-        observe, append, recent = self.observe, out.append, self.recent
-        for r in recs:
-            if r.skipped or self.calibrating or self.skips_in_window:
-                append(observe(r))
-                continue
-            # As observe(): no skip to expect or count; the window drops a False (no skip in it).
+    def observe(self, r: StepRecord) -> Finding | None:
+        skipped = r.skipped
+        if not (skipped or self.calibrating or self.skips_in_window):
+            # The usual case: an applied step and no skip in the window, which only drops a False.
             self.steps += 1
             self.prev_scale = r.loss_scale
-            recent.append(False)
+            self.recent.append(False)
             self.run_len = 0
-            append(None)
-
-    def observe(self, r: StepRecord) -> Finding | None:
+            return None
         c = self.config
         self.steps += 1
-        skipped = r.skipped
         # Expected skips: calibration at the start, or the probe right after GradScaler grew its scale.
         scale, prev = r.loss_scale, self.prev_scale
         self.prev_scale = scale
@@ -143,21 +135,11 @@ class AmpScaleCollapse(Rule):
     def __init__(self, config: AmpScaleCollapseConfig, run) -> None:
         super().__init__(config, run)
         self.since: int | None = None
-
-    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
-        """observe() over a batch: a scale at or above the floor (or none) only clears `since`, inline."""
-        floor, observe, append = self.config.floor, self.observe, out.append
-        for r in recs:
-            s = r.loss_scale
-            if s is None or s >= floor:
-                self.since = None
-                append(None)
-            else:
-                append(observe(r))
+        self.floor = config.floor  # read on every record (see Rule.observe)
 
     def observe(self, r: StepRecord) -> Finding | None:
         s = r.loss_scale
-        if s is None or s >= self.config.floor:
+        if s is None or s >= self.floor:
             self.since = None
             return None
         if self.since is None:

@@ -55,16 +55,6 @@ class AttentionEntropyCollapse(Rule):
         self.base: dict[str, Ema] = {}  # per layer: mean entropy ratio
         self.base_min: dict[str, Ema] = {}  # per layer: its lowest head
 
-    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
-        """observe() over a batch: records without an attention sample only move the LR trace."""
-        push, observe, append = self.trace.push, self.observe, out.append
-        for r in recs:
-            if r.attention:
-                append(observe(r))
-            else:
-                push(r.step, r.max_lr)
-                append(None)
-
     def observe(self, r: StepRecord) -> Finding | None:
         self.trace.push(r.step, r.max_lr)
         if not r.attention:

@@ -1,8 +1,9 @@
 """Rule base class and the small value types rules return.
 
-A rule is declarative: an id (contract, see DESIGN.md), a family, a default
-severity, a pydantic config model whose fields are documented, and a docstring
-in Symptom / Why / Fix shape from which `monitor rules` and the docs are
+A rule is declarative: an id (a contract: configs, alerts and dashboards name it), a
+family, a default severity, a pydantic config model whose fields are documented (and
+whose defaults other modules read: `REGISTRY.get(id).Config().<option>`), and a
+docstring in Symptom / Why / Fix shape from which `monitor rules` and the docs are
 generated. One instance per (run, rank); `observe` sees each StepRecord once and
 must do O(1) amortized work.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -63,43 +63,23 @@ class Rule:
     # A StepRecord field without which `observe` does nothing (returns None and changes no state): the
     # engine skips the call for records where that field is empty (the daemon's hot path).
     needs: ClassVar[str | None] = None
-    # Whether `observe` may set `retired`: such a rule is fed record by record in a batch, so that it
-    # sees nothing after the record on which it retired (others are mapped over a batch at once).
-    retires: ClassVar[bool] = False
 
-    # The engine's list of rules that retired and are still to be taken out of its loop (see `retired`).
-    _retire_sink: list | None = None
-    _retired: bool = False  # also for a subclass whose __init__ forgets super().__init__
+    # True once the rule has nothing more to say (a warmup verdict, a preflight check): the engine reads
+    # it after every `observe` and stops feeding the rule that rank's records. An alert it raised stays
+    # active. A class default, so that a subclass whose __init__ skips super().__init__ still has it.
+    retired: bool = False
 
     def __init__(self, config: RuleConfig, run: RunInfo) -> None:
         self.config = config
         self.run = run
         self.retired = False
 
-    @property
-    def retired(self) -> bool:
-        """Set True once the rule has nothing more to say: the engine stops calling it. Setting it tells
-        the engine, which then need not ask every rule after every record."""
-        return self._retired
-
-    @retired.setter
-    def retired(self, value: bool) -> None:
-        self._retired = value
-        if value and self._retire_sink is not None:
-            self._retire_sink.append(self)
-
-    def __setstate__(self, state: dict) -> None:
-        if "retired" in state:  # pickled (daemon state) before `retired` was a property
-            state["_retired"] = state.pop("retired")
-        self.__dict__.update(state)
-
     def observe(self, record: StepRecord) -> Finding | None:  # pragma: no cover - abstract
+        """A finding for this record, or None. Called once per record, in step order per rank, for every
+        record the daemon reads: return early on records that are quiet for this rule, and read the
+        options that test needs from plain attributes set in __init__ (a pydantic model's attributes
+        are several times slower to read)."""
         raise NotImplementedError
-
-    # Optional: observe_batch(records, out) appends observe(r) for each record in order, with the same
-    # state changes, faster (the daemon feeds records in batches). If a record raises, what came
-    # before it must already be in `out`: the engine counts the error and goes on after that record.
-    observe_batch: ClassVar[Callable[..., None] | None] = None
 
     def on_start(self) -> Finding | None:
         """A finding from the run's facts alone (RunInfo), before any step: preflight checks."""

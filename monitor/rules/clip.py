@@ -60,6 +60,7 @@ class ClipSaturated(Rule):
         self.coefs: deque[float] = deque(maxlen=config.window)
         self.losses: deque[float] = deque(maxlen=config.window)
         self.clipped = 0
+        self.max_clipped = config.fraction * config.window  # read on every record (see Rule.observe)
 
     def observe(self, r: StepRecord) -> Finding | None:
         self.trace.push(r.step, r.max_lr)
@@ -81,9 +82,9 @@ class ClipSaturated(Rule):
             self.clipped -= self.recent[0]
         self.recent.append(hit)
         self.clipped += hit
-        c = self.config
-        if len(self.recent) < c.window or self.clipped <= c.fraction * c.window:
+        if len(self.recent) < self.recent.maxlen or self.clipped <= self.max_clipped:
             return None
+        c = self.config
         coef = median(self.coefs)
         tenth = max(1, len(self.losses) // 10)
         early = median(list(self.losses)[:tenth]) if self.losses else None

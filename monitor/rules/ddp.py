@@ -119,7 +119,7 @@ class DdpStraggler(Rule):
             return None
         if "phases" in ex:  # this monitor's exchange: the phases that hold no collective
             judged = {p: ex["phases"][p] for p in _JUDGED if len(ex["phases"].get(p) or {}) >= 2}
-        elif len(ex.get("busy") or {}) >= 2:  # an older run directory: busy time only
+        elif len(ex.get("busy") or {}) >= 2:  # a run recorded without phase times: busy time only
             judged = {"busy": ex["busy"]}
         else:
             return None

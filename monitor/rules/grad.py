@@ -52,15 +52,10 @@ class GradVanishing(Rule):
         self._names_set = frozenset(self.names)
         self.streak: dict[str, int] = {}
         self.since: dict[str, int] = {}
-
-    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
-        """observe() over a batch: only every `stride`-th step is looked at."""
-        stride, observe, append = self.config.stride, self.observe, out.append
-        for r in recs:
-            append(None if r.step % stride else observe(r))
+        self.stride = config.stride  # read on every record (see Rule.observe)
 
     def observe(self, r: StepRecord) -> Finding | None:
-        if r.step % self.config.stride or r.skipped:
+        if r.step % self.stride or r.skipped:  # the usual case: a step not examined
             return None
         norms = r.param_norms
         if not norms:

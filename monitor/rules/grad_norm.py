@@ -58,6 +58,8 @@ class GradNormGrowth(Rule):
         self.floor_step: int | None = None
         self.floor_norms: dict[str, float] | None = None
         self.left_band_at: int | None = None
+        # read on every record (see Rule.observe)
+        self.block, self.normalize_lr = config.block, config.normalize_lr
 
     def observe(self, r: StepRecord) -> Finding | None:
         lr = r.max_lr
@@ -75,7 +77,7 @@ class GradNormGrowth(Rule):
         if r.skipped or g is None or not 0.0 < g < _INF:
             return None
         s = _log(g)
-        if self.config.normalize_lr and lr is not None and lr > 0 and self.peak_lr > 0:
+        if self.normalize_lr and lr is not None and lr > 0 and self.peak_lr > 0:
             s += 0.5 * _log(lr / self.peak_lr)
         norms = r.param_norms
         if norms:
@@ -84,7 +86,7 @@ class GradNormGrowth(Rule):
         if not buf:
             self.buf_first = r.step
         buf.append(s)
-        if len(buf) < self.config.block:
+        if len(buf) < self.block:
             return None
         m = median(self.buf)
         first = self.buf_first
@@ -165,7 +167,8 @@ class GradNormSpike(Rule):
 
     def __init__(self, config: GradNormSpikeConfig, run) -> None:
         super().__init__(config, run)
-        self.window = RobustWindow(config.window)
+        # quiet_below: a log norm below it cannot be a spike (the test in `observe`)
+        self.window = RobustWindow(config.window, alarm=(config.z_threshold, 1e-3, math.log(config.min_ratio)))
         self.params = ParamBaseline()
         self.recur = Recurrence(config.recur_count, config.recur_window)
 
@@ -173,10 +176,14 @@ class GradNormSpike(Rule):
         g = r.grad_norm
         if r.skipped or g is None or not 0.0 < g < _INF:  # finite and positive
             return None
-        c = self.config
         x = _log(g)
-        finding = None
         w = self.window
+        if x < w.quiet_below:  # the usual case: clearly below the alarm level, only the baselines move
+            self.params.update(r.param_norms)
+            w.push(x)
+            return None
+        c = self.config
+        finding = None
         if w.full:
             med = w.med
             z = w.zscore(x, min_sigma=1e-3)
@@ -207,25 +214,3 @@ class GradNormSpike(Rule):
             self.params.update(r.param_norms)
         w.push(x)
         return finding
-
-    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
-        """observe() over a batch: a record clearly below the alarm level (see RobustWindow.alarm_floor)
-        only updates the baselines; any other goes through observe() itself."""
-        c = self.config
-        w, params, observe, append, log = self.window, self.params, self.observe, out.append, _log
-        version, floor = -1, _INF
-        for r in recs:
-            g = r.grad_norm
-            if r.skipped or g is None or not 0.0 < g < _INF:
-                append(None)
-                continue
-            if w.version != version:
-                version = w.version
-                floor = w.alarm_floor(c.z_threshold, 1e-3, math.log(c.min_ratio))
-            x = log(g)
-            if x >= floor:
-                append(observe(r))
-                continue
-            params.update(r.param_norms)
-            w.push(x)
-            append(None)

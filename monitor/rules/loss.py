@@ -32,17 +32,10 @@ class LossNonFinite(Rule):
     severity = Severity.critical
     scope = "rank"
 
-    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
-        """observe() over a batch: finite values (the usual case) are passed over inline."""
-        observe, append = self.observe, out.append
-        for r in recs:
-            loss, g = r.loss, r.grad_norm
-            if (loss is None or _isfinite(loss)) and (g is None or _isfinite(g) or r.skipped):
-                append(None)
-            else:
-                append(observe(r))
-
     def observe(self, r: StepRecord) -> Finding | None:
+        loss, g = r.loss, r.grad_norm
+        if (loss is None or _isfinite(loss)) and (g is None or _isfinite(g) or r.skipped):
+            return None  # the usual case: finite values
         bad_loss = r.loss is not None and not math.isfinite(r.loss)
         # On a step GradScaler skipped, inf gradients are expected: that is amp.overflow's business.
         bad_grad = r.grad_norm is not None and not math.isfinite(r.grad_norm) and not r.skipped
@@ -131,7 +124,8 @@ class LossSpike(Rule):
 
     def __init__(self, config: LossSpikeConfig, run) -> None:
         super().__init__(config, run)
-        self.window = RobustWindow(config.window)
+        # quiet_below: a log loss below it cannot start a spike (the test in `observe`)
+        self.window = RobustWindow(config.window, alarm=(config.z_warning, 1e-4, math.log1p(config.min_jump)))
         self.grads = RobustWindow(config.window)
         self.params = ParamBaseline()
         self.pending: _Pending | None = None
@@ -165,14 +159,22 @@ class LossSpike(Rule):
         loss = r.loss
         if loss is None or not 0.0 < loss < _INF:  # finite and positive
             return None
-        c = self.config
         x = _log(loss)
         g = r.grad_norm
         if g is not None and not 0.0 < g < _INF:
             g = None
+        w = self.window
+        if x < w.quiet_below and self.pending is None:
+            # The usual case: no spike pending and the loss clearly below the alarm level, so the tests
+            # below would find nothing: only the windows and the baseline move.
+            self.params.update(r.param_norms)
+            w.push(x)
+            if g is not None:
+                self.grads.push(_log(g))
+            return None
+        c = self.config
         finding = None
         # The first window is the early transient: no baseline yet.
-        w = self.window
         if w.full:
             med = w.med
             z = w.zscore(x, min_sigma=1e-4)
@@ -203,32 +205,6 @@ class LossSpike(Rule):
         if g is not None:
             self.grads.push(_log(g))
         return finding
-
-    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
-        """observe() over a batch: with no spike pending, a loss clearly below the alarm level (see
-        RobustWindow.alarm_floor) only updates the windows and baselines; any other record goes
-        through observe() itself."""
-        c = self.config
-        w, grads, params, observe, append, log = self.window, self.grads, self.params, self.observe, out.append, _log
-        version, floor = -1, _INF
-        for r in recs:
-            loss = r.loss
-            if loss is None or not 0.0 < loss < _INF:
-                append(None)
-                continue
-            if w.version != version:
-                version = w.version
-                floor = w.alarm_floor(c.z_warning, 1e-4, math.log1p(c.min_jump))
-            x = log(loss)
-            if x >= floor or self.pending is not None:
-                append(observe(r))
-                continue
-            params.update(r.param_norms)
-            w.push(x)
-            g = r.grad_norm
-            if g is not None and 0.0 < g < _INF:
-                grads.push(log(g))
-            append(None)
 
 
 class LossDivergenceConfig(RuleConfig):
@@ -265,16 +241,16 @@ class LossDivergence(Rule):
         self.above = 0
         self.since: int | None = None
         self.params = ParamBaseline()
+        self.ratio = config.ratio  # read on every record (see Rule.observe)
 
     def observe(self, r: StepRecord) -> Finding | None:
         loss = r.loss
         if loss is None or not 0.0 < loss < _INF:  # finite and positive
             return None
-        c = self.config
         ema = self.ema.push(loss)
         if self.best is None or ema < self.best:
             self.best, self.best_step = ema, r.step
-        limit = c.ratio * self.best
+        limit = self.ratio * self.best
         # The first raw loss above the limit dates the problem; the EMA (which lags) confirms it.
         if loss > limit and self.since is None:
             self.since = r.step
@@ -285,6 +261,7 @@ class LossDivergence(Rule):
             self.params.update(r.param_norms)
             return None
         self.above += 1
+        c = self.config
         if self.above < c.patience:
             return None
         movers = self.params.movers(r.param_norms)

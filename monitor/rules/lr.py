@@ -43,29 +43,14 @@ class LrZero(Rule):
         self.peak = 0.0
         self.last_nonzero: float | None = None
 
-    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
-        """observe() over a batch: a non-zero LR (the usual case) only resets the count, inline."""
-        observe, append = self.observe, out.append
-        for r in recs:
-            lr = r.max_lr
-            if lr is None:
-                append(None)
-            elif lr != 0.0:
-                self.zeros, self.first_zero, self.last_nonzero = 0, None, lr
-                if lr > self.peak:
-                    self.peak = lr
-                append(None)
-            else:
-                append(observe(r))
-
     def observe(self, r: StepRecord) -> Finding | None:
         lr = r.max_lr
         if lr is None:
             return None
-        if lr != 0.0:
-            self.zeros, self.first_zero = 0, None
-            self.last_nonzero = lr
-            self.peak = max(self.peak, lr)
+        if lr != 0.0:  # the usual case: only resets the count
+            self.zeros, self.first_zero, self.last_nonzero = 0, None, lr
+            if lr > self.peak:
+                self.peak = lr
             return None
         if self.zeros == 0:
             self.first_zero = r.step

@@ -23,7 +23,6 @@ class PreflightRule(Rule):
 
     family = "preflight"
     once = True
-    retires = True
     first_steps = 50
 
     def __init__(self, config: RuleConfig, run: RunInfo) -> None:

@@ -52,22 +52,13 @@ class RunStalled(Rule):
             return c.floor_seconds
         return max(c.floor_seconds, c.factor * median(self.intervals))
 
-    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
-        """observe() over a batch, inline (it only keeps the clock of the steps)."""
-        intervals, append = self.intervals, out.append
-        for r in recs:
-            t = r.time
-            if self.last_time is not None and t > self.last_time:
-                intervals.append(t - self.last_time)
-            if self.last_time is None or t >= self.last_time:
-                self.last_time, self.last_step = t, r.step
-            append(None)
-
     def observe(self, r: StepRecord) -> Finding | None:
-        if self.last_time is not None and r.time > self.last_time:
-            self.intervals.append(r.time - self.last_time)
-        if self.last_time is None or r.time >= self.last_time:
-            self.last_time, self.last_step = r.time, r.step
+        """Only keeps the clock of the steps: `on_tick` judges it."""
+        t, last = r.time, self.last_time
+        if last is not None and t > last:
+            self.intervals.append(t - last)
+        if last is None or t >= last:
+            self.last_time, self.last_step = t, r.step
         return None
 
     def on_tick(self, now: float) -> Finding | None:

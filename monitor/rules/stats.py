@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from itertools import repeat
 from operator import sub
@@ -23,9 +23,14 @@ class RobustWindow:
     baseline of a trailing window barely moves in a few steps, so refreshing it
     every W/10 pushes keeps the per-record cost O(log W) amortized. `med` and
     `mad` are plain attributes (rules read them on every record).
+
+    With `alarm=(z, min_sigma, min_gap)`, `quiet_below` is `alarm_floor(*alarm)` as of the last
+    refresh: a rule that tests values against the window with those parameters knows that a value
+    below it finds nothing (its quiet records' fast path).
     """
 
-    def __init__(self, size: int, refresh: int | None = None) -> None:
+    def __init__(self, size: int, refresh: int | None = None,
+                 alarm: tuple[float, float, float] | None = None) -> None:
         self.size = size
         self.values: deque[float] = deque(maxlen=size)
         self.refresh = refresh or max(1, size // 10)
@@ -33,8 +38,8 @@ class RobustWindow:
         self.med = math.nan
         self.mad = math.nan
         self.full = False
-
-    version = 0  # bumped at each refresh of med/mad (a class default: windows pickled before it load)
+        self.alarm = alarm
+        self.quiet_below = -math.inf
 
     def __len__(self) -> int:
         return len(self.values)
@@ -45,6 +50,8 @@ class RobustWindow:
         if self._since >= self.refresh or not self.full:
             self._recompute()
             self.full = len(self.values) >= self.size
+            if self.alarm is not None:
+                self.quiet_below = self.alarm_floor(*self.alarm)
 
     def _recompute(self) -> None:
         vals = sorted(self.values)
@@ -54,7 +61,6 @@ class RobustWindow:
         self.med = med
         self.mad = _mad(vals, med) if math.isfinite(sum(vals)) else _mad_sorting(vals, med)
         self._since = 0
-        self.version += 1
 
     @property
     def median(self) -> float:
@@ -265,6 +271,12 @@ class ParamBaseline:
     Updated only from records that carry per-parameter norms (every step in-process, sampled in
     event files), and only while the rule calling it sees nothing abnormal, so an incident does
     not become its own baseline.
+
+    Several rules keep a baseline each (loss.spike, loss.divergence, grad_norm.spike) and, while
+    the run is healthy, fold the same vectors into equal baselines. The last folds are remembered
+    (`_FOLDS`, keyed by the vector's identity: a record's values are not changed once it exists), and
+    a baseline equal to the one a vector was folded into takes that result instead of folding again.
+    Baselines are never changed in place, so they can be shared.
     """
 
     def __init__(self, span: float = 20.0, every: int = 10) -> None:
@@ -273,23 +285,23 @@ class ParamBaseline:
         self.calls = 0
         self.log_norms: dict[str, float] = {}
 
-    def update(self, norms: dict[str, float] | None) -> None:
+    def update(self, norms: Mapping[str, float] | None) -> None:
         if not norms:
             return
         self.calls += 1
         if self.calls % self.every != 1 and self.log_norms:
             return
         base = self.log_norms
-        # Several rules keep a baseline each and fold the same vectors into equal baselines: a vector
-        # that can (the daemon's decoded ones) remembers its last fold, and an equal baseline reuses
-        # the result. Baselines are never changed in place, so they can be shared.
-        memo = getattr(norms, "fold", None)
-        if memo is not None and memo[1] == self.alpha and (memo[0] is base or memo[0] == base):
-            self.log_norms = memo[2]
+        memo = _FOLDS.get(id(norms))
+        if memo is not None and memo[0] is norms and memo[2] == self.alpha and (
+                memo[1] is base or memo[1] == base):
+            self.log_norms = memo[3]
             return
         after = self.log_norms = self._fold(base, norms)
-        if memo is not None or hasattr(norms, "fold"):
-            norms.fold = (base, self.alpha, after)
+        # The entry holds the vector itself, so its id names no other object while it is remembered.
+        _FOLDS[id(norms)] = (norms, base, self.alpha, after)
+        if len(_FOLDS) > _FOLDS_KEPT:
+            _FOLDS.popitem(last=False)  # one call: engines in other threads share the memo
 
     def _fold(self, base: dict[str, float], norms: Mapping[str, float]) -> dict[str, float]:
         a = self.alpha
@@ -312,6 +324,13 @@ class ParamBaseline:
             return []
         before = {n: math.exp(v) for n, v in self.log_norms.items()}
         return top_movers(before, norms, k)
+
+
+# The last folds of ParamBaseline: id(vector) -> (vector, baseline before, alpha, baseline after), oldest
+# first. The engine feeds a chunk of records (256) rule by rule, so the rule after the first finds the
+# folds of the whole chunk here: about 26 at one fold per 10 vectors.
+_FOLDS: OrderedDict[int, tuple[Mapping[str, float], dict[str, float], float, dict[str, float]]] = OrderedDict()
+_FOLDS_KEPT = 64
 
 
 def describe_movers(movers: list[dict]) -> str:

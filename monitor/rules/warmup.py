@@ -65,7 +65,6 @@ class WarmupMissing(Rule):
     """
 
     id = "warmup.missing"
-    retires = True
     family = "warmup"
     severity = Severity.warning
     Config = WarmupMissingConfig
@@ -212,7 +211,6 @@ class WarmupTooShort(Rule):
     """
 
     id = "warmup.too_short"
-    retires = True
     family = "warmup"
     severity = Severity.warning
     Config = WarmupTooShortConfig
@@ -330,17 +328,6 @@ class WarmupPerMicrobatch(Rule):
         self.run_len = 0
         self.since: int | None = None
 
-    def observe_batch(self, recs: list[StepRecord], out: list) -> None:
-        """observe() over a batch: one scheduler step per optimizer step (the usual case) inline."""
-        observe, append = self.observe, out.append
-        for r in recs:
-            n = r.scheduler_steps
-            if n is None or n <= 1:
-                self.run_len, self.since = 0, None
-                append(None)
-            else:
-                append(observe(r))
-
     def observe(self, r: StepRecord) -> Finding | None:
         n = r.scheduler_steps
         if n is None or n <= 1:
@@ -395,12 +382,12 @@ class WarmupRestart(Rule):
         self.drop_lr = 0.0
         self.before = 0.0
         self.prev: float | None = None
+        self.drop, self.floor = config.drop, config.floor  # read on every record (see Rule.observe)
 
     def observe(self, r: StepRecord) -> Finding | None:
         lr = r.max_lr
         if lr is None:
             return None
-        c = self.config
         warm = self.trace.warmup_done
         self.trace.push(r.step, lr)
         prev, self.prev = self.prev, lr
@@ -417,8 +404,8 @@ class WarmupRestart(Rule):
                     step=self.drop_step,
                 )
                 self.drop_step = None
-            elif r.step - self.drop_step >= c.confirm:
+            elif r.step - self.drop_step >= self.config.confirm:
                 self.drop_step = None  # a step decay, not a restart
-        if warm and prev is not None and lr < c.drop * prev and lr < c.floor * self.trace.peak:
+        if warm and prev is not None and lr < self.drop * prev and lr < self.floor * self.trace.peak:
             self.drop_step, self.drop_lr, self.before = r.step, lr, prev
         return finding
