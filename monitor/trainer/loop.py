@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import hashlib
 import re
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from monitor.trainer.data import build_data
 from monitor.trainer.faults import Fault, FaultRuntime, apply_config, check_world, parse_faults
 from monitor.trainer.launch import DistContext, batch_index, env_world_size
 from monitor.trainer.model import GPT, GPTConfig
+from monitor.trainer.progress import Progress, progress_mode
 from monitor.trainer.schedules import ScheduleSpec, build_scheduler
 
 _CKPT = re.compile(r"ckpt_(\d+)\.pt$")
@@ -195,65 +195,6 @@ class _Run:
             self._tmp = None
 
 
-class _Progress:
-    """Rich bar on a terminal, a plain line every log_every steps otherwise, nothing when quiet."""
-
-    def __init__(self, mode: str, cfg: TrainConfig, start: int) -> None:
-        self.mode, self.cfg, self.start = mode, cfg, start
-        self.t0 = time.perf_counter()
-        self.bar: Any = None
-        if mode == "rich":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[sps]} steps/s"),
-                TimeElapsedColumn(),
-            )
-            self.task = self.bar.add_task(
-                "train", total=cfg.max_steps, completed=start, loss="-", lr="-", sps="-"
-            )
-            self.bar.start()
-
-    def message(self, text: str) -> None:
-        if self.mode == "rich":
-            self.bar.console.print(text)
-        elif self.mode == "plain":
-            print(text, flush=True)
-
-    def wants_loss(self, step: int) -> bool:
-        return self.mode != "quiet" and (
-            (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.max_steps
-        )
-
-    def update(self, step: int, lr: float, loss: float | None) -> None:
-        if self.mode == "quiet":
-            return
-        sps = (step + 1 - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-        if self.mode == "rich":
-            fields = {"lr": f"{lr:.2e}", "sps": f"{sps:.1f}"}
-            if loss is not None:
-                fields["loss"] = f"{loss:.4f}"
-            self.bar.update(self.task, completed=step + 1, **fields)
-        elif loss is not None:
-            print(
-                f"step {step + 1:>6}/{self.cfg.max_steps} | loss {loss:.4f} | lr {lr:.3e} | {sps:.1f} steps/s",
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _progress_mode(progress: bool | None, rank: int = 0) -> str:
-    if progress is False or rank != 0:  # under DDP only rank 0 reports
-        return "quiet"
-    return "rich" if sys.stdout.isatty() else "plain"
-
-
 def train(
     cfg: TrainConfig,
     *,
@@ -311,7 +252,7 @@ def _train(
         else:
             start = run.load_checkpoint(ckpt)
             note = f"resumed from {ckpt} at step {start}"
-    report = _Progress(_progress_mode(progress, dist.rank), cfg, start)
+    report = Progress(progress_mode(progress, dist.rank), cfg, start)
     if note:
         report.message(note)
     report.message(
