@@ -485,40 +485,44 @@ def test_a_stall_dumps_the_stacks_before_any_sink_sees_the_alert(tmp_path):
     assert [a["evidence"]["stacks"] for a in lines if a["rule"] == "run.stalled"] == [stall.evidence["stacks"]]
 
 
-def test_alert_completion_never_changes_the_engines_alert_and_sink_order_does_not_matter(tmp_path):
+def test_the_engine_completes_an_alert_once_and_every_sink_gets_the_same_object_in_any_order(tmp_path):
+    """The stack dump is added to run.stalled as the engine raises it (its resolution keeps it); the
+    fanout gives that one object to each sink, and a broken sink does not keep it from the others."""
     from monitor.hooks.alerts import AlertFanout, StackDump
     from monitor.hooks.guard import ErrorGuard
-    from monitor.schema import Alert
+    from monitor.rules.engine import RulesEngine
+    from monitor.schema import RunInfo, StepRecord
 
     class Keep:
         def __init__(self):
             self.got = []
 
         def emit(self, alert):
-            self.got.append(alert)
+            self.got.append((alert, alert.model_dump()))
 
     class Broken:
         def emit(self, alert):
             raise RuntimeError("sink down")
 
-    stall = Alert(rule="run.stalled", severity="critical", step=7, rank=0, message="no step", hint="",
-                  evidence={"idle": 3})
-    other = Alert(rule="loss.spike", severity="warning", step=8, rank=0, message="spike", hint="", evidence={})
     results = []
     for order in ((0, 1, 2), (2, 1, 0)):
         sinks = [Keep(), Broken(), Keep()]
         guard = ErrorGuard()
-        fan = AlertFanout([sinks[i] for i in order], guard, [StackDump(tmp_path, 0)])
-        for alert in (stall, other, stall.model_copy(update={"status": "resolved", "step": 9})):
-            fan.emit(alert)
-        assert guard.count == 3  # the broken sink, once per alert; the others still got every alert
-        assert stall.evidence == {"idle": 3}  # the engine's own alert is left as it was
-        firing, spike, resolved = sinks[0].got
-        assert sinks[2].got == sinks[0].got and firing is sinks[2].got[0]  # one object, shared by the sinks
-        assert fan.completed(stall) is firing and fan.completed(other) is other
-        results.append((firing.evidence, spike.evidence, resolved.evidence, resolved.status))
-    path = str(tmp_path / "stacks-rank0-step7.txt")
-    assert results[0] == results[1] == ({"idle": 3, "stacks": path}, {}, {"idle": 3, "stacks": path}, "resolved")
+        engine = RulesEngine(RunInfo(run_id="r"), {"run.stalled": {"floor_seconds": 1}},
+                             sinks=[AlertFanout([sinks[i] for i in order], guard)],
+                             completions=[StackDump(tmp_path, 0)])
+        for s in range(5):
+            engine.observe(StepRecord(step=s, time=100.0 + s, loss=2.0, lr=[1e-3]))
+        engine.tick(1000.0)
+        engine.observe(StepRecord(step=5, time=1001.0, loss=2.0, lr=[1e-3]))
+        got = [a for a, _ in sinks[0].got]
+        assert guard.count == len(got)  # the broken sink, once per alert; the others still got every one
+        assert [a for a, _ in sinks[2].got] == got and all(x is y for x, (y, _) in zip(got, sinks[2].got))
+        assert all(a.model_dump() == dumped for a, dumped in sinks[0].got)  # nothing changed them later
+        results.append([(a.rule, a.status, a.step, a.evidence.get("stacks")) for a in got if a.rule == "run.stalled"])
+    path = str(tmp_path / "stacks-rank0-step4.txt")
+    assert results[0] == results[1] == [("run.stalled", "firing", 4, path), ("run.stalled", "resolved", 5, path)]
+    assert "File " in (tmp_path / "stacks-rank0-step4.txt").read_text()  # the dumped stack
 
 
 def test_publisher_counts_an_error_under_the_stage_that_raised(caplog):

@@ -138,8 +138,9 @@ class Monitor:
         if cfg.on_alert is not None:
             sinks.append(OnAlert(cfg.on_alert))
         completions = [StackDump(self.run_dir, self.rank)] if cfg.watchdog.dump_stacks else []
-        self._alerts = AlertFanout(sinks, self.guard, completions)
-        self.engine = RulesEngine(self.info, cfg.rules, sinks=[self._alerts], on_error=self.guard.record)
+        self._alerts = AlertFanout(sinks, self.guard)
+        self.engine = RulesEngine(self.info, cfg.rules, sinks=[self._alerts], on_error=self.guard.record,
+                                  completions=completions)
         # Preflight: the checklist verdicts that need no step; they are printed now and kept in run.json.
         self.info.preflight = self.engine.start(self.rank)
 
@@ -237,11 +238,11 @@ class Monitor:
     @property
     def alerts(self) -> list[Alert]:
         """Alerts raised (status 'firing') in this process so far, including preflight findings."""
-        return [self._alerts.completed(a) for a in self.engine.alerts if a.status == "firing"]
+        return [a for a in self.engine.alerts if a.status == "firing"]
 
     @property
     def active_alerts(self) -> list[Alert]:
-        return [self._alerts.completed(a) for a in self.engine.active()]
+        return self.engine.active()
 
     @property
     def step(self) -> int:

@@ -48,7 +48,10 @@ class RulesEngine:
         registry: RuleRegistry | None = None,
         sinks: Iterable[AlertSink] = (),
         on_error: Callable[[str, BaseException], None] | None = None,
+        completions: Iterable[Callable[[Alert], dict[str, Any] | None]] = (),
     ) -> None:
+        """`completions` add evidence only the caller has (the training process's stack dump on
+        run.stalled) to each alert as it is raised, before any sink sees it; its resolution keeps it."""
         if registry is None:
             _load_builtins()
             registry = REGISTRY
@@ -60,6 +63,7 @@ class RulesEngine:
             if cfg.enabled:
                 self._specs.append((cls, cfg))
         self.sinks: list[AlertSink] = list(sinks)
+        self.completions = list(completions)
         self.alerts: list[Alert] = []
         self.errors = 0
         self._on_error = on_error
@@ -263,6 +267,11 @@ class RulesEngine:
             evidence=evidence,
             run=self.run.run_id,
         )
+        for complete in self.completions:  # the alert is not shared yet: completed in place
+            try:
+                alert.evidence.update(complete(alert) or {})
+            except Exception as e:
+                self._error(f"alert completion {type(complete).__name__}", e)
         st.active = alert
         st.fired = True
         return alert
