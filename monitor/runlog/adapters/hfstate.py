@@ -204,7 +204,7 @@ class HFStateSource:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def poll(self, limit: int | None = None) -> list[StepRecord]:  # noqa: ARG002 - everything read
+    def poll(self, limit: int | None = None) -> list[StepRecord]:  # a whole file per call: limit not applied
         out: list[StepRecord] = []
         chosen = self._choose()
         if chosen is None:

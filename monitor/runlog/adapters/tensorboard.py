@@ -115,7 +115,7 @@ class TensorBoardSource:
             out.append(r)
             self.records_emitted += 1
 
-    def poll(self, limit: int | None = None) -> list[StepRecord]:  # noqa: ARG002 - everything read
+    def poll(self, limit: int | None = None) -> list[StepRecord]:  # a whole file per call: limit not applied
         points = self.tail.poll(self._keep)
         if self.tail.first_wall_time is not None and not self.info.created:
             self.info.created = self.tail.first_wall_time

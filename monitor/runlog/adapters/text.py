@@ -227,7 +227,7 @@ class TextLogSource:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def poll(self, limit: int | None = None) -> list[StepRecord]:  # noqa: ARG002 - everything read
+    def poll(self, limit: int | None = None) -> list[StepRecord]:  # a whole file per call: limit not applied
         out: list[StepRecord] = []
         try:
             st = os.stat(self.path)
