@@ -130,6 +130,30 @@ class WatchdogConfig(_Section):
     dump_stacks: bool = Field(True, description="On a stall, write every thread's Python stack to the run directory.")
 
 
+class AttemptsConfig(_Section):
+    """Attempts: each attach into a run directory is one (a resume, a restart); see the README's "Resuming"."""
+
+    warm_start: bool = Field(
+        True, description="A resumed process's rules first replay the directory's records before the resume step "
+        "(loss window, grad-norm baseline, warmup facts), delivering nothing.",
+    )
+    heartbeat_seconds: float = Field(
+        30.0, gt=0, description="How often rank 0 refreshes its attempt's heartbeat in run.json (how a process on "
+        "another host tells that the run directory is still being written).",
+    )
+    stale_after_seconds: float = Field(
+        120.0, gt=0, description="A heartbeat older than this means the attempt on another host is gone: a new "
+        "process may write the directory. On the same host the process id decides.",
+    )
+
+    @model_validator(mode="after")
+    def _stale_after_beats(self) -> AttemptsConfig:
+        if self.stale_after_seconds <= self.heartbeat_seconds:
+            raise ValueError(f"stale_after_seconds ({self.stale_after_seconds}) must exceed heartbeat_seconds "
+                             f"({self.heartbeat_seconds})")
+        return self
+
+
 class AttentionConfig(_Section):
     """The attention probe: per-layer entropy and max logit on sampled steps (rank 0)."""
 
@@ -176,6 +200,7 @@ class MonitorConfig(_Section):
     ddp: DdpConfig = Field(default_factory=DdpConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    attempts: AttemptsConfig = Field(default_factory=AttemptsConfig)
     rules: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Per-rule options by rule id, e.g. {'loss.spike': {'z_critical': 9}, 'amp.overflow': {'enabled': False}}.",

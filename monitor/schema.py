@@ -56,6 +56,8 @@ class StepRecord:
 
     step: int = _doc(doc="Optimizer step index (0-based; continues after a resume).")
     rank: int = 0
+    attempt: int = _doc(1, "The attempt of the run that wrote the record (run.json `attempts`; 1 in a directory "
+                        "written once).")
     time: float = _doc(factory=_time.time, doc="Unix time the step ended.")
     loss: float | None = _doc(doc="Mean of the step's micro-batch losses.")
     lr: list[float] = _doc(factory=list, doc="Learning rate per param group, as used by the step.")
@@ -140,6 +142,7 @@ class Alert(BaseModel):
     time: float = Field(default_factory=time.time)
     run: str = ""
     status: Literal["firing", "resolved"] = "firing"
+    attempt: int | None = None  # the run's attempt whose records raised it (run.json `attempts`)
 
     def line(self) -> str:
         """The one-line console form."""
@@ -187,6 +190,36 @@ class Endpoint(BaseModel):
     url: str
 
 
+AttemptKind = Literal["fresh", "resumed", "restarted"]
+
+
+class Attempt(BaseModel):
+    """One process (one job, for DDP) writing into a run directory: run.json keeps them all, in order.
+
+    `kind` says how it started: "fresh" (the directory's first), "resumed" (from a checkpoint at
+    `start_step`: the earlier attempts' records from that step on are superseded) or "restarted"
+    (from scratch into a used directory: new windows, nothing of the earlier attempts kept).
+    `lineage_start` is the step the records this attempt builds on begin at: its own start unless it
+    resumed, else the start of the attempt it resumed.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    kind: AttemptKind = "fresh"
+    start_step: int = 0
+    lineage_start: int = 0
+    how: str = ""  # how the start step was found: "resume_step", "scheduler", "optimizer", "none"
+    started: float = Field(default_factory=time.time)
+    host: str = ""
+    pid: int | None = None
+    pid_start: int | None = None  # the process's start time (Linux clock ticks): a reused pid is not it
+    job: str | None = None  # the distributed job (torchrun's run id) whose ranks share this attempt
+    heartbeat: float | None = None  # rank 0 refreshes it while alive (for processes on other hosts)
+    ended: float | None = None
+    steps: int | None = None  # the step index after its last step, at close
+
+
 class RunInfo(BaseModel):
     """run.json: what a reader needs to interpret the run's records."""
 
@@ -212,3 +245,14 @@ class RunInfo(BaseModel):
     source: str = "trainmon"
     # The attention probe at attach (enabled, interval, why it is off) and, at close, its measured cost.
     attention_probe: dict[str, Any] | None = None
+    attempts: list[Attempt] = Field(default_factory=list)  # oldest first; empty in directories from before attempts
+
+    def attempt(self, attempt_id: int) -> Attempt | None:
+        """The attempt with this id, None when run.json does not (yet) list it; a directory written
+        before attempts has one: attempt 1, fresh."""
+        for a in self.attempts:
+            if a.id == attempt_id:
+                return a
+        if not self.attempts and attempt_id == 1:
+            return Attempt(id=1, start_step=self.start_step, lineage_start=self.start_step, started=self.created)
+        return None

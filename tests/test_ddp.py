@@ -62,7 +62,7 @@ def test_per_rank_files_records_and_facts(healthy):
     info = json.loads((run / "run.json").read_text())
     assert info["world_size"] == 2 and [e["rank"] for e in info["endpoints"]] == [0, 1]
     assert info["micro_batches_per_step"] == 2 and info["effective_batch_size"] == 4 * 2 * 2
-    assert list(run.glob("events.out.tfevents.*rank0")) and list((run / "rank1").glob("events.out.tfevents.*rank1"))
+    assert list(run.glob("events.out.tfevents.*rank0.attempt1")) and list((run / "rank1").glob("events.out.tfevents.*rank1.attempt1"))
     data = read_run(run)
     r0, r1 = data.records[0], data.records[1]
     assert [r.step for r in r0] == [r.step for r in r1] == list(range(40))

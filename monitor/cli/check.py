@@ -16,11 +16,16 @@ from monitor.schema import Alert
 
 
 def check_run(run_dir: Path, config: MonitorConfig, mapping: dict[str, str] | None = None) -> tuple[RunData, list[Alert]]:
-    """Replay every rank's records through a fresh engine; returns the firing alerts, preflight first."""
+    """Replay every rank's records through a fresh engine, as `monitor watch` would have judged them live
+    (attempt after attempt); returns the firing alerts, preflight first."""
     data = read_run(run_dir, mapping)
-    engine = RulesEngine(data.info, config.rules)
-    # Ranks are independent streams; replay each in step order, preflight (from run.json's facts) first.
-    for rank in sorted(data.records) or [0]:
-        engine.start(rank)
-        engine.observe_many(data.records.get(rank, []))
+    engine = RulesEngine(data.info, config.rules, attempts=data.attempts)
+    # Ranks are independent streams: each in reading order, preflight (from run.json's facts) first.
+    for rank in sorted(data.stream) or [0]:
+        stream = data.stream.get(rank, [])
+        if stream:
+            engine.begin(stream[0])
+        else:
+            engine.start(rank)
+        engine.observe_many(stream)
     return data, [a for a in engine.alerts if a.status == "firing"]

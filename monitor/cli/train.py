@@ -109,8 +109,14 @@ def execute(cfg, *, run_dir: Path | None, monitor_config: Any, no_monitor: bool,
 
         train_fn(cfg, attach_monitor=False, progress=progress)
         return 0
-    _, url, halted, mon = run_training(cfg, run_dir=run_dir, monitor_config=monitor_config, progress=progress,
-                                       announce=rank == 0)
+    import monitor
+
+    try:
+        _, url, halted, mon = run_training(cfg, run_dir=run_dir, monitor_config=monitor_config, progress=progress,
+                                           announce=rank == 0)
+    except monitor.RunDirError as e:  # unwritable, or another live process writes it
+        typer.echo(f"error: {e}", err=True)
+        return 2
     if halted:
         typer.echo(f"rank {rank}: {halted}" if under_torchrun() else halted, err=True)
     mon_dir = mon.run_dir if mon else run_dir

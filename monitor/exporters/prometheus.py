@@ -112,6 +112,10 @@ class MetricFamilies:
                                    "training thread (rank 0).", lab, registry=r)
         self.probe_interval = Gauge("trainmon_attention_probe_interval_steps", "Optimizer steps between attention "
                                     "probes, as the overhead budget keeps it (rank 0).", lab, registry=r)
+        self.attempt = Gauge("trainmon_attempt", "The run directory's attempt this rank's records come from (1, 2, ...: "
+                             "each resume or restart into the directory is one more).", lab, registry=r)
+        self.attempt_start = Gauge("trainmon_attempt_start_step", "The step the current attempt started at (a resume's "
+                                   "checkpoint step; 0 for a restart from scratch).", lab, registry=r)
         self.dropped = Counter("trainmon_dropped_records", "Step records dropped because the publisher queue was full.", lab, registry=r)
         self.errors = Counter("trainmon_internal_errors", "Errors caught inside the monitor (never raised into training).",
                               lab, registry=r)
@@ -160,6 +164,8 @@ class TrainMetrics:
             f.alert_active, f.dropped, f.errors, f.local_grad_norm, f.busy, f.memory)
         self.probe_seconds, self.probe_interval = f.probe_seconds, f.probe_interval
         self.phase = f.phase
+        self._attempt_gauge, self._attempt_start = f.attempt.labels(run, self.rank), f.attempt_start.labels(run, self.rank)
+        self._attempt: int | None = None
         # Children that exist from the first scrape, so rate() and alert rules see a 0, not an absence.
         self._steps = self.steps.labels(run, self.rank)
         self._skipped = self.skipped.labels(run, self.rank)
@@ -201,6 +207,9 @@ class TrainMetrics:
         if tokens:
             self._tokens.inc(tokens)
         last = recs[-1]
+        if last.attempt != self._attempt:  # a new attempt's records: where it started
+            first = next(r for r in recs if r.attempt == last.attempt)
+            self._set_attempt(last.attempt, first.step)
         # Per-rank gauges: the latest value each has in the batch.
         for gauge, field in ((self.loss, "loss"), (self.local_grad_norm, "local_grad_norm"), (self.busy, "busy_time"),
                              (self.memory, "memory")):
@@ -236,6 +245,15 @@ class TrainMetrics:
             self._g(self.attn_entropy, sampled[layer].get("entropy_ratio"), layer)
             self._g(self.attn_max_logit, sampled[layer].get("max_logit"), layer)
         self._attn_exported = set(layers)
+
+    def _set_attempt(self, attempt: int, start_step: int) -> None:
+        self._attempt = attempt
+        self._attempt_gauge.set(attempt)
+        self._attempt_start.set(start_step)
+
+    def attempt(self, attempt: Any) -> None:
+        """The training process's own attempt (a monitor.schema.Attempt), from attach on."""
+        self._set_attempt(attempt.id, attempt.start_step)
 
     def probe(self, seconds: float | None, interval: int | None) -> None:
         """The attention probe's own cost and interval (training process, rank 0)."""

@@ -27,7 +27,7 @@ from monitor.config import MonitorConfig, load_config
 from monitor.exporters.console import ConsoleSink, install_console_handler
 from monitor.exporters.prometheus import MetricsServer, TrainMetrics, serve
 from monitor.exporters.sinks import build_http_sinks, close_sinks
-from monitor.hooks import compiled, ddp, introspect, prepare, resolve
+from monitor.hooks import attempt, compiled, ddp, introspect, prepare, resolve
 from monitor.hooks.alerts import AlertFanout, OnAlert, StackDump
 from monitor.hooks.collector import CollectorOptions, Hooked, StepCollector
 from monitor.hooks.guard import ErrorGuard
@@ -46,8 +46,8 @@ class Monitor:
     """A running monitor. Create it with `monitor.attach(...)`; close it with `close()` or a `with` block.
 
     The keyword-only arguments are for framework integrations (monitor.integrations), which know
-    more about the loop than hooks can see: `start_step` (the loop's step index, else the
-    optimizer's own count), `raise_on_halt=False` (the integration stops its trainer when
+    more about the loop than hooks can see: `resume_step` (as in `attach`: the loop's step index),
+    `raise_on_halt=False` (the integration stops its trainer when
     `halt_requested` says so, instead of an exception from optimizer.step()), `forward_hooks=False`
     (the integration reports micro-batches to the collector), `runs_root` (the parent of the
     default run directory).
@@ -64,12 +64,12 @@ class Monitor:
         config: MonitorConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
         max_steps: int | None = None,
         *,
-        start_step: int | None = None,
+        resume_step: int | None = None,
         raise_on_halt: bool = True,
         forward_hooks: bool = True,
         runs_root: str | os.PathLike[str] | None = None,
     ) -> None:
-        prepare.check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, max_steps)
+        prepare.check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, max_steps, resume_step)
         found = resolve.resolve(optimizer, scheduler)  # the objects inside Accelerate's/Lightning's wrappers
         optimizer, scheduler = found.optimizer, found.scheduler
         if scaler is None:
@@ -84,23 +84,28 @@ class Monitor:
         self._events: EventWriter | None = None
         self._jsonl: JsonlAlertSink | None = None
         self._http_sinks: list[Any] = []
+        self._heartbeat: attempt.Heartbeat | None = None
         self.guard = ErrorGuard()
 
         dist = introspect.dist_info()
         self.rank, self.local_rank, self.world_size = dist.rank, dist.local_rank, dist.world_size
         store = ddp.job_store() if dist.world_size > 1 else None
         run_path = prepare.agree_on_run_dir(run_dir, dist, store, runs_root)
+        prepare.replace_writer_of(run_path)
         self.rundir = RunDir(run_path, dist.rank)  # RunDirError names the path
         self.run_dir = self.rundir.path
         self.run_id = cfg.run_name or self.rundir.run_id
+        # This process's attempt: RunDirBusy (a RunDirError) when another process writes the directory.
+        started = attempt.begin(self.rundir, rank=dist.rank, store=store, optimizer=optimizer, scheduler=scheduler,
+                                resume_step=resume_step, cfg=cfg.attempts)
+        self.attempt = started.attempt
+        start_step = self.attempt.start_step
 
         params = introspect.optimizer_params(optimizer)
         names = introspect.param_names(model, params)
-        if start_step is None:
-            start_step = introspect.resumed_step(optimizer)
         self.info = prepare.run_info(self.run_id, cfg, world_size=dist.world_size, model=model, optimizer=optimizer,
                                      scaler=scaler, scheduler=scheduler, params=params, names=names,
-                                     start_step=start_step, max_steps=max_steps)
+                                     attempt=self.attempt, prior=started.prior, max_steps=max_steps)
         coordinator = None
         if store is not None and cfg.halt_on is not None:
             coordinator = ddp.HaltCoordinator(store, self.rank, cfg.ddp.halt_margin_seconds)
@@ -118,7 +123,7 @@ class Monitor:
         try:
             self._start(cfg, Hooked(model, optimizer, params, scaler=scaler, scheduler=scheduler, loss_fn=loss_fn,
                                     scheduler_steps_per_step=found.scheduler_steps_per_step),
-                        names, start_step, forward_hooks)
+                        names, start_step, forward_hooks, started.history)
         except BaseException:
             self._teardown()
             raise
@@ -126,7 +131,7 @@ class Monitor:
         atexit.register(self.close)
 
     def _start(self, cfg: MonitorConfig, hooked: Hooked, names: list[str], start_step: int,
-               forward_hooks: bool) -> None:
+               forward_hooks: bool, history: list[Any]) -> None:
         registry = CollectorRegistry()
         self.metrics = TrainMetrics(registry, self.run_id, self.rank, attention_layers=cfg.attention.prometheus_layers)
         self.guard.listeners.append(self.metrics.count_error)
@@ -142,7 +147,9 @@ class Monitor:
         self.engine = RulesEngine(self.info, cfg.rules, sinks=[self._alerts], on_error=self.guard.record,
                                   completions=completions)
         # Preflight: the checklist verdicts that need no step; they are printed now and kept in run.json.
-        self.info.preflight = self.engine.start(self.rank)
+        # A resumed attempt's rules first replay the records it builds on (warm start), delivering nothing.
+        self.info.preflight = self.engine.start(self.rank, self.attempt, history)
+        self.metrics.attempt(self.attempt)
 
         if cfg.metrics.enabled:
             self._server = serve(registry, cfg.metrics.host,
@@ -153,6 +160,8 @@ class Monitor:
             self.info.endpoints = [ep]
         if self.rank == 0:
             self.rundir.write_run_info(self.info)
+            self._heartbeat = attempt.Heartbeat(self.rundir, self.attempt.id, cfg.attempts.heartbeat_seconds,
+                                                self.guard.record)
         if self._server is not None:
             self.rundir.add_endpoint(self.info.endpoints[0], self.run_id)
 
@@ -200,13 +209,14 @@ class Monitor:
         outputs = []
         if cfg.tensorboard.enabled:
             self._events = EventWriter(self.rundir.events_dir, self.rank, flush_secs=cfg.tensorboard.flush_secs,
-                                       param_norms_every=cfg.tensorboard.param_norms_every, param_names=names)
+                                       param_norms_every=cfg.tensorboard.param_norms_every, param_names=names,
+                                       attempt=self.attempt.id)
             outputs.append(("tensorboard writer", self._events.write))
             idle.insert(0, ("event file flush", self._events.maybe_flush))
         outputs += [("prometheus metrics", self.metrics.observe), ("rules engine", self.engine.observe)]
         return Publisher(rank=self.rank, param_names=names, stages=stages, outputs=outputs, guard=self.guard,
                          queue_size=cfg.collector.queue_size, on_drop=self.metrics.count_dropped, idle=idle,
-                         tick=("clock rules", lambda: self.engine.tick(time.time())))
+                         tick=("clock rules", lambda: self.engine.tick(time.time())), attempt=self.attempt.id)
 
     def _write_batch_facts(self, step: Decoded) -> None:
         """run.json, once: micro-batches per optimizer step and, when the batch size was seen, the effective batch."""
@@ -334,6 +344,8 @@ class Monitor:
                 self.guard.record(where, e)
 
         self._watchdog_stop.set()
+        if self._heartbeat is not None:
+            step("attempt heartbeat", self._heartbeat.stop)
         if self._watchdog is not None:
             step("watchdog", lambda: self._watchdog.join(timeout=5))
         if self._collector is not None:
@@ -351,6 +363,8 @@ class Monitor:
             step("targets.json", lambda: self.rundir.remove_endpoint(self.rank))
         if self.rank == 0 and self._publisher is not None:
             step("run.json", self._write_summary)
+        elif self.rank == 0 and hasattr(self, "attempt"):  # attach failed part-way: the attempt is over
+            step("run.json", lambda: attempt.update(self.rundir, self.attempt.id, ended=time.time()))
 
     def _write_summary(self) -> None:
         summary = {"ended": time.time(), "steps": self.step, "records_published": self._publisher.published,
@@ -359,6 +373,7 @@ class Monitor:
         if sampler is not None:
             summary["attention_probe"] = {**(self.info.attention_probe or {}), **sampler.summary()}
         self.rundir.update_json("run.json", lambda old: {**(old or {}), **summary}, {})
+        attempt.update(self.rundir, self.attempt.id, ended=summary["ended"], steps=self.step)
 
     def __enter__(self) -> Monitor:
         return self
@@ -380,6 +395,7 @@ def attach(
     config: MonitorConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     max_steps: int | None = None,
     runs_root: str | os.PathLike[str] | None = None,
+    resume_step: int | None = None,
 ) -> Monitor:
     """Install the monitor's hooks on a training loop; call once, before the loop.
 
@@ -389,9 +405,14 @@ def attach(
     alerts.jsonl, run.json, targets.json) and to a Prometheus endpoint.
     Without `run_dir` (or $MONITOR_RUN_DIR) the run goes to `<runs_root>/<utc-time>-<host>`
     (runs_root: `runs`), a name the ranks of a distributed job agree on.
+    Each attach into a run directory is one attempt (run.json `attempts`). A resume from a checkpoint
+    is recognised from the restored scheduler or optimizer state; `resume_step` says it outright: the
+    loop's index of the first step this process takes. The earlier attempts' records from that step on
+    are superseded, and the rules start warm from the ones before it.
     Raises TypeError naming a wrong argument, ConfigError naming a bad config key,
-    RunDirError naming an unwritable run directory.
+    RunDirError naming an unwritable run directory (RunDirBusy, one of them, when another live
+    process writes it).
     """
     return Monitor(model, optimizer, scaler=scaler, scheduler=scheduler, loss_fn=loss_fn, run_dir=run_dir,
-                   config=config, max_steps=max_steps, runs_root=runs_root)
+                   config=config, max_steps=max_steps, runs_root=runs_root, resume_step=resume_step)
 

@@ -15,7 +15,7 @@ import torch
 from monitor.config import MonitorConfig
 from monitor.hooks import ddp, introspect, resolve
 from monitor.runlog.rundir import default_run_dir
-from monitor.schema import RunInfo
+from monitor.schema import Attempt, RunInfo
 
 log = logging.getLogger("trainmon")
 
@@ -24,7 +24,7 @@ log = logging.getLogger("trainmon")
 LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, max_steps) -> None:
+def check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, max_steps, resume_step=None) -> None:
     """TypeError or ValueError naming the first wrong argument of `attach`."""
     def bad(name: str, want: str, got: Any) -> TypeError:
         return TypeError(f"monitor.attach: `{name}` must be {want}, got {type(got).__name__}")
@@ -48,6 +48,10 @@ def check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, ma
         raise bad("max_steps", "an int or None", max_steps)
     if max_steps is not None and max_steps <= 0:
         raise ValueError(f"monitor.attach: `max_steps` must be positive, got {max_steps}")
+    if resume_step is not None and (isinstance(resume_step, bool) or not isinstance(resume_step, int)):
+        raise bad("resume_step", "an int or None", resume_step)
+    if resume_step is not None and resume_step < 0:
+        raise ValueError(f"monitor.attach: `resume_step` must be >= 0, got {resume_step}")
     if not any(True for g in optimizer.param_groups for _ in g["params"]):
         raise ValueError("monitor.attach: `optimizer` has no parameters")
 
@@ -62,6 +66,26 @@ def replace_earlier(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
         if c.optimizer is optimizer or introspect.unwrap(c.model) is inner:
             log.warning("trainmon: this model or optimizer already had a monitor (run dir %s); it is closed and "
                         "replaced by the new one", other.run_dir)
+            other.close()
+
+
+def replace_writer_of(run_dir: Path) -> None:
+    """Close a live monitor of this process that writes the same run directory (a notebook cell run
+    again with a new model), saying so: one process, one attempt at a time."""
+    try:
+        target = run_dir.resolve()
+    except OSError:
+        return
+    for other in list(LIVE):
+        if other._closed:
+            continue
+        try:
+            same = other.run_dir.resolve() == target
+        except OSError:
+            continue
+        if same:
+            log.warning("trainmon: a monitor of this process already writes %s; it is closed and replaced by the "
+                        "new one", run_dir)
             other.close()
 
 
@@ -102,8 +126,15 @@ def scaler_info(scaler: torch.amp.GradScaler | None) -> dict[str, Any] | None:
 
 def run_info(run_id: str, cfg: MonitorConfig, *, world_size: int, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer, scaler: Any, scheduler: Any, params: list[torch.Tensor],
-             names: list[str], start_step: int, max_steps: int | None) -> RunInfo:
-    """The run's facts for run.json and the rules (preflight checks among them)."""
+             names: list[str], attempt: Attempt, prior: RunInfo | None, max_steps: int | None) -> RunInfo:
+    """The run's facts for run.json and the rules (preflight checks among them). The start step is
+    where the records the attempt builds on begin (a resume keeps the run's start, and the schedule
+    read at that start: a resumed scheduler cannot be previewed from its first step)."""
+    start_step = attempt.lineage_start
+    if attempt.kind == "resumed" and prior is not None and attempt.lineage_start < attempt.start_step:
+        schedule = prior.schedule
+    else:
+        schedule = introspect.schedule_preview(scheduler, max_steps) if attempt.start_step == 0 else None
     return RunInfo(
         run_id=run_id,
         hostname=introspect.hostname(),
@@ -117,6 +148,7 @@ def run_info(run_id: str, cfg: MonitorConfig, *, world_size: int, model: torch.n
         optimizer=introspect.optimizer_info(optimizer, dict(zip(map(id, params), names))),
         scaler=scaler_info(scaler),
         scheduler=type(scheduler).__name__ if scheduler is not None else None,
-        schedule=introspect.schedule_preview(scheduler, max_steps) if start_step == 0 else None,
+        schedule=schedule,
         config=cfg.model_dump(mode="json"),
+        attempts=[*(prior.attempts if prior is not None else []), attempt],
     )

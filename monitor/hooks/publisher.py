@@ -36,7 +36,7 @@ class Decoded:
     batch_size: int | None  # the per-device batch (run.json's batch facts)
 
 
-def decode(p: Packet, rank: int, param_names: list[str]) -> Decoded:
+def decode(p: Packet, rank: int, param_names: list[str], attempt: int = 1) -> Decoded:
     """The StepRecord of a packet, with the parameter fingerprint it carried (or None)."""
     if p.event is not None:
         p.event.synchronize()  # publisher thread: waits for the non_blocking copy, never the trainer
@@ -76,7 +76,7 @@ def decode(p: Packet, rank: int, param_names: list[str]) -> Decoded:
         fields["loss"] = p.loss_value
     phases = resolve_phases(p.phases)  # CUDA events are waited for here, off the training thread
     rec = StepRecord(
-        step=p.step, rank=rank, time=p.time, loss=fields.get("loss"), lr=lrs,
+        step=p.step, rank=rank, attempt=attempt, time=p.time, loss=fields.get("loss"), lr=lrs,
         grad_norm=grad_norm, grad_norm_clipped=fields.get("grad_norm_clipped"),
         clip_coef=fields.get("clip_coef"), max_norm=p.max_norm, loss_scale=fields.get("loss_scale"),
         grad_norm_unknown=p.grad_norm_unknown,
@@ -108,9 +108,12 @@ class Publisher:
         idle: Sequence[Task] = (),
         idle_secs: float = 1.0,
         tick: Task | None = None,
+        attempt: int = 1,
     ) -> None:
-        """`idle`: tasks run when no step came for `idle_secs`; `tick`: the task `tick()` asks for."""
+        """`idle`: tasks run when no step came for `idle_secs`; `tick`: the task `tick()` asks for;
+        `attempt`: the run directory's attempt this process writes (on every record)."""
         self.rank = rank
+        self.attempt = attempt
         self.param_names = param_names
         self.stages = list(stages)
         self.outputs = list(outputs)
@@ -197,7 +200,7 @@ class Publisher:
 
     def _publish(self, packet: Packet) -> None:
         try:
-            step = decode(packet, self.rank, self.param_names)
+            step = decode(packet, self.rank, self.param_names, self.attempt)
         except Exception as e:
             self.guard.record("decode", e)
             return

@@ -75,7 +75,7 @@ class TrainmonCallback(Attached, *_callback_bases()):  # type: ignore[misc]
         attached = self._attach(lambda: Monitor(
             trainer.strategy.model, trainer.optimizers[0], scaler=getattr(trainer.precision_plugin, "scaler", None),
             scheduler=configs[0].scheduler if configs else None, config=self.config, run_dir=self.run_dir,
-            max_steps=max_steps, start_step=trainer.global_step, raise_on_halt=False, forward_hooks=False,
+            max_steps=max_steps, resume_step=trainer.global_step, raise_on_halt=False, forward_hooks=False,
             runs_root=Path(trainer.default_root_dir) / INTEGRATION_RUNS,
         ))
         if attached:

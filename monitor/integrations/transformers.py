@@ -64,7 +64,7 @@ class TrainmonCallback(Attached, TrainerCallback):
                         "model's outputs and may differ from the Trainer's logged loss")
         attached = self._attach(lambda: Monitor(
             model, optimizer, scheduler=lr_scheduler, config=self.config, run_dir=self.run_dir,
-            max_steps=state.max_steps or None, start_step=state.global_step, raise_on_halt=False,
+            max_steps=state.max_steps or None, resume_step=state.global_step, raise_on_halt=False,
             runs_root=Path(args.output_dir or ".") / INTEGRATION_RUNS,
         ))
         if attached and trainer is not None:

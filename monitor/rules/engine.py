@@ -7,6 +7,14 @@ a more severe finding escalates it; `resolve_after` quiet steps resolve it;
 finding more severe than the resolved alert still gets through).
 State is per (rank, rule); the engine serves one run. An exception inside a
 rule or a sink is caught and counted: a broken rule never breaks a run.
+
+A run directory can hold several attempts (monitor.runlog.attempts). `start(rank, attempt, history)`
+begins a rank's attempt with fresh rules that first replay, delivering nothing, the records the
+attempt builds on (a resume's earlier steps; nothing after a restart from scratch); an alert active
+when the previous attempt ended is carried over when the rule still finds the problem after the
+replay, and resolved otherwise. When records of a later attempt arrive, the engine does this itself,
+asking `attempts` (the Source) for the attempt's facts and history: the training process, `monitor
+check` and `monitor watch` cross attempts the same way.
 """
 
 from __future__ import annotations
@@ -20,13 +28,21 @@ from typing import Any, Protocol
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import REGISTRY, RuleRegistry, _load_builtins
-from monitor.schema import Alert, RunInfo, Severity, StepRecord
+from monitor.schema import Alert, Attempt, RunInfo, Severity, StepRecord
 
 log = logging.getLogger("trainmon.rules")
 
 
 class AlertSink(Protocol):
     def emit(self, alert: Alert) -> None: ...
+
+
+class AttemptSource(Protocol):
+    """What the engine asks when records of a new attempt arrive (a trainmon Source)."""
+
+    def attempt(self, attempt_id: int, first_step: int) -> Attempt: ...
+
+    def history(self, rank: int, attempt: Attempt) -> list[StepRecord]: ...
 
 
 @dataclass
@@ -49,9 +65,11 @@ class RulesEngine:
         sinks: Iterable[AlertSink] = (),
         on_error: Callable[[str, BaseException], None] | None = None,
         completions: Iterable[Callable[[Alert], dict[str, Any] | None]] = (),
+        attempts: AttemptSource | None = None,
     ) -> None:
         """`completions` add evidence only the caller has (the training process's stack dump on
-        run.stalled) to each alert as it is raised, before any sink sees it; its resolution keeps it."""
+        run.stalled) to each alert as it is raised, before any sink sees it; its resolution keeps it.
+        `attempts`: where the facts and history of a run's later attempts come from (see above)."""
         if registry is None:
             _load_builtins()
             registry = REGISTRY
@@ -70,6 +88,10 @@ class RulesEngine:
         self._reported: set[str] = set()
         self._states: dict[int, list[_RuleState]] = {}  # per rank, in registry order: the rules still judging
         self._retired: dict[int, list[_RuleState]] = {}  # per rank: rules that retired (their alerts stay)
+        self.attempts = attempts
+        self._attempt: dict[int, int] = {}  # rank -> the attempt whose records it judges
+        self._run_for: dict[int, RunInfo] = {}  # rank -> the facts its rules see (the attempt's lineage start)
+        self._muted = False  # replaying what an attempt builds on: nothing is delivered
 
     def attach(self, sinks: Iterable[AlertSink], on_error: Callable[[str, BaseException], None] | None = None) -> None:
         self.sinks = list(sinks)
@@ -91,7 +113,7 @@ class RulesEngine:
                 if cls.scope == "global" and rank != 0:
                     continue  # one verdict per run, from rank 0, not one per rank
                 try:
-                    rule = cls(cfg, self.run)
+                    rule = cls(cfg, self._run_for.get(rank, self.run))
                 except Exception as e:  # a rule that cannot start is skipped, not fatal
                     self._error(f"rule {cls.id} init", e)
                     continue
@@ -106,15 +128,15 @@ class RulesEngine:
     def observe_many(self, records: Iterable[StepRecord]) -> list[Alert]:
         """Feed many records: the same alerts, in the same order, as `observe` one by one.
 
-        Each run of consecutive records of one rank is fed rule by rule (a rule's loop over the
-        records keeps its state and code hot), in chunks small enough to stay in the CPU's cache."""
+        Each run of consecutive records of one rank (and attempt) is fed rule by rule (a rule's loop over
+        the records keeps its state and code hot), in chunks small enough to stay in the CPU's cache."""
         records = records if isinstance(records, list) else list(records)
         out: list[Alert] = []
         i, n = 0, len(records)
         while i < n:
-            rank = records[i].rank
+            rank, attempt = records[i].rank, records[i].attempt
             j = i + 1
-            while j < n and records[j].rank == rank:
+            while j < n and records[j].rank == rank and records[j].attempt == attempt:
                 j += 1
             for k in range(i, j, _CHUNK):
                 out.extend(self._observe_run(rank, records[k:min(k + _CHUNK, j)]))
@@ -122,11 +144,39 @@ class RulesEngine:
         return out
 
     def _observe_run(self, rank: int, batch: list[StepRecord]) -> list[Alert]:
-        """Feed consecutive records of one rank to each of its rules in turn, then deliver the alerts in
-        record order, then registry order: the order of feeding the records one at a time.
+        """Feed consecutive records of one rank and attempt to each of its rules in turn, then deliver the
+        alerts in record order, then registry order: the order of feeding the records one at a time.
 
         A rule sees the records in order; an exception is counted and the rule goes on with the next
         record; after a record on which the rule set `retired` it sees no more (of this rank)."""
+        first = batch[0]
+        current = self._attempt.get(rank)
+        if current != first.attempt:
+            if current is None:
+                self._attempt[rank] = first.attempt
+            else:
+                self.begin(first)
+        return self._feed(rank, batch)
+
+    def begin(self, first: StepRecord) -> list[Alert]:
+        """`start` the rank of `first` in its attempt, with that attempt's facts and history from
+        `attempts` (a stand-in and no history without it): at a rank's first record, and when records
+        of a later attempt arrive."""
+        from monitor.runlog import attempts as runlog_attempts
+
+        rank = first.rank
+        try:
+            if self.attempts is None:
+                raise LookupError
+            attempt = self.attempts.attempt(first.attempt, first.step)
+            history = self.attempts.history(rank, attempt)
+        except Exception as e:  # an unreadable history: the attempt starts cold, judged all the same
+            if not isinstance(e, LookupError):
+                self._error("reading an attempt's history", e)
+            attempt, history = runlog_attempts.resolve(self.run, first.attempt, first.step), []
+        return self.start(rank, attempt, history)
+
+    def _feed(self, rank: int, batch: list[StepRecord]) -> list[Alert]:
         states = self._states.get(rank)
         if states is None:
             states = self._states_for(rank)
@@ -178,20 +228,59 @@ class RulesEngine:
         self._states[rank] = [st for st in states if not st.rule.retired]
         self._retired.setdefault(rank, []).extend(st for st in states if st.rule.retired)
 
-    def start(self, rank: int = 0) -> list[Alert]:
-        """Run the checks that need only the run's facts (preflight); call once per rank, before its steps."""
-        out: list[Alert] = []
-        at = StepRecord(step=self.run.start_step, rank=rank)
-        for st in self._states_for(rank):
-            try:
-                finding = st.rule.on_start()
-            except Exception as e:
-                self._error(f"rule {st.rule.id} start", e)
-                continue
-            alert = self._transition(st, at, finding) if finding is not None else None
-            if alert is not None:
-                out.append(alert)
-                self._deliver(alert)
+    def start(self, rank: int = 0, attempt: Attempt | None = None, history: Iterable[StepRecord] = ()) -> list[Alert]:
+        """Begin judging `rank` (in `attempt`, building on `history`): call before its steps. Returns the
+        alerts delivered: the checks that need only the run's facts (preflight), and the previous
+        attempt's alerts that this one resolves.
+
+        Fresh rules (seeing the run from the attempt's lineage start) replay `history` with nothing
+        delivered, then run their preflight checks; an alert that was active on this rank is carried
+        over when its rule still finds the problem, and resolved otherwise."""
+        before = [st for group in (self._states, self._retired) for st in group.pop(rank, []) if st.active]
+        if attempt is not None:
+            self._attempt[rank] = attempt.id
+            if attempt.lineage_start != self.run.start_step:
+                self._run_for[rank] = self.run.model_copy(update={"start_step": attempt.lineage_start})
+            else:
+                self._run_for.pop(rank, None)
+        start_step = attempt.start_step if attempt is not None else self.run.start_step
+        at = StepRecord(step=start_step, rank=rank, attempt=attempt.id if attempt is not None else 1)
+        history = history if isinstance(history, list) else list(history)
+        found: list[Alert] = []
+        self._muted = True
+        try:
+            for st in self._states_for(rank):
+                try:
+                    finding = st.rule.on_start()
+                except Exception as e:
+                    self._error(f"rule {st.rule.id} start", e)
+                    continue
+                alert = self._transition(st, at, finding) if finding is not None else None
+                if alert is not None:
+                    found.append(alert)
+            for k in range(0, len(history), _CHUNK):
+                self._feed(rank, history[k:k + _CHUNK])
+        finally:
+            self._muted = False
+        now_active = {st.rule.id: st for group in (self._states, self._retired) for st in group.get(rank, [])
+                      if st.active is not None}
+        carried: set[str] = set()
+        resolved: list[Alert] = []
+        for old in before:
+            st = now_active.get(old.rule.id)
+            if st is not None:
+                st.active = old.active  # the same problem: its alert goes on
+                carried.add(old.rule.id)
+            else:
+                why = "the rank started again" if attempt is None else (
+                    f"attempt {attempt.id} resumed at step {attempt.start_step}" if attempt.kind == "resumed"
+                    else f"attempt {attempt.id} started the run again")
+                resolved.append(old.active.model_copy(update={
+                    "status": "resolved", "step": start_step, "time": time.time(), "attempt": at.attempt,
+                    "evidence": {**old.active.evidence, "resolved_by": why}}))
+        out = [a for a in found if a.rule not in carried] + resolved
+        for alert in out:
+            self._deliver(alert)
         return out
 
     def tick(self, now: float | None = None) -> list[Alert]:
@@ -209,7 +298,7 @@ class RulesEngine:
                 if finding is None:
                     continue
                 step = finding.step if finding.step is not None else self.run.start_step
-                at = StepRecord(step=step, rank=rank)
+                at = StepRecord(step=step, rank=rank, attempt=self._attempt.get(rank, 1))
                 alert = self._transition(st, at, finding)
                 if alert is not None:
                     out.append(alert)
@@ -266,6 +355,7 @@ class RulesEngine:
             hint=finding.hint,
             evidence=evidence,
             run=self.run.run_id,
+            attempt=record.attempt,
         )
         for complete in self.completions:  # the alert is not shared yet: completed in place
             try:
@@ -277,6 +367,8 @@ class RulesEngine:
         return alert
 
     def _deliver(self, alert: Alert) -> None:
+        if self._muted:
+            return
         self.alerts.append(alert)
         for sink in self.sinks:
             try:

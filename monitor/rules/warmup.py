@@ -379,6 +379,7 @@ class WarmupRestart(Rule):
         super().__init__(config, run)
         self.trace = LrTrace()
         self.drop_step: int | None = None
+        self.drop_attempt = 1  # the attempt whose record the LR fell on (a resumed process's, usually)
         self.drop_lr = 0.0
         self.before = 0.0
         self.prev: float | None = None
@@ -400,12 +401,12 @@ class WarmupRestart(Rule):
                     hint="Save and load scheduler.state_dict() with checkpoints (or rebuild it with last_epoch "
                     "set to the resumed step).",
                     evidence={"lr_before": self.before, "lr_after": self.drop_lr, "lr_now": lr,
-                              "peak_lr": self.trace.peak, "first_step": self.drop_step},
+                              "peak_lr": self.trace.peak, "first_step": self.drop_step, "attempt": self.drop_attempt},
                     step=self.drop_step,
                 )
                 self.drop_step = None
             elif r.step - self.drop_step >= self.config.confirm:
                 self.drop_step = None  # a step decay, not a restart
         if warm and prev is not None and lr < self.drop * prev and lr < self.floor * self.trace.peak:
-            self.drop_step, self.drop_lr, self.before = r.step, lr, prev
+            self.drop_step, self.drop_lr, self.before, self.drop_attempt = r.step, lr, prev, r.attempt
         return finding

@@ -1,8 +1,9 @@
 """Reading a whole run back: one call for `monitor check`, the report, tests and scripts.
 
 `read_run(path)` opens the run with `monitor.runlog.adapters.open_source` (the Source `monitor watch`
-tails, so the two read a directory the same way), reads it to the end and returns its RunInfo, its
-records by rank in step order and the problems met on the way.
+tails, so the two read a directory the same way), reads it to the end and returns its RunInfo, every
+record by rank in reading order (`stream`: attempt after attempt), the records that count by rank in
+step order (`records`: each rank's lineage, see monitor.runlog.attempts) and the problems met on the way.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from monitor.runlog import attempts
 from monitor.runlog.rundir import ALERTS_JSONL
 from monitor.runlog.sources import RunReadError, SourceError
 from monitor.schema import Alert, RunInfo, StepRecord
@@ -23,8 +25,14 @@ __all__ = ["RunData", "RunReadError", "read_alerts", "read_run"]
 class RunData:
     path: Path
     info: RunInfo
-    records: dict[int, list[StepRecord]] = field(default_factory=dict)  # by rank, in step order
+    records: dict[int, list[StepRecord]] = field(default_factory=dict)  # by rank, in step order: what counts
     problems: list[str] = field(default_factory=list)  # corrupt/truncated files, reported not fatal
+    stream: dict[int, list[StepRecord]] = field(default_factory=dict)  # by rank, every record as read
+
+    @property
+    def attempts(self) -> attempts.Recorded:
+        """The run's attempts, for a rules engine crossing them (`RulesEngine(attempts=...)`)."""
+        return attempts.Recorded(self.info, self.stream)
 
     def all_records(self) -> list[StepRecord]:
         return sorted((r for rs in self.records.values() for r in rs), key=lambda r: (r.step, r.rank))
@@ -40,12 +48,14 @@ def read_run(path: str | Path, mapping: dict[str, str] | None = None) -> RunData
 
     try:
         source = open_source(path, mapping)
-        records = read_all(source)
+        stream = read_all(source)
     except RunReadError:
         raise
     except SourceError as e:
         raise RunReadError(str(e)) from None
-    return RunData(path=Path(path), info=source.info, records=records, problems=list(source.problems))
+    info = source.info
+    return RunData(path=Path(path), info=info, records={rank: attempts.lineage(rs, info) for rank, rs in stream.items()},
+                   problems=list(source.problems), stream=stream)
 
 
 def read_alerts(run_dir: str | Path) -> list[Alert]:

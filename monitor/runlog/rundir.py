@@ -114,13 +114,16 @@ class RunDir:
             return data
 
     def write_run_info(self, info: RunInfo) -> None:
-        """Write run.json, keeping endpoints other ranks registered already."""
+        """Write run.json, keeping endpoints other ranks registered already and the attempts as run.json
+        lists them (registered under this lock; their heartbeats change)."""
         new = info.model_dump(mode="json")
 
         def merge(old: dict) -> dict:
             eps = {e["rank"]: e for e in old.get("endpoints", [])} if isinstance(old, dict) else {}
             eps.update({e["rank"]: e for e in new.get("endpoints", [])})
             new["endpoints"] = [eps[k] for k in sorted(eps)]
+            if isinstance(old, dict) and old.get("attempts"):
+                new["attempts"] = old["attempts"]
             return new
 
         self.update_json(RUN_JSON, merge, {})

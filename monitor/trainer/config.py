@@ -133,6 +133,10 @@ class TrainConfig(BaseModel):
         description="Save every N optimizer steps (0: only at the end of the run) when checkpoint_dir is set.",
     )
     resume: bool = Field(False, description="Continue from the latest checkpoint in checkpoint_dir.")
+    resume_scheduler: bool = Field(
+        True, description="On resume, restore the LR scheduler's state too; false builds it fresh, as a resume "
+        "script that forgets the scheduler does (the warmup replays: warmup.restart).",
+    )
 
     # --- fault injection and output --------------------------------------------------------------
     faults: list[str] = Field(

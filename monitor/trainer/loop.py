@@ -250,8 +250,10 @@ def _train(
         if ckpt is None:
             note = f"no checkpoint in {cfg.checkpoint_dir}; starting from scratch"
         else:
-            start = run.load_checkpoint(ckpt)
-            note = f"resumed from {ckpt} at step {start}"
+            start = run.load_checkpoint(ckpt, load_scheduler=cfg.resume_scheduler)
+            if not cfg.resume_scheduler:
+                run.scheduler = run.new_scheduler()  # built after the optimizer's state: its LR from step 0
+            note = f"resumed from {ckpt} at step {start}" + ("" if cfg.resume_scheduler else " (scheduler not restored)")
     report = Progress(progress_mode(progress, dist.rank), cfg, start)
     if note:
         report.message(note)

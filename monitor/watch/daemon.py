@@ -178,7 +178,9 @@ class Watcher:
         saved = self._saved.pop(key, None)
         if saved is None and self._first_scan and self.state is not None and self.state.unreadable:
             saved = SavedRun(everything=True)
-        engine = RulesEngine(source.info.model_copy(update={"run_id": run_id}), self.config.rules)
+        # A trainmon run directory tells the engine about its attempts (their facts and history).
+        attempts = source if callable(getattr(source, "history", None)) else None
+        engine = RulesEngine(source.info.model_copy(update={"run_id": run_id}), self.config.rules, attempts=attempts)
         run = WatchedRun(key, source, run_id, engine, saved)
         run.live = saved is not None and saved.live
         run.sink = _RunAlertSink(self, run)
@@ -308,7 +310,7 @@ class Watcher:
             if rank not in run.started:  # preflight checks just before the rank's first step
                 run.started.add(rank)
                 run.replaying = before > 0
-                engine.start(rank)
+                engine.begin(records[i])
             if before:
                 run.replaying = True
                 engine.observe_many(records[i:i + before])

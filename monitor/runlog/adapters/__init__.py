@@ -94,7 +94,8 @@ def open_source(path: str | os.PathLike[str], mapping: dict[str, str] | None = N
 
 
 def read_all(source: Source) -> dict[int, list[StepRecord]]:
-    """Every record of a source, by rank in step order (a later record for a step wins, as in read_run).
+    """Every record of a source, by rank in reading order (attempt after attempt: see
+    `monitor.runlog.attempts.lineage` for the ones that count).
 
     Raises SourceError when a TensorBoard logdir (or a CSV) has no tags of a known framework and no mapping.
     """
@@ -103,10 +104,10 @@ def read_all(source: Source) -> dict[int, list[StepRecord]]:
     why = getattr(source, "unrecognized", None)
     if why:
         raise SourceError(why)
-    by_rank: dict[int, dict[int, StepRecord]] = {}
+    by_rank: dict[int, list[StepRecord]] = {}
     for r in records:
-        by_rank.setdefault(r.rank, {})[r.step] = r
-    return {rank: [steps[s] for s in sorted(steps)] for rank, steps in sorted(by_rank.items())}
+        by_rank.setdefault(r.rank, []).append(r)
+    return dict(sorted(by_rank.items()))
 
 
 # -- discovery -------------------------------------------------------------------------------------

@@ -45,12 +45,12 @@ def natural_key(s: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def event_file_names(directory: Path) -> list[str]:
-    """Names of the event files directly in `directory`, in natural order: TensorBoard's names carry the
-    creation time, pid and a per-process counter, so ...1700000000.host.42.10 comes after ....42.9.
-    Raises OSError when the directory is unreadable."""
+def event_file_names(directory: Path, key: Callable[[str], Any] = natural_key) -> list[str]:
+    """Names of the event files directly in `directory`, in natural order (or `key`'s): TensorBoard's names
+    carry the creation time, pid and a per-process counter, so ...1700000000.host.42.10 comes after
+    ....42.9. Raises OSError when the directory is unreadable."""
     with os.scandir(directory) as it:
-        return sorted((e.name for e in it if is_event_file(e.name) and e.is_file()), key=natural_key)
+        return sorted((e.name for e in it if is_event_file(e.name) and e.is_file()), key=key)
 
 
 def tensor_scalar(t: Any) -> float | None:
@@ -73,8 +73,11 @@ def tensor_scalar(t: Any) -> float | None:
 class TensorBoardTail:
     """Reads new events of every event file in one directory, never re-reading what it has read."""
 
-    def __init__(self, directory: str | os.PathLike[str], problems: list[str] | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str], problems: list[str] | None = None,
+                 order: Callable[[str], Any] = natural_key) -> None:
+        """`order`: the sort key of file names, the order files are read in."""
         self.directory = Path(directory)
+        self.order = order
         self.offsets: dict[str, int] = {}  # file name -> byte offset of its next unread record
         self.dead: set[str] = set()  # files with a corrupt record: not read any further
         self.problems: list[str] = problems if problems is not None else []
@@ -104,15 +107,15 @@ class TensorBoardTail:
 
         return self._poll(event)
 
-    def poll_decoded(self, decode: Callable[[bytes], Any], limit: int | None = None) -> list[Any]:
-        """`decode(record bytes)` of every whole record appended since the last poll, file by file; None
-        results are dropped. A record that decode rejects with DecodeError is reported once per file
-        and skipped. With `limit`, at most that many results: the rest waits for the next call."""
-        return self._poll(lambda _name: decode, limit)
+    def poll_decoded(self, decoder: Callable[[str], Callable[[bytes], Any]], limit: int | None = None) -> list[Any]:
+        """`decoder(file name)(record bytes)` of every whole record appended since the last poll, file by
+        file; None results are dropped. A record that decode rejects with DecodeError is reported once
+        per file and skipped. With `limit`, at most that many results: the rest waits for the next call."""
+        return self._poll(decoder, limit)
 
     def _poll(self, decoder: Callable[[str], Callable[[bytes], Any]], limit: int | None = None) -> list[Any]:
         try:
-            names = event_file_names(self.directory)
+            names = event_file_names(self.directory, self.order)
         except FileNotFoundError:
             self._report("dir-gone", f"{self.directory}: the directory vanished")
             return []

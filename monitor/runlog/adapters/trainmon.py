@@ -3,7 +3,9 @@
 run.json gives the RunInfo (re-read when it changes: the training process adds endpoints while it
 runs and a summary with "ended" at close); rank 0's event files lie in the run directory itself,
 rank N's in `rank<N>/` (ranks that appear later are picked up). Each event is one whole step
-(`monitor.runlog.events.StepDecoder`), so nothing is held back.
+(`monitor.runlog.events.StepDecoder`), so nothing is held back. Files are read attempt by attempt
+(`monitor.runlog.attempts`); each record carries its attempt, and `history` gives what a new attempt
+builds on (a rules engine replays it when it crosses into that attempt).
 This is how `monitor check`, `monitor watch` and `monitor.runlog.reader.read_run` read a run directory.
 """
 
@@ -11,17 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-from operator import lt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from monitor.runlog import attempts
 from monitor.runlog.adapters.tbtail import TensorBoardTail
 from monitor.runlog.events import StepDecoder
 from monitor.runlog.rundir import RUN_JSON, rank_dir, rank_dirs
 from monitor.runlog.sources import RunReadError, SourceError
-from monitor.schema import RunInfo, StepRecord
+from monitor.schema import Attempt, RunInfo, StepRecord
 
 
 def read_run_info(run_dir: Path) -> RunInfo:
@@ -41,7 +44,7 @@ class TrainmonSource:
         self.problems: list[str] = []
         self._info_mtime = self._mtime()
         self._tails: dict[int, TensorBoardTail] = {}
-        self._decoders: dict[int, StepDecoder] = {}  # per rank
+        self._decoders: dict[tuple[int, int], StepDecoder] = {}  # per (rank, attempt)
         self._reported: set[str] = set()
 
     def _mtime(self) -> int | None:
@@ -75,26 +78,37 @@ class TrainmonSource:
             self._report("dir", f"{self.path}: unreadable: {e.strerror or e}")
             return []
         out: list[StepRecord] = []
-        names = self.info.model.param_names
         for rank, d in sorted(dirs.items()):
             if limit is not None and len(out) >= limit:
                 break
             tail = self._tails.get(rank)
             if tail is None:
-                tail = self._tails[rank] = TensorBoardTail(d, self.problems)
-            dec = self._decoders.get(rank)
-            if dec is None or dec.param_names is not names:  # run.json may name the parameters later
-                dec = self._decoders[rank] = StepDecoder(rank, names)
-            recs = tail.poll_decoded(dec.decode, None if limit is None else limit - len(out))
-            steps = [r.step for r in recs]
-            if all(map(lt, steps, steps[1:])):  # the usual case: one writer, steps in order
-                out.extend(recs)
-                continue
-            by_step: dict[int, StepRecord] = {}
-            for r in recs:
-                by_step[r.step] = r  # a restarted writer's later record for a step wins
-            out.extend(by_step[s] for s in sorted(by_step))
+                tail = self._tails[rank] = TensorBoardTail(d, self.problems, order=attempts.file_order)
+            out += tail.poll_decoded(self._decoder(rank), None if limit is None else limit - len(out))
         return out
+
+    def _decoder(self, rank: int) -> Callable[[str], Callable[[bytes], StepRecord | None]]:
+        names = self.info.model.param_names
+
+        def for_file(name: str) -> Callable[[bytes], StepRecord | None]:
+            n = attempts.attempt_of(name)
+            dec = self._decoders.get((rank, n))
+            if dec is None or dec.param_names is not names:  # run.json may name the parameters later
+                dec = self._decoders[rank, n] = StepDecoder(rank, names, attempt=n)
+            return dec.decode
+        return for_file
+
+    def attempt(self, attempt_id: int, first_step: int) -> Attempt:
+        """The attempt's facts from run.json (read again when it is not listed yet)."""
+        if self.info.attempt(attempt_id) is None:
+            self._refresh_info()
+        return attempts.resolve(self.info, attempt_id, first_step)
+
+    def history(self, rank: int, attempt: Attempt) -> list[StepRecord]:
+        """The rank's records `attempt` builds on (read again from the files: attempts are rare)."""
+        if attempt.kind != "resumed":
+            return []
+        return attempts.history(attempts.read_rank(self.path, rank, self.info, attempt.id), self.info, attempt)
 
     def flush(self) -> list[StepRecord]:
         return []

@@ -128,8 +128,9 @@ class StepDecoder:
 
     _MAX_LAYOUTS = 4096
 
-    def __init__(self, rank: int = 0, param_names: list[str] | None = None) -> None:
+    def __init__(self, rank: int = 0, param_names: list[str] | None = None, attempt: int = 1) -> None:
         self.rank = rank
+        self.attempt = attempt
         self.param_names = param_names if param_names is not None else []
         self._layouts: dict[int, _Layout] = {}
 
@@ -179,7 +180,8 @@ class StepDecoder:
             rest = 2
         if mask & HAS_MORE:
             self._extras(values, rest, fields)
-        return StepRecord(step=ev.step, rank=self.rank, time=ev.wall_time, lr=list(vec[layout.end:]), **fields)
+        return StepRecord(step=ev.step, rank=self.rank, attempt=self.attempt, time=ev.wall_time,
+                          lr=list(vec[layout.end:]), **fields)
 
     @staticmethod
     def _extras(values, rest: int, fields: dict) -> None:
@@ -242,7 +244,8 @@ class StepDecoder:
             seen = True
         if not seen:
             return None
-        return StepRecord(step=ev.step, rank=self.rank, time=ev.wall_time, lr=[lrs[i] for i in sorted(lrs)],
+        return StepRecord(step=ev.step, rank=self.rank, attempt=self.attempt, time=ev.wall_time,
+                          lr=[lrs[i] for i in sorted(lrs)],
                           param_norms=params_full if params_full is not None else (params or None),
                           attention=attention or None, scalars=scalars, **fields)
 

@@ -34,10 +34,12 @@ from monitor.schema import StepRecord
 _file_seq = itertools.count()
 
 
-def event_file_name(rank: int) -> str:
+def event_file_name(rank: int, attempt: int = 1) -> str:
     # TensorBoard's own shape (events.out.tfevents.<unix seconds>.<host>...): names sort by creation
-    # time; pid, a per-process sequence and the rank keep concurrent writers and restarts apart.
-    return f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{next(_file_seq)}.rank{rank}"
+    # time; pid, a per-process sequence and the rank keep writers apart; the attempt (run.json
+    # `attempts`) tells a reader which process's records these are (monitor.runlog.attempts).
+    return (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{next(_file_seq)}"
+            f".rank{rank}.attempt{attempt}")
 
 
 def record_values(r: StepRecord, *, param_norms: bool = True) -> list[tuple[str, float]]:
@@ -112,9 +114,9 @@ class EventWriter:
     """Appends step events to one event file; synchronous, called from the publisher thread only."""
 
     def __init__(self, directory: Path, rank: int, *, flush_secs: float = 2.0, param_norms_every: int = 50,
-                 param_names: list[str] | None = None) -> None:
+                 param_names: list[str] | None = None, attempt: int = 1) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / event_file_name(rank)
+        self.path = directory / event_file_name(rank, attempt)
         self._f = open(self.path, "ab")  # noqa: SIM115 (kept open for the run)
         self._flush_secs = flush_secs
         self._param_norms_every = param_norms_every

@@ -1,0 +1,213 @@
+"""The attempt a training process starts in its run directory (see monitor.runlog.attempts).
+
+At attach, rank 0 reads what the directory holds, tells a resume from a restart, finds the loop's
+step index, and registers the attempt in run.json under the directory's lock, refusing when the
+directory's current attempt is still alive (another process writes it). The other ranks of the job
+take rank 0's attempt through the job's store. Every rank reads its own records of the earlier
+attempts, which a resumed process's rules replay before its first step (a warm start).
+
+The loop's step index of a resume, in order of trust:
+1. `resume_step` from the caller (framework integrations pass their trainer's global step);
+2. the scheduler's own count (`last_epoch`), which counts loop steps also when GradScaler skipped the
+   optimizer step, divided by the scheduler calls per optimizer step seen in the directory's records;
+3. the optimizer's count (`state['step']`), which lags the loop by every skipped step: the directory's
+   records say which steps were skipped, so the count maps back to the loop's index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monitor.config import AttemptsConfig
+from monitor.hooks import introspect
+from monitor.runlog import attempts
+from monitor.runlog.attempts import RunDirBusy
+from monitor.runlog.rundir import RUN_JSON, RunDir
+from monitor.schema import Attempt, RunInfo, StepRecord
+
+log = logging.getLogger("trainmon")
+
+_STORE_KEY = "trainmon/attempt/"
+
+
+@dataclass
+class Started:
+    attempt: Attempt
+    prior: RunInfo | None  # run.json as the earlier attempts left it (None: a new directory)
+    history: list[StepRecord]  # this rank's records the attempt builds on (its rules replay them)
+
+
+def _prior_info(path: Path) -> RunInfo | None:
+    try:
+        return RunInfo.model_validate(json.loads((path / RUN_JSON).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # damaged: the attempt starts as if the directory were new, and says so
+        log.warning("trainmon: %s is unreadable (%s); earlier attempts are not taken into account", path / RUN_JSON, e)
+        return None
+
+
+def scheduler_count(scheduler: Any) -> int:
+    """A torch LR scheduler's own step count (`last_epoch`), 0 for a fresh one or another kind."""
+    n = getattr(scheduler, "last_epoch", None) if scheduler is not None else None
+    return n if isinstance(n, int) and n > 0 else 0
+
+
+def resume_point(optimizer: torch.optim.Optimizer, scheduler: Any, resume_step: int | None,
+                 earlier: list[StepRecord]) -> tuple[int, str]:
+    """(the loop's index of the first step this process takes, how it was found); `earlier`: this
+    rank's lineage of the earlier attempts, in step order."""
+    if resume_step is not None:
+        return resume_step, "resume_step"
+    optimizer_steps = introspect.resumed_step(optimizer)
+    scheduler_steps = scheduler_count(scheduler)
+    if scheduler_steps:
+        per_step = [r.scheduler_steps for r in earlier if r.scheduler_steps]
+        if per_step:
+            return round(scheduler_steps / statistics.median(per_step)), "scheduler"
+        # No records to tell: one scheduler call per loop step unless the counts say per micro-batch.
+        if not optimizer_steps or scheduler_steps < 2 * optimizer_steps:
+            return scheduler_steps, "scheduler"
+    if optimizer_steps:
+        updates = 0
+        for r in earlier:  # the first loop step after that many updates that were not skipped
+            if updates == optimizer_steps:
+                return r.step, "optimizer"
+            updates += not r.skipped
+        if earlier and updates == optimizer_steps:
+            return earlier[-1].step + 1, "optimizer"
+        return optimizer_steps, "optimizer"
+    return 0, "none"
+
+
+def _job() -> str | None:
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return run_id if run_id and run_id != "none" else None
+
+
+def _register(rundir: RunDir, new: Attempt, stale_after: float) -> Attempt:
+    """Append `new` to run.json's attempts under the directory's lock (its id is the next one), unless
+    the current attempt is alive and not of this job: RunDirBusy names it."""
+    out: list[Attempt] = []
+
+    def add(old: Any) -> dict:
+        old = old if isinstance(old, dict) else {}
+        listed = []
+        for raw in old.get("attempts") or []:
+            try:
+                listed.append(Attempt.model_validate(raw))
+            except Exception:
+                continue  # a damaged entry: left out
+        current = listed[-1] if listed else None
+        if current is not None and attempts.alive(current, stale_after=stale_after) and not (
+                new.job is not None and current.job == new.job):
+            beat = current.heartbeat if current.heartbeat is not None else current.started
+            raise RunDirBusy(
+                f"run_dir {str(rundir.path)!r} is being written by another process ({attempts.describe(current)}; "
+                f"last heartbeat {time.time() - beat:.0f} s ago). Stop that process or wait for it to end, or give "
+                "this run its own run_dir.")
+        base = listed[-1].id if listed else (1 if old else 0)  # a run.json without attempts: attempt 1 wrote it
+        attempt = new.model_copy(update={"id": base + 1})
+        out.append(attempt)
+        old["attempts"] = [a.model_dump(mode="json") for a in listed] + [attempt.model_dump(mode="json")]
+        return old
+
+    rundir.update_json(RUN_JSON, add, {})
+    return out[0]
+
+
+def _share(store: Any, rank: int, attempt: Attempt | None, timeout_s: float = 60.0) -> Attempt | None:
+    """Rank 0's attempt on every rank of the job (through the job's store)."""
+    key = f"{_STORE_KEY}{_job() or os.environ.get('MASTER_PORT', 'job')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    try:
+        if rank == 0:
+            store.set(key, attempt.model_dump_json())
+            return attempt
+        store.wait([key], timedelta(seconds=timeout_s))
+        return Attempt.model_validate_json(store.get(key).decode())
+    except Exception as e:
+        log.warning("trainmon: rank %d could not share the run's attempt through the job's store (%s)", rank, e)
+        return attempt
+
+
+def begin(rundir: RunDir, *, rank: int, store: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+          resume_step: int | None, cfg: AttemptsConfig) -> Started:
+    """Start this process's attempt (rank 0 registers it; RunDirBusy when the directory is in use)."""
+    prior = _prior_info(rundir.path)
+    records: list[StepRecord] = []
+    if prior is not None:
+        records = attempts.read_rank(rundir.path, rank, prior)
+    earlier = attempts.lineage(records, prior) if prior is not None else []
+    attempt: Attempt | None = None
+    if rank == 0 or store is None:
+        step, how = resume_point(optimizer, scheduler, resume_step, earlier)
+        used = prior is not None
+        kind = ("resumed" if step > 0 else "restarted") if used else ("resumed" if step > 0 else "fresh")
+        kept = [r for r in earlier if r.step < step] if kind == "resumed" else []
+        current = prior.attempts[-1] if prior is not None and prior.attempts else None
+        lineage_start = step
+        if kept:
+            lineage_start = min(current.lineage_start, step) if current is not None else kept[0].step
+        mine = Attempt(id=0, kind=kind, start_step=step, lineage_start=lineage_start, how=how,
+                       host=socket.gethostname(), pid=os.getpid(), pid_start=attempts.process_start(os.getpid()),
+                       job=_job(), heartbeat=time.time())
+        if rank == 0:
+            attempt = _register(rundir, mine, cfg.stale_after_seconds)
+        elif prior is not None and prior.attempts:  # no store to ask rank 0: its latest registration
+            attempt = prior.attempts[-1]
+        else:
+            attempt = mine.model_copy(update={"id": 1})
+    if store is not None:
+        attempt = _share(store, rank, attempt)
+        if attempt is None:  # rank 0 never said: this rank judges on its own, from step 0
+            attempt = Attempt(id=1, host=socket.gethostname(), pid=os.getpid())
+    history: list[StepRecord] = []
+    if cfg.warm_start and prior is not None and attempt.kind == "resumed":
+        history = attempts.history(records, prior, attempt)
+    return Started(attempt, prior, history)
+
+
+def update(rundir: RunDir, attempt_id: int, **fields: Any) -> None:
+    """Set fields of one attempt in run.json (the heartbeat, the end)."""
+    def apply(old: Any) -> Any:
+        if isinstance(old, dict):
+            for a in old.get("attempts") or []:
+                if isinstance(a, dict) and a.get("id") == attempt_id:
+                    a.update(fields)
+        return old
+
+    rundir.update_json(RUN_JSON, apply, {})
+
+
+class Heartbeat:
+    """Rank 0's thread refreshing its attempt's heartbeat in run.json (for processes on other hosts)."""
+
+    def __init__(self, rundir: RunDir, attempt_id: int, every: float, on_error: Callable[[str, BaseException], None]) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(rundir, attempt_id, every, on_error),
+                                        name="trainmon-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self, rundir: RunDir, attempt_id: int, every: float, on_error: Callable[[str, BaseException], None]) -> None:
+        while not self._stop.wait(every):
+            try:
+                update(rundir, attempt_id, heartbeat=time.time())
+            except Exception as e:
+                on_error("attempt heartbeat", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
