@@ -93,6 +93,18 @@ def test_dashboards_are_deterministic() -> None:
         assert [p["id"] for p in d["panels"]] == list(range(1, len(d["panels"]) + 1))
 
 
+def test_dashboards_with_a_run_variable_mark_new_attempts() -> None:
+    marked = []
+    for name, d in grafana.dashboards().items():
+        if not any(v["name"] == "run" for v in d["templating"]["list"]):
+            continue
+        (ann,) = [a for a in d["annotations"]["list"] if a["name"] == "Attempts (resume/restart)"]
+        assert "changes(trainmon_attempt{" in ann["expr"] and 'run=~"$run"' in ann["expr"], name
+        assert ann["enable"] and "filter" not in ann  # shown, on every panel
+        marked.append(name)
+    assert sorted(marked) == ["alerts", "attention", "ddp", "overview"]
+
+
 def _run(root: Path, name: str) -> Path:
     from monitor.runlog.rundir import RunDir
     from monitor.schema import Endpoint

@@ -363,6 +363,46 @@ def test_absent_data_is_omitted_and_preflight_is_a_checklist():
     assert clean.find("p", cls="summary").attrs["data-alerts"] == "0"
 
 
+def test_attempts_get_a_section_and_a_marker_on_every_plot():
+    from monitor.schema import Attempt
+
+    def run(attempts: list[Attempt]) -> tuple[str, Node]:
+        info = RunInfo(run_id="resumed", attempts=attempts)
+        resume = attempts[-1].start_step if len(attempts) > 1 else 40
+        records = {0: [StepRecord(step=s, attempt=1 if s < resume else len(attempts), time=1_700_000_000.0 + s,
+                                  loss=3.0 - s / 100, lr=[1e-3], grad_norm=1.0) for s in range(40)]}
+        alert = Alert(rule="loss.spike", severity=Severity.warning, step=30, message="spike", hint="lower the LR")
+        doc = render_report(info, records, [alert])
+        check_svgs_are_xml(doc)
+        return doc, parse(doc)
+
+    first = Attempt(id=1, started=1_700_000_000.0, host="node1", pid=11, ended=1_700_000_020.0, steps=25)
+    doc, root = run([first, Attempt(id=2, kind="resumed", start_step=20, lineage_start=0, started=1_700_000_100.0,
+                                    host="node2", pid=22)])
+    items = root.find("section", id="attempts").find_all("li", cls="attempt")
+    assert [(i.attrs["data-attempt"], i.attrs["data-kind"]) for i in items] == [("1", "fresh"), ("2", "resumed")]
+    assert items[0].text().startswith("attempt 1: fresh, pid 11 on node1") and "ended at step 25" in items[0].text()
+    assert items[1].text().startswith("attempt 2: resumed at step 20, pid 22 on node2")
+    assert set(plots(root)) == {"loss", "lr", "grad_norm"}
+    for key, fig in plots(root).items():
+        (marker,) = fig.find_all("g", cls="attempt-marker")
+        assert (marker.attrs["data-attempt"], marker.attrs["data-step"]) == ("2", "20"), key
+        assert marker.find("text").text() == "attempt 2: resumed"
+        assert marker.find("title").text() == items[1].text()
+        assert "attempt start" in fig.find("g", cls="legend").text()
+        assert len(fig.find_all("g", cls="alert-marker")) == 1  # the alert markers are unchanged
+    assert "Dashed lines mark where each attempt" in root.find("section", id="plots").text()
+
+    _, root = run([first, Attempt(id=2, kind="restarted", start_step=0, started=1_700_000_100.0)])
+    assert plots(root)["loss"].find("g", cls="attempt-marker").find("text").text() == "attempt 2: restarted"
+
+    # one attempt listed renders byte for byte what a run without attempts does: no section, no marker
+    single, root = run([first])
+    assert single == run([])[0]
+    assert not root.find_all("section", id="attempts") and not root.find_all("g", cls="attempt-marker")
+    assert "attempt start" not in single
+
+
 def test_text_is_escaped():
     evil = '<script>alert("x")</script> & "quotes"'
     info = RunInfo(run_id=evil, source=evil)

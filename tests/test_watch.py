@@ -267,6 +267,39 @@ def test_live_view_shows_the_latest_attention_sample_of_rank_0():
     assert view.attn_logit == 150.0  # rank 0's sample is the one shown
 
 
+def test_live_view_names_the_latest_attempt_of_a_resumed_or_restarted_run():
+    from monitor.schema import Attempt, RunInfo
+    from monitor.watch.view import _attempt
+
+    first = Attempt(id=1)
+    assert _attempt(RunInfo(run_id="r")) == "" and _attempt(RunInfo(run_id="r", attempts=[first])) == ""
+    resumed = Attempt(id=2, kind="resumed", start_step=20)
+    assert _attempt(RunInfo(run_id="r", attempts=[first, resumed])) == "attempt 2 (resumed at 20)"
+    restarted = Attempt(id=3, kind="restarted")
+    assert _attempt(RunInfo(run_id="r", attempts=[first, resumed, restarted])) == "attempt 3 (restarted)"
+
+    # the table's run column carries it (a view drawn without starting the live display)
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from monitor.watch.run import RunView
+    from monitor.watch.view import LiveView
+
+    def row(info: RunInfo) -> str:
+        run = SimpleNamespace(run_id="r", view=RunView(), engine=SimpleNamespace(active=list), finished=False,
+                              live=True, source=SimpleNamespace(info=info))
+        view = LiveView.__new__(LiveView)
+        view._watcher_ref = lambda: SimpleNamespace(runs={"r": run}, alert_log=[])
+        view._metrics_url, view._events = None, []
+        console = Console(width=200, record=True)
+        console.print(view._render())
+        return next(line for line in console.export_text().splitlines() if " r " in line)
+
+    assert "r · attempt 2 (resumed at 20)" in row(RunInfo(run_id="r", attempts=[first, resumed]))
+    assert "attempt" not in row(RunInfo(run_id="r", attempts=[first]))
+
+
 def test_histogram_batches_expose_exactly_what_one_by_one_observing_does():
     import random
 

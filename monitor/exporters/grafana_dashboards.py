@@ -2,7 +2,8 @@
 
 Each builder takes rule options (a MonitorConfig, a mapping of rule id to options, or None) and
 the scrape job of the per-rank endpoints. Threshold lines and colours on panels come from the
-rules' configs (ruleconfig), so a panel turns red where the rule fires.
+rules' configs (ruleconfig), so a panel turns red where the rule fires. Every dashboard (all select
+runs) marks where a run resumed or restarted (ATTEMPT_ANNOTATION).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from monitor.exporters.grafana_panels import (
     ALERT_ANNOTATION,
+    ATTEMPT_ANNOTATION,
     RATE,
     Layout,
     Q,
@@ -87,7 +89,7 @@ def overview(options: Any = None, job: str = JOB) -> dict[str, Any]:
                         "{{run}} rank {{rank}}")], unit="suffix: steps/s"), w=6)
     return dashboard("trainmon-overview", "trainmon / Overview",
                      "Loss, learning rate, gradient norms, loss scale, step time and throughput of trainmon runs.",
-                     L, variables(job, "run", "rank"), [ALERT_ANNOTATION])
+                     L, variables(job, "run", "rank"), [ALERT_ANNOTATION, ATTEMPT_ANNOTATION])
 
 
 def alerts(options: Any = None, job: str = JOB) -> dict[str, Any]:
@@ -115,7 +117,7 @@ def alerts(options: Any = None, job: str = JOB) -> dict[str, Any]:
                 columns=["run", "rank", "rule", "severity", "Value"], hide=["Time"]), w=24)
     return dashboard("trainmon-alerts", "trainmon / Alerts",
                      "What the trainmon rules engines (in-process and `monitor watch`) flag, now and over time.",
-                     L, variables(job, "run", "rank"), [ALERT_ANNOTATION])
+                     L, variables(job, "run", "rank"), [ALERT_ANNOTATION, ATTEMPT_ANNOTATION])
 
 
 def attention(options: Any = None, job: str = JOB) -> dict[str, Any]:
@@ -154,7 +156,7 @@ def attention(options: Any = None, job: str = JOB) -> dict[str, Any]:
                      unit="s", overrides=[right_axis(".* interval$", unit="short")]), w=24)
     return dashboard("trainmon-attention", "trainmon / Attention",
                      "Per-layer attention statistics of trainmon runs (rank 0, sampled steps).",
-                     L, variables(job, "run", "layer"))
+                     L, variables(job, "run", "layer"), [ATTEMPT_ANNOTATION])
 
 
 def ddp(options: Any = None, job: str = JOB) -> dict[str, Any]:
@@ -201,7 +203,8 @@ def ddp(options: Any = None, job: str = JOB) -> dict[str, Any]:
                         "{{run}} rank {{rank}}")], bars=True), w=24)
     return dashboard("trainmon-ddp", "trainmon / DDP ranks",
                      "Per-rank statistics of distributed trainmon runs: loss, step time, stragglers, throughput, "
-                     "step phases (input, compute, collective wait), skipped steps.", L, variables(job, "run", "rank"), [ALERT_ANNOTATION])
+                     "step phases (input, compute, collective wait), skipped steps.",
+                     L, variables(job, "run", "rank"), [ALERT_ANNOTATION, ATTEMPT_ANNOTATION])
 
 
 DASHBOARDS = {"overview": overview, "alerts": alerts, "attention": attention, "ddp": ddp}

@@ -204,6 +204,25 @@ ALERT_ANNOTATION = {
 }
 
 
+# Where a run's attempt changed: a resume or a restart into its run directory (trainmon_attempt), one
+# mark per run. changes() sees a series step from attempt N to N+1 (`monitor watch` serves it across
+# the gap); the `unless ... offset` part catches a new process's series that appears above attempt 1
+# where no series was a window before (a new endpoint, or a gap longer than the window). No panel
+# filter: drawn on every panel.
+_ATTEMPT = f"trainmon_attempt{sel('run')}"
+ATTEMPT_ANNOTATION = {
+    "datasource": DS,
+    "enable": True,
+    "expr": (f"max by (run) (\n  changes({_ATTEMPT}[{RATE}]) > 0\n"
+             f"  or ({_ATTEMPT} > 1 unless {_ATTEMPT} offset {RATE})\n)"),
+    "iconColor": "purple",
+    "name": "Attempts (resume/restart)",
+    "step": "$__interval",
+    "textFormat": "run {{run}}: a new attempt started (resumed from a checkpoint or restarted)",
+    "titleFormat": "new attempt",
+}
+
+
 def dashboard(uid: str, title: str, description: str, layout: Layout, templating: list[dict[str, Any]],
               annotations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     builtin = {"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True, "hide": True,

@@ -1,9 +1,10 @@
 """`monitor check RUN --report FILE.html`: one self-contained HTML page about a run.
 
-The page holds a header (run facts, optimizer groups, alert counts, the preflight checklist), inline
-SVG plots with a vertical marker per firing alert, and the alerts table with each alert's fix and
-evidence. Everything is inline (CSS and SVG, no scripts, fonts, stylesheets or images), so the file
-reads offline, from disk and on paper. No torch and no plotting library: the plotting helper
+The page holds a header (run facts, optimizer groups, alert counts, the preflight checklist), the
+run's attempts when it has several (resumes, restarts), inline SVG plots with a vertical marker per
+firing alert and per attempt start, and the alerts table with each alert's fix and evidence.
+Everything is inline (CSS and SVG, no scripts, fonts, stylesheets or images), so the file reads
+offline, from disk and on paper. No torch and no plotting library: the plotting helper
 (`Series`, `Marks`, `Plot`, `svg_plot`, in report_svg) draws axes, ticks, log scales and legends itself.
 
 Long runs are downsampled per series to at most `MAX_POINTS` points by bucket min/max, so a
@@ -18,9 +19,10 @@ import math
 from collections.abc import Sequence
 from statistics import median
 
-from monitor.exporters.report_charts import build_plots
+from monitor.exporters.report_charts import attempt_markers, build_plots
 from monitor.exporters.report_svg import MAX_POINTS, Marks, Plot, Series, downsample, svg_plot
 from monitor.exporters.report_text import esc, fmt_num, format_evidence
+from monitor.runlog.attempts import describe
 from monitor.schema import Alert, RunInfo, StepRecord
 
 __all__ = ["render_report", "Series", "Marks", "Plot", "svg_plot", "downsample", "format_evidence", "MAX_POINTS"]
@@ -230,7 +232,8 @@ def render_report(info: RunInfo, records: dict[int, list[StepRecord]], alerts: l
     ids = [f"alert-{i + 1}" for i in range(len(firing))]
     title = title or f"trainmon report — {info.run_id}"
 
-    steps = [r.step for rs in records.values() for r in rs] + [a.step for a in firing]
+    starts = attempt_markers(info)  # none unless the run has several attempts
+    steps = [r.step for rs in records.values() for r in rs] + [a.step for a in firing] + [m.step for m in starts]
     x_domain = (min(steps), max(steps)) if steps else (0, 1)
     plots, omitted = build_plots(records)
 
@@ -258,6 +261,12 @@ def render_report(info: RunInfo, records: dict[int, list[StepRecord]], alerts: l
         o.append(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>")
     o.append(f'</dl></div><div class="card">{_optimizer_section(info)}</div></section>')
 
+    if len(info.attempts) > 1:  # resumed or restarted into the same directory: which process wrote what
+        items = "".join(f'<li class="attempt" data-attempt="{a.id}" data-kind="{esc(a.kind)}">'
+                        f"{esc(describe(a))}</li>" for a in info.attempts)
+        o.append(f'<section id="attempts"><h2>Attempts</h2><div class="card"><ul class="attempts">{items}</ul></div>'
+                 "</section>")
+
     o.append(f'<section id="preflight"><h2>Preflight checklist</h2><div class="card">{_preflight(info, firing)}'
              "</div></section>")
 
@@ -265,11 +274,15 @@ def render_report(info: RunInfo, records: dict[int, list[StepRecord]], alerts: l
     if firing:
         o.append('<p class="omitted">Vertical lines mark alerts (hover for the rule and fix; click for its row '
                  'in the table).</p>')
+    if starts:
+        o.append('<p class="omitted">Dashed lines mark where each attempt after the first started; the plots '
+                 "show the records that count (a resume supersedes the earlier attempts' records from its start "
+                 "step on, a restart all of them).</p>")
     for p in plots:
         o.append(f'<figure class="plot" id="plot-{esc(p.key)}" data-plot="{esc(p.key)}"><h3>{esc(p.title)}</h3>')
         if p.note:
             o.append(f"<figcaption>{esc(p.note)}</figcaption>")
-        o.append(svg_plot(p, x_domain, firing, ids))
+        o.append(svg_plot(p, x_domain, firing, ids, attempts=starts))
         o.append("</figure>")
     if omitted:
         o.append('<div class="card"><h3>Not plotted</h3><ul class="omitted">'

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 
-from monitor.exporters.report_svg import Marks, Plot, Series
-from monitor.schema import StepRecord
+from monitor.exporters.report_svg import AttemptMarker, Marks, Plot, Series
+from monitor.runlog.attempts import describe
+from monitor.schema import RunInfo, StepRecord
 
 MAX_RANK_LINES = 8  # ranks drawn individually; beyond this the first ones, with a note
 # Series colours: no red/orange, which are the alert severities'.
@@ -37,6 +38,13 @@ def _ramp(i: int, n: int) -> str:
 
 def _steps(recs: list[StepRecord]) -> list[float]:
     return [r.step for r in recs]
+
+
+def attempt_markers(info: RunInfo) -> list[AttemptMarker]:
+    """A marker where each attempt after the first started; none for a run written once."""
+    if len(info.attempts) < 2:
+        return []
+    return [AttemptMarker(a.id, a.start_step, f"attempt {a.id}: {a.kind}", describe(a)) for a in info.attempts[1:]]
 
 
 def build_plots(records: dict[int, list[StepRecord]]) -> tuple[list[Plot], list[tuple[str, str, str]]]:

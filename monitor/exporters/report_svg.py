@@ -2,7 +2,7 @@
 
 No plotting library: the page must be self-contained and build where only the standard library
 and pydantic are installed. The helper draws axes, ticks, log scales, a legend, a marker per
-alert and a mark per non-finite value itself. Long series are downsampled by bucket min/max
+alert and per attempt start, and a mark per non-finite value itself. Long series are downsampled by bucket min/max
 (`downsample`), so a one-step spike survives; NaN/Inf values break the line and get a mark of
 their own, never dropped silently.
 """
@@ -32,6 +32,7 @@ AUTO_LOG_RATIO = 25.0  # max/min of the finite values above which an "auto" axis
 
 SEVERITY_COLORS = {"info": "#6b7280", "warning": "#d97706", "critical": "#dc2626"}
 NONFINITE_COLOR = "#c026d3"
+ATTEMPT_COLOR = "#4338ca"  # attempt starts: neither a severity's colour nor a series'
 
 # Figure geometry (SVG user units; the SVG scales to the page width).
 WIDTH, PLOT_H = 960, 230
@@ -64,6 +65,16 @@ class Marks:
     where: str = "bottom"
     css: str = "mark"
     describe: str = "{label} at step {first}"  # tooltip; also {last}, {count}
+
+
+@dataclass
+class AttemptMarker:
+    """Where an attempt of the run (a resume or a restart) started: a dashed vertical line, labelled."""
+
+    attempt: int
+    step: int
+    label: str  # drawn at the top of the line ("attempt 2: resumed")
+    tooltip: str
 
 
 @dataclass
@@ -138,6 +149,9 @@ def _swatch(kind: str, x: float, y: float) -> str:
         return _cross(x + 10, y, rest)
     if k == "tri":
         return _tri(x + 10, y, rest)
+    if k == "attempt":
+        return (f'<line x1="{x + 10:.1f}" y1="{y - 6:.1f}" x2="{x + 10:.1f}" y2="{y + 6:.1f}" stroke="{rest}" '
+                f'stroke-width="1.5" stroke-dasharray="3 2"/>')
     if k == "alert":
         return (f'<line x1="{x + 10:.1f}" y1="{y - 6:.1f}" x2="{x + 10:.1f}" y2="{y + 6:.1f}" stroke="{rest}" '
                 f'stroke-width="2"/>')
@@ -201,8 +215,10 @@ def _auto_log(values: list[float]) -> bool:
 
 
 def svg_plot(p: Plot, x_domain: tuple[float, float], alerts: Sequence[Alert] = (),
-             alert_ids: Sequence[str] | None = None, max_points: int = MAX_POINTS) -> str:
-    """One plot as an inline <svg>: grid, axes, ticks, series, marks, a legend and alert markers."""
+             alert_ids: Sequence[str] | None = None, max_points: int = MAX_POINTS,
+             attempts: Sequence[AttemptMarker] = ()) -> str:
+    """One plot as an inline <svg>: grid, axes, ticks, series, marks, a legend, alert markers and a
+    marker where each attempt in `attempts` started."""
     per_series = max(MIN_POINTS, min(max_points, POINT_BUDGET // max(1, len(p.series))))
     prepared = [(s, *downsample(s.x, s.y, per_series)) for s in p.series]
     ys = [pt[1] for _, pts, _ in prepared for pt in pts if pt is not None]
@@ -249,6 +265,8 @@ def svg_plot(p: Plot, x_domain: tuple[float, float], alerts: Sequence[Alert] = (
         if m.x:
             entries.append((f"{'cross' if m.where == 'top' else 'tri'}:{m.color}", m.label))
     entries += [(f"alert:{SEVERITY_COLORS[s]}", f"{s} alert") for s in severities]
+    if attempts:
+        entries.append((f"attempt:{ATTEMPT_COLOR}", "attempt start"))
     placed, rows = _layout_legend(entries, WIDTH)
     top = 8 + rows * LEGEND_ROW + FLAG_H
     height = top + PLOT_H + M_BOTTOM
@@ -302,6 +320,16 @@ def svg_plot(p: Plot, x_domain: tuple[float, float], alerts: Sequence[Alert] = (
             inner = f'<a href="#{esc(aid)}">{inner}</a>'
         o.append(f'<g class="alert-marker" data-severity="{a.severity.value}" data-rule="{esc(a.rule)}" '
                  f'data-step="{a.step}" data-rank="{a.rank}"><title>{esc(_alert_tooltip(a))}</title>{inner}</g>')
+
+    # attempt starts: under the data like the alert markers, the label inside the plot area (to the
+    # left of a line in the right fifth, so it stays inside)
+    for m in attempts:
+        x = px(m.step)
+        tx, anchor = (x - 3, "end") if x > left + pw * 0.8 else (x + 3, "start")
+        o.append(f'<g class="attempt-marker" data-attempt="{m.attempt}" data-step="{m.step}">'
+                 f'<title>{esc(m.tooltip)}</title><line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" '
+                 f'stroke="{ATTEMPT_COLOR}" stroke-width="1.5" stroke-dasharray="5 3"/><text x="{tx:.1f}" '
+                 f'y="{top + 20}" text-anchor="{anchor}" fill="{ATTEMPT_COLOR}">{esc(m.label)}</text></g>')
 
     # series
     o.append('<g class="series" fill="none" stroke-linejoin="round" stroke-linecap="round">')

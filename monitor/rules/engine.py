@@ -278,6 +278,12 @@ class RulesEngine:
                 resolved.append(old.active.model_copy(update={
                     "status": "resolved", "step": start_step, "time": time.time(), "attempt": at.attempt,
                     "evidence": {**old.active.evidence, "resolved_by": why}}))
+        # Raised in the replay but not active before: sent by an earlier attempt and resolved on records
+        # now superseded, or never sent. Not taken up: if the problem goes on, this attempt raises it anew.
+        started = {id(a) for a in found}
+        for rule_id, st in now_active.items():
+            if rule_id not in carried and id(st.active) not in started:
+                st.active = None
         out = [a for a in found if a.rule not in carried] + resolved
         for alert in out:
             self._deliver(alert)

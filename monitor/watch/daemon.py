@@ -24,6 +24,7 @@ from monitor.config import MonitorConfig
 from monitor.exporters.prometheus import MetricFamilies, TrainMetrics
 from monitor.exporters.ruleconfig import rule_config
 from monitor.rules.engine import RulesEngine
+from monitor.runlog.attempts import describe
 from monitor.runlog.sources import Source
 from monitor.schema import Alert, StepRecord
 from monitor.watch.run import WatchedRun
@@ -67,7 +68,8 @@ class _RunAlertSink:
         w.alert_log.append(alert)
         saved = run.saved
         if run.replaying or (saved is not None and alert.status == "firing" and any(
-                (a.rule, a.rank, a.step) == (alert.rule, alert.rank, alert.step) for a in saved.active)):
+                (a.rule, a.rank, a.step, a.attempt) == (alert.rule, alert.rank, alert.step, alert.attempt)
+                for a in saved.active)):
             run.muted.append(alert)
             return
         self.deliver(alert)
@@ -261,6 +263,10 @@ class Watcher:
             total += len(records)
             if len(records) < POLL_SLICE:
                 break
+        seen = getattr(source.info, "attempts", None) or []
+        for a in seen[run.attempts_seen:] if len(seen) > 1 else ():  # says so when a run resumes or restarts
+            self._event(f"{run.run_id}: {describe(a)}")
+        run.attempts_seen = max(run.attempts_seen, len(seen))
         info_ended = getattr(source.info, "model_extra", None) or {}
         run.finished = bool(info_ended.get("ended"))
         if run.live and not run.finished:

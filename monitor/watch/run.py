@@ -71,6 +71,7 @@ class WatchedRun:
         self.started: set[int] = set()
         self.reported: set[str] = set()
         self.finished = False
+        self.attempts_seen = 0  # run.json attempts already announced
         self.judged: dict[int, int] = {}  # rank -> records fed to the rules
         # After a daemon restart, until the first pass over the run is done: what was judged before.
         self.saved = saved

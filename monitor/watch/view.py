@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from monitor.schema import Alert, Severity
+from monitor.schema import Alert, RunInfo, Severity
 from monitor.watch.daemon import Watcher
 from monitor.watch.run import RunView
 
@@ -29,6 +29,15 @@ def _attention(v) -> str:
     if v.attn_entropy is None and v.attn_logit is None:
         return "-"
     return f"{_num(v.attn_entropy, '.2f')} / {_num(v.attn_logit, '.3g')}"
+
+
+def _attempt(info: RunInfo) -> str:
+    """The run's latest attempt when there are several (it was resumed or restarted), else ""."""
+    if len(info.attempts) < 2:
+        return ""
+    a = info.attempts[-1]
+    how = f"resumed at {a.start_step}" if a.kind == "resumed" else a.kind
+    return f"attempt {a.id} ({how})"
 
 
 def _num(v: float | None, fmt: str = ".4g") -> str:
@@ -97,7 +106,9 @@ class LiveView(PlainView):
             alerts = Text(", ".join(sorted({a.rule for a in active})) or "ok",
                           style=STYLE[max((a.severity for a in active), key=lambda s: s.rank)] if active else "green")
             state = "finished" if run.finished else "" if run.live else "idle"
-            table.add_row(run.run_id, run.source.info.source, str(len(v.ranks) or "-"),
+            attempt = _attempt(run.source.info)  # the source reads run.json again when it changes
+            name = f"{run.run_id} · {attempt}" if attempt else run.run_id
+            table.add_row(name, run.source.info.source, str(len(v.ranks) or "-"),
                           _num(v.step, "d") + (f" ({state})" if state else ""), _num(v.loss), sparkline(v.losses),
                           _num(v.lr, ".3g"), _num(v.grad_norm, ".3g"), _num(v.loss_scale, ".3g"),
                           _attention(v), _num(v.steps_per_second, ".2f"), alerts)
