@@ -69,7 +69,7 @@ def test_history_is_what_a_resume_builds_on_and_nothing_for_a_restart():
     info = _info(("fresh", 0), ("resumed", 20), ("restarted", 0))
     records = _recs(1, range(30)) + _recs(2, range(20, 25)) + _recs(3, range(5))
     assert [r.step for r in attempts.history(records, info, info.attempts[1])] == list(range(20))
-    assert attempts.history(records, info, info.attempts[2]) == []
+    assert list(attempts.history(records, info, info.attempts[2])) == []
 
 
 def test_event_files_name_their_attempt_and_old_ones_are_attempt_1():
@@ -463,3 +463,21 @@ def test_a_gradscaler_run_with_skipped_steps_resumes_at_the_loops_step(tmp_path,
 def test_tiny_lm_helpers_exist():
     # the in-process tests above build on the suite's own tiny model and batches
     assert TinyLM and batches
+
+
+def test_the_process_resolves_what_an_earlier_attempt_left_firing_and_the_rules_no_longer_find(tmp_path):
+    """In the process as in the daemon: an alert attempt 1 left firing (it was killed) is resolved by a
+    resume whose records no longer show the problem, with the reason; nothing is re-sent."""
+    run_dir = tmp_path / "run"
+    with _attach(run_dir) as first:
+        assert first.attempt.id == 1
+    spike = Alert(rule="loss.spike", severity="warning", step=3, rank=0, message="m", hint="h", attempt=1, run="run")
+    with open(run_dir / "alerts.jsonl", "a") as f:
+        f.write(spike.model_dump_json() + "\n")
+    with _attach(run_dir, resume_step=5) as second:
+        assert (second.attempt.id, second.attempt.kind, second.attempt.start_step) == (2, "resumed", 5)
+    lines = [Alert.model_validate_json(line) for line in (run_dir / "alerts.jsonl").read_text().splitlines()]
+    resolved = [a for a in lines if a.status == "resolved"]
+    assert [(a.rule, a.step, a.attempt) for a in resolved] == [("loss.spike", 5, 2)]
+    assert resolved[0].evidence["resolved_by"] == "attempt 2 resumed at step 5"
+    assert [a for a in lines if a.status == "firing" and not a.rule.startswith("preflight.")] == [spike]

@@ -56,7 +56,7 @@ def test_check_reproduces_in_process_alerts(finished_run):
     assert [(a["rule"], a["severity"], a["step"]) for a in alerts] == in_process
     assert {"warmup.missing", "loss.nonfinite"} <= {a["rule"] for a in alerts}
     for a in alerts:
-        assert set(a) == {"rule", "severity", "step", "rank", "message", "hint", "evidence"}
+        assert set(a) == {"rule", "severity", "step", "rank", "message", "hint", "evidence", "attempt"}
     nan = next(a for a in alerts if a["rule"] == "loss.nonfinite")
     assert nan["step"] == 30 and nan["evidence"]["loss"] == "NaN"
 

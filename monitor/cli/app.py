@@ -105,12 +105,17 @@ def check(
             raise _fail(f"cannot write the report {report}: {e.strerror or e}") from None
         typer.echo(f"report written to {report}", err=True)
     if as_json:
-        keys = {"rule", "severity", "step", "rank", "message", "hint", "evidence"}
+        keys = {"rule", "severity", "step", "rank", "message", "hint", "evidence", "attempt"}
         # Through model_dump_json: NaN/Inf evidence becomes "NaN"/"Infinity", so the output is strict JSON.
         typer.echo(json.dumps([json.loads(a.model_dump_json(include=keys)) for a in alerts], indent=2))
     else:
         steps = sum(len(r) for r in data.records.values())
         typer.echo(f"{run_dir}: {steps} step records from {len(data.records)} rank(s), {len(alerts)} alert(s)")
+        if len(data.info.attempts) > 1:  # resumed or restarted: the records that count are each rank's lineage
+            from monitor.runlog.attempts import describe
+
+            for a in data.info.attempts:
+                typer.echo(f"  {describe(a)}")
         unknown = sum(r.grad_norm_unknown for rs in data.records.values() for r in rs)
         if unknown:
             typer.echo(f"note: the pre-clip gradient norm is unknown on {unknown} step record(s) (grad_norm_unknown): "

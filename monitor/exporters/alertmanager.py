@@ -1,7 +1,7 @@
 """Alertmanager sink: alerts POSTed to Alertmanager's v2 API (`/api/v2/alerts`).
 
-alertname = rule id; labels severity, run, rank (plus configured extras); annotations summary
-and hint. Active alerts are re-posted every `resend_seconds` (Alertmanager resolves an alert it
+alertname = rule id; labels severity, run, rank (plus configured extras); annotations summary,
+hint, step and the run directory's attempt. Active alerts are re-posted every `resend_seconds` (Alertmanager resolves an alert it
 stops hearing about after its resolve_timeout); a resolved alert is posted once with endsAt.
 """
 
@@ -27,6 +27,8 @@ def am_alert(alert: Alert, extra_labels: dict[str, str] | None = None, ends: flo
         "annotations": {"summary": alert.message, "hint": alert.hint, "step": str(alert.step)},
         "startsAt": _iso(alert.time),
     }
+    if alert.attempt is not None:  # an annotation, not a label: a carried-over alert stays the same alert
+        out["annotations"]["attempt"] = str(alert.attempt)
     if ends is not None:
         out["endsAt"] = _iso(ends)
     return out

@@ -123,7 +123,7 @@ class Monitor:
         try:
             self._start(cfg, Hooked(model, optimizer, params, scaler=scaler, scheduler=scheduler, loss_fn=loss_fn,
                                     scheduler_steps_per_step=found.scheduler_steps_per_step),
-                        names, start_step, forward_hooks, started.history)
+                        names, start_step, forward_hooks, started)
         except BaseException:
             self._teardown()
             raise
@@ -131,7 +131,7 @@ class Monitor:
         atexit.register(self.close)
 
     def _start(self, cfg: MonitorConfig, hooked: Hooked, names: list[str], start_step: int,
-               forward_hooks: bool, history: list[Any]) -> None:
+               forward_hooks: bool, started: attempt.Started) -> None:
         registry = CollectorRegistry()
         self.metrics = TrainMetrics(registry, self.run_id, self.rank, attention_layers=cfg.attention.prometheus_layers)
         self.guard.listeners.append(self.metrics.count_error)
@@ -148,7 +148,9 @@ class Monitor:
                                   completions=completions)
         # Preflight: the checklist verdicts that need no step; they are printed now and kept in run.json.
         # A resumed attempt's rules first replay the records it builds on (warm start), delivering nothing.
-        self.info.preflight = self.engine.start(self.rank, self.attempt, history)
+        # The earlier attempts' alerts still firing are carried over or resolved, as monitor watch does.
+        found = self.engine.start(self.rank, self.attempt, started.history, started.active)
+        self.info.preflight = [a for a in found if a.status == "firing"]
         self.metrics.attempt(self.attempt)
 
         if cfg.metrics.enabled:

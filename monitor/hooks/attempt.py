@@ -20,10 +20,10 @@ import json
 import logging
 import os
 import socket
-import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,8 +35,9 @@ from monitor.config import AttemptsConfig
 from monitor.hooks import introspect
 from monitor.runlog import attempts
 from monitor.runlog.attempts import RunDirBusy
+from monitor.runlog.reader import read_alerts
 from monitor.runlog.rundir import RUN_JSON, RunDir
-from monitor.schema import Attempt, RunInfo, StepRecord
+from monitor.schema import Alert, Attempt, RunInfo, StepRecord
 
 log = logging.getLogger("trainmon")
 
@@ -47,7 +48,8 @@ _STORE_KEY = "trainmon/attempt/"
 class Started:
     attempt: Attempt
     prior: RunInfo | None  # run.json as the earlier attempts left it (None: a new directory)
-    history: list[StepRecord]  # this rank's records the attempt builds on (its rules replay them)
+    history: Iterable[StepRecord]  # this rank's records the attempt builds on (its rules replay them), streamed
+    active: list[Alert]  # this rank's alerts the earlier attempts left firing (carried over or resolved)
 
 
 def _prior_info(path: Path) -> RunInfo | None:
@@ -67,30 +69,33 @@ def scheduler_count(scheduler: Any) -> int:
 
 
 def resume_point(optimizer: torch.optim.Optimizer, scheduler: Any, resume_step: int | None,
-                 earlier: list[StepRecord]) -> tuple[int, str]:
+                 earlier: Iterable[StepRecord]) -> tuple[int, str]:
     """(the loop's index of the first step this process takes, how it was found); `earlier`: this
-    rank's lineage of the earlier attempts, in step order."""
+    rank's records of the earlier attempts that count, in step order (read once, streamed)."""
     if resume_step is not None:
         return resume_step, "resume_step"
     optimizer_steps = introspect.resumed_step(optimizer)
     scheduler_steps = scheduler_count(scheduler)
+    if not optimizer_steps and not scheduler_steps:
+        return 0, "none"
+    per_step: Counter[int] = Counter()  # scheduler calls per optimizer step, as recorded
+    updates, mapped, last = 0, None, None
+    for r in earlier:
+        if r.scheduler_steps:
+            per_step[r.scheduler_steps] += 1
+        if mapped is None and updates == optimizer_steps:
+            mapped = r.step  # the first loop step after that many updates that were not skipped
+        updates += not r.skipped
+        last = r.step
+    if mapped is None and last is not None and updates == optimizer_steps:
+        mapped = last + 1
     if scheduler_steps:
-        per_step = [r.scheduler_steps for r in earlier if r.scheduler_steps]
         if per_step:
-            return round(scheduler_steps / statistics.median(per_step)), "scheduler"
+            return round(scheduler_steps / per_step.most_common(1)[0][0]), "scheduler"
         # No records to tell: one scheduler call per loop step unless the counts say per micro-batch.
         if not optimizer_steps or scheduler_steps < 2 * optimizer_steps:
             return scheduler_steps, "scheduler"
-    if optimizer_steps:
-        updates = 0
-        for r in earlier:  # the first loop step after that many updates that were not skipped
-            if updates == optimizer_steps:
-                return r.step, "optimizer"
-            updates += not r.skipped
-        if earlier and updates == optimizer_steps:
-            return earlier[-1].step + 1, "optimizer"
-        return optimizer_steps, "optimizer"
-    return 0, "none"
+    return (mapped if mapped is not None else optimizer_steps), "optimizer"
 
 
 def _job() -> str | None:
@@ -147,20 +152,20 @@ def begin(rundir: RunDir, *, rank: int, store: Any, optimizer: torch.optim.Optim
           resume_step: int | None, cfg: AttemptsConfig) -> Started:
     """Start this process's attempt (rank 0 registers it; RunDirBusy when the directory is in use)."""
     prior = _prior_info(rundir.path)
-    records: list[StepRecord] = []
-    if prior is not None:
-        records = attempts.read_rank(rundir.path, rank, prior)
-    earlier = attempts.lineage(records, prior) if prior is not None else []
+    # The directory's records are streamed (a long run's history is never held whole), once to find
+    # the resume step and once for the warm start.
+    earlier: Iterable[StepRecord] = ()
+    if prior is not None and resume_step is None and (rank == 0 or store is None):
+        earlier = attempts.kept(attempts.read_rank(rundir.path, rank, prior), prior)
     attempt: Attempt | None = None
     if rank == 0 or store is None:
         step, how = resume_point(optimizer, scheduler, resume_step, earlier)
         used = prior is not None
         kind = ("resumed" if step > 0 else "restarted") if used else ("resumed" if step > 0 else "fresh")
-        kept = [r for r in earlier if r.step < step] if kind == "resumed" else []
         current = prior.attempts[-1] if prior is not None and prior.attempts else None
         lineage_start = step
-        if kept:
-            lineage_start = min(current.lineage_start, step) if current is not None else kept[0].step
+        if kind == "resumed" and prior is not None:  # the start of the records it keeps, if any
+            lineage_start = min(current.lineage_start if current is not None else prior.start_step, step)
         mine = Attempt(id=0, kind=kind, start_step=step, lineage_start=lineage_start, how=how,
                        host=socket.gethostname(), pid=os.getpid(), pid_start=attempts.process_start(os.getpid()),
                        job=_job(), heartbeat=time.time())
@@ -174,10 +179,15 @@ def begin(rundir: RunDir, *, rank: int, store: Any, optimizer: torch.optim.Optim
         attempt = _share(store, rank, attempt)
         if attempt is None:  # rank 0 never said: this rank judges on its own, from step 0
             attempt = Attempt(id=1, host=socket.gethostname(), pid=os.getpid())
-    history: list[StepRecord] = []
+    history: Iterable[StepRecord] = ()
     if cfg.warm_start and prior is not None and attempt.kind == "resumed":
-        history = attempts.history(records, prior, attempt)
-    return Started(attempt, prior, history)
+        history = attempts.history(attempts.read_rank(rundir.path, rank, prior, attempt.id), prior, attempt)
+    active: list[Alert] = []
+    if prior is not None:
+        # Setup checks are judged again by every attempt (its own facts), and printed at its attach.
+        active = [a for a in attempts.still_active(read_alerts(rundir.path), rank, attempt.id)
+                  if not a.rule.startswith("preflight.")]
+    return Started(attempt, prior, history, active)
 
 
 def update(rundir: RunDir, attempt_id: int, **fields: Any) -> None:

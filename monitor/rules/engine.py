@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from operator import length_hint
 from typing import Any, Protocol
 
@@ -42,7 +43,7 @@ class AttemptSource(Protocol):
 
     def attempt(self, attempt_id: int, first_step: int) -> Attempt: ...
 
-    def history(self, rank: int, attempt: Attempt) -> list[StepRecord]: ...
+    def history(self, rank: int, attempt: Attempt) -> Iterable[StepRecord]: ...
 
 
 @dataclass
@@ -228,15 +229,19 @@ class RulesEngine:
         self._states[rank] = [st for st in states if not st.rule.retired]
         self._retired.setdefault(rank, []).extend(st for st in states if st.rule.retired)
 
-    def start(self, rank: int = 0, attempt: Attempt | None = None, history: Iterable[StepRecord] = ()) -> list[Alert]:
+    def start(self, rank: int = 0, attempt: Attempt | None = None, history: Iterable[StepRecord] = (),
+              active: Iterable[Alert] = ()) -> list[Alert]:
         """Begin judging `rank` (in `attempt`, building on `history`): call before its steps. Returns the
         alerts delivered: the checks that need only the run's facts (preflight), and the previous
         attempt's alerts that this one resolves.
 
-        Fresh rules (seeing the run from the attempt's lineage start) replay `history` with nothing
-        delivered, then run their preflight checks; an alert that was active on this rank is carried
-        over when its rule still finds the problem, and resolved otherwise."""
-        before = [st for group in (self._states, self._retired) for st in group.pop(rank, []) if st.active]
+        Fresh rules (seeing the run from the attempt's lineage start) run their preflight checks, then
+        replay `history` with nothing delivered. An alert that was active on this rank (in this engine,
+        or `active`: known from elsewhere, as the training process knows its earlier attempts' from
+        alerts.jsonl) is carried over when its rule still finds the problem, and resolved otherwise;
+        an alert the replay alone leaves active is dropped (it is raised anew if the problem goes on)."""
+        before = [st.active for group in (self._states, self._retired) for st in group.pop(rank, []) if st.active]
+        before += active
         if attempt is not None:
             self._attempt[rank] = attempt.id
             if attempt.lineage_start != self.run.start_step:
@@ -245,7 +250,6 @@ class RulesEngine:
                 self._run_for.pop(rank, None)
         start_step = attempt.start_step if attempt is not None else self.run.start_step
         at = StepRecord(step=start_step, rank=rank, attempt=attempt.id if attempt is not None else 1)
-        history = history if isinstance(history, list) else list(history)
         found: list[Alert] = []
         self._muted = True
         try:
@@ -258,8 +262,12 @@ class RulesEngine:
                 alert = self._transition(st, at, finding) if finding is not None else None
                 if alert is not None:
                     found.append(alert)
-            for k in range(0, len(history), _CHUNK):
-                self._feed(rank, history[k:k + _CHUNK])
+            records = iter(history)
+            try:
+                while chunk := list(islice(records, _CHUNK)):  # streamed: a long history is never held whole
+                    self._feed(rank, chunk)
+            except Exception as e:  # an unreadable history: the attempt goes on with what was replayed
+                self._error("reading an attempt's history", e)
         finally:
             self._muted = False
         now_active = {st.rule.id: st for group in (self._states, self._retired) for st in group.get(rank, [])
@@ -267,17 +275,17 @@ class RulesEngine:
         carried: set[str] = set()
         resolved: list[Alert] = []
         for old in before:
-            st = now_active.get(old.rule.id)
+            st = now_active.get(old.rule)
             if st is not None:
-                st.active = old.active  # the same problem: its alert goes on
-                carried.add(old.rule.id)
+                st.active = old  # the same problem: its alert goes on
+                carried.add(old.rule)
             else:
                 why = "the rank started again" if attempt is None else (
                     f"attempt {attempt.id} resumed at step {attempt.start_step}" if attempt.kind == "resumed"
                     else f"attempt {attempt.id} started the run again")
-                resolved.append(old.active.model_copy(update={
+                resolved.append(old.model_copy(update={
                     "status": "resolved", "step": start_step, "time": time.time(), "attempt": at.attempt,
-                    "evidence": {**old.active.evidence, "resolved_by": why}}))
+                    "evidence": {**old.evidence, "resolved_by": why}}))
         # Raised in the replay but not active before: sent by an earlier attempt and resolved on records
         # now superseded, or never sent. Not taken up: if the problem goes on, this attempt raises it anew.
         started = {id(a) for a in found}

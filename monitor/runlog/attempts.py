@@ -16,15 +16,16 @@ No torch here.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from monitor.runlog.rundir import RunDirError
-from monitor.schema import Attempt, RunInfo, StepRecord
+from monitor.schema import Alert, Attempt, RunInfo, StepRecord
 
 _ATTEMPT_NAME = re.compile(r"\.attempt(\d+)$")
 
@@ -60,32 +61,65 @@ def _cut(out: list[StepRecord], step: int) -> None:
         out.pop()
 
 
-def lineage(records: Iterable[StepRecord], info: RunInfo) -> list[StepRecord]:
-    """The records of one rank that count, from all of them in reading order (attempt after attempt)."""
-    out: list[StepRecord] = []
-    current: int | None = None
+class _Bounds:
+    """Per attempt id, the step its records must stay below to count for `target` (an attempt after
+    them; None: the directory as it stands): the smallest start of the resumes after it, -inf past a
+    restart. Attempts run.json does not list supersede nothing."""
+
+    def __init__(self, info: RunInfo, target: Attempt | None) -> None:
+        self.listed = sorted(info.attempts, key=lambda a: a.id)
+        self.target = target
+        self._cache: dict[int, float] = {}
+
+    def __call__(self, attempt_id: int) -> float:
+        bound = self._cache.get(attempt_id)
+        if bound is None:
+            t = self.target
+            bound = math.inf if t is None else t.start_step if t.kind == "resumed" else -math.inf
+            for b in self.listed:
+                if attempt_id < b.id and (t is None or b.id < t.id):
+                    bound = min(bound, b.start_step) if b.kind == "resumed" else -math.inf
+            self._cache[attempt_id] = bound
+        return bound
+
+
+def kept(records: Iterable[StepRecord], info: RunInfo, before: Attempt | None = None) -> Iterator[StepRecord]:
+    """The records (of one rank, in reading order) that count for attempt `before` (its history: the
+    earlier attempts' records it keeps), or for the directory as it stands; streamed, in step order."""
+    bound = _Bounds(info, before)
+    limit = math.inf if before is None else before.id
     for r in records:
-        if r.attempt != current:
-            first = current is None
-            current = r.attempt
-            a = resolve(info, current, r.step)
-            if not first:
-                if a.kind == "resumed":
-                    _cut(out, a.start_step)
-                else:
-                    out.clear()
-        elif out and r.step <= out[-1].step:
+        if r.attempt < limit and r.step < bound(r.attempt):
+            yield r
+
+
+def lineage(records: Iterable[StepRecord], info: RunInfo) -> list[StepRecord]:
+    """The records of one rank that count, from all of them in reading order (attempt after attempt);
+    a step seen again (an attempt run.json does not list, a foreign log that restarted) supersedes
+    the records from that step on."""
+    out: list[StepRecord] = []
+    for r in kept(records, info):
+        if out and r.step <= out[-1].step:
             _cut(out, r.step)
         out.append(r)
     return out
 
 
-def history(records: Iterable[StepRecord], info: RunInfo, attempt: Attempt) -> list[StepRecord]:
-    """What `attempt` builds on, from one rank's records of the earlier attempts (in reading order):
-    the lineage before its start step when it resumed, nothing when it restarted."""
+def history(records: Iterable[StepRecord], info: RunInfo, attempt: Attempt) -> Iterator[StepRecord]:
+    """What `attempt` builds on, from one rank's records (in reading order): the earlier attempts'
+    records it keeps before its start step when it resumed, nothing when it restarted."""
     if attempt.kind != "resumed":
-        return []
-    return [r for r in lineage((r for r in records if r.attempt < attempt.id), info) if r.step < attempt.start_step]
+        return iter(())
+    return kept(records, info, attempt)
+
+
+def still_active(alerts: Iterable[Alert], rank: int, below_attempt: int) -> list[Alert]:
+    """The alerts of `rank` that earlier attempts left firing (alerts.jsonl: the last word per rule)."""
+    last: dict[str, Alert] = {}
+    for a in alerts:
+        if a.rank == rank and (a.attempt or 1) < below_attempt:
+            last[a.rule] = a
+    return [a for a in last.values() if a.status == "firing"]
 
 
 class Recorded:
@@ -97,21 +131,21 @@ class Recorded:
     def attempt(self, attempt_id: int, first_step: int) -> Attempt:
         return resolve(self.info, attempt_id, first_step)
 
-    def history(self, rank: int, attempt: Attempt) -> list[StepRecord]:
+    def history(self, rank: int, attempt: Attempt) -> Iterator[StepRecord]:
         return history(self.stream.get(rank, []), self.info, attempt)
 
 
 def read_rank(run_dir: Path, rank: int, info: RunInfo, below_attempt: int | None = None,
-              problems: list[str] | None = None) -> list[StepRecord]:
+              problems: list[str] | None = None, chunk: int = 8192) -> Iterator[StepRecord]:
     """Every record of one rank of a trainmon run directory in reading order (attempts below
-    `below_attempt` only, when given)."""
+    `below_attempt` only, when given), read `chunk` records at a time: memory stays bounded."""
     from monitor.runlog.adapters.tbtail import TensorBoardTail
     from monitor.runlog.events import StepDecoder
     from monitor.runlog.rundir import rank_dir
 
     directory = rank_dir(run_dir, rank)
     if not directory.is_dir():
-        return []
+        return
     decoders: dict[int, StepDecoder] = {}
 
     def decoder(name: str):
@@ -123,7 +157,12 @@ def read_rank(run_dir: Path, rank: int, info: RunInfo, below_attempt: int | None
             d = decoders[n] = StepDecoder(rank, info.model.param_names, attempt=n)
         return d.decode
 
-    return TensorBoardTail(directory, problems, order=file_order).poll_decoded(decoder)
+    tail = TensorBoardTail(directory, problems, order=file_order)
+    while True:
+        got = tail.poll_decoded(decoder, chunk)
+        yield from got
+        if len(got) < chunk:
+            return
 
 
 # -- liveness --------------------------------------------------------------------------------------

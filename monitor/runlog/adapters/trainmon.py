@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +104,10 @@ class TrainmonSource:
             self._refresh_info()
         return attempts.resolve(self.info, attempt_id, first_step)
 
-    def history(self, rank: int, attempt: Attempt) -> list[StepRecord]:
-        """The rank's records `attempt` builds on (read again from the files: attempts are rare)."""
+    def history(self, rank: int, attempt: Attempt) -> Iterator[StepRecord]:
+        """The rank's records `attempt` builds on, streamed from the files again (attempts are rare)."""
         if attempt.kind != "resumed":
-            return []
+            return iter(())
         return attempts.history(attempts.read_rank(self.path, rank, self.info, attempt.id), self.info, attempt)
 
     def flush(self) -> list[StepRecord]:
