@@ -20,10 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch  # noqa: E402
 from _common import write_results  # noqa: E402
 from watch import make_run, record  # noqa: E402
-
-import torch  # noqa: E402
 
 import monitor  # noqa: E402
 from tests.conftest import TinyLM  # noqa: E402

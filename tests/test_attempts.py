@@ -481,3 +481,78 @@ def test_the_process_resolves_what_an_earlier_attempt_left_firing_and_the_rules_
     assert [(a.rule, a.step, a.attempt) for a in resolved] == [("loss.spike", 5, 2)]
     assert resolved[0].evidence["resolved_by"] == "attempt 2 resumed at step 5"
     assert [a for a in lines if a.status == "firing" and not a.rule.startswith("preflight.")] == [spike]
+
+
+def test_rank_0_refreshes_its_heartbeat_and_marks_the_end(tmp_path):
+    run_dir = tmp_path / "run"
+    model = TinyLM()
+    mon = monitor.attach(model, torch.optim.AdamW(model.parameters()), run_dir=run_dir,
+                         config={"metrics": {"enabled": False}, "attempts": {"heartbeat_seconds": 0.05,
+                                                                            "stale_after_seconds": 1}})
+
+    def attempt() -> dict:
+        return json.loads((run_dir / "run.json").read_text())["attempts"][0]
+
+    first = attempt()["heartbeat"]
+    try:
+        assert _wait(lambda: attempt()["heartbeat"] > first, timeout=30)
+        assert attempt()["ended"] is None
+    finally:
+        mon.close()
+    assert attempt()["ended"] and attempt()["steps"] == 0
+
+
+def test_the_heartbeat_must_be_shorter_than_staleness():
+    from monitor.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="stale_after_seconds"):
+        load_config({"attempts": {"heartbeat_seconds": 60, "stale_after_seconds": 30}})
+
+
+def _loop(run_dir: Path, steps: range, nan_at: int | None = None, **kw) -> monitor.Monitor:
+    """A plain loop of TinyLM steps `steps` (a resume passes resume_step), the loss NaN at `nan_at`."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+    mon = monitor.attach(model, opt, scheduler=sched, run_dir=run_dir, config={**MONITOR_CONFIG, "console": {
+        "enabled": False}}, resume_step=steps.start or None, **kw)
+    for step, (x, y) in zip(steps, batches(len(steps), seed=steps.start)):
+        _, loss = model(x, y)
+        loss.backward()
+        if step == nan_at:
+            mon.log(loss=float("nan"))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    mon.close()
+    return mon
+
+
+def test_a_daemon_restarted_between_attempts_delivers_each_alert_once_as_check_judges(tmp_path):
+    run_dir = tmp_path / "runs" / "run"
+    state = tmp_path / "state"
+
+    def daemon_pass() -> list[Alert]:
+        out: list[Alert] = []
+        sink = _Sink(out)
+        sink.restore = lambda a: None
+        sink.close = lambda: None
+        w = Watcher([tmp_path / "runs"], MonitorConfig(), state_dir=state, sinks=[sink])
+        w.scan()
+        while w.poll():
+            pass
+        w.save()
+        return out
+
+    _loop(run_dir, range(0, 15), nan_at=12)  # attempt 1: a NaN loss at 12, still active at its end
+    first = daemon_pass()
+    _loop(run_dir, range(10, 20))  # attempt 2 resumes at 10, before the NaN: superseded
+    second = daemon_pass()
+    _, offline = check_run(run_dir, MonitorConfig())
+    assert _key(first + second) == _key(offline)
+    assert ("loss.nonfinite", "critical", 12, 0, 1) in _key(offline)
+    resolved = [a for a in second if a.status == "resolved" and a.rule == "loss.nonfinite"]
+    assert [(a.step, a.attempt, a.evidence["resolved_by"]) for a in resolved] == [
+        (10, 2, "attempt 2 resumed at step 10")]
+    assert _key(second) == []  # nothing fired twice

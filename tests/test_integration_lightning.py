@@ -212,3 +212,22 @@ def test_attach_takes_a_lightning_optimizer_and_its_grad_scaler(tmp_path):
 def test_a_healthy_run_with_warmup_is_quiet(tmp_path):
     _, cb, _ = fit(tmp_path, steps=60, warmup=40, clip=1.0)
     assert [a.line() for a in cb.monitor.alerts if a.severity.value != "info"] == []
+
+
+@pytest.mark.slow
+def test_fit_from_a_checkpoint_goes_on_in_the_same_run_directory(tmp_path):
+    """trainer.fit(..., ckpt_path=...) is a new attempt of the run it resumes, at Lightning's global step."""
+    _, first, trainer = fit(tmp_path, steps=4)
+    trainer.save_checkpoint(tmp_path / "step4.ckpt")
+    run_dir = first.monitor.run_dir
+    torch.manual_seed(0)
+    cb = TrainmonCallback(config=QUIET)
+    resumed = L.Trainer(default_root_dir=tmp_path, max_steps=8, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[cb])
+    resumed.fit(module_class(L)(), data(), ckpt_path=tmp_path / "step4.ckpt")
+    assert cb.monitor.run_dir == run_dir
+    a = cb.monitor.attempt
+    assert (a.id, a.kind, a.start_step, a.how) == (2, "resumed", 4, "resume_step")
+    recs = read_run(run_dir).records[0]
+    assert [(r.attempt, r.step) for r in recs] == [(1, s) for s in range(4)] + [(2, s) for s in range(4, 8)]

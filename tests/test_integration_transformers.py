@@ -134,3 +134,24 @@ def test_under_torchrun_each_rank_reports_its_share_and_their_mean_is_the_logged
     assert mean == pytest.approx(result["loss"], rel=1e-6)
     assert [r.grad_norm for r in recs[0]] == pytest.approx(result["grad_norm"], rel=1e-6)
     assert all(r.local_grad_norm is not None for r in recs[1])  # each rank's own, before the all-reduce
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_goes_on_in_the_same_run_directory(tmp_path):
+    """trainer.train(resume_from_checkpoint=...) is a new attempt of the run it resumes, at the Trainer's
+    global step; the records of both read as one run."""
+    first, *_ = train(tmp_path, gpt2(), steps=8, accum=1, save_strategy="steps", save_steps=4)
+    run_dir = first.monitor.run_dir
+    torch.manual_seed(0)
+    cb = TrainmonCallback(config=QUIET)
+    targs = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3, warmup_steps=4,
+        logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no")
+    transformers.Trainer(model=gpt2(), args=targs, train_dataset=Tokens(), callbacks=[cb]).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert cb.monitor.run_dir == run_dir
+    assert (cb.monitor.attempt.id, cb.monitor.attempt.kind, cb.monitor.attempt.start_step, cb.monitor.attempt.how) == (
+        2, "resumed", 4, "resume_step")
+    recs = read_run(run_dir).records[0]
+    assert [(r.attempt, r.step) for r in recs] == [(1, s) for s in range(4)] + [(2, s) for s in range(4, 8)]
+    assert [a.line() for a in cb.monitor.alerts if a.severity.value != "info"] == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from monitor.config import MonitorConfig, load_config
@@ -33,6 +34,16 @@ class Attached:
             log.error("trainmon: not monitoring this run: %s", e, exc_info=not isinstance(e, NotImplementedError))
             self._close()
             return False
+
+    def _run_dir(self, runs_root: Path, resume_step: int) -> str | os.PathLike[str] | None:
+        """Where this run goes: `run_dir=` or $MONITOR_RUN_DIR when given; a resumed trainer (its global step
+        > 0) goes on in the latest run directory under `runs_root`, as a new attempt of that run; else a
+        new directory there (None: attach names it)."""
+        from monitor.runlog.rundir import latest_run_dir
+
+        if self.run_dir is not None or os.environ.get("MONITOR_RUN_DIR") or resume_step <= 0:
+            return self.run_dir
+        return latest_run_dir(runs_root)
 
     def _live(self) -> Any:
         mon = self.monitor

@@ -72,11 +72,12 @@ class TrainmonCallback(Attached, *_callback_bases()):  # type: ignore[misc]
         max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         if max_steps is None and math.isfinite(trainer.estimated_stepping_batches):
             max_steps = int(trainer.estimated_stepping_batches)
+        runs_root = Path(trainer.default_root_dir) / INTEGRATION_RUNS
         attached = self._attach(lambda: Monitor(
             trainer.strategy.model, trainer.optimizers[0], scaler=getattr(trainer.precision_plugin, "scaler", None),
-            scheduler=configs[0].scheduler if configs else None, config=self.config, run_dir=self.run_dir,
-            max_steps=max_steps, resume_step=trainer.global_step, raise_on_halt=False, forward_hooks=False,
-            runs_root=Path(trainer.default_root_dir) / INTEGRATION_RUNS,
+            scheduler=configs[0].scheduler if configs else None, config=self.config,
+            run_dir=self._run_dir(runs_root, trainer.global_step), max_steps=max_steps,
+            resume_step=trainer.global_step, raise_on_halt=False, forward_hooks=False, runs_root=runs_root,
         ))
         if attached:
             self._autocast = _AUTOCAST.get(str(getattr(trainer.precision_plugin, "precision", "")))

@@ -62,10 +62,11 @@ class TrainmonCallback(Attached, TrainerCallback):
         else:
             log.warning("trainmon: the Trainer calling this callback was not found; the loss is read from the "
                         "model's outputs and may differ from the Trainer's logged loss")
+        runs_root = Path(args.output_dir or ".") / INTEGRATION_RUNS
         attached = self._attach(lambda: Monitor(
-            model, optimizer, scheduler=lr_scheduler, config=self.config, run_dir=self.run_dir,
-            max_steps=state.max_steps or None, resume_step=state.global_step, raise_on_halt=False,
-            runs_root=Path(args.output_dir or ".") / INTEGRATION_RUNS,
+            model, optimizer, scheduler=lr_scheduler, config=self.config,
+            run_dir=self._run_dir(runs_root, state.global_step), max_steps=state.max_steps or None,
+            resume_step=state.global_step, raise_on_halt=False, runs_root=runs_root,
         ))
         if attached and trainer is not None:
             self._undo.append(intercept(trainer, "training_step", self._training_step))

@@ -50,6 +50,18 @@ def default_run_dir(environ: dict[str, str] | None = None, parent: str | os.Path
     return Path("runs" if parent is None else parent) / f"{stamp}-{socket.gethostname()}"
 
 
+def latest_run_dir(parent: str | os.PathLike[str]) -> Path | None:
+    """The most recently named run directory (one holding run.json) directly under `parent`: where a
+    framework's resumed run goes on (default names start with the UTC time, so they sort by it)."""
+    try:
+        with os.scandir(parent) as it:
+            names = sorted(e.name for e in it if e.is_dir() and not e.name.startswith(".")
+                           and os.path.exists(os.path.join(e.path, RUN_JSON)))
+    except OSError:
+        return None
+    return Path(parent) / names[-1] if names else None
+
+
 def rank_dir(run_dir: Path, rank: int) -> Path:
     return run_dir if rank == 0 else run_dir / f"rank{rank}"
 

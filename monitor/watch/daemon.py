@@ -67,6 +67,8 @@ class _RunAlertSink:
         w._metrics(run, alert.rank).emit(alert)
         w.alert_log.append(alert)
         saved = run.saved
+        if saved is not None and alert.status == "resolved" and not run.replaying:
+            run.resolved.add((alert.rule, alert.rank))  # resolved anew in the first pass: not again after it
         if run.replaying or (saved is not None and alert.status == "firing" and any(
                 (a.rule, a.rank, a.step, a.attempt) == (alert.rule, alert.rank, alert.step, alert.attempt)
                 for a in saved.active)):
@@ -206,8 +208,8 @@ class Watcher:
                     except Exception as e:
                         self._error(f"restoring an alert to {type(s).__name__}", e)
         now_active = {(a.rule, a.rank) for a in active}
-        gone = [a for a in run.saved.active if (a.rule, a.rank) not in now_active]
-        run.saved, run.muted = None, []
+        gone = [a for a in run.saved.active if (a.rule, a.rank) not in now_active | run.resolved]
+        run.saved, run.muted, run.resolved = None, [], set()
         for a in gone:
             step = run.view.step if run.view.step is not None else a.step
             sink.emit(a.model_copy(update={"status": "resolved", "step": step, "time": self.clock()}))

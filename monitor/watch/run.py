@@ -77,4 +77,5 @@ class WatchedRun:
         self.saved = saved
         self.replaying = False  # the records being fed were judged before the restart: sinks muted
         self.muted: list[Alert] = []  # alerts raised while muted, restored to the sinks after the first pass
+        self.resolved: set[tuple[str, int]] = set()  # (rule, rank) resolved and delivered during that pass
         self.sink: Any = None  # its only sink in the engine (the watcher's _RunAlertSink, set by Watcher._add)
