@@ -154,6 +154,19 @@ class AttemptsConfig(_Section):
         return self
 
 
+class ExitConfig(_Section):
+    """How the process's end is handled: a SIGTERM (what schedulers and torchrun send) and `close()`."""
+
+    handle_sigterm: bool = Field(
+        True, description="On SIGTERM, flush what the monitor holds (queued steps, event files, run.json's end "
+        "summary, targets) within `flush_seconds`, then hand the signal to the handler that was there before.",
+    )
+    flush_seconds: float = Field(
+        10.0, gt=0, description="The most `close()` (and the SIGTERM flush) may take in all: local files first, "
+        "network deliveries last with what is left.",
+    )
+
+
 class AttentionConfig(_Section):
     """The attention probe: per-layer entropy and max logit on sampled steps (rank 0)."""
 
@@ -201,6 +214,7 @@ class MonitorConfig(_Section):
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     attempts: AttemptsConfig = Field(default_factory=AttemptsConfig)
+    exit: ExitConfig = Field(default_factory=ExitConfig)
     rules: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Per-rule options by rule id, e.g. {'loss.spike': {'z_critical': 9}, 'amp.overflow': {'enabled': False}}.",
