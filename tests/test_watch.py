@@ -451,3 +451,107 @@ def test_an_unreadable_state_file_is_set_aside_and_old_alerts_are_not_sent_again
     watcher.poll()
     assert [(a.rule, a.step) for a in sink.alerts if a.status == "firing"] == [("lr.zero", 10)]
     w.close()
+
+
+def test_a_state_directory_others_can_write_or_own_is_refused(tmp_path):
+    from monitor.watch.state import WatchState, WatchStateError
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(WatchStateError, match="writable by its group or by everyone"):
+        Watcher([tmp_path], MonitorConfig(), state_dir=shared)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "watch-state.json").write_text("{}")
+    (private / "watch-state.json").chmod(0o666)
+    with pytest.raises(WatchStateError, match="watch-state.json is writable"):
+        WatchState(private)
+    if os.getuid() == 0:  # root can hand a directory to another user and show the refusal
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 12345, 12345)
+        with pytest.raises(WatchStateError, match="belongs to uid 12345"):
+            WatchState(theirs)
+
+
+def test_the_cli_refuses_an_untrusted_state_directory_before_writing_there(tmp_path):
+    from typer.testing import CliRunner
+
+    from monitor.cli.app import app
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o775)
+    (tmp_path / "runs").mkdir()
+    result = CliRunner().invoke(app, ["watch", str(tmp_path / "runs"), "--state-dir", str(shared), "--once"])
+    assert result.exit_code == 2 and "writable by its group" in result.output
+    assert list(shared.iterdir()) == []
+
+
+def test_a_vanished_run_s_active_alerts_are_resolved_and_forgotten(tmp_path):
+    import shutil
+
+    from monitor.runlog.events import EventWriter
+    from monitor.runlog.rundir import RunDir
+    from monitor.schema import RunInfo, StepRecord
+
+    rd = RunDir(tmp_path / "runs" / "run")
+    rd.write_run_info(RunInfo(run_id="run"))
+    w = EventWriter(rd.events_dir, 0, flush_secs=0)
+    for s in range(5):
+        w.write(StepRecord(step=s, time=time.time(), loss=math.nan if s == 4 else 2.0, lr=[1e-3]))
+    w.close()
+    sink = RestoringSink()
+    events: list[str] = []
+    watcher = Watcher([tmp_path / "runs"], MonitorConfig(), state_dir=tmp_path / "state", sinks=[sink],
+                      on_event=events.append)
+    watcher.scan()
+    watcher.poll()
+    assert ("loss.nonfinite", 4, "firing") in [(a.rule, a.step, a.status) for a in sink.alerts]
+    shutil.rmtree(tmp_path / "runs" / "run")
+    watcher.scan()
+    resolved = [a for a in sink.alerts if a.status == "resolved"]
+    assert [(a.rule, a.evidence["resolved_by"]) for a in resolved] == [
+        ("loss.nonfinite", "the run is gone (its directory was removed)")]
+    assert watcher.runs == {} and any("is gone" in e for e in events)
+
+
+def test_saved_runs_not_seen_for_a_week_expire(tmp_path):
+    from monitor.watch.state import FORGET_AFTER_SECONDS, SavedRun, WatchState
+
+    state = WatchState(tmp_path / "state")
+    state.save({"/old": SavedRun(judged={0: 3}, seen=time.time() - FORGET_AFTER_SECONDS - 1),
+                "/recent": SavedRun(judged={0: 3})})
+    again = WatchState(tmp_path / "state")
+    assert again.load() == [] and set(again.runs) == {"/recent"}
+
+
+def test_a_stop_request_is_honoured_in_the_middle_of_a_backlog(tmp_path):
+    from monitor.runlog.events import EventWriter
+    from monitor.runlog.rundir import RunDir
+    from monitor.schema import RunInfo, StepRecord
+    from monitor.watch import daemon
+
+    rd = RunDir(tmp_path / "runs" / "run")
+    rd.write_run_info(RunInfo(run_id="run"))
+    w = EventWriter(rd.events_dir, 0, flush_secs=3600)
+    for s in range(3 * daemon.POLL_SLICE):
+        w.write(StepRecord(step=s, time=1000.0 + s, loss=2.0, lr=[1e-3]))
+    w.close()
+    stop = threading.Event()
+    watcher = Watcher([tmp_path / "runs"], MonitorConfig(), state_dir=None)
+    seen: list[int] = []
+
+    def on_pass() -> None:  # the first pass read one slice when the stop came
+        seen.append(sum(r.judged.get(0, 0) for r in watcher.runs.values()))
+
+    original = watcher._ingest
+
+    def ingest(run, records, now):
+        original(run, records, now)
+        stop.set()  # asked to stop while the backlog is being read
+
+    watcher._ingest = ingest
+    watcher.run(stop, poll_every=0.01, discover_every=0.01, on_pass=on_pass)
+    assert seen == [daemon.POLL_SLICE]

@@ -6,17 +6,26 @@ import signal
 import threading
 from pathlib import Path
 
+import typer
+
 from monitor.config import MonitorConfig
 from monitor.exporters.prometheus import serve
 from monitor.exporters.sinks import build_http_sinks
 from monitor.runlog.rundir import JsonlAlertSink
 from monitor.watch.daemon import Watcher, tune_gc
+from monitor.watch.state import STATE_FILE, WatchStateError, check_private
 from monitor.watch.view import make_view
 
 
 def run_watch(paths: list[Path], cfg: MonitorConfig, *, state_dir: Path, host: str, port: int | None,
               mapping: dict[str, str] | None, plain: bool | None, poll: float, discover: float, once: bool) -> None:
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # which runs exist and where: private
+    try:  # before anything is written there
+        check_private(state_dir)
+        check_private(state_dir / STATE_FILE)
+    except WatchStateError as e:  # another user's, or writable by others: refused
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     tune_gc()
     watcher: Watcher | None = None
     server = None

@@ -123,6 +123,7 @@ class Watcher:
         self.stall_floor = float(rule_config("run.stalled", config).floor_seconds)  # only runs seen since can stall
         self._unreadable: set[str] = set()
         self._lock = threading.Lock()
+        self._stop: threading.Event | None = None  # run()'s: a long backlog stops reading when it is set
         if self.state is not None:
             for problem in self.state.load():
                 self._event(f"warning: {problem}")
@@ -153,6 +154,7 @@ class Watcher:
             return
         for key in [k for k in self.runs if k not in found and not Path(k).exists()]:
             self._forget(key)
+        self._unreadable &= set(found)  # paths gone are not remembered
         for key, path in sorted(found.items()):
             if key in self.runs:
                 continue
@@ -215,12 +217,20 @@ class Watcher:
             sink.emit(a.model_copy(update={"status": "resolved", "step": step, "time": self.clock()}))
 
     def _forget(self, key: str) -> None:
+        """A run whose directory is gone: its alerts still active are resolved at every sink (else they
+        would stay firing in Alertmanager forever) and its series dropped."""
         with self._lock:
             run = self.runs.pop(key, None)
         if run is None:
             return
+        now = self.clock()
+        for alert in run.engine.active():
+            step = run.view.step if run.view.step is not None else alert.step
+            run.sink.deliver(alert.model_copy(update={
+                "status": "resolved", "step": step, "time": now,
+                "evidence": {**alert.evidence, "resolved_by": "the run is gone (its directory was removed)"}}))
         self.families.forget(run.run_id)
-        self._event(f"run {run.run_id} is gone ({key}); its series were dropped")
+        self._event(f"run {run.run_id} is gone ({key}); its alerts were resolved and its series dropped")
 
     def _metrics(self, run: WatchedRun, rank: int) -> TrainMetrics:
         m = run.metrics.get(rank)
@@ -243,6 +253,8 @@ class Watcher:
         gc.disable()
         try:
             for run in runs:
+                if self._stop is not None and self._stop.is_set():
+                    break
                 try:
                     total += self._poll_run(run, now)
                 except Exception as e:
@@ -263,8 +275,8 @@ class Watcher:
             records = source.poll(limit=POLL_SLICE)
             self._ingest(run, records, now)
             total += len(records)
-            if len(records) < POLL_SLICE:
-                break
+            if len(records) < POLL_SLICE or (self._stop is not None and self._stop.is_set()):
+                break  # caught up, or asked to stop: the rest waits (positions are kept)
         seen = getattr(source.info, "attempts", None) or []
         for a in seen[run.attempts_seen:] if len(seen) > 1 else ():  # says so when a run resumes or restarts
             self._event(f"{run.run_id}: {describe(a)}")
@@ -341,7 +353,7 @@ class Watcher:
         if self.state is None:
             return
         with self._lock:
-            runs = {k: SavedRun(judged=dict(r.judged), active=r.engine.active(), live=r.live)
+            runs = {k: SavedRun(judged=dict(r.judged), active=r.engine.active(), live=r.live, seen=self.clock())
                     for k, r in self.runs.items()}
         # Runs not seen this time (unmounted filesystem, slow discovery) keep their saved state.
         for k, saved in self._saved.items():
@@ -356,6 +368,7 @@ class Watcher:
     def run(self, stop: threading.Event, *, poll_every: float = 0.5, discover_every: float = 5.0,
             save_every: float = 5.0, on_pass: Callable[[], None] | None = None) -> None:
         next_scan = next_save = 0.0
+        self._stop = stop
         while not stop.is_set():
             t = time.monotonic()
             if t >= next_scan:

@@ -9,7 +9,10 @@ not re-sent; those that are no longer active (a stall the run recovered from whi
 watched) are sent as resolved.
 A state file that cannot be loaded is set aside, not fatal: every run present at startup is then
 taken as already judged (replayed muted), so old alerts are not sent again.
-The directory is created private (0700): it says which runs exist and where.
+The directory is created private (0700): it says which runs exist and where. A state directory (or
+file) that another user owns, or that is group- or world-writable, is refused: whoever can write
+there decides what the daemon believes it has judged and sent.
+Runs not seen for FORGET_AFTER_SECONDS (deleted, or on a filesystem gone for good) are dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +32,27 @@ log = logging.getLogger("trainmon.watch")
 
 STATE_FILE = "watch-state.json"
 VERSION = 2
+FORGET_AFTER_SECONDS = 7 * 24 * 3600  # a run's entry outlives a week-long unmount, not forever
+
+
+class WatchStateError(OSError):
+    """The state directory cannot be trusted or used; the message names it and why."""
+
+
+def check_private(path: Path) -> None:
+    """WatchStateError unless `path` (when it exists) is ours and writable by no one else."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise WatchStateError(f"{path}: cannot be read: {e.strerror or e}") from None
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise WatchStateError(f"{path} belongs to uid {st.st_uid}, not to this user ({os.getuid()}): refusing to use "
+                              "another user's state (give --state-dir a directory of your own)")
+    if st.st_mode & 0o022:
+        raise WatchStateError(f"{path} is writable by its group or by everyone (mode {st.st_mode & 0o777:o}): anyone "
+                              f"who can write there decides what the daemon believes it sent; chmod go-w {path}")
 
 
 def default_state_dir() -> Path:
@@ -42,6 +66,7 @@ class SavedRun:
     active: list[Alert] = field(default_factory=list)  # the alerts active then
     live: bool = False  # steps arrived while the daemon watched (only such a run can stall)
     everything: bool = False  # judged up to whatever the run holds (the state was unreadable)
+    seen: float = field(default_factory=time.time)  # when a daemon last watched it
 
 
 def _saved_run(raw: Any) -> SavedRun:
@@ -54,14 +79,20 @@ def _saved_run(raw: Any) -> SavedRun:
         raise ValueError("'judged' must map ranks to record counts")
     if not isinstance(active, list):
         raise ValueError("'active' must be a list of alerts")
+    seen = raw.get("seen", time.time())
+    if not isinstance(seen, (int, float)):
+        raise ValueError("'seen' must be a time")
     return SavedRun(judged={int(k): v for k, v in judged.items()}, active=[Alert.model_validate(a) for a in active],
-                    live=raw.get("live") is True)
+                    live=raw.get("live") is True, seen=float(seen))
 
 
 class WatchState:
     def __init__(self, directory: Path) -> None:
+        """WatchStateError when the directory or its state file is another user's or writable by others."""
         self.dir = Path(directory)
         self.path = self.dir / STATE_FILE
+        check_private(self.dir)
+        check_private(self.path)
         self.runs: dict[str, SavedRun] = {}
         self.unreadable = False  # a state file was there but could not be loaded
 
@@ -92,10 +123,11 @@ class WatchState:
 
     def save(self, runs: dict[str, SavedRun]) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        data = {"version": VERSION, "saved": time.time(), "runs": {
+        now = time.time()
+        data = {"version": VERSION, "saved": now, "runs": {
             key: {"judged": {str(rank): n for rank, n in r.judged.items()}, "active": [a.model_dump(mode="json") for a in r.active],
-                  "live": r.live}
-            for key, r in runs.items() if not r.everything}}
+                  "live": r.live, "seen": r.seen}
+            for key, r in runs.items() if not r.everything and now - r.seen < FORGET_AFTER_SECONDS}}
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".watch-state.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f)
