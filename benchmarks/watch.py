@@ -34,7 +34,8 @@ from monitor.config import MonitorConfig  # noqa: E402
 from monitor.runlog.events import EventWriter  # noqa: E402
 from monitor.runlog.rundir import RunDir  # noqa: E402
 from monitor.schema import ModelInfo, OptimizerInfo, ParamGroupInfo, RunInfo, StepRecord  # noqa: E402
-from monitor.watch.daemon import Watcher, tune_gc  # noqa: E402
+from monitor.watch.daemon import Watcher  # noqa: E402
+from monitor.watch.health import tune_gc  # noqa: E402
 
 PARAMS = [f"blocks.{i // 6}.p{i % 6}" for i in range(27)]
 

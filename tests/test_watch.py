@@ -387,7 +387,7 @@ def test_a_restarted_daemon_replays_muted_restores_active_alerts_and_sends_only_
     assert {"loss.nonfinite", "run.stalled"} <= {r for r, *_ in first.sinks[0].firing()}
     first.save()
     saved = json.loads((tmp_path / "state" / "watch-state.json").read_text())
-    assert saved["version"] == 2 and saved["runs"][str((tmp_path / "runs" / "run").resolve())]["judged"] == {"0": 30}
+    assert saved["version"] == 3 and saved["runs"][str((tmp_path / "runs" / "run").resolve())]["judged"] == {"0": 30}
     assert (tmp_path / "state").stat().st_mode & 0o077 == 0  # private
 
     for s in range(30, 33):  # the run goes on while no daemon watches; step 31 is NaN again
@@ -555,3 +555,47 @@ def test_a_stop_request_is_honoured_in_the_middle_of_a_backlog(tmp_path):
     watcher._ingest = ingest
     watcher.run(stop, poll_every=0.01, discover_every=0.01, on_pass=on_pass)
     assert seen == [daemon.POLL_SLICE]
+
+
+def test_a_restart_replays_from_a_saved_read_position_not_from_the_start(tmp_path, monkeypatch):
+    from monitor.runlog.events import EventWriter
+    from monitor.runlog.rundir import RunDir
+    from monitor.schema import RunInfo, StepRecord
+    from monitor.watch import daemon
+
+    monkeypatch.setattr(daemon, "REPLAY_STEPS", 50)
+    rd = RunDir(tmp_path / "runs" / "run")
+    rd.write_run_info(RunInfo(run_id="run"))
+    w = EventWriter(rd.events_dir, 0, flush_secs=0)
+
+    def write(steps, nan=()):
+        for s in steps:
+            w.write(StepRecord(step=s, time=1000.0 + s, loss=math.nan if s in nan else 2.0, lr=[1e-3]))
+        w.flush()
+
+    def watcher(sink):
+        return Watcher([tmp_path / "runs"], MonitorConfig(), state_dir=tmp_path / "state", sinks=[sink])
+
+    first = watcher(RestoringSink())
+    first.scan()
+    for start in range(0, 400, 40):  # slices as a live run would arrive; a NaN at 390 is active at the end
+        write(range(start, start + 40), nan={390})
+        first.poll()
+    first.save()
+    entry = next(iter(json.loads((tmp_path / "state" / "watch-state.json").read_text())["runs"].values()))
+    # at least REPLAY_STEPS records lie after the saved position, and not many more
+    assert entry["positions"] is not None and 50 <= 400 - entry["judged_at"]["0"] <= 2 * 50 + 40
+
+    write(range(400, 410), nan={405})
+    sink = RestoringSink()
+    second = watcher(sink)
+    second.scan()
+    read = second.poll()
+    assert read == 410 - entry["judged_at"]["0"]  # from the saved position, not from step 0
+    assert sink.alerts == [] and ("loss.nonfinite", 390) in sink.restored  # NaN at 405: the same alert
+    write(range(410, 440))
+    write(range(440, 441), nan={440})
+    second.poll()
+    w.close()
+    assert next(iter(second.runs.values())).judged == {0: 441}
+    assert [(a.rule, a.step) for a in sink.alerts if a.status == "firing"] == []  # 440's NaN: still the one alert

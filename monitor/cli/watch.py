@@ -12,7 +12,8 @@ from monitor.config import MonitorConfig
 from monitor.exporters.prometheus import serve
 from monitor.exporters.sinks import build_http_sinks
 from monitor.runlog.rundir import JsonlAlertSink
-from monitor.watch.daemon import Watcher, tune_gc
+from monitor.watch.daemon import Watcher
+from monitor.watch.health import tune_gc
 from monitor.watch.state import STATE_FILE, WatchStateError, check_private
 from monitor.watch.view import make_view
 

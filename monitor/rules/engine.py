@@ -325,6 +325,25 @@ class RulesEngine:
             alert = alert.model_copy(update={"run": self.run.run_id})
         self._deliver(alert)
 
+    def adopt(self, alert: Alert, *, force: bool = False) -> bool:
+        """Take `alert` (raised before, known from elsewhere: a restarted daemon's saved state) as its rule's
+        active alert on its rank: when the rule finds the same problem now (its own alert is replaced), or
+        with `force` when the rule holds none (its records lie before what was replayed). Its rule then
+        resolves it as usual. False when the rule is not running on that rank."""
+        for group in (self._states, self._retired):
+            for st in group.get(alert.rank, []):
+                if st.rule.id == alert.rule and (st.active is not None or force):
+                    st.active, st.fired = alert, True
+                    return True
+        return False
+
+    def drop(self, alert: Alert) -> None:
+        """Forget an active alert without resolving it (raised only by a replay: it was never sent)."""
+        for group in (self._states, self._retired):
+            for st in group.get(alert.rank, []):
+                if st.active is alert:
+                    st.active = None
+
     def active(self) -> list[Alert]:
         return [st.active for group in (self._states, self._retired) for states in group.values() for st in states
                 if st.active is not None]

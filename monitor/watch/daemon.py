@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from monitor.config import MonitorConfig
 from monitor.exporters.prometheus import MetricFamilies, TrainMetrics
@@ -27,70 +27,13 @@ from monitor.rules.engine import RulesEngine
 from monitor.runlog.attempts import describe
 from monitor.runlog.sources import Source
 from monitor.schema import Alert, StepRecord
-from monitor.watch.run import WatchedRun
-from monitor.watch.state import SavedRun, WatchState
+from monitor.watch.health import WatchHealth
+from monitor.watch.run import RunAlertSink, WatchedRun
+from monitor.watch.state import REPLAY_STEPS, SavedRun, WatchState
 
 POLL_SLICE = 8192  # records of a run read, judged and freed at a time (memory stays bounded)
 
 log = logging.getLogger("trainmon.watch")
-
-
-class WatchHealth:
-    """The daemon's own metrics."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.runs = Gauge("trainmon_watch_runs", "Runs being watched, by state.", ["state"], registry=registry)
-        self.records = Counter("trainmon_watch_records", "Step records ingested.", registry=registry)
-        self.alerts = Counter("trainmon_watch_alerts", "Alerts raised by the daemon's rules.", ["severity"], registry=registry)
-        self.problems = Counter("trainmon_watch_source_problems", "Damaged or unreadable inputs reported.", registry=registry)
-        self.errors = Counter("trainmon_watch_errors", "Errors caught in the daemon (never fatal).", registry=registry)
-        self.poll = Histogram("trainmon_watch_poll_seconds", "Time of one pass over all runs.", registry=registry,
-                              buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
-
-
-def tune_gc() -> None:
-    """For the daemon process: records are freed by reference counting (they hold no cycles), yet every
-    700 allocations the cyclic collector walks the young objects, a batch of live records among them.
-    Collect far less often. Process-wide, so the CLI calls it, not the Watcher."""
-    gc.set_threshold(50_000, 10, 10)
-
-
-class _RunAlertSink:
-    """The run's only sink in its engine: the daemon's own state (metrics, the view's alert log, health
-    counters), then every delivery sink, unless the alert replays what was judged before a restart."""
-
-    def __init__(self, watcher: Watcher, run: WatchedRun) -> None:
-        self.watcher, self.run = watcher, run
-
-    def emit(self, alert: Alert) -> None:
-        w, run = self.watcher, self.run
-        w._metrics(run, alert.rank).emit(alert)
-        w.alert_log.append(alert)
-        saved = run.saved
-        if saved is not None and alert.status == "resolved" and not run.replaying:
-            run.resolved.add((alert.rule, alert.rank))  # resolved anew in the first pass: not again after it
-        if run.replaying or (saved is not None and alert.status == "firing" and any(
-                (a.rule, a.rank, a.step, a.attempt) == (alert.rule, alert.rank, alert.step, alert.attempt)
-                for a in saved.active)):
-            run.muted.append(alert)
-            return
-        self.deliver(alert)
-
-    def deliver(self, alert: Alert) -> None:
-        w = self.watcher
-        if alert.status == "firing":
-            w.health.alerts.labels(alert.severity.value).inc()
-        for sink in w.sinks:
-            try:
-                sink.emit(alert)
-            except Exception as e:
-                w._error(f"sink {type(sink).__name__}", e)
-
-    def restore(self, alert: Alert) -> None:
-        """Not called: the daemon restores alerts to its delivery sinks itself."""
-
-    def close(self) -> None:
-        """The delivery sinks are closed by Watcher.close()."""
 
 
 class Watcher:
@@ -189,32 +132,83 @@ class Watcher:
         engine = RulesEngine(source.info.model_copy(update={"run_id": run_id}), self.config.rules, attempts=attempts)
         run = WatchedRun(key, source, run_id, engine, saved)
         run.live = saved is not None and saved.live
-        run.sink = _RunAlertSink(self, run)
+        if saved is not None and saved.positions is not None:
+            try:  # replay from the saved position, not from the start
+                source.restore(saved.positions)
+                run.judged = dict(saved.judged_at)
+                run.replay_from = (saved.positions, dict(saved.judged_at))
+            except Exception as e:  # positions that do not fit this run any more: replay it all
+                self._event(f"warning: {key}: saved read positions unusable ({e}); reading it again from the start")
+                run.judged = {}
+                self._unreadable.discard(key)
+                return self._add_fresh(key, run_id, saved)
+        run.sink = RunAlertSink(self, run)
         engine.attach([run.sink], on_error=self._error)
         with self._lock:
             self.runs[key] = run
         self._event(f"watching {run_id} ({source.info.source}) at {key}" + (" (replaying what was judged before)"
                                                                             if saved else ""))
 
-    def _restored(self, run: WatchedRun, sink: _RunAlertSink) -> None:
-        """The end of a restarted run's first pass: the muted alerts still active are restored to the
-        delivery sinks (they were delivered before the restart); alerts active then that no longer are
-        (a stall the run recovered from) are sent as resolved."""
-        active = run.engine.active()
-        ids = {id(a) for a in active}
-        for alert in run.muted:
-            if id(alert) in ids:
-                for s in self.sinks:
-                    try:
-                        s.restore(alert)
-                    except Exception as e:
-                        self._error(f"restoring an alert to {type(s).__name__}", e)
-        now_active = {(a.rule, a.rank) for a in active}
-        gone = [a for a in run.saved.active if (a.rule, a.rank) not in now_active | run.resolved]
+    def _add_fresh(self, key: str, run_id: str, saved: SavedRun) -> None:
+        """_add again with a newly opened source and no saved positions."""
+        from monitor.runlog.adapters import open_source
+
+        try:
+            source = open_source(Path(key), self.mapping)
+        except Exception as e:
+            self._event(f"skipped {key}: {e}")
+            return
+        saved.positions, saved.judged_at = None, {}
+        self._saved[key] = saved
+        self._add(key, source)
+
+    def _mark(self, run: WatchedRun) -> None:
+        """After a slice is judged: every REPLAY_STEPS records per rank, the Source's read position."""
+        total = sum(run.judged.values())
+        last = sum((run.marks[-1] if run.marks else run.replay_from or ({}, {}))[1].values())
+        if total - last >= REPLAY_STEPS * max(1, len(run.judged)):
+            try:
+                run.marks = [*run.marks[-1:], (run.source.state(), dict(run.judged))]
+            except Exception as e:
+                self._error(f"read positions of {run.key}", e)
+
+    def _restored(self, run: WatchedRun, sink: RunAlertSink) -> None:
+        """The end of a restarted run's first pass. Each alert active at the save (delivered before the
+        restart) whose rule finds the problem again after the replay, or whose step lies before the
+        replayed records (the replay cannot tell), goes on as that rule's active alert and is restored to
+        the delivery sinks, not re-sent; the others (a stall the run recovered from) are sent as
+        resolved. Alerts only the replay raised were never sent: dropped (unless the state was unreadable,
+        when every run found is taken as judged: then they are restored)."""
+        engine = run.engine
+        muted = {id(a) for a in run.muted}
+        saved = run.saved
+        gone: list[Alert] = []
+        for a in saved.active:
+            if (a.rule, a.rank) in run.resolved:  # resolved anew in this pass, and delivered
+                continue
+            before_replay = run.replay_from is not None and a.step < run.first_step.get(a.rank, a.step + 1)
+            if engine.adopt(a, force=before_replay):
+                self._restore_to_sinks(a)
+            else:
+                gone.append(a)
+        for a in engine.active():
+            if id(a) not in muted:
+                continue
+            if saved.everything:  # the state was unreadable: what the replay finds active was sent before
+                self._restore_to_sinks(a)
+            else:
+                engine.drop(a)
         run.saved, run.muted, run.resolved = None, [], set()
         for a in gone:
             step = run.view.step if run.view.step is not None else a.step
             sink.emit(a.model_copy(update={"status": "resolved", "step": step, "time": self.clock()}))
+
+    def _restore_to_sinks(self, alert: Alert) -> None:
+        for s in self.sinks:
+            try:
+                s.restore(alert)
+            except Exception as e:
+                self._error(f"restoring an alert to {type(s).__name__}", e)
 
     def _forget(self, key: str) -> None:
         """A run whose directory is gone: its alerts still active are resolved at every sink (else they
@@ -274,6 +268,8 @@ class Watcher:
         while True:
             records = source.poll(limit=POLL_SLICE)
             self._ingest(run, records, now)
+            if run.saved is None:  # (during a restart's replay the judged counts are not yet the run's)
+                self._mark(run)
             total += len(records)
             if len(records) < POLL_SLICE or (self._stop is not None and self._stop.is_set()):
                 break  # caught up, or asked to stop: the rest waits (positions are kept)
@@ -305,6 +301,7 @@ class Watcher:
             recs.append(r)
         # Metrics first, then rules: when an alert shows up, /metrics already has the step behind it.
         for rank, recs in by_rank.items():
+            run.first_step.setdefault(rank, recs[0].step)
             self._metrics(run, rank).observe_many(recs)
             for r in recs[-run.view.losses.maxlen:]:
                 run.view.update(r)
@@ -353,8 +350,7 @@ class Watcher:
         if self.state is None:
             return
         with self._lock:
-            runs = {k: SavedRun(judged=dict(r.judged), active=r.engine.active(), live=r.live, seen=self.clock())
-                    for k, r in self.runs.items()}
+            runs = {k: self._saved_run(r) for k, r in self.runs.items()}
         # Runs not seen this time (unmounted filesystem, slow discovery) keep their saved state.
         for k, saved in self._saved.items():
             runs.setdefault(k, saved)
@@ -362,6 +358,16 @@ class Watcher:
             self.state.save(runs)
         except Exception as e:
             self._error("saving state", e)
+
+    def _saved_run(self, r: WatchedRun) -> SavedRun:
+        if r.saved is not None:  # still replaying after a restart: what was saved then still holds
+            return SavedRun(judged=dict(r.saved.judged), active=list(r.saved.active), live=r.saved.live,
+                            seen=self.clock(), positions=r.saved.positions, judged_at=dict(r.saved.judged_at))
+        # The older of the last two marks (REPLAY_STEPS records per rank lie after it), else the position
+        # this daemon started from, else none (replay from the start).
+        positions, judged_at = r.marks[0] if len(r.marks) == 2 else r.replay_from or (None, {})
+        return SavedRun(judged=dict(r.judged), active=r.engine.active(), live=r.live, seen=self.clock(),
+                        positions=positions, judged_at=dict(judged_at))
 
     # -- the loop -------------------------------------------------------------------------------
 

@@ -73,9 +73,52 @@ class WatchedRun:
         self.finished = False
         self.attempts_seen = 0  # run.json attempts already announced
         self.judged: dict[int, int] = {}  # rank -> records fed to the rules
+        # Read positions to replay from after a restart: the Source's state() and the judged counts then,
+        # taken every REPLAY_STEPS records per rank; the older of the last two is saved.
+        self.marks: list[tuple[dict[str, Any], dict[int, int]]] = []
+        self.replay_from: tuple[dict[str, Any], dict[int, int]] | None = None  # the saved position restored
+        self.first_step: dict[int, int] = {}  # rank -> the step of the first record this daemon read
         # After a daemon restart, until the first pass over the run is done: what was judged before.
         self.saved = saved
         self.replaying = False  # the records being fed were judged before the restart: sinks muted
         self.muted: list[Alert] = []  # alerts raised while muted, restored to the sinks after the first pass
         self.resolved: set[tuple[str, int]] = set()  # (rule, rank) resolved and delivered during that pass
-        self.sink: Any = None  # its only sink in the engine (the watcher's _RunAlertSink, set by Watcher._add)
+        self.sink: Any = None  # its only sink in the engine (a RunAlertSink, set by Watcher._add)
+
+
+class RunAlertSink:
+    """The run's only sink in its engine: the daemon's own state (metrics, the view's alert log, health
+    counters), then every delivery sink, unless the alert replays what was judged before a restart."""
+
+    def __init__(self, watcher: Any, run: WatchedRun) -> None:
+        self.watcher, self.run = watcher, run
+
+    def emit(self, alert: Alert) -> None:
+        w, run = self.watcher, self.run
+        w._metrics(run, alert.rank).emit(alert)
+        w.alert_log.append(alert)
+        saved = run.saved
+        if saved is not None and alert.status == "resolved" and not run.replaying:
+            run.resolved.add((alert.rule, alert.rank))  # resolved anew in the first pass: not again after it
+        if run.replaying or (saved is not None and alert.status == "firing" and any(
+                (a.rule, a.rank, a.step, a.attempt) == (alert.rule, alert.rank, alert.step, alert.attempt)
+                for a in saved.active)):
+            run.muted.append(alert)
+            return
+        self.deliver(alert)
+
+    def deliver(self, alert: Alert) -> None:
+        w = self.watcher
+        if alert.status == "firing":
+            w.health.alerts.labels(alert.severity.value).inc()
+        for sink in w.sinks:
+            try:
+                sink.emit(alert)
+            except Exception as e:
+                w._error(f"sink {type(sink).__name__}", e)
+
+    def restore(self, alert: Alert) -> None:
+        """Not called: the daemon restores alerts to its delivery sinks itself."""
+
+    def close(self) -> None:
+        """The delivery sinks are closed by Watcher.close()."""

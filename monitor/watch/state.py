@@ -1,10 +1,12 @@
 """The daemon's memory across restarts: per run, how far its rules got and which alerts were active.
 
 One JSON file (versioned, written atomically: temp file + rename) every few seconds and at shutdown.
-Nothing else is kept: on a restart the daemon reads each run again and replays it through fresh
-rules with its sinks muted for the records it had judged before (per rank, `judged` records), so
-windows, baselines and alert lifecycles are rebuilt from the records themselves and no alert is sent
-twice. Alerts that were active (`active`) and still are after the replay are restored to the sinks,
+No rule state is kept: on a restart the daemon reads each run again from a saved read position
+(`positions`, the Source's own `state()`, taken REPLAY_STEPS records per rank or more before the
+end of what was judged; from the start when there is none) and replays the records from there to
+what it had judged (per rank, `judged` records; `judged_at` of them lie before the position) through
+fresh rules with its sinks muted, so windows, baselines and alert lifecycles are rebuilt from the
+recent records themselves and no alert is sent twice. Alerts that were active (`active`) and still are after the replay are restored to the sinks,
 not re-sent; those that are no longer active (a stall the run recovered from while no daemon
 watched) are sent as resolved.
 A state file that cannot be loaded is set aside, not fatal: every run present at startup is then
@@ -31,7 +33,8 @@ from monitor.schema import Alert
 log = logging.getLogger("trainmon.watch")
 
 STATE_FILE = "watch-state.json"
-VERSION = 2
+VERSION = 3
+REPLAY_STEPS = 5000  # records per rank replayed after a restart: past every rule's window (at most a few hundred)
 FORGET_AFTER_SECONDS = 7 * 24 * 3600  # a run's entry outlives a week-long unmount, not forever
 
 
@@ -67,6 +70,8 @@ class SavedRun:
     live: bool = False  # steps arrived while the daemon watched (only such a run can stall)
     everything: bool = False  # judged up to whatever the run holds (the state was unreadable)
     seen: float = field(default_factory=time.time)  # when a daemon last watched it
+    positions: dict[str, Any] | None = None  # the Source's read positions to replay from (None: the start)
+    judged_at: dict[int, int] = field(default_factory=dict)  # rank -> records before those positions
 
 
 def _saved_run(raw: Any) -> SavedRun:
@@ -82,8 +87,15 @@ def _saved_run(raw: Any) -> SavedRun:
     seen = raw.get("seen", time.time())
     if not isinstance(seen, (int, float)):
         raise ValueError("'seen' must be a time")
+    positions = raw.get("positions")
+    judged_at = raw.get("judged_at", {})
+    if positions is not None and not isinstance(positions, dict):
+        raise ValueError("'positions' must be an object")
+    if not isinstance(judged_at, dict) or not all(isinstance(v, int) and v >= 0 for v in judged_at.values()):
+        raise ValueError("'judged_at' must map ranks to record counts")
     return SavedRun(judged={int(k): v for k, v in judged.items()}, active=[Alert.model_validate(a) for a in active],
-                    live=raw.get("live") is True, seen=float(seen))
+                    live=raw.get("live") is True, seen=float(seen), positions=positions,
+                    judged_at={int(k): v for k, v in judged_at.items()})
 
 
 class WatchState:
@@ -126,7 +138,8 @@ class WatchState:
         now = time.time()
         data = {"version": VERSION, "saved": now, "runs": {
             key: {"judged": {str(rank): n for rank, n in r.judged.items()}, "active": [a.model_dump(mode="json") for a in r.active],
-                  "live": r.live, "seen": r.seen}
+                  "live": r.live, "seen": r.seen, "positions": r.positions,
+                  "judged_at": {str(rank): n for rank, n in r.judged_at.items()}}
             for key, r in runs.items() if not r.everything and now - r.seen < FORGET_AFTER_SECONDS}}
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".watch-state.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:

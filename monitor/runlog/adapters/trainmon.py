@@ -119,5 +119,5 @@ class TrainmonSource:
     def restore(self, state: dict[str, Any]) -> None:
         for rank, s in (state.get("ranks") or {}).items():
             rank = int(rank)
-            tail = self._tails[rank] = TensorBoardTail(rank_dir(self.path, rank), self.problems)
+            tail = self._tails[rank] = TensorBoardTail(rank_dir(self.path, rank), self.problems, order=attempts.file_order)
             tail.restore(s)
