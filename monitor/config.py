@@ -1,4 +1,4 @@
-"""MonitorConfig: defaults, YAML/TOML files, dicts and MONITOR_* environment overrides.
+"""MonitorConfig: defaults, YAML/TOML files, dicts and TRAINMON_* environment overrides.
 
 Every section is a small validated model with documented fields. An invalid
 config fails here, at load time, with the dotted key and what was expected,
@@ -8,16 +8,38 @@ never later in the middle of a run.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import types
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-ENV_PREFIX = "MONITOR_"
-# Environment variables that are not config overrides.
-_ENV_RESERVED = {"MONITOR_RUN_DIR", "MONITOR_CONFIG"}
+# Configuration variables: TRAINMON_<SECTION>__<FIELD>. Not MONITOR_*: Kubernetes injects MONITOR_PORT,
+# MONITOR_SERVICE_HOST, ... into every pod of a namespace with a Service named `monitor`. MONITOR_* config
+# variables are no longer read (MONITOR_RUN_DIR, the run directory, is not a config variable: unchanged).
+ENV_PREFIX = "TRAINMON_"
+CONFIG_ENV = "TRAINMON_CONFIG"  # a config file, used when no config is given
+_LEGACY_PREFIX = "MONITOR_"
+# Environment variables under the prefixes that are not config overrides.
+_ENV_RESERVED = {CONFIG_ENV}
+_LEGACY_RESERVED = {"MONITOR_RUN_DIR"}
+# Service links Kubernetes injects for a Service named trainmon(-...): listed by `monitor config`, never warned of.
+_SERVICE_LINK = re.compile(r".*_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT|PORT_\d+_(TCP|UDP|SCTP)(_\w+)?)$")
+
+log = logging.getLogger("trainmon")
 
 
 class ConfigError(ValueError):
@@ -66,7 +88,10 @@ class CollectorConfig(_Section):
 
 
 class _HttpSink(_Section):
-    url: str = Field(description="Where to POST (kept secret: logged as scheme://host/*** only).")
+    # Secret: run.json and `monitor config` show "**********", logs scheme://host/***, errors never the input.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    url: SecretStr = Field(description="Where to POST (kept secret: logged as scheme://host/*** only).")
     timeout: float = Field(5.0, gt=0, description="Seconds per HTTP attempt.")
     retries: int = Field(3, ge=0, description="Retries after a failed attempt (connection error, 429, 5xx).")
     backoff: float = Field(1.0, ge=0, description="Seconds before the first retry; doubled for each further one.")
@@ -74,8 +99,11 @@ class _HttpSink(_Section):
 
     @field_validator("url")
     @classmethod
-    def _http_url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
+    def _http_url(cls, v: SecretStr) -> SecretStr:
+        url = v.get_secret_value()
+        if url == "**********":  # copied from run.json or `monitor config`, which hide it
+            raise ValueError("is redacted (run.json and `monitor config` hide it): give the URL itself")
+        if not url.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return v
 
@@ -255,7 +283,17 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if p != "__root__")
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _from_env(key: str, origins: Mapping[str, str]) -> str:
+    """" (from TRAINMON_...)" when environment variables set `key`, a key inside it or a section holding it."""
+    names = sorted({name for k, name in origins.items()
+                    if key == k or key.startswith(k + ".") or k.startswith(key + ".")})
+    return f" (from {', '.join(names)})" if names else ""
+
+
+def _format_validation_error(err: ValidationError, source: str, origins: Mapping[str, str] | None = None) -> str:
+    """One line per problem, naming the dotted key and, for `origins` ({dotted key: variable name}), the
+    environment variable that set it (never its value: it may be a secret URL)."""
+    origins = origins or {}
     lines = []
     for e in err.errors():
         key = _dotted(e["loc"])
@@ -264,10 +302,13 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             msg = "unknown key"
         msg = msg.removeprefix("Value error, ")  # our validators' own messages
         if not key:
-            # Raised by a model validator whose message already names its keys.
-            lines.extend(f"  {line}" for line in msg.splitlines())
+            # Raised by a model validator whose message already names its keys ("rules.x.y: ...").
+            for line in msg.splitlines():
+                head, sep, rest = line.partition(": ")
+                named = _from_env(head, origins) if sep and " " not in head else ""
+                lines.append(f"  {head}{named}{sep}{rest}")
             continue
-        lines.append(f"  {key or '(top level)'}: {msg}")
+        lines.append(f"  {key}{_from_env(key, origins)}: {msg}")
     return f"invalid trainmon config ({source}):\n" + "\n".join(lines)
 
 
@@ -310,31 +351,115 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """MONITOR_<SECTION>__<FIELD>=value (double underscore nests), e.g. MONITOR_METRICS__PORT=9800.
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The model of a field that is a section (or an optional one), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if len(models) == 1 else None
+    return None
 
-    Rule options: MONITOR_RULES__<RULE_ID>__<OPTION>, where the rule id is written with
-    underscores for dots (MONITOR_RULES__LOSS_SPIKE__Z_CRITICAL=9 -> rules['loss.spike'].z_critical).
-    """
-    environ = os.environ if environ is None else environ
+
+def _env_key(parts: list[str]) -> list[str] | None:
+    """The config key (path) that a variable's lowercased `__`-separated parts name, rule ids restored
+    (loss_spike -> loss.spike); None when the config has no key of that name."""
+    if parts[0] == "rules":
+        if len(parts) == 1:
+            return parts  # the whole mapping, as JSON
+        from monitor.rules.registry import REGISTRY, rule_id_from_env
+
+        rule_id = rule_id_from_env(parts[1])
+        if rule_id not in REGISTRY or len(parts) > 3:
+            return None
+        if len(parts) == 3 and parts[2] not in REGISTRY.get(rule_id).Config.model_fields:
+            return None
+        return ["rules", rule_id, *parts[2:]]
+    model: type[BaseModel] = MonitorConfig
+    for i, p in enumerate(parts):
+        field = model.model_fields.get(p)
+        if field is None or field.exclude:  # excluded: Python only (on_alert)
+            return None
+        sub = _section_of(field.annotation)
+        if sub is not None:
+            model = sub
+            continue
+        rest = parts[i + 1:]
+        if not rest or (typing.get_origin(field.annotation) is dict and len(rest) == 1):  # a key of a mapping
+            return parts
+        return None
+    return parts
+
+
+def _scan_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """(overrides, {dotted key: variable name}, ignored names) of the TRAINMON_* variables."""
     out: dict[str, Any] = {}
-    for name, raw in environ.items():
+    origins: dict[str, str] = {}
+    ignored: list[str] = []
+    for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name in _ENV_RESERVED:
             continue
         parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
-        if not parts:
+        key = _env_key(parts) if parts else None
+        if key is None:
+            ignored.append(name)
             continue
-        if parts[0] == "rules" and len(parts) == 3:
-            from monitor.rules.registry import rule_id_from_env
-
-            parts[1] = rule_id_from_env(parts[1])
         node = out
-        for p in parts[:-1]:
+        for i, p in enumerate(key[:-1]):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"environment variable {name} conflicts with another MONITOR_* variable")
-        node[parts[-1]] = _parse_env_value(raw)
+                other = origins.get(".".join(key[:i + 1]), f"another {ENV_PREFIX}* variable")
+                raise ConfigError(f"environment variable {name} conflicts with {other} (not a mapping)")
+        node[key[-1]] = _parse_env_value(raw)
+        origins[".".join(key)] = name
+    return out, origins, ignored
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """TRAINMON_<SECTION>__<FIELD>=value (double underscore nests), e.g. TRAINMON_METRICS__PORT=9800.
+
+    Rule options: TRAINMON_RULES__<RULE_ID>__<OPTION>, where the rule id is written with
+    underscores for dots (TRAINMON_RULES__LOSS_SPIKE__Z_CRITICAL=9 -> rules['loss.spike'].z_critical).
+    Names that are no config key are left out (`ignored_env` lists them); a known key with a bad
+    value fails in `load_config`, naming the variable.
+    """
+    return _scan_env(os.environ if environ is None else environ)[0]
+
+
+def ignored_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """TRAINMON_* variables that name no config key (a typo, a Service link Kubernetes injected): not read."""
+    return _scan_env(os.environ if environ is None else environ)[2]
+
+
+def legacy_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """MONITOR_* variables that would set a config key under the old prefix: no longer read."""
+    environ = os.environ if environ is None else environ
+    out = []
+    for name in sorted(environ):
+        if not name.startswith(_LEGACY_PREFIX) or name in _LEGACY_RESERVED:
+            continue
+        rest = name[len(_LEGACY_PREFIX):]
+        parts = [p.lower() for p in rest.split("__") if p]
+        if ENV_PREFIX + rest == CONFIG_ENV or (parts and _env_key(parts) is not None):
+            out.append(name)
     return out
+
+
+_warned: set[tuple[str, ...]] = set()
+
+
+def _warn_env(ignored: list[str], legacy: list[str]) -> None:
+    """Once per process and set of names: what the environment holds that is not read."""
+    typos = [n for n in ignored if "__" in n or not _SERVICE_LINK.match(n)]
+    if (not typos and not legacy) or (*typos, "|", *legacy) in _warned:
+        return
+    _warned.add((*typos, "|", *legacy))
+    if typos:
+        log.warning("trainmon: ignoring environment variable(s) that name no config key: %s", ", ".join(typos))
+    if legacy:
+        log.warning("trainmon: not reading %s: configuration variables now use the %s prefix (%s)",
+                    ", ".join(legacy), ENV_PREFIX,
+                    ", ".join(ENV_PREFIX + n[len(_LEGACY_PREFIX):] for n in legacy))
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -351,15 +476,19 @@ def load_config(
     source: MonitorConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
+    warn: bool = True,
 ) -> MonitorConfig:
     """Build a validated MonitorConfig from a config object, a dict, or a YAML/TOML/JSON path.
 
-    MONITOR_* environment variables override what the source says; `$MONITOR_CONFIG`
-    names a file used when no source is given. Raises ConfigError naming the key.
+    TRAINMON_* environment variables override what the source says; `$TRAINMON_CONFIG`
+    names a file used when no source is given. Raises ConfigError naming the key (and the
+    variable, when one set it). TRAINMON_* names that are no config key are ignored, never
+    fatal, and so are the old MONITOR_* config variables; with `warn`, a warning names them
+    (once per process; not the Service links Kubernetes injects).
     """
     environ = os.environ if environ is None else environ
-    if source is None and environ.get("MONITOR_CONFIG"):
-        source = environ["MONITOR_CONFIG"]
+    if source is None and environ.get(CONFIG_ENV):
+        source = environ[CONFIG_ENV]
     if isinstance(source, MonitorConfig):
         data = source.model_dump(exclude={"on_alert"})
         on_alert = source.on_alert
@@ -373,13 +502,15 @@ def load_config(
         data, on_alert, where = {}, None, "defaults"
     else:
         raise TypeError(f"config must be a MonitorConfig, a dict or a path, got {type(source).__name__}")
-    overrides = env_overrides(environ)
+    overrides, origins, ignored = _scan_env(environ)
+    if warn:
+        _warn_env(ignored, legacy_env(environ))
     if overrides:
         data = _merge(data, overrides)
-        where += " + MONITOR_* environment"
+        where += f" + {ENV_PREFIX}* environment"
     if on_alert is not None:
         data["on_alert"] = on_alert
     try:
         return MonitorConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, where)) from None
+        raise ConfigError(_format_validation_error(e, where, origins)) from None

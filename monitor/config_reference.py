@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from monitor.config import ENV_PREFIX, MonitorConfig
+from monitor.config import CONFIG_ENV, ENV_PREFIX, MonitorConfig
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
@@ -56,10 +56,14 @@ def config_markdown() -> str:
         "",
         "`monitor.attach(..., config=...)`, `monitor check --config` and `monitor watch --config` take a "
         "`MonitorConfig`, a dict, or a YAML/TOML/JSON file (optionally under a top-level `monitor:` key); "
-        "`$MONITOR_CONFIG` names a file when no config is given. Environment variables override single keys: "
+        f"`${CONFIG_ENV}` names a file when no config is given. Environment variables override single keys: "
         f"`{ENV_PREFIX}<SECTION>__<KEY>` (`{ENV_PREFIX}METRICS__PORT=9800`; rule options "
-        f"`{ENV_PREFIX}RULES__LOSS_SPIKE__Z_CRITICAL=9`). Unknown keys and bad values fail at load time with the "
-        "dotted key. `monitor config -c FILE` prints the effective configuration.",
+        f"`{ENV_PREFIX}RULES__LOSS_SPIKE__Z_CRITICAL=9`), the value JSON-parsed. Unknown keys and bad values "
+        "fail at load time with the dotted key (and the variable, when one set it); a "
+        f"`{ENV_PREFIX}*` name that is no key is ignored, never fatal: a warning names it (Kubernetes Service "
+        f"links such as `{ENV_PREFIX}PORT` excepted) and `monitor config` lists it. The `MONITOR_*` config "
+        "variables of earlier versions are no longer read (`$MONITOR_RUN_DIR`, the run directory, is unchanged). "
+        "`monitor config -c FILE` prints the effective configuration.",
         "",
         "The rules' options (`rules.<id>.<option>`) are in [rules.md](rules.md).",
         "",

@@ -314,3 +314,102 @@ def prometheus_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cal
             return stack.enter_context(start_prometheus(config, rules, tmp_path_factory.mktemp("prometheus")))
 
         yield start
+
+
+class ScriptedEndpoint:
+    """A raw TCP server on 127.0.0.1 that answers connection i with `script[i]`, then with "ok":
+
+    - "garbage": bytes that are not HTTP (the client raises http.client.BadStatusLine),
+    - "close": closes without a word, as a handler that raised does (RemoteDisconnected),
+    - "reset": aborts the connection (RST: ConnectionResetError or RemoteDisconnected),
+    - "hang": says nothing until `release()`, then answers "ok",
+    - "ok": HTTP/1.1 200 with an empty body.
+
+    Every request read is kept in `requests` ({"action", "method", "path", "headers" (lower-case
+    names), "body"}); `wait_requests(n)` waits for n of them. Use as a context manager.
+    """
+
+    def __init__(self, script: list[str] | None = None) -> None:
+        self.script = list(script or [])
+        self.requests: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._released = threading.Event()
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self._thread = threading.Thread(target=self._serve, name="scripted-endpoint", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> ScriptedEndpoint:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def wait_requests(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.requests) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"scripted endpoint: {len(self.requests)} of {n} request(s) after "
+                                         f"{timeout:.0f} s: {self.requests}")
+                self._cond.wait(left)
+            return list(self.requests)
+
+    def close(self) -> None:
+        self._released.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._thread.join(timeout=5)
+
+    @staticmethod
+    def _read_request(conn: socket.socket) -> dict[str, Any]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, path = (lines[0].split(" ") + ["", ""])[:2]
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        while len(body) < int(headers.get("content-length") or 0):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return {"method": method, "path": path, "headers": headers, "body": body}
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                conn.settimeout(10)
+                try:
+                    request = self._read_request(conn)
+                except OSError:
+                    continue
+                with self._cond:
+                    action = self.script.pop(0) if self.script else "ok"
+                    self.requests.append({"action": action, **request})
+                    self._cond.notify_all()
+                with contextlib.suppress(OSError):
+                    if action == "garbage":
+                        conn.sendall(b"\x00\xffthis is not HTTP at all\r\n\r\n")
+                    elif action == "reset":
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    elif action in ("hang", "ok"):
+                        if action == "hang":
+                            self._released.wait(30)
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")

@@ -87,6 +87,118 @@ def test_check_bad_input_exits_2(args, message):
     assert message in result.output
 
 
+def _copy_run(finished_run, dest: Path, *, cut: int = 0, ended: bool = True, host: str | None = None) -> Path:
+    """A copy of the finished run; `cut` bytes off its last event file; `ended=False`: run.json as a run
+    that never closed left it, its process on `host` (another: a stale heartbeat) or this one (alive)."""
+    import shutil
+
+    run_dir = shutil.copytree(finished_run[0], dest)
+    if cut:
+        last = max(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns)
+        with open(last, "r+b") as f:
+            f.truncate(last.stat().st_size - cut)
+    if not ended:
+        info = json.loads((run_dir / "run.json").read_text())
+        info.pop("ended", None)
+        info["attempts"][-1].update(ended=None, steps=None)
+        if host is not None:
+            info["attempts"][-1].update(host=host, heartbeat=0.0, started=0.0)
+        (run_dir / "run.json").write_text(json.dumps(info))
+    return run_dir
+
+
+@pytest.fixture
+def quiet_config(tmp_path):
+    """With --fail-on critical: no finding in the finished run reaches it."""
+    cfg = tmp_path / "quiet.yaml"
+    cfg.write_text("rules:\n  loss.nonfinite: {enabled: false}\n")
+    return ["--fail-on", "critical", "--config", str(cfg)]
+
+
+def test_check_reports_an_incomplete_last_event_and_exits_3(finished_run, tmp_path, quiet_config):
+    run_dir = _copy_run(finished_run, tmp_path / "cut", cut=7)
+    result = runner.invoke(app, ["check", str(run_dir), *quiet_config])
+    assert result.exit_code == 3, result.output
+    assert "incomplete last event: " in result.stderr and "the records before it were read" in result.stderr
+    assert "1 reading problem(s)" in result.stdout and "39 step records" in result.stdout
+    assert "did not close" not in result.stderr  # run.json has its end summary
+    # Findings win over damage: what was found in the records read stands.
+    findings = runner.invoke(app, ["check", str(run_dir), "--json"])
+    assert findings.exit_code == 1 and "incomplete last event" in findings.stderr
+    assert "loss.nonfinite" in {a["rule"] for a in json.loads(findings.stdout)}
+    report = tmp_path / "r.html"
+    runner.invoke(app, ["check", str(run_dir), "--report", str(report), *quiet_config])
+    assert "incomplete last event" in report.read_text()
+    # The intact run: 0, nothing on stderr about damage.
+    clean = runner.invoke(app, ["check", str(finished_run[0]), *quiet_config])
+    assert clean.exit_code == 0 and "warning:" not in clean.stderr and "note:" not in clean.stderr
+
+
+def test_check_notes_a_run_that_did_not_close(finished_run, tmp_path, quiet_config):
+    crashed = _copy_run(finished_run, tmp_path / "crashed", ended=False, host="another-host")
+    result = runner.invoke(app, ["check", str(crashed), *quiet_config])
+    assert result.exit_code == 0, result.output  # whole records, nothing damaged: reported, not an exit code
+    assert 'run.json has no end summary ("ended"): the run did not close' in result.stderr
+    # Killed mid-write: the cut event is damage.
+    killed = _copy_run(finished_run, tmp_path / "killed", cut=7, ended=False, host="another-host")
+    result = runner.invoke(app, ["check", str(killed), *quiet_config])
+    assert result.exit_code == 3 and "did not close" in result.stderr and "incomplete last event" in result.stderr
+    # Still running (its process, this one, is alive): a last event being written is no damage.
+    live = _copy_run(finished_run, tmp_path / "live", cut=7, ended=False)
+    result = runner.invoke(app, ["check", str(live), *quiet_config])
+    assert result.exit_code == 0, result.output
+    assert "the run is still running" in result.stderr and "still being written" in result.stderr
+
+
+def test_check_crash_exits_4_with_one_line(finished_run, monkeypatch):
+    import monitor.cli.check
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(monitor.cli.check, "examine_run", boom)
+    result = runner.invoke(app, ["check", str(finished_run[0])])
+    assert result.exit_code == 4, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: monitor check failed unexpectedly: RuntimeError: boom second line (a trainmon bug, not a finding; "
+        "please report it)"]
+
+
+def test_stray_environment_variables_never_stop_training_or_the_cli(finished_run, tmp_path, monkeypatch):
+    """Kubernetes injects MONITOR_PORT & co. for a Service named `monitor`: attach and every command go on."""
+    for name, value in {"MONITOR_PORT": "tcp://10.0.0.1:9740", "MONITOR_SERVICE_HOST": "10.0.0.1",
+                        "MONITOR_PORT_9740_TCP": "tcp://10.0.0.1:9740", "TRAINMON_NOT_A_KEY": "1",
+                        "TRAINMON_ATTENTION__EVERY": "3"}.items():
+        monkeypatch.setenv(name, value)
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with monitor.attach(model, opt, run_dir=tmp_path / "run", config={"metrics": {"enabled": False},
+                                                                      "console": {"enabled": False}}) as mon:
+        assert mon.config.attention.every == 3
+        for x, y in batches(2):
+            model(x, y)[1].backward()
+            opt.step()
+            opt.zero_grad()
+    result = runner.invoke(app, ["config"])
+    assert result.exit_code == 0, result.output
+    assert "# ignored environment variables (no config key of that name): TRAINMON_NOT_A_KEY" in result.stderr
+    assert "MONITOR_" not in result.stderr  # not config variables, old or new: nothing to say about them
+    assert "every: 3" in result.stdout
+    assert runner.invoke(app, ["check", str(finished_run[0])]).exit_code == 1  # its findings, as ever
+    assert runner.invoke(app, ["rules", "--config", str(tmp_path / "missing.yaml")]).exit_code == 2
+
+
+def test_a_known_variable_with_a_bad_value_exits_2_naming_it(finished_run):
+    env = {"TRAINMON_METRICS__PORT": "tcp://10.0.0.1:9740", "MONITOR_METRICS__PORT": "9800"}
+    result = runner.invoke(app, ["config"], env=env)
+    assert result.exit_code == 2 and "metrics.port (from TRAINMON_METRICS__PORT): Input should be" in result.stderr
+    result = runner.invoke(app, ["check", str(finished_run[0])], env=env)
+    assert result.exit_code == 2 and "TRAINMON_METRICS__PORT" in result.stderr
+    old = runner.invoke(app, ["config"], env={"MONITOR_METRICS__PORT": "9800"})
+    assert old.exit_code == 0 and "port: 9740" in old.stdout
+    assert "# not read: MONITOR_METRICS__PORT (configuration variables now use the TRAINMON_ prefix)" in old.stderr
+
+
 def test_check_bad_config_exits_2_naming_the_key(finished_run, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[rules."loss.spike"]\nz_warning = "six"\n')
@@ -127,7 +239,7 @@ def test_config_prints_the_effective_configuration_or_names_the_bad_key(tmp_path
 
     good = tmp_path / "good.toml"
     good.write_text('halt_on = "critical"\n[attention]\nevery = 20\n[rules."loss.spike"]\nz_critical = 9\n')
-    result = runner.invoke(app, ["config", "--config", str(good)], env={"MONITOR_METRICS__PORT": "9800"})
+    result = runner.invoke(app, ["config", "--config", str(good)], env={"TRAINMON_METRICS__PORT": "9800"})
     assert result.exit_code == 0, result.output
     effective = yaml.safe_load(result.stdout)
     assert effective["halt_on"] == "critical" and effective["attention"]["every"] == 20

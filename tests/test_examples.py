@@ -28,9 +28,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ENV = {
     "OMP_NUM_THREADS": "1",  # two shared cores: oversubscribed OpenMP threads slow tiny models 10-100x
     "HF_HUB_OFFLINE": "1",
-    "MONITOR_METRICS__PORT": "0",  # any free port
-    "MONITOR_ATTENTION__EVERY": "2",  # a probe every other step, whatever the cost control would choose
-    "MONITOR_ATTENTION__MAX_EVERY": "2",
+    "TRAINMON_METRICS__PORT": "0",  # any free port
+    "TRAINMON_ATTENTION__EVERY": "2",  # a probe every other step, whatever the cost control would choose
+    "TRAINMON_ATTENTION__MAX_EVERY": "2",
 }
 
 
@@ -126,7 +126,7 @@ SLOWEST_FIRST = ["ddp_torchrun", "lightning_module", "hf_trainer", "accelerate_l
 def run_case(case: str, out: Path) -> Done:
     script, extra, launcher, _ = CASES[case]
     cmd = [*launcher, str(EXAMPLES / f"{script}.py"), "--steps", str(STEPS), "--out", str(out), *extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("MONITOR_RUN_DIR", "MONITOR_CONFIG")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MONITOR_RUN_DIR", "TRAINMON_CONFIG")}
     p = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=240, env={**env, **ENV})
     return Done(cmd, out, p.returncode, p.stdout, p.stderr)
 

@@ -12,15 +12,15 @@ import time
 
 import pytest
 from prometheus_client import CollectorRegistry
-from servers import alertmanager, alerts_in, wait_until, webhook  # noqa: F401  (fixtures)
+from servers import ScriptedEndpoint, alertmanager, alerts_in, wait_until, webhook  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 import monitor.exporters
 from monitor.exporters.alertmanager import AlertmanagerSink
 from monitor.exporters.console import ConsoleSink
-from monitor.exporters.delivery import redact
+from monitor.exporters.delivery import HttpDelivery, redact
 from monitor.exporters.prometheus import TrainMetrics
-from monitor.exporters.sinks import Sink
+from monitor.exporters.sinks import Sink, build_http_sinks
 from monitor.exporters.webhook import WebhookSink
 from monitor.schema import Alert, Severity
 
@@ -200,3 +200,185 @@ def test_sink_urls_are_validated_at_load(url):
 
     with pytest.raises(ConfigError, match=r"sinks\.webhook\.url"):
         load_config({"sinks": {"webhook": {"url": url}}}, environ={})
+
+
+# -- delivery never dies silently; secrets never reach disk or logs ----------------------------------
+
+def _deliveries(registry, sink, outcome):
+    return registry.get_sample_value("trainmon_alert_deliveries_total", {"sink": sink, "outcome": outcome})
+
+
+def _errors(registry, sink):
+    """{reason: failed attempts} of one sink, from the registry."""
+    return {s.labels["reason"]: s.value for m in registry.collect() if m.name == "trainmon_alert_delivery_errors"
+            for s in m.samples if s.name.endswith("_total") and s.labels["sink"] == sink}
+
+
+def _http_sinks(registry, **sections):
+    from monitor.config import load_config
+
+    return build_http_sinks(load_config({"sinks": sections}, environ={}), registry=registry)
+
+
+def test_a_reply_that_is_not_http_kills_nothing_the_next_alerts_are_delivered_and_failures_counted(caplog):
+    caplog.set_level(logging.WARNING, logger="trainmon.sinks")
+    registry = CollectorRegistry()
+    with ScriptedEndpoint(["garbage", "close", "reset"]) as hook:
+        url = hook.url + "services/T000/B000/TOPSECRET?token=hunter2"
+        [sink] = _http_sinks(registry, webhook={"url": url, "retries": 0, "min_severity": "info"})
+        for outcome in ("sent", "failed", "dropped"):  # every outcome exists from the first scrape
+            assert _deliveries(registry, "webhook", outcome) == 0
+        for step in range(4):
+            sink.emit(_alert(step=step))
+        got = hook.wait_requests(4)
+        assert sink.delivery.flush(10) and sink.delivery._thread.is_alive()
+        sink.close()
+    assert [r["action"] for r in got] == ["garbage", "close", "reset", "ok"]
+    assert json.loads(got[3]["body"])["text"].startswith("[CRITICAL] loss.nonfinite (run r1, rank 0, step 3)")
+    assert (sink.delivery.sent, sink.delivery.failed, sink.delivery.dropped) == (1, 3, 0)
+    assert _deliveries(registry, "webhook", "sent") == 1 and _deliveries(registry, "webhook", "failed") == 3
+    errors = _errors(registry, "webhook")
+    assert errors["protocol"] >= 2 and sum(errors.values()) == 3, errors  # a reset reads as either
+    assert "BadStatusLine" in caplog.text and "127.0.0.1" in caplog.text
+    assert "TOPSECRET" not in caplog.text and "hunter2" not in caplog.text
+
+
+def test_failed_attempts_are_retried_per_policy_and_counted_per_sink():
+    registry = CollectorRegistry()
+    with ScriptedEndpoint(["garbage", "close"]) as hook, ScriptedEndpoint(["reset"]) as am:
+        sinks = _http_sinks(registry, webhook={"url": hook.url, "retries": 2, "backoff": 0.01},
+                            alertmanager={"url": am.url, "retries": 1, "backoff": 0.01, "resend_seconds": 3600})
+        for sink in sinks:
+            sink.emit(_alert())
+        assert [r["action"] for r in hook.wait_requests(3)] == ["garbage", "close", "ok"]
+        [*_, posted] = am.wait_requests(2)
+        for sink in sinks:
+            sink.close()
+    assert posted["path"] == "/api/v2/alerts" and json.loads(posted["body"])[0]["labels"]["alertname"] == "loss.nonfinite"
+    for name in ("webhook", "alertmanager"):
+        assert _deliveries(registry, name, "sent") == 1 and _deliveries(registry, name, "failed") == 0
+    assert _errors(registry, "webhook") == {"protocol": 2}
+    assert sum(_errors(registry, "alertmanager").values()) == 1
+    # A second set of sinks on the same registry (a second Monitor's, the daemon's) counts on.
+    more = _http_sinks(registry, webhook={"url": "http://127.0.0.1:1/"})
+    more[0].close()
+    assert _deliveries(registry, "webhook", "sent") == 1
+
+
+def test_a_full_queue_and_what_is_left_at_close_are_counted_as_dropped():
+    registry = CollectorRegistry()
+    with ScriptedEndpoint(["hang"]) as hook:
+        [sink] = _http_sinks(registry, webhook={"url": hook.url, "queue_size": 1, "timeout": 30})
+        sink.emit(_alert(step=1))
+        hook.wait_requests(1)  # the worker is busy with it
+        for step in (2, 3, 4):  # one waits in the queue, two find it full
+            sink.emit(_alert(step=step))
+        assert _deliveries(registry, "webhook", "dropped") == 2
+        hook.release()
+        sink.close()
+        assert [r["action"] for r in hook.wait_requests(2)] == ["hang", "ok"]
+    assert _deliveries(registry, "webhook", "sent") == 2
+    # still queued when close gives up: dropped, counted
+    with ScriptedEndpoint(["hang"]) as hook:
+        delivery = HttpDelivery("webhook", timeout=30, retries=0, queue_size=4)
+        delivery.submit(hook.url, {"n": 1})
+        hook.wait_requests(1)
+        delivery.submit(hook.url, {"n": 2})
+        delivery.submit(hook.url, {"n": 3})
+        delivery.close(timeout=0.2)
+        assert delivery.dropped == 2
+        assert not delivery.submit(hook.url, {"n": 4}) and delivery.dropped == 3  # after close
+
+
+def test_an_exception_of_the_worker_itself_is_counted_and_the_worker_goes_on():
+    registry = CollectorRegistry()
+    from monitor.exporters.delivery import delivery_metrics
+
+    with ScriptedEndpoint() as hook:
+        delivery = HttpDelivery("webhook", retries=0, metrics=delivery_metrics(registry))
+        delivery.submit(hook.url, {"not json": object()})  # json.dumps raises in the worker
+        delivery.submit("no-scheme-at-all", {"n": 1})  # urllib raises ValueError on every attempt
+        delivery.submit(hook.url, {"n": 2})
+        assert delivery.flush(10)
+        assert delivery._thread.is_alive()
+        delivery.close()
+        [got] = hook.wait_requests(1)
+    assert json.loads(got["body"]) == {"n": 2}
+    assert (delivery.sent, delivery.failed) == (1, 2)
+    assert _errors(registry, "webhook") == {"other": 2}
+
+
+def test_credentials_in_a_sink_url_are_sent_as_basic_auth_and_never_logged(caplog):
+    import base64
+
+    caplog.set_level(logging.WARNING, logger="trainmon.sinks")
+    with ScriptedEndpoint(["garbage"]) as hook:
+        url = f"http://us%40er:s3cret%21@127.0.0.1:{hook.port}/hook?token=abc"
+        [sink] = _http_sinks(None, webhook={"url": url, "retries": 1, "backoff": 0.01})
+        sink.emit(_alert())
+        sink.close()
+        got = hook.wait_requests(2)
+    assert got[1]["path"] == "/hook?token=abc"
+    assert got[1]["headers"]["authorization"] == "Basic " + base64.b64encode(b"us@er:s3cret!").decode()
+    assert sink.delivery.sent == 1
+    assert "s3cret" not in caplog.text and "token" not in caplog.text and "us%40er" not in caplog.text
+
+
+SECRET_URL = "http://user:secret@127.0.0.1:1/hook?token=abc"
+
+
+def test_sink_urls_never_reach_run_json_or_the_logs(tmp_path, caplog):
+    import torch
+    from conftest import TinyLM, batches
+
+    import monitor
+
+    caplog.set_level(logging.DEBUG)
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run_dir = tmp_path / "run"
+    mon = monitor.attach(model, opt, run_dir=run_dir, config={
+        "metrics": {"enabled": False}, "console": {"enabled": False}, "tensorboard": {"enabled": False},
+        "sinks": {"webhook": {"url": SECRET_URL, "min_severity": "info", "retries": 0},
+                  "alertmanager": {"url": SECRET_URL, "retries": 0}}})
+    try:
+        assert mon.config.sinks.webhook.url.get_secret_value() == SECRET_URL  # the sinks still have it
+        for x, y in batches(3):
+            _, loss = model(x, y)
+            (loss * float("nan")).backward()  # an alert for the sinks to deliver
+            opt.step()
+            opt.zero_grad()
+    finally:
+        mon.close()
+    run_json = (run_dir / "run.json").read_text()
+    assert json.loads(run_json)["config"]["sinks"]["webhook"]["url"] == "**********"
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"secret" not in data and b"token=abc" not in data, path
+    assert "abc" not in run_json
+    from monitor.runlog.reader import read_run
+
+    info = read_run(run_dir).info.model_dump_json()
+    assert "secret" not in info and "abc" not in info
+    assert "delivery to http://127.0.0.1:1/*** failed" in caplog.text  # the sinks did try, and said so redacted
+    assert "secret" not in caplog.text and "abc" not in caplog.text
+
+
+def test_monitor_config_prints_sink_urls_redacted(tmp_path):
+    from monitor.cli.app import app
+    from monitor.config import ENV_PREFIX
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"sinks": {"webhook": {"url": SECRET_URL}}}))
+    runner = CliRunner()
+    for args, env in ((["config", "-c", str(cfg)], {}),
+                      (["config"], {f"{ENV_PREFIX}SINKS__ALERTMANAGER__URL": SECRET_URL})):
+        result = runner.invoke(app, args, env=env)
+        assert result.exit_code == 0, result.output
+        assert "secret" not in result.output and "abc" not in result.output and "**********" in result.output
+    # What it printed cannot pass for a URL when fed back
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(runner.invoke(app, ["config", "-c", str(cfg)]).output)
+    result = runner.invoke(app, ["config", "-c", str(printed)])
+    assert result.exit_code == 2 and "sinks.webhook.url: is redacted" in result.output

@@ -1,19 +1,25 @@
 """The `monitor` command line (typer): thin commands; domain errors become exit codes here.
 
-Exit codes: 0 ok, 1 findings at or above --fail-on (check) or training halted,
-2 bad input (arguments, config, run directory).
+Exit codes: 0 ok; 1 findings at or above --fail-on (check) or training halted (train, demo);
+2 bad input (arguments, config, a path that is not a readable run); 3 damaged input (check: the run
+was read, but with problems: a corrupt, vanished or unreadable file, an incomplete last event; reported
+on stderr): findings win, so 3 means none reached --fail-on in what could be read; 4 an unexpected
+error of trainmon itself (check: one line naming it on stderr), never 1.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
-from monitor.config import ConfigError, MonitorConfig, load_config
+from monitor.config import ConfigError, MonitorConfig, ignored_env, legacy_env, load_config
 from monitor.schema import Severity
 
 app = typer.Typer(
@@ -26,6 +32,8 @@ app = typer.Typer(
 
 EXIT_FINDINGS = 1
 EXIT_BAD_INPUT = 2
+EXIT_DAMAGED = 3
+EXIT_CRASH = 4
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -33,9 +41,24 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _config(path: Path | None) -> MonitorConfig:
+@contextmanager
+def _crash_exit(command: str) -> Iterator[None]:
+    """An unexpected exception inside: one line naming it on stderr and EXIT_CRASH, never the findings code.
+    (typer.Exit is a RuntimeError: the command's own exits pass through.)"""
     try:
-        return load_config(path)
+        yield
+    except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        raise
+    except Exception as e:
+        what = " ".join(f"{type(e).__name__}: {e}".split())
+        typer.echo(f"error: monitor {command} failed unexpectedly: {what} (a trainmon bug, not a finding; "
+                   "please report it)", err=True)
+        raise typer.Exit(EXIT_CRASH) from None
+
+
+def _config(path: Path | None, *, warn: bool = True) -> MonitorConfig:
+    try:
+        return load_config(path, warn=warn)
     except ConfigError as e:
         raise _fail(str(e)) from None
 
@@ -76,7 +99,8 @@ def check(
                                                  "logdir, or a Megatron/llm.c text log.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array of alerts.")] = False,
     fail_on: Annotated[
-        Severity, typer.Option("--fail-on", help="Exit 1 when an alert is at least this severe.")
+        Severity, typer.Option("--fail-on", help="Exit 1 when an alert is at least this severe (it wins over exit "
+                                                 "3, damaged input).")
     ] = Severity.warning,
     config: ConfigOpt = None,
     report: Annotated[
@@ -84,23 +108,39 @@ def check(
     ] = None,
     map_: MapOpt = None,
 ) -> None:
-    """Run the rules over a finished run (ours or another framework's) and report what they find."""
-    from monitor.cli.check import check_run
+    """Run the rules over a finished run (ours or another framework's) and report what they find.
+
+    Exit 0 clean, 1 an alert at least --fail-on severe, 2 bad arguments or no readable run at the path,
+    3 damaged input (reported on stderr) and no such alert, 4 an unexpected error.
+    """
+    with _crash_exit("check"):
+        cfg = _config(config)
+        mapping = _mapping(map_)
+        _check(run_dir, cfg, mapping, as_json=as_json, fail_on=fail_on, report=report)
+
+
+def _check(run_dir: Path, cfg: MonitorConfig, mapping: dict[str, str] | None, *, as_json: bool, fail_on: Severity,
+           report: Path | None) -> None:
+    from monitor.cli.check import examine_run
     from monitor.runlog.sources import SourceError
 
-    cfg = _config(config)
-    mapping = _mapping(map_)
     try:
-        data, alerts = check_run(run_dir, cfg, mapping)
+        result = examine_run(run_dir, cfg, mapping)
     except SourceError as e:
         raise _fail(str(e)) from None
-    for p in data.problems:
+    except OSError as e:  # a file of the run the readers do not guard (run.json's permissions, say)
+        raise _fail(f"{run_dir}: unreadable: {e}") from None
+    data, alerts = result.data, result.alerts
+    for p in result.damage:
         typer.echo(f"warning: {p}", err=True)
+    for n in result.notes:
+        typer.echo(f"note: {n}", err=True)
     if report is not None:
         from monitor.exporters.report import render_report
 
         try:
-            report.write_text(render_report(data.info, data.records, alerts, problems=data.problems), encoding="utf-8")
+            report.write_text(render_report(data.info, data.records, alerts, problems=result.damage + result.notes),
+                              encoding="utf-8")
         except OSError as e:
             raise _fail(f"cannot write the report {report}: {e.strerror or e}") from None
         typer.echo(f"report written to {report}", err=True)
@@ -110,7 +150,9 @@ def check(
         typer.echo(json.dumps([json.loads(a.model_dump_json(include=keys)) for a in alerts], indent=2))
     else:
         steps = sum(len(r) for r in data.records.values())
-        typer.echo(f"{run_dir}: {steps} step records from {len(data.records)} rank(s), {len(alerts)} alert(s)")
+        damaged = f", {len(result.damage)} reading problem(s) (see above)" if result.damage else ""
+        typer.echo(f"{run_dir}: {steps} step records from {len(data.records)} rank(s), {len(alerts)} alert(s)"
+                   f"{damaged}")
         if len(data.info.attempts) > 1:  # resumed or restarted: the records that count are each rank's lineage
             from monitor.runlog.attempts import describe
 
@@ -122,8 +164,12 @@ def check(
                        "clipping ran on each micro-batch, or sharded parameters had no clip reporting the global norm")
         for a in alerts:
             typer.echo(a.line())
+    # Findings first: damage can hide findings, not make them, so what was found stands; a clean verdict
+    # on a damaged run is not a clean verdict.
     if any(a.severity.at_least(fail_on) for a in alerts):
         raise typer.Exit(EXIT_FINDINGS)
+    if result.damage:
+        raise typer.Exit(EXIT_DAMAGED)
 
 
 @app.command("config")
@@ -131,9 +177,11 @@ def config_cmd(
     config: ConfigOpt = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the reference of every key (docs/config.md).")] = False,
 ) -> None:
-    """Print the effective configuration (defaults, the file, MONITOR_* variables) as YAML, or the reference.
+    """Print the effective configuration (defaults, the file, TRAINMON_* variables) as YAML, or the reference.
 
     Exit 2 naming the bad key when the file or a variable is invalid: check a config before a long job.
+    Environment variables that are not read (TRAINMON_* names of no key, old MONITOR_* config variables)
+    are listed on stderr, as YAML comments.
     """
     if markdown:
         from monitor.config_reference import config_markdown
@@ -142,7 +190,13 @@ def config_cmd(
         return
     import yaml
 
-    cfg = _config(config)
+    cfg = _config(config, warn=False)  # what the environment holds that is not read: said here, once
+    ignored, legacy = ignored_env(), legacy_env()
+    if ignored:
+        typer.echo(f"# ignored environment variables (no config key of that name): {', '.join(ignored)}", err=True)
+    if legacy:
+        typer.echo(f"# not read: {', '.join(legacy)} (configuration variables now use the TRAINMON_ prefix)",
+                   err=True)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"on_alert"}), sort_keys=False), nl=False)
 
 

@@ -30,7 +30,6 @@ def run_watch(paths: list[Path], cfg: MonitorConfig, *, state_dir: Path, host: s
     tune_gc()
     watcher: Watcher | None = None
     server = None
-    sinks = [JsonlAlertSink(state_dir / "alerts.jsonl"), *build_http_sinks(cfg)]
     if port is not None:
         from prometheus_client import CollectorRegistry
 
@@ -38,6 +37,8 @@ def run_watch(paths: list[Path], cfg: MonitorConfig, *, state_dir: Path, host: s
         server = serve(registry, host, port)
     else:
         registry = None
+    # Deliveries are counted in the daemon's /metrics (trainmon_alert_deliveries_total).
+    sinks = [JsonlAlertSink(state_dir / "alerts.jsonl"), *build_http_sinks(cfg, registry=registry)]
     view = make_view(True if once else plain, lambda: watcher, server.url if server else None)
     watcher = Watcher(paths, cfg, state_dir=state_dir, mapping=mapping, registry=registry,
                       sinks=[view, *sinks], on_event=view.event)

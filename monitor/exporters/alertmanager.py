@@ -11,7 +11,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from monitor.exporters.delivery import HttpDelivery
+from monitor.exporters.delivery import DeliveryMetrics, HttpDelivery
 from monitor.schema import Alert, Severity
 
 
@@ -39,7 +39,7 @@ class AlertmanagerSink:
 
     def __init__(self, url: str, *, min_severity: Severity | str = Severity.info, resend_seconds: float = 60.0,
                  labels: dict[str, str] | None = None, timeout: float = 5.0, retries: int = 3, backoff: float = 1.0,
-                 queue_size: int = 256) -> None:
+                 queue_size: int = 256, metrics: DeliveryMetrics | None = None) -> None:
         self.endpoint = url.rstrip("/") + "/api/v2/alerts"
         self.min_severity = Severity(min_severity)
         self.resend_seconds = resend_seconds
@@ -48,7 +48,7 @@ class AlertmanagerSink:
         self._lock = threading.Lock()
         self._last_send = time.monotonic()
         self.delivery = HttpDelivery("alertmanager", timeout=timeout, retries=retries, backoff=backoff,
-                                     queue_size=queue_size, on_idle=self._resend)
+                                     queue_size=queue_size, on_idle=self._resend, metrics=metrics)
 
     def emit(self, alert: Alert) -> None:
         if not alert.severity.at_least(self.min_severity):

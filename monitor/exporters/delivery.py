@@ -2,12 +2,22 @@
 
 `submit()` never blocks the caller (the rules engine): when the queue is full the payload is
 dropped and counted. The worker POSTs JSON with a timeout and retries with exponential backoff
-on connection errors, 429 and 5xx. URLs are secrets (Slack puts its token in the path): they are
-only ever logged redacted.
+on connection errors, timeouts, replies that are not HTTP, 429 and 5xx (any exception an attempt
+raises is caught and counted: the worker goes on with the next alert). URLs are secrets (Slack
+puts its token in the path): they are only ever logged redacted, and exception messages, which
+may quote them, are never logged. Credentials in a URL (`https://user:pass@host/...`) are sent
+as HTTP basic authentication.
+
+Each delivery (one POST, retries included) ends `sent`, `failed` or `dropped`, counted on the
+`HttpDelivery` (`sent`, `failed`, `dropped`) and, given a `DeliveryMetrics`, in the Prometheus
+counters `trainmon_alert_deliveries_total{sink, outcome}` and
+`trainmon_alert_delivery_errors_total{sink, reason}` (every failed attempt, retried or not).
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import logging
 import queue
@@ -15,13 +25,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from prometheus_client import CollectorRegistry, Counter
 
 log = logging.getLogger("trainmon.sinks")
 
 _STOP = object()
+OUTCOMES = ("sent", "failed", "dropped")
+# Why an attempt failed (the `reason` label): a bounded set.
+REASONS = ("http_status", "timeout", "connection", "protocol", "other")
 
 
 def redact(url: str) -> str:
@@ -35,12 +51,82 @@ def redact(url: str) -> str:
         return "<invalid url>"
 
 
+class DeliveryMetrics:
+    """The delivery counters of one registry, shared by its HTTP sinks (told apart by `sink`).
+
+    Process-wide series without `run`/`rank`: one sink carries the alerts of every run the
+    process (or the daemon) holds. Get them with `delivery_metrics(registry)`, which registers
+    the families once per registry.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.deliveries = Counter(
+            "trainmon_alert_deliveries", "Alert deliveries (one POST each, retries included) by HTTP sink and outcome: "
+            "sent, failed (retries spent or not retryable), dropped (queue full, or still queued at close).",
+            ["sink", "outcome"], registry=registry)
+        self.errors = Counter(
+            "trainmon_alert_delivery_errors", "Failed alert delivery attempts (retried or not) by HTTP sink and reason: "
+            "http_status, timeout, connection, protocol (a reply that is not HTTP), other.",
+            ["sink", "reason"], registry=registry)
+
+    def sink(self, name: str) -> tuple[dict[str, Any], Callable[[str], Any]]:
+        """The outcome children of sink `name` (created now: 0 from the first scrape) and its errors' lookup."""
+        return ({o: self.deliveries.labels(name, o) for o in OUTCOMES},
+                lambda reason: self.errors.labels(name, reason))
+
+
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, DeliveryMetrics] = weakref.WeakKeyDictionary()
+_METRICS_LOCK = threading.Lock()
+
+
+def delivery_metrics(registry: CollectorRegistry | None) -> DeliveryMetrics | None:
+    """The delivery counters registered in `registry` (once per registry); None without one."""
+    if registry is None:
+        return None
+    with _METRICS_LOCK:
+        m = _METRICS.get(registry)
+        if m is None:
+            m = _METRICS[registry] = DeliveryMetrics(registry)
+        return m
+
+
+def _request_parts(url: str) -> tuple[str, dict[str, str]]:
+    """The URL without its credentials, and the headers (basic authentication for the credentials)."""
+    headers = {"Content-Type": "application/json"}
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, headers
+    user_pass = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    headers["Authorization"] = "Basic " + base64.b64encode(user_pass.encode("utf-8")).decode("ascii")
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])), headers
+
+
+def _failure(e: BaseException) -> tuple[str, str]:
+    """(reason label, words for the log) of a failed attempt. Never the exception's message: it may
+    quote the URL (InvalidURL, ValueError); an OSError's strerror comes from the OS."""
+    inner = e.reason if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException) else e
+    name = type(inner).__name__
+    if isinstance(inner, http.client.HTTPException):  # before OSError: RemoteDisconnected is both
+        reason = "protocol"
+    elif isinstance(inner, TimeoutError):
+        reason = "timeout"
+    elif isinstance(inner, OSError):
+        reason = "connection"
+    else:
+        reason = "other"
+    strerror = getattr(inner, "strerror", None)
+    return reason, f"{name}: {strerror}" if isinstance(strerror, str) and strerror else name
+
+
 class HttpDelivery:
     def __init__(self, name: str, *, timeout: float = 5.0, retries: int = 3, backoff: float = 1.0,
-                 queue_size: int = 256, on_idle: Callable[[], None] | None = None, idle_seconds: float = 1.0) -> None:
+                 queue_size: int = 256, on_idle: Callable[[], None] | None = None, idle_seconds: float = 1.0,
+                 metrics: DeliveryMetrics | None = None) -> None:
         self.name = name
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.sent = self.failed = self.dropped = 0
+        self._outcomes, self._errors = metrics.sink(name) if metrics is not None else ({}, None)
+        self._count_lock = threading.Lock()
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._on_idle = on_idle
         self._idle_seconds = idle_seconds
@@ -50,11 +136,15 @@ class HttpDelivery:
         self._thread.start()
 
     def submit(self, url: str, payload: Any) -> bool:
+        if self._stop.is_set():
+            self._count("dropped")
+            self._warn_once("closed", f"{self.name}: alert submitted after close, dropped (counted)")
+            return False
         try:
             self._q.put_nowait((url, payload))
             return True
         except queue.Full:
-            self.dropped += 1
+            self._count("dropped")
             self._warn_once("queue full", f"{self.name}: delivery queue full, alert dropped (counted)")
             return False
 
@@ -76,6 +166,29 @@ class HttpDelivery:
         except queue.Full:
             pass
         self._thread.join(timeout=max(1.0, timeout))
+        left = 0  # what the worker will never send now: counted as dropped, said once
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                left += 1
+                self._count("dropped")
+            self._q.task_done()
+        if left:
+            log.warning("trainmon: %s: %d alert(s) still queued at close, dropped (counted)", self.name, left)
+
+    def _count(self, outcome: str) -> None:
+        with self._count_lock:  # submit() (the engine's thread) and the worker both count
+            setattr(self, outcome, getattr(self, outcome) + 1)
+        child = self._outcomes.get(outcome)
+        if child is not None:
+            child.inc()
+
+    def _error(self, reason: str) -> None:
+        if self._errors is not None:
+            self._errors(reason).inc()
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._reported:
@@ -91,37 +204,46 @@ class HttpDelivery:
                     try:
                         self._on_idle()
                     except Exception as e:  # a resend that failed to build must not kill the worker
-                        self._warn_once("idle", f"{self.name}: {e!r}")
+                        self._warn_once("idle", f"{self.name}: {type(e).__name__} in the periodic re-send")
                 continue
             try:
                 if item is _STOP:
                     return
                 self._deliver(*item)
+            except Exception as e:  # not what an endpoint did (those are caught per attempt): still never fatal
+                self._count("failed")
+                self._error("other")
+                self._warn_once(f"bug {type(e).__name__}", f"{self.name}: delivery to {redact(item[0])} failed "
+                                                         f"({type(e).__name__}); counted, the next alerts go on")
             finally:
                 self._q.task_done()
 
     def _deliver(self, url: str, payload: Any) -> None:
         body = json.dumps(payload).encode("utf-8")
+        target, headers = _request_parts(url)
         delay = self.backoff
         for attempt in range(self.retries + 1):
-            req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
             try:
+                req = urllib.request.Request(target, data=body, method="POST", headers=headers)
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     resp.read()
-                self.sent += 1
+                self._count("sent")
                 return
             except urllib.error.HTTPError as e:
+                e.close()
+                self._error("http_status")
                 if e.code != 429 and e.code < 500:
-                    self.failed += 1
+                    self._count("failed")
                     self._warn_once(f"http {e.code}", f"{self.name}: {redact(url)} answered {e.code}; not retried")
                     return
                 why = f"HTTP {e.code}"
-            except (urllib.error.URLError, OSError, TimeoutError) as e:
-                why = type(getattr(e, "reason", e)).__name__
+            except Exception as e:  # connection errors, timeouts, a reply that is not HTTP, anything else
+                reason, why = _failure(e)
+                self._error(reason)
             if attempt < self.retries and not self._stop.wait(delay):
                 delay *= 2
                 continue
-            self.failed += 1
+            self._count("failed")
             self._warn_once(f"fail {why}", f"{self.name}: delivery to {redact(url)} failed after "
                                            f"{attempt + 1} attempt(s) ({why}); counted, further failures quiet")
             return

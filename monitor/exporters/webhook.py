@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monitor.exporters.delivery import HttpDelivery
+from monitor.exporters.delivery import DeliveryMetrics, HttpDelivery
 from monitor.schema import Alert, Severity
 
 COLORS = {Severity.info: "#439FE0", Severity.warning: "#ECB22E", Severity.critical: "#E01E5A"}
@@ -26,11 +26,12 @@ class WebhookSink:
     """Alerts at or above `min_severity` POSTed to a webhook URL (a `Sink`)."""
 
     def __init__(self, url: str, *, min_severity: Severity | str = Severity.warning, timeout: float = 5.0,
-                 retries: int = 3, backoff: float = 1.0, queue_size: int = 256) -> None:
+                 retries: int = 3, backoff: float = 1.0, queue_size: int = 256,
+                 metrics: DeliveryMetrics | None = None) -> None:
         self.url = url
         self.min_severity = Severity(min_severity)
         self.delivery = HttpDelivery("webhook", timeout=timeout, retries=retries, backoff=backoff,
-                                     queue_size=queue_size)
+                                     queue_size=queue_size, metrics=metrics)
 
     def emit(self, alert: Alert) -> None:
         if alert.severity.at_least(self.min_severity):

@@ -106,7 +106,7 @@ def validate_rule_options(options: Mapping[str, Mapping[str, Any]], registry: Ru
 
 
 def rule_id_from_env(name: str) -> str:
-    """MONITOR_RULES__LOSS_SPIKE__... -> 'loss.spike' (the family is the part before the first underscore
+    """TRAINMON_RULES__LOSS_SPIKE__... -> 'loss.spike' (the family is the part before the first underscore
     that names a registered rule)."""
     _load_builtins()
     for rule_id in REGISTRY.ids():
