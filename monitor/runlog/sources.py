@@ -6,8 +6,10 @@ re-reading what it has read: it keeps byte offsets), `state()`/`restore()` carry
 across a daemon restart, and `info` describes the run for the rules (RunInfo.source names the
 kind). `monitor check` polls a source to the end; `monitor watch` polls many, forever.
 
-Damaged input never raises out of poll(): a corrupt or vanished file is recorded in `problems`
-and skipped.
+Damaged input never raises out of poll(): a corrupt or vanished file, or a record that does not
+decode, is recorded in `problems` and skipped, and the read position moves past it, so no later poll
+meets it again. `ProblemLog` keeps `problems` bounded: one message per file and kind of damage, counted
+after that, and at most MAX_PROBLEMS messages per source.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from monitor.schema import RunInfo, StepRecord
 class Source(Protocol):
     path: Path  # the run directory, logdir or log file
     info: RunInfo  # source="trainmon" | "huggingface" | "lightning" | "megatron" | "megatron-text" | "llmc" | "tensorboard"
-    problems: list[str]  # human-readable, one per damaged/unreadable file; appended, never raised
+    problems: list[str]  # human-readable, one per file and kind of damage (see ProblemLog); never raised
+    # Optionally `problem_counts: dict[str, int]`: how often each listed problem (and, under UNLISTED, the
+    # ones past the cap) was met.
 
     def poll(self, limit: int | None = None) -> list[StepRecord]:
-        """Records completed since the last call, in step order per rank. `limit` bounds a call's
-        records where the source can stop part-way (trainmon run directories, read record by record;
-        the rest waits for the next call); sources that parse a whole file at a time return it all."""
+        """Records completed since the last call, in step order per rank. With `limit`, at most that
+        many, reading only about what they take (the rest waits for the next call; a call that returns
+        fewer has read everything there is now): trainmon run directories and TensorBoard logdirs stop
+        step by step, text logs line by line. Hugging Face's trainer_state.json (one JSON document,
+        parsed whole) and Lightning's metrics.csv still return all that is new in one call."""
         ...
 
     def flush(self) -> list[StepRecord]:
@@ -49,3 +55,40 @@ class SourceError(ValueError):
 
 class RunReadError(SourceError):
     """The path is not a readable run; the message says why."""
+
+
+MAX_PROBLEMS = 100
+"""Messages one source lists at most. Damage is reported per file and kind, so this is only met with
+many damaged files (or many distinct events: rewrites of a state file); past it the problems are
+counted, not listed, so a huge damaged logdir cannot grow a daemon's memory or flood its output."""
+UNLISTED = "unlisted"  # the ProblemLog.counts key of the reports past MAX_PROBLEMS
+
+
+class ProblemLog:
+    """How a source reports damage into its `problems` list, bounded.
+
+    A report carries a key naming the file and the kind of damage (`proto:<file>`); the first report of
+    a key appends its message, later ones only count (`counts[key]`), so a file with a million bad records
+    is one message. The message is never changed after: the daemon announces each new string once, and a
+    count in the text would announce it again at every change. At most MAX_PROBLEMS messages are listed
+    in `problems` (a list several logs may share: a run directory's ranks), the last saying that the
+    others are counted, not listed (`counts[UNLISTED]`; the keys past the cap are not kept, so the same
+    problem may count there more than once).
+    """
+
+    def __init__(self, problems: list[str] | None = None) -> None:
+        self.problems: list[str] = problems if problems is not None else []
+        self.counts: dict[str, int] = {}
+
+    def report(self, key: str, message: str) -> None:
+        counts = self.counts
+        n = counts.get(key)
+        if n is not None:
+            counts[key] = n + 1
+        elif len(self.problems) < MAX_PROBLEMS - 1:
+            counts[key] = 1
+            self.problems.append(message)
+        else:
+            if len(self.problems) == MAX_PROBLEMS - 1:
+                self.problems.append(f"more than {MAX_PROBLEMS - 1} problems: the others are counted, not listed")
+            counts[UNLISTED] = counts.get(UNLISTED, 0) + 1

@@ -4,6 +4,10 @@ A record is: uint64 length, uint32 masked crc32c(length), data, uint32 masked
 crc32c(data), little-endian. The reader keeps its byte offset and stops at an
 incomplete trailing record, so a file that is still being written (or was cut
 short by a crash) is read up to its last whole record and can be resumed.
+
+A length beyond MAX_RECORD_BYTES is corruption (CorruptRecord), not a record still being written:
+otherwise a damaged header whose checksum happens to hold (or a crafted one) claiming a terabyte would
+have the reader wait for it forever, reading the rest of the file again on every poll.
 """
 
 from __future__ import annotations
@@ -23,10 +27,29 @@ except ImportError:  # pragma: no cover - the dependency is declared; this keeps
 
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
+FRAMING_BYTES = _HEADER.size + _FOOTER.size  # what a record takes besides its data
+
+# The largest record data taken as real. A trainmon step event is kilobytes (its per-parameter vector
+# 4 bytes a parameter tensor: 4 MB for a million tensors); other writers' events (images, histograms,
+# tensors) stay far below protobuf's own 2 GiB message limit, which TensorBoard's readers cannot go past
+# either. 256 MiB leaves room for any of them and bounds what a reader holds for one record.
+MAX_RECORD_BYTES = 256 << 20
 
 
 class CorruptRecord(ValueError):
-    """A record whose checksum does not match: the file is corrupt at this offset."""
+    """A record whose checksum does not match, or whose length no writer produces: the file is corrupt at
+    this offset."""
+
+
+def _too_long(length: int, offset: int) -> CorruptRecord:
+    return CorruptRecord(f"impossible record length {length} at byte {offset} (more than "
+                         f"{MAX_RECORD_BYTES >> 20} MiB)")
+
+
+def record_size(buf: bytes, offset: int = 0) -> int:
+    """The bytes the record whose header starts at `offset` of `buf` takes, framing included (the header
+    must be whole; `frames` has checked it when it stopped before this record as incomplete)."""
+    return FRAMING_BYTES + _HEADER.unpack_from(buf, offset)[0]
 
 
 def encode_record(data: bytes) -> bytes:
@@ -44,6 +67,8 @@ def read_records(f: BinaryIO, offset: int = 0, *, check_crc: bool = True) -> Ite
         length, length_crc = _HEADER.unpack(header)
         if check_crc and masked_crc32c(header[:8]) != length_crc:
             raise CorruptRecord(f"bad length checksum at byte {offset}")
+        if length > MAX_RECORD_BYTES:
+            raise _too_long(length, offset)
         body = f.read(length + _FOOTER.size)
         if len(body) < length + _FOOTER.size:
             return  # incomplete: the writer has not finished this record yet
@@ -54,11 +79,12 @@ def read_records(f: BinaryIO, offset: int = 0, *, check_crc: bool = True) -> Ite
         yield offset, data
 
 
-def frames(buf: bytes, at: list[int], *, check_crc: bool = True) -> Iterator[bytes]:
+def frames(buf: bytes, at: list[int], *, check_crc: bool = True, base: int = 0) -> Iterator[bytes]:
     """The data of each whole record in `buf` from offset at[0] on; after each, at[0] is the offset
     that follows it and at[1] where it began. The daemon reads a file's new bytes in one call and
     frames them here, which costs a third of a read() per record. Raises CorruptRecord at a bad
-    checksum (at[0] is then the end of the last good record); stops before an incomplete one."""
+    checksum or an impossible length (at[0] is then the end of the last good record; its message gives
+    the file offset, `base` being where `buf` starts in the file); stops before an incomplete one."""
     unpack_header, unpack_footer = _HEADER.unpack_from, _FOOTER.unpack_from
     crc = masked_crc32c
     offset = at[0]
@@ -66,14 +92,16 @@ def frames(buf: bytes, at: list[int], *, check_crc: bool = True) -> Iterator[byt
     while offset + 12 <= end:
         length, length_crc = unpack_header(buf, offset)
         if check_crc and crc(buf[offset:offset + 8]) != length_crc:
-            raise CorruptRecord(f"bad length checksum at byte {offset}")
+            raise CorruptRecord(f"bad length checksum at byte {base + offset}")
+        if length > MAX_RECORD_BYTES:
+            raise _too_long(length, base + offset)
         start = offset + 12
         stop = start + length
         if stop + 4 > end:
             return  # incomplete: the writer has not finished this record yet
         data = buf[start:stop]
         if check_crc and crc(data) != unpack_footer(buf, stop)[0]:
-            raise CorruptRecord(f"bad data checksum at byte {offset}")
+            raise CorruptRecord(f"bad data checksum at byte {base + offset}")
         at[1] = offset
         offset = at[0] = stop + 4
         yield data

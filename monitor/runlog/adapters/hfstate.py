@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.runlog.adapters.frameworks import HUGGINGFACE, TagMap, validate_mapping
+from monitor.runlog.sources import ProblemLog
 from monitor.schema import RunInfo, StepRecord
 
 TRAINER_STATE = "trainer_state.json"
@@ -118,12 +119,14 @@ class HFStateSource:
         self._parsed = False  # a file parsed once
         self._seen: tuple[str, int, int, int] | None = None  # (file, inode, size, mtime) last parsed whole
         self._top: tuple[tuple[int, int, int], int | None] | None = None  # the top-level file's key, global_step
-        self._reported: set[str] = set()
+        self._problems = ProblemLog(self.problems)  # one message per file and kind, at most MAX_PROBLEMS
 
     def _report(self, key: str, message: str) -> None:
-        if key not in self._reported:
-            self._reported.add(key)
-            self.problems.append(message)
+        self._problems.report(key, message)
+
+    @property
+    def problem_counts(self) -> dict[str, int]:
+        return self._problems.counts
 
     # -- which file -------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.runlog.adapters.frameworks import LIGHTNING, StepBuffer, TagMap, validate_mapping
+from monitor.runlog.sources import ProblemLog
 from monitor.schema import RunInfo, StepRecord
 
 METRICS_CSV = "metrics.csv"
@@ -81,12 +82,14 @@ class LightningCSVSource:
         self._buffer = StepBuffer()
         self._last_arrival: float | None = None
         self._clock = clock
-        self._reported: set[str] = set()
+        self._problems = ProblemLog(self.problems)  # one message per file and kind, at most MAX_PROBLEMS
 
     def _report(self, key: str, message: str) -> None:
-        if key not in self._reported:
-            self._reported.add(key)
-            self.problems.append(message)
+        self._problems.report(key, message)
+
+    @property
+    def problem_counts(self) -> dict[str, int]:
+        return self._problems.counts
 
     @property
     def unrecognized(self) -> str | None:

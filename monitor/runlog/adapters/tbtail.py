@@ -4,8 +4,11 @@ Every `*tfevents*` file of the directory is read from its own byte offset (TFRec
 `monitor.runlog.tfrecord`), so a poll costs one `stat` per file that has not grown. Files that appear
 later are picked up by the next poll, in name order (TensorBoard's names start with the creation
 time). A trailing record that is still being written is left for a later poll; a record whose
-checksum or protobuf is bad is reported once in `problems` and the rest of that file is skipped;
-a file that vanishes or cannot be read is reported once, never raised.
+framing is bad (a checksum, an impossible length) is reported once in `problems` and the rest of that
+file is skipped; a record whose framing holds but that does not decode (not an Event, or an Event its
+decoder cannot read: anything it raises) is skipped and reported once per file and kind (counted: see
+`ProblemLog`), and reading goes on after it; a file that vanishes or cannot be read is reported once,
+never raised.
 
 `poll()` yields scalar points from `simple_value` summaries (torch's SummaryWriter, TF1) and from
 TF2-style rank-0 `tensor` summaries of the `scalars` plugin (DT_FLOAT / DT_DOUBLE; the plugin
@@ -25,7 +28,8 @@ from typing import Any, NamedTuple
 from google.protobuf.message import DecodeError
 from tensorboard.compat.proto import event_pb2, types_pb2
 
-from monitor.runlog.tfrecord import CorruptRecord, frames
+from monitor.runlog.sources import ProblemLog
+from monitor.runlog.tfrecord import CorruptRecord, frames, record_size
 
 _CHUNK = 16 << 20  # bytes read at a time
 
@@ -41,8 +45,18 @@ def is_event_file(name: str) -> bool:
     return "tfevents" in name and not name.startswith(".")
 
 
+_DIGITS = re.compile(r"([0-9]+)")
+
+
 def natural_key(s: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+    """A sort key that orders the digit runs of names and tags by value: pg2 before pg10. A run compares
+    as (its length, its digits) without leading zeros: no int(), which refuses runs of more than 4300
+    digits (and `str.isdigit` takes superscripts that int() refuses), so no name or tag makes it raise."""
+    parts: list[Any] = _DIGITS.split(s)
+    for i in range(1, len(parts), 2):
+        d = parts[i].lstrip("0")
+        parts[i] = (len(d), d)
+    return parts
 
 
 def event_file_names(directory: Path, key: Callable[[str], Any] = natural_key) -> list[str]:
@@ -84,19 +98,22 @@ class TensorBoardTail:
         self.first_wall_time: float | None = None
         self.events_read = 0
         self._plugins: dict[str, str] = {}  # tag -> plugin name, from the tag's first tensor summary
-        self._reported: set[str] = set()
+        self._problems = ProblemLog(self.problems)
 
     # -- problems -------------------------------------------------------------------------------
 
     def _report(self, key: str, message: str) -> None:
-        if key not in self._reported:
-            self._reported.add(key)
-            self.problems.append(message)
+        self._problems.report(key, message)
+
+    @property
+    def problem_counts(self) -> dict[str, int]:
+        return self._problems.counts
 
     # -- reading -------------------------------------------------------------------------------
 
-    def poll_events(self) -> list[tuple[str, event_pb2.Event]]:
-        """(file name, Event) of every whole record appended since the last poll, file by file."""
+    def poll_events(self, limit: int | None = None) -> list[tuple[str, event_pb2.Event]]:
+        """(file name, Event) of every whole record appended since the last poll, file by file; with
+        `limit`, at most that many (the rest waits for the next call)."""
         def event(name: str) -> Callable[[bytes], tuple[str, event_pb2.Event]]:
             def decode(data: bytes) -> tuple[str, event_pb2.Event]:
                 ev = event_pb2.Event.FromString(data)
@@ -105,12 +122,12 @@ class TensorBoardTail:
                 return name, ev
             return decode
 
-        return self._poll(event)
+        return self._poll(event, limit)
 
     def poll_decoded(self, decoder: Callable[[str], Callable[[bytes], Any]], limit: int | None = None) -> list[Any]:
         """`decoder(file name)(record bytes)` of every whole record appended since the last poll, file by
-        file; None results are dropped. A record that decode rejects with DecodeError is reported once
-        per file and skipped. With `limit`, at most that many results: the rest waits for the next call."""
+        file; None results are dropped. A record that decode raises on is skipped, reported once per file
+        and kind. With `limit`, at most that many results: the rest waits for the next call."""
         return self._poll(decoder, limit)
 
     def _poll(self, decoder: Callable[[str], Callable[[bytes], Any]], limit: int | None = None) -> list[Any]:
@@ -168,9 +185,11 @@ class TensorBoardTail:
                     finally:
                         offset += at[0]  # the end of the last whole record, also when one was corrupt
                     if at[0] == 0:  # not one whole record in the chunk
-                        if len(buf) < chunk:
+                        # The header (checked by frames, its length bounded) says what the record takes:
+                        # read it whole once it is all there, and nothing until then.
+                        if len(buf) < 12 or offset + record_size(buf) > size:
                             break  # the writer has not finished it yet
-                        chunk *= 2  # a record larger than a chunk
+                        chunk = max(chunk, record_size(buf))  # a record larger than a chunk
         except CorruptRecord as e:
             self.dead.add(name)
             self._report(f"corrupt:{name}", f"{path}: corrupt record ({e}); read the records before it, "
@@ -183,7 +202,7 @@ class TensorBoardTail:
                     path: Path, base: int, limit: int | None = None) -> None:
         """decode() of each whole record of `buf` (in C: map over the frames), non-None results to `out`,
         up to `limit` in `out`; at[0] ends up after the last record taken."""
-        it = frames(buf, at)
+        it = frames(buf, at, base=base)
         n = len(out)
         while True:
             try:
@@ -193,14 +212,16 @@ class TensorBoardTail:
                 break
             except DecodeError:
                 self._report(f"proto:{path.name}", f"{path}: a record that is not a TensorBoard event at byte "
-                             f"{base + at[1]}; skipped it")
+                             f"{base + at[1]}; skipped it (and any more such records of this file: counted)")
             except CorruptRecord:
                 raise  # the framing itself is damaged: _read_file stops reading the file there
-            except (ValueError, TypeError, OverflowError, IndexError, KeyError, struct.error) as e:
-                # An event that parses but whose values make no record (a NaN presence mask, say): skip
-                # it, or every later poll would stop at it again.
+            except Exception as e:  # whatever decoding one record's bytes raises
+                # An event that parses but whose values make no record (a NaN presence mask, DDP JSON
+                # nested past the recursion limit): at[0] is already past it, so skip it and go on;
+                # stopping would meet it again at every later poll. Nothing decoded is ever executed.
                 self._report(f"value:{path.name}", f"{path}: an unreadable step event at byte {base + at[1]} "
-                             f"({type(e).__name__}: {e}); skipped it")
+                             f"({type(e).__name__}: {str(e)[:200]}); skipped it (and any more such events of "
+                             "this file: counted)")
         self.events_read += len(out) - n
 
     def points(self, events: list[tuple[str, event_pb2.Event]],

@@ -7,6 +7,10 @@ arrives, at `flush()`, or, in `poll()`, when nothing new has arrived for it for 
 (Hugging Face and Lightning flush their writer after each logging call, so their steps settle at
 once; Megatron's writer flushes every 120 s and may split a step across flushes). Points of a step
 that arrive after it was released make a second record carrying just those values.
+
+`poll(limit)` reads events in slices of what the limit still lacks (a step is one event or several), so
+a long backlog is read, and held, a slice at a time; released steps beyond the limit (the held undecided
+ones, when the framework becomes known) wait in `_ready` for the next call, and travel in `state()`.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class TensorBoardSource:
         self._buffer = StepBuffer()
         self._last_arrival: float | None = None
         self._undecided: deque[PendingStep] = deque(maxlen=MAX_UNDECIDED_STEPS)
+        self._ready: deque[PendingStep] = deque()  # released steps that wait for room under a poll's limit
         self._new_tags = False
         # Until the framework is known, keep only the tags some framework (or the mapping) would use: the
         # others (Megatron's "... vs samples" twins, logged at the sample count) must not split steps.
@@ -61,6 +66,10 @@ class TensorBoardSource:
         self.records_emitted = 0
 
     # -- detection ------------------------------------------------------------------------------
+
+    @property
+    def problem_counts(self) -> dict[str, int]:
+        return self.tail.problem_counts
 
     @property
     def framework(self) -> str | None:
@@ -97,42 +106,63 @@ class TensorBoardSource:
 
     # -- records --------------------------------------------------------------------------------
 
-    def _emit(self, p: PendingStep | None, out: list[StepRecord]) -> None:
+    def _emit(self, p: PendingStep | None) -> None:
+        """A released step: held undecided until the framework is known, then ready (after those held)."""
         if p is None:
             return
         if not self._decide():
             self._undecided.append(p)
             return
-        tagmap = self.tagmap
-        while self._undecided:
-            q = self._undecided.popleft()
-            self._record(tagmap, q, out)
-        self._record(tagmap, p, out)
+        self._ready.extend(self._undecided)
+        self._undecided.clear()
+        self._ready.append(p)
 
-    def _record(self, tagmap: TagMap, p: PendingStep, out: list[StepRecord]) -> None:
-        r = tagmap.record(p.step, p.wall_time, p.values)
-        if r is not None:
-            out.append(r)
-            self.records_emitted += 1
+    def _drain(self, out: list[StepRecord], limit: int | None) -> None:
+        """Records of the ready steps into `out`, up to `limit` in it."""
+        tagmap, ready = self.tagmap, self._ready
+        while ready and tagmap is not None and (limit is None or len(out) < limit):
+            p = ready.popleft()
+            r = tagmap.record(p.step, p.wall_time, p.values)
+            if r is not None:
+                out.append(r)
+                self.records_emitted += 1
 
-    def poll(self, limit: int | None = None) -> list[StepRecord]:  # a whole file per call: limit not applied
-        points = self.tail.poll(self._keep)
+    def poll(self, limit: int | None = None) -> list[StepRecord]:
+        """Records of the steps completed since the last call; with `limit`, at most that many."""
+        out: list[StepRecord] = []
+        self._drain(out, limit)
+        more = bool(self._ready) or (limit is not None and len(out) >= limit)  # left for the next call
+        arrived = False
+        while not more:
+            room = None if limit is None else limit - len(out)
+            events = self.tail.poll_events(room)  # a step takes at least one event: no more than needed
+            arrived |= self._take(self.tail.points(events, self._keep))
+            self._drain(out, limit)
+            if room is None or len(events) < room:
+                break  # read to the end
+            more = bool(self._ready) or len(out) >= limit
         if self.tail.first_wall_time is not None and not self.info.created:
             self.info.created = self.tail.first_wall_time
-        out: list[StepRecord] = []
+        now = self._clock()
+        if arrived:
+            self._last_arrival = now
+        settle = self.settle_s if self.settle_s is not None else SETTLE_S.get(self.info.source, 150.0)
+        pending = self._buffer.pending
+        # Only when read to the end: a step cut by the limit has more points waiting in the file.
+        if not more and pending is not None and self._last_arrival is not None and now - self._last_arrival >= settle:
+            self._emit(self._buffer.release())
+            self._drain(out, limit)
+        return out
+
+    def _take(self, points: list) -> bool:
+        """Points into steps; whether there were any."""
         buf = self._buffer
         for step, wall, tag, value in points:
             tm = self.tagmap
             if tm is not None and tm.framework is not None and not tm.relevant(tag):
                 continue  # the framework was detected in this poll: its own tags only from here
-            self._emit(buf.add(step, wall, tag, value), out)
-        now = self._clock()
-        if points:
-            self._last_arrival = now
-        settle = self.settle_s if self.settle_s is not None else SETTLE_S.get(self.info.source, 150.0)
-        if buf.pending is not None and self._last_arrival is not None and now - self._last_arrival >= settle:
-            self._emit(buf.release(), out)
-        return out
+            self._emit(buf.add(step, wall, tag, value))
+        return bool(points)
 
     def _keep(self, tag: str) -> bool:
         """Notes every tag (for detection), keeps those the framework (or, until known, any framework or the
@@ -147,7 +177,8 @@ class TensorBoardSource:
 
     def flush(self) -> list[StepRecord]:
         out: list[StepRecord] = []
-        self._emit(self._buffer.release(), out)
+        self._emit(self._buffer.release())
+        self._drain(out, None)
         return out
 
     # -- positions ------------------------------------------------------------------------------
@@ -161,6 +192,7 @@ class TensorBoardSource:
             "tags": sorted(self.tags)[:MAX_TAGS],
             "pending": self._buffer.state(),
             "undecided": [StepBuffer.state(_holder(p)) for p in self._undecided],
+            "ready": [StepBuffer.state(_holder(p)) for p in self._ready],
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -173,12 +205,13 @@ class TensorBoardSource:
             self.tagmap = TagMap(BY_NAME.get(fw), self.mapping)
             self.info.source = self.tagmap.source
         self._buffer.restore(state.get("pending"))
-        self._undecided.clear()
-        for s in state.get("undecided") or []:
-            b = StepBuffer()
-            b.restore(s)
-            if b.pending is not None:
-                self._undecided.append(b.pending)
+        for held, key in ((self._undecided, "undecided"), (self._ready, "ready")):
+            held.clear()
+            for s in state.get(key) or []:
+                b = StepBuffer()
+                b.restore(s)
+                if b.pending is not None:
+                    held.append(b.pending)
         self._last_arrival = self._clock() if self._buffer.pending is not None else None
 
 

@@ -20,11 +20,16 @@ line but no training line (the final evaluation after the last step) yields no r
 
 A record's `time` is the line's own timestamp when it has one, else the log file's modification
 time when the line was read (text logs carry no per-step time; an old log thus never looks live).
-A partial last line is left for the next poll. The format is sniffed from the file's first 64 KiB.
+A line ends at a newline or a carriage return (progress output); a partial last line is left for the
+next poll. A line that does not parse (an iteration number int() refuses, say) is skipped and reported
+once (counted), and the lines after it are read: parsing is line by line from a byte offset, so no line
+is met twice. `poll(limit)` stops after the line that completes its `limit`-th record. The format is
+sniffed from the file's first 64 KiB.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -33,10 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from monitor.runlog.adapters.frameworks import json_float
+from monitor.runlog.sources import ProblemLog
 from monitor.schema import RunInfo, StepRecord
 
 HEAD_BYTES = 64 * 1024
-CHUNK_BYTES = 8 * 1024 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024  # read at a time without a limit; a longer line is skipped
+LINE_BYTES = 1024  # about what a line takes (Megatron's ~500 bytes): the read size per record of a limit
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)")  # a whole line with its end
 MAX_EXTRA_SCALARS = 12
 _SIGNAL_FIELDS = ("loss", "lr", "grad_norm", "loss_scale", "skipped", "step_time", "tokens")
 
@@ -218,16 +226,21 @@ class TextLogSource:
         self._ino: int | None = None
         self._pending: Parsed | None = None
         self._prev_tokens: tuple[int, float] | None = None  # (step, consumed tokens) of the previous line
-        self._reported: set[str] = set()
+        self._skipping = False  # in a line longer than CHUNK_BYTES: drop up to its end
+        self._problems = ProblemLog(self.problems)
 
     def _report(self, key: str, message: str) -> None:
-        if key not in self._reported:
-            self._reported.add(key)
-            self.problems.append(message)
+        self._problems.report(key, message)
+
+    @property
+    def problem_counts(self) -> dict[str, int]:
+        return self._problems.counts
 
     # -- reading --------------------------------------------------------------------------------
 
-    def poll(self, limit: int | None = None) -> list[StepRecord]:  # a whole file per call: limit not applied
+    def poll(self, limit: int | None = None) -> list[StepRecord]:
+        """The records of the lines appended since the last call; with `limit`, at most that many (the
+        lines after the last one taken wait for the next call)."""
         out: list[StepRecord] = []
         try:
             st = os.stat(self.path)
@@ -238,68 +251,102 @@ class TextLogSource:
             self._report("stat", f"{self.path}: unreadable: {e.strerror or e}")
             return out
         if (self._ino is not None and st.st_ino != self._ino) or st.st_size < self.offset:
-            self._report(f"restart:{st.st_ino}:{st.st_size}",
-                         f"{self.path}: the file was truncated or replaced; reading it again from the start")
-            self.offset, self._pending, self._prev_tokens = 0, None, None
+            self._report("restart", f"{self.path}: the file was truncated or replaced; reading it again from the "
+                         "start (and at each later such change: counted)")
+            self.offset, self._pending, self._prev_tokens, self._skipping = 0, None, None, False
         self._ino = st.st_ino
         if st.st_size == self.offset:
             return out
+        # With a limit, about what that many lines take (grown to CHUNK_BYTES for a longer line).
+        size = CHUNK_BYTES if limit is None else min(CHUNK_BYTES, max(HEAD_BYTES, LINE_BYTES * limit))
         try:
             with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                while True:
-                    chunk = f.read(CHUNK_BYTES)
+                while limit is None or len(out) < limit:
+                    f.seek(self.offset)
+                    chunk = f.read(size)
                     if not chunk:
                         break
-                    end = chunk.rfind(b"\n")
-                    if end < 0:
-                        if len(chunk) < CHUNK_BYTES:
-                            break  # a partial last line: wait for its end
-                        self._report("long", f"{self.path}: a line longer than {CHUNK_BYTES} bytes; skipped it")
+                    used = self._lines(chunk, st.st_mtime, out, limit)
+                    self.offset += used
+                    if used:
+                        if len(chunk) < size:
+                            break  # read to the end: what is left is a partial last line
+                    elif limit is not None and len(out) >= limit:
+                        break  # the limit was reached at the chunk's first line
+                    elif len(chunk) < size:
+                        break  # a partial last line: wait for its end
+                    elif size < CHUNK_BYTES:
+                        size = CHUNK_BYTES  # a line longer than a limit's read
+                    else:
+                        self._report("long", f"{self.path}: a line longer than {CHUNK_BYTES} bytes at byte "
+                                     f"{self.offset}; skipped it (and any more such lines: counted)")
                         self.offset += len(chunk)
-                        continue
-                    self._lines(chunk[: end + 1].decode("utf-8", "replace"), st.st_mtime, out)
-                    self.offset += end + 1
-                    f.seek(self.offset)
+                        self._skipping = True
         except OSError as e:
             self._report("read", f"{self.path}: unreadable: {e.strerror or e}")
         return out
 
-    def _lines(self, text: str, mtime: float, out: list[StepRecord]) -> None:
-        parse = self.format.parse
-        for line in text.splitlines():
-            p = parse(line)
+    def _lines(self, buf: bytes, mtime: float, out: list[StepRecord], limit: int | None) -> int:
+        """The records of the whole lines of `buf` (read at self.offset) into `out`, up to `limit`;
+        returns the bytes of the lines taken."""
+        used = 0
+        for m in _LINE.finditer(buf):
+            if limit is not None and len(out) >= limit:
+                break
+            if self._skipping:  # the rest of a line too long to read
+                self._skipping = False
+            elif not self._line(m.group(), mtime, out, limit, self.offset + used):
+                break  # the limit was reached before this line: the next poll reads it again
+            used = m.end()
+        return used
+
+    def _line(self, raw: bytes, mtime: float, out: list[StepRecord], limit: int | None, at: int) -> bool:
+        """One line into `out`; False when `limit` was reached before it could be taken. A line that does
+        not parse, or whose values make no record, is skipped, whatever it raises (int() of 5000 digits)."""
+        try:
+            p = self.format.parse(raw.decode("utf-8", "replace").rstrip("\r\n"))
             if p is None:
-                continue
-            if p.time is None:
-                p.time = mtime
-            if not self.info.created:
-                self.info.created = p.time
-            if p.max_steps and self.info.max_steps is None:
-                self.info.max_steps = p.max_steps
-            if p.consumed_tokens is not None:
-                prev = self._prev_tokens
-                if prev is not None and p.step > prev[0] and p.consumed_tokens >= prev[1]:
-                    p.fields["tokens"] = round((p.consumed_tokens - prev[1]) / (p.step - prev[0]))
-                self._prev_tokens = (p.step, p.consumed_tokens)
+                return True
+            q = self._pending
+            if q is not None and q.step != p.step:
+                # The held step is complete: emitted on its own first, so that when it fills the limit this
+                # line (nothing of it noted yet) is read again by the next poll, with nothing held.
+                self._pending = None
+                self._emit(q, out)
+                if limit is not None and len(out) >= limit:
+                    return False
+            self._note(p, mtime)
             self._take(p, out)
+        except Exception as e:
+            self._report("line", f"{self.path}: an unreadable line at byte {at} ({type(e).__name__}: "
+                         f"{str(e)[:200]}); skipped it (and any more such lines: counted)")
+        return True
+
+    def _note(self, p: Parsed, mtime: float) -> None:
+        """The line's time, and what it tells of the run (created, max_steps, the per-step token rise)."""
+        if p.time is None:
+            p.time = mtime
+        if not self.info.created:
+            self.info.created = p.time
+        if p.max_steps and self.info.max_steps is None:
+            self.info.max_steps = p.max_steps
+        c = p.consumed_tokens
+        if c is not None and math.isfinite(c):  # "consumed tokens: inf/nan" is no count: as if not printed
+            prev = self._prev_tokens
+            if prev is not None and p.step > prev[0] and c >= prev[1]:
+                p.fields["tokens"] = round((c - prev[1]) / (p.step - prev[0]))
+            self._prev_tokens = (p.step, c)
 
     def _take(self, p: Parsed, out: list[StepRecord]) -> None:
+        """A line into the held step (one of another step was released by `_line`); out when it closes."""
         q = self._pending
-        if q is not None and q.step != p.step:
-            self._emit(q, out)
-            q = None
-        if q is None:
-            q = p
-        else:
+        if q is not None:
             q.fields.update(p.fields)
             q.scalars.update(p.scalars)
             q.time = p.time
+        self._pending = None if p.closes else q or p
         if p.closes:
-            self._emit(q, out)
-            self._pending = None
-        else:
-            self._pending = q
+            self._emit(q or p, out)
 
     def _emit(self, p: Parsed, out: list[StepRecord]) -> None:
         if not any(k in p.fields for k in _SIGNAL_FIELDS):
@@ -325,11 +372,12 @@ class TextLogSource:
                                       json_float(v) if isinstance(v, float) else v) for k, v in q.fields.items()},
                        "scalars": {k: json_float(v) for k, v in q.scalars.items()}}
         return {"kind": "text", "format": self.format.name, "offset": self.offset, "pending": pending,
-                "prev_tokens": list(self._prev_tokens) if self._prev_tokens else None,
+                "prev_tokens": list(self._prev_tokens) if self._prev_tokens else None, "skipping": self._skipping,
                 "max_steps": self.info.max_steps, "created": self.info.created}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.offset = int(state.get("offset") or 0)
+        self._skipping = bool(state.get("skipping"))
         pt = state.get("prev_tokens")
         self._prev_tokens = (int(pt[0]), float(pt[1])) if pt else None
         if state.get("max_steps"):
