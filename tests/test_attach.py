@@ -574,3 +574,61 @@ def test_hooked_objects_still_checkpoint_and_pickle(tmp_path, mon_config):
     recs = read_run(mon.run_dir).records[0]
     # LambdaLR's last_epoch: 0 before the first step, one scheduler.step() after each optimizer step
     assert [r.scheduler_steps for r in recs] == [0, 1, 1]
+
+
+def test_a_clip_wrapper_held_past_close_still_clips(tmp_path, mon_config):
+    """Issue 14: a call already inside the clip wrapper when close() restores the original (or code that
+    imported the wrapper by name after attach) still clips, as the original would."""
+    from torch.nn.utils import clip_grad
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = monitor.attach(model, opt, run_dir=tmp_path / "r", config=mon_config)
+    held = clip_grad._clip_grads_with_norm_
+    assert held is clip_patch._wrapped
+    mon.close()
+    assert clip_grad._clip_grads_with_norm_ is not held
+    x, y = next(batches(1))
+    model(x, y)[1].backward()
+    params = list(model.parameters())
+    grads = [p.grad.clone() for p in params]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    held(params, 0.1, total)
+    coef = torch.clamp(0.1 / (total + 1e-6), max=1.0)
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g * coef)
+
+
+def test_alerts_and_active_alerts_are_snapshots_readable_from_any_thread(tmp_path, mon_config):
+    """Issue 14: the lists the publisher thread changes are copied, never handed out or iterated live."""
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # constant LR: warmup.missing fires at step 5
+    stop, failures = threading.Event(), []
+    with monitor.attach(model, opt, run_dir=tmp_path / "r", config=mon_config) as mon:
+        def read() -> None:
+            while not stop.is_set():
+                try:
+                    _ = (mon.alerts, mon.active_alerts)
+                except Exception as e:
+                    failures.append(e)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            for x, y in batches(8):
+                _, loss = model(x, y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            assert mon.flush()
+        finally:
+            stop.set()
+            reader.join()
+        active = mon.active_alerts
+        assert any(a.rule == "warmup.missing" for a in active) and active == mon.engine.active()
+        active.clear()
+        raised = mon.alerts
+        raised.clear()
+        assert mon.active_alerts and mon.alerts
+    assert failures == []

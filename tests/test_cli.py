@@ -150,7 +150,7 @@ def test_check_notes_a_run_that_did_not_close(finished_run, tmp_path, quiet_conf
     assert "the run is still running" in result.stderr and "still being written" in result.stderr
 
 
-def test_check_crash_exits_4_with_one_line(finished_run, monkeypatch):
+def test_check_crash_exits_4_with_one_line(finished_run, monkeypatch, fault_row):
     import monitor.cli.check
 
     def boom(*args, **kwargs):
@@ -162,9 +162,11 @@ def test_check_crash_exits_4_with_one_line(finished_run, monkeypatch):
     assert result.stderr.strip().splitlines() == [
         "error: monitor check failed unexpectedly: RuntimeError: boom second line (a trainmon bug, not a finding; "
         "please report it)"]
+    fault_row("monitor check: an unexpected exception", "exit 4 with one line naming it (never 1, the findings code)",
+              "the check's verdict")
 
 
-def test_stray_environment_variables_never_stop_training_or_the_cli(finished_run, tmp_path, monkeypatch):
+def test_stray_environment_variables_never_stop_training_or_the_cli(finished_run, tmp_path, monkeypatch, fault_row):
     """Kubernetes injects MONITOR_PORT & co. for a Service named `monitor`: attach and every command go on."""
     for name, value in {"MONITOR_PORT": "tcp://10.0.0.1:9740", "MONITOR_SERVICE_HOST": "10.0.0.1",
                         "MONITOR_PORT_9740_TCP": "tcp://10.0.0.1:9740", "TRAINMON_NOT_A_KEY": "1",
@@ -186,6 +188,8 @@ def test_stray_environment_variables_never_stop_training_or_the_cli(finished_run
     assert "every: 3" in result.stdout
     assert runner.invoke(app, ["check", str(finished_run[0])]).exit_code == 1  # its findings, as ever
     assert runner.invoke(app, ["rules", "--config", str(tmp_path / "missing.yaml")]).exit_code == 2
+    fault_row("environment: MONITOR_PORT & co. (a Kubernetes Service named monitor), an unknown TRAINMON_ name",
+              "attach and every command went on", "nothing; monitor config lists the unknown TRAINMON_ name")
 
 
 def test_a_known_variable_with_a_bad_value_exits_2_naming_it(finished_run):

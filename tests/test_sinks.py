@@ -220,7 +220,7 @@ def _http_sinks(registry, **sections):
     return build_http_sinks(load_config({"sinks": sections}, environ={}), registry=registry)
 
 
-def test_a_reply_that_is_not_http_kills_nothing_the_next_alerts_are_delivered_and_failures_counted(caplog):
+def test_a_reply_that_is_not_http_kills_nothing_the_next_alerts_are_delivered_and_failures_counted(caplog, fault_row):
     caplog.set_level(logging.WARNING, logger="trainmon.sinks")
     registry = CollectorRegistry()
     with ScriptedEndpoint(["garbage", "close", "reset"]) as hook:
@@ -241,6 +241,8 @@ def test_a_reply_that_is_not_http_kills_nothing_the_next_alerts_are_delivered_an
     assert errors["protocol"] >= 2 and sum(errors.values()) == 3, errors  # a reset reads as either
     assert "BadStatusLine" in caplog.text and "127.0.0.1" in caplog.text
     assert "TOPSECRET" not in caplog.text and "hunter2" not in caplog.text
+    fault_row("sink: replies that are not HTTP (garbage, closed, reset)", "the delivery thread went on; the next "
+              "alert delivered", "those alerts (retries 0): counted as failed, by reason; the URL never logged")
 
 
 def test_failed_attempts_are_retried_per_policy_and_counted_per_sink():

@@ -183,7 +183,7 @@ BAD_RECORDS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_RECORDS))
-def test_a_bad_record_is_skipped_reported_once_and_never_met_again(tmp_path, case):
+def test_a_bad_record_is_skipped_reported_once_and_never_met_again(tmp_path, case, fault_row):
     build, problem = BAD_RECORDS[case]
     source, append = build(tmp_path)
     assert steps(source.poll()) == [0, 1, 2, 4, 5]  # the records after it too (in the same chunk)
@@ -191,6 +191,8 @@ def test_a_bad_record_is_skipped_reported_once_and_never_met_again(tmp_path, cas
     assert source.poll() == [] and len(source.problems) == 1  # the read position is past it
     append()
     assert steps(source.poll() + source.flush()) == [6, 7] and len(source.problems) == 1
+    fault_row(f"source: {case}", "the record skipped, the ones after it read; later polls never meet it again",
+              "that record; one problem reported")
 
 
 def test_a_text_line_whose_token_count_makes_no_number_still_gives_its_record(tmp_path):
@@ -228,7 +230,7 @@ def header(length: int) -> bytes:
 
 
 @pytest.mark.parametrize("length", [MAX_RECORD_BYTES + 1, 1 << 40, (1 << 64) - 1])
-def test_an_impossible_record_length_is_corruption(tmp_path, length):
+def test_an_impossible_record_length_is_corruption(tmp_path, length, fault_row):
     good = encode_record(b"x" * 10)
     buf = good + header(length) + good * 3
     with pytest.raises(CorruptRecord, match="length"):
@@ -247,6 +249,9 @@ def test_an_impossible_record_length_is_corruption(tmp_path, length):
     append()
     assert source.poll() == [] and len(source.problems) == 1
     assert source.state()["ranks"]["0"]["offsets"][name] == at  # not read further: left at the last good record
+    if length == 1 << 40:
+        fault_row("source: a checksum-valid TFRecord length of 1 TiB", "the records before it read; the file not "
+                  "read further (no re-reading, no memory growth)", "the rest of that file; one problem reported")
 
 
 def test_a_record_larger_than_a_read_chunk_is_read_whole_once_complete(tmp_path):

@@ -415,7 +415,7 @@ def test_a_restarted_daemon_replays_muted_restores_active_alerts_and_sends_only_
     w.close()
 
 
-def test_an_unreadable_state_file_is_set_aside_and_old_alerts_are_not_sent_again(tmp_path):
+def test_an_unreadable_state_file_is_set_aside_and_old_alerts_are_not_sent_again(tmp_path, fault_row):
     import pickle
 
     from monitor.runlog.events import EventWriter
@@ -451,9 +451,11 @@ def test_an_unreadable_state_file_is_set_aside_and_old_alerts_are_not_sent_again
     watcher.poll()
     assert [(a.rule, a.step) for a in sink.alerts if a.status == "firing"] == [("lr.zero", 10)]
     w.close()
+    fault_row("daemon: a crafted state file (a pickle that would run code)", "nothing executed; the file set aside; "
+              "the runs found taken as judged", "the saved positions (runs read again from the start, muted)")
 
 
-def test_a_state_directory_others_can_write_or_own_is_refused(tmp_path):
+def test_a_state_directory_others_can_write_or_own_is_refused(tmp_path, fault_row):
     from monitor.watch.state import WatchState, WatchStateError
 
     shared = tmp_path / "shared"
@@ -473,6 +475,8 @@ def test_a_state_directory_others_can_write_or_own_is_refused(tmp_path):
         os.chown(theirs, 12345, 12345)
         with pytest.raises(WatchStateError, match="belongs to uid 12345"):
             WatchState(theirs)
+    fault_row("daemon: a state directory or file writable by others, or another user's", "refused (monitor watch "
+              "exits 2 naming it) before anything is written there", "nothing")
 
 
 def test_the_cli_refuses_an_untrusted_state_directory_before_writing_there(tmp_path):

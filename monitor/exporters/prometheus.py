@@ -296,20 +296,23 @@ class MetricsServer:
         return f"http://{self.host}:{self.port}/metrics"
 
     def close(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # (in a child made with os.fork it is not: shutdown() would wait forever)
+            self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
 
 
 def serve(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9740, tries: int = 50) -> MetricsServer:
-    """Start /metrics on `port`, or the next free port on conflict (port 0: any free port)."""
+    """Start /metrics on `port`, or the next free port on conflict (port 0: any free port).
+
+    OSError when no port of the `tries` is free, or `host` is no address of this machine."""
     last: OSError | None = None
     for p in [0] if port == 0 else range(port, min(port + tries, 65536)):
         try:
             server, thread = start_http_server(p, addr=host, registry=registry)
         except OSError as e:
             if e.errno not in (errno.EADDRINUSE, errno.EACCES):
-                raise
+                raise OSError(e.errno, f"cannot serve the metrics endpoint on {host}:{p}: {e.strerror or e}") from e
             last = e
             continue
         return MetricsServer(host, server.server_port, server, thread)

@@ -53,11 +53,25 @@ class OnAlert:
 
 class AlertFanout:
     """The rules engine's one sink: every alert to each sink in order; a sink that raises is counted
-    under its name and the alert still reaches the others."""
+    under its name and the alert still reaches the others.
 
-    def __init__(self, sinks: Iterable[Any], guard: ErrorGuard) -> None:
+    `active` is what `active_source` (the engine's active alerts) said after the last alert: taken on
+    the publisher thread, which owns the engine, and replaced whole (one attribute store), so any
+    thread reads a finished list (`refresh` takes it anew, e.g. once the engine has started)."""
+
+    def __init__(self, sinks: Iterable[Any], guard: ErrorGuard,
+                 active_source: Callable[[], list[Alert]] | None = None) -> None:
         self.sinks = list(sinks)
         self._guard = guard
+        self.active_source = active_source
+        self.active: tuple[Alert, ...] = ()
+
+    def refresh(self) -> None:
+        if self.active_source is not None:
+            try:
+                self.active = tuple(self.active_source())
+            except Exception as e:
+                self._guard.record("active alerts", e)
 
     def emit(self, alert: Alert) -> None:
         for sink in self.sinks:
@@ -65,6 +79,7 @@ class AlertFanout:
                 sink.emit(alert)
             except Exception as e:
                 self._guard.record(f"sink {type(sink).__name__}", e)
+        self.refresh()
 
     def restore(self, alert: Alert) -> None:
         for sink in self.sinks:
@@ -72,6 +87,7 @@ class AlertFanout:
                 sink.restore(alert)
             except Exception as e:
                 self._guard.record(f"sink {type(sink).__name__}", e)
+        self.refresh()
 
     def close(self) -> None:
         pass  # the sinks belong to the Monitor, which closes them

@@ -17,7 +17,7 @@ import atexit
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,9 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from monitor.config import MonitorConfig, load_config
 from monitor.exporters.console import ConsoleSink, install_console_handler
-from monitor.exporters.prometheus import MetricsServer, TrainMetrics, serve
-from monitor.exporters.sinks import build_http_sinks, close_sinks
-from monitor.hooks import attempt, compiled, ddp, introspect, prepare, resolve
+from monitor.exporters.prometheus import MetricsServer, TrainMetrics
+from monitor.exporters.sinks import build_http_sinks
+from monitor.hooks import attempt, compiled, ddp, exit, introspect, prepare, resolve
 from monitor.hooks.alerts import AlertFanout, OnAlert, StackDump
 from monitor.hooks.collector import CollectorOptions, Hooked, StepCollector
 from monitor.hooks.guard import ErrorGuard
@@ -37,7 +37,7 @@ from monitor.hooks.sampler import AttentionSampler, check_call
 from monitor.rules.engine import RulesEngine
 from monitor.runlog.events import EventWriter
 from monitor.runlog.rundir import ALERTS_JSONL, JsonlAlertSink, RunDir, RunDirError
-from monitor.schema import Alert, Endpoint
+from monitor.schema import Alert
 
 __all__ = ["Monitor", "RunDirError", "TrainingHalted", "attach"]
 
@@ -95,9 +95,10 @@ class Monitor:
         self.rundir = RunDir(run_path, dist.rank)  # RunDirError names the path
         self.run_dir = self.rundir.path
         self.run_id = cfg.run_name or self.rundir.run_id
-        # This process's attempt: RunDirBusy (a RunDirError) when another process writes the directory.
+        # This process's attempt: RunDirBusy (a RunDirError) when another process writes the directory;
+        # run.json not written (a full disk, its lock not free in time) is counted and the attempt goes on.
         started = attempt.begin(self.rundir, rank=dist.rank, store=store, optimizer=optimizer, scheduler=scheduler,
-                                resume_step=resume_step, cfg=cfg.attempts)
+                                resume_step=resume_step, cfg=cfg.attempts, on_error=self.guard.record)
         self.attempt = started.attempt
         start_step = self.attempt.start_step
 
@@ -125,47 +126,51 @@ class Monitor:
                                     scheduler_steps_per_step=found.scheduler_steps_per_step),
                         names, start_step, forward_hooks, started)
         except BaseException:
-            self._teardown()
+            exit.teardown(self)
             raise
         prepare.LIVE.add(self)
         atexit.register(self.close)
+        if cfg.exit.handle_sigterm:
+            exit.install_sigterm()
 
     def _start(self, cfg: MonitorConfig, hooked: Hooked, names: list[str], start_step: int,
                forward_hooks: bool, started: attempt.Started) -> None:
         registry = CollectorRegistry()
         self.metrics = TrainMetrics(registry, self.run_id, self.rank, attention_layers=cfg.attention.prometheus_layers)
         self.guard.listeners.append(self.metrics.count_error)
+        if self.guard.count:  # counted before the metrics existed (run.json at the attempt's start)
+            self.metrics.count_error(self.guard.count)
 
         sinks: list[Any] = [ConsoleSink()] if cfg.console.enabled else []
-        self._jsonl = JsonlAlertSink(self.run_dir / ALERTS_JSONL)
-        self._http_sinks = build_http_sinks(cfg)  # webhook / Alertmanager: their own threads, never blocking
-        sinks += [self._jsonl, self.metrics, *self._http_sinks, self.halt]
+        self._jsonl = self._try("alerts.jsonl", lambda: JsonlAlertSink(self.run_dir / ALERTS_JSONL))
+        self._http_sinks = build_http_sinks(cfg, registry=registry)  # webhook / Alertmanager: their own threads, never blocking
+        sinks += [s for s in (self._jsonl, self.metrics, *self._http_sinks, self.halt) if s is not None]
         if cfg.on_alert is not None:
             sinks.append(OnAlert(cfg.on_alert))
         completions = [StackDump(self.run_dir, self.rank)] if cfg.watchdog.dump_stacks else []
         self._alerts = AlertFanout(sinks, self.guard)
         self.engine = RulesEngine(self.info, cfg.rules, sinks=[self._alerts], on_error=self.guard.record,
                                   completions=completions)
+        self._alerts.active_source = self.engine.active  # read on the publisher thread, kept for the others
         # Preflight: the checklist verdicts that need no step; they are printed now and kept in run.json.
         # A resumed attempt's rules first replay the records it builds on (warm start), delivering nothing.
         # The earlier attempts' alerts still firing are carried over or resolved, as monitor watch does.
         found = self.engine.start(self.rank, self.attempt, started.history, started.active)
         self.info.preflight = [a for a in found if a.status == "firing"]
+        self._alerts.refresh()
         self.metrics.attempt(self.attempt)
 
         if cfg.metrics.enabled:
-            self._server = serve(registry, cfg.metrics.host,
-                                 cfg.metrics.port + self.local_rank if cfg.metrics.port else 0,
-                                 cfg.metrics.port_search)
-            ep = Endpoint(rank=self.rank, local_rank=self.local_rank, host=cfg.metrics.host,
-                          port=self._server.port, url=self._server.url)
-            self.info.endpoints = [ep]
-        if self.rank == 0:
-            self.rundir.write_run_info(self.info)
+            self._server, self.info.endpoints = prepare.metrics_endpoint(registry, cfg.metrics, self.rank,
+                                                                         self.local_rank)
+        if self.rank == 0:  # a run.json write that fails (a full disk) is counted: the run goes on
+            self._try("run.json", lambda: self.rundir.write_run_info(self.info))
             self._heartbeat = attempt.Heartbeat(self.rundir, self.attempt.id, cfg.attempts.heartbeat_seconds,
                                                 self.guard.record)
         if self._server is not None:
-            self.rundir.add_endpoint(self.info.endpoints[0], self.run_id)
+            self._try("targets.json", lambda: self.rundir.add_endpoint(self.info.endpoints[0], self.run_id))
+        elif cfg.metrics.enabled and started.prior is not None:  # an earlier attempt's endpoint is not this one
+            self._try("targets.json", lambda: self.rundir.remove_endpoint(self.rank, run_json=True))
 
         model, params = hooked.model, hooked.params
         probe_model, why_not = prepare.probe_allowed(model, cfg)
@@ -194,6 +199,14 @@ class Monitor:
                                               name="trainmon-watchdog", daemon=True)
             self._watchdog.start()
 
+    def _try(self, where: str, fn: Callable[[], Any]) -> Any:
+        """fn(), or None with the error counted: for what the run can go on without."""
+        try:
+            return fn()
+        except Exception as e:
+            self.guard.record(where, e)
+            return None
+
     def _start_publisher(self, cfg: MonitorConfig, names: list[str], sampler: AttentionSampler | None) -> Publisher:
         """The publisher thread's stages, in order; each one's errors are counted under its name."""
         stages: list[Any] = []
@@ -209,10 +222,11 @@ class Monitor:
         if self.rank == 0:
             stages.append(("run.json facts", self._write_batch_facts))
         outputs = []
-        if cfg.tensorboard.enabled:
-            self._events = EventWriter(self.rundir.events_dir, self.rank, flush_secs=cfg.tensorboard.flush_secs,
-                                       param_norms_every=cfg.tensorboard.param_norms_every, param_names=names,
-                                       attempt=self.attempt.id)
+        if cfg.tensorboard.enabled:  # an event file that cannot be started (a full disk) is counted: none then
+            self._events = self._try("event file", lambda: EventWriter(
+                self.rundir.events_dir, self.rank, flush_secs=cfg.tensorboard.flush_secs,
+                param_norms_every=cfg.tensorboard.param_norms_every, param_names=names, attempt=self.attempt.id))
+        if self._events is not None:
             outputs.append(("tensorboard writer", self._events.write))
             idle.insert(0, ("event file flush", self._events.maybe_flush))
         outputs += [("prometheus metrics", self.metrics.observe), ("rules engine", self.engine.observe)]
@@ -249,12 +263,14 @@ class Monitor:
 
     @property
     def alerts(self) -> list[Alert]:
-        """Alerts raised (status 'firing') in this process so far, including preflight findings."""
-        return [a for a in self.engine.alerts if a.status == "firing"]
+        """Alerts raised (status 'firing') in this process so far, including preflight findings (a copy)."""
+        raised = list(self.engine.alerts)  # one C-level copy of the list the publisher thread appends to
+        return [a for a in raised if a.status == "firing"]
 
     @property
     def active_alerts(self) -> list[Alert]:
-        return self.engine.active()
+        """The alerts active now (a copy, as of the last alert the publisher thread delivered)."""
+        return list(self._alerts.active)
 
     @property
     def step(self) -> int:
@@ -330,52 +346,15 @@ class Monitor:
         return ok
 
     def close(self) -> None:
-        """Flush and stop everything; restores the hooked objects. Idempotent; also runs at exit."""
+        """Flush and stop everything within `exit.flush_seconds`; restores the hooked objects. Idempotent;
+        also runs at exit and on SIGTERM; a no-op in a child made with os.fork."""
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
         atexit.unregister(self.close)
-        self._teardown()
-
-    def _teardown(self) -> None:
-        def step(where: str, fn) -> None:
-            try:
-                fn()
-            except Exception as e:
-                self.guard.record(where, e)
-
-        self._watchdog_stop.set()
-        if self._heartbeat is not None:
-            step("attempt heartbeat", self._heartbeat.stop)
-        if self._watchdog is not None:
-            step("watchdog", lambda: self._watchdog.join(timeout=5))
-        if self._collector is not None:
-            step("removing hooks", self._collector.remove)
-        if self._publisher is not None:
-            step("publisher shutdown", self._publisher.close)
-        if self._events is not None:
-            step("event file close", self._events.close)
-        if self._jsonl is not None:
-            step("alerts.jsonl close", self._jsonl.close)
-        if self._http_sinks:
-            step("alert sinks", lambda: close_sinks(self._http_sinks))
-        if self._server is not None:
-            step("metrics endpoint", self._server.close)
-            step("targets.json", lambda: self.rundir.remove_endpoint(self.rank))
-        if self.rank == 0 and self._publisher is not None:
-            step("run.json", self._write_summary)
-        elif self.rank == 0 and hasattr(self, "attempt"):  # attach failed part-way: the attempt is over
-            step("run.json", lambda: attempt.update(self.rundir, self.attempt.id, ended=time.time()))
-
-    def _write_summary(self) -> None:
-        summary = {"ended": time.time(), "steps": self.step, "records_published": self._publisher.published,
-                   "dropped_records": self.dropped_records, "internal_errors": self.internal_errors}
-        sampler = self._collector.sampler if self._collector else None
-        if sampler is not None:
-            summary["attention_probe"] = {**(self.info.attention_probe or {}), **sampler.summary()}
-        self.rundir.update_json("run.json", lambda old: {**(old or {}), **summary}, {})
-        attempt.update(self.rundir, self.attempt.id, ended=summary["ended"], steps=self.step)
+        exit.teardown(self)  # local files first, the network last, within exit.flush_seconds (hooks/exit.py)
+        exit.release_sigterm()
 
     def __enter__(self) -> Monitor:
         return self

@@ -36,7 +36,7 @@ from monitor.hooks import introspect
 from monitor.runlog import attempts
 from monitor.runlog.attempts import RunDirBusy
 from monitor.runlog.reader import read_alerts
-from monitor.runlog.rundir import RUN_JSON, RunDir
+from monitor.runlog.rundir import RUN_JSON, RunDir, RunDirError
 from monitor.schema import Alert, Attempt, RunInfo, StepRecord
 
 log = logging.getLogger("trainmon")
@@ -103,9 +103,13 @@ def _job() -> str | None:
     return run_id if run_id and run_id != "none" else None
 
 
-def _register(rundir: RunDir, new: Attempt, stale_after: float) -> Attempt:
+def _register(rundir: RunDir, new: Attempt, stale_after: float,
+              on_error: Callable[[str, BaseException], None] | None = None) -> Attempt:
     """Append `new` to run.json's attempts under the directory's lock (its id is the next one), unless
-    the current attempt is alive and not of this job: RunDirBusy names it."""
+    the current attempt is alive and not of this job: RunDirBusy names it.
+
+    With `on_error`, a write that fails (a full disk, the lock not free in time) is handed to it and the
+    attempt goes on unregistered, its id and the busy check taken from run.json as it stands."""
     out: list[Attempt] = []
 
     def add(old: Any) -> dict:
@@ -130,7 +134,16 @@ def _register(rundir: RunDir, new: Attempt, stale_after: float) -> Attempt:
         old["attempts"] = [a.model_dump(mode="json") for a in listed] + [attempt.model_dump(mode="json")]
         return old
 
-    rundir.update_json(RUN_JSON, add, {})
+    try:
+        rundir.update_json(RUN_JSON, add, {})
+    except RunDirError:
+        raise  # RunDirBusy: a refusal, not a fault
+    except OSError as e:
+        if on_error is None:
+            raise
+        on_error("attempt registration", e)
+        if not out:  # the lock was never had: judged on run.json as it stands
+            add(rundir.read_json(RUN_JSON, {}))
     return out[0]
 
 
@@ -149,8 +162,10 @@ def _share(store: Any, rank: int, attempt: Attempt | None, timeout_s: float = 60
 
 
 def begin(rundir: RunDir, *, rank: int, store: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-          resume_step: int | None, cfg: AttemptsConfig) -> Started:
-    """Start this process's attempt (rank 0 registers it; RunDirBusy when the directory is in use)."""
+          resume_step: int | None, cfg: AttemptsConfig,
+          on_error: Callable[[str, BaseException], None] | None = None) -> Started:
+    """Start this process's attempt (rank 0 registers it; RunDirBusy when the directory is in use).
+    `on_error`: where a failed write of run.json goes (the attempt goes on); without it, it raises."""
     prior = _prior_info(rundir.path)
     # The directory's records are streamed (a long run's history is never held whole), once to find
     # the resume step and once for the warm start.
@@ -170,7 +185,7 @@ def begin(rundir: RunDir, *, rank: int, store: Any, optimizer: torch.optim.Optim
                        host=socket.gethostname(), pid=os.getpid(), pid_start=attempts.process_start(os.getpid()),
                        job=_job(), heartbeat=time.time())
         if rank == 0:
-            attempt = _register(rundir, mine, cfg.stale_after_seconds)
+            attempt = _register(rundir, mine, cfg.stale_after_seconds, on_error)
         elif prior is not None and prior.attempts:  # no store to ask rank 0: its latest registration
             attempt = prior.attempts[-1]
         else:
@@ -190,16 +205,18 @@ def begin(rundir: RunDir, *, rank: int, store: Any, optimizer: torch.optim.Optim
     return Started(attempt, prior, history, active)
 
 
+def set_fields(info: Any, attempt_id: int, **fields: Any) -> Any:
+    """run.json's content `info` with fields of one attempt set (for an update that changes more)."""
+    if isinstance(info, dict):
+        for a in info.get("attempts") or []:
+            if isinstance(a, dict) and a.get("id") == attempt_id:
+                a.update(fields)
+    return info
+
+
 def update(rundir: RunDir, attempt_id: int, **fields: Any) -> None:
     """Set fields of one attempt in run.json (the heartbeat, the end)."""
-    def apply(old: Any) -> Any:
-        if isinstance(old, dict):
-            for a in old.get("attempts") or []:
-                if isinstance(a, dict) and a.get("id") == attempt_id:
-                    a.update(fields)
-        return old
-
-    rundir.update_json(RUN_JSON, apply, {})
+    rundir.update_json(RUN_JSON, lambda old: set_fields(old, attempt_id, **fields), {})
 
 
 class Heartbeat:
@@ -218,6 +235,6 @@ class Heartbeat:
             except Exception as e:
                 on_error("attempt heartbeat", e)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=timeout)

@@ -22,28 +22,34 @@ ClipListener = Callable[[Any, float, torch.Tensor], None]
 
 _lock = threading.Lock()
 _listeners: list[ClipListener] = []
+# The function the wrapper calls. Set under _lock when the wrapper is installed and never cleared: a
+# call that already entered the wrapper while close() restores the original (or code holding the
+# wrapper, e.g. `from torch.nn.utils import clip_grads_with_norm_` after attach) still clips.
+# Read without a lock: one module-global load, always a callable.
 _original: Callable[..., Any] | None = None
 
 
 def _wrapped(parameters, max_norm, total_norm, foreach=None):
-    for listener in tuple(_listeners):
+    original = _original  # one read: the function this call clips with
+    for listener in tuple(_listeners):  # a copy: close() may remove listeners meanwhile
         listener(parameters, max_norm, total_norm)  # listeners guard themselves
-    return _original(parameters, max_norm, total_norm, foreach)
+    return original(parameters, max_norm, total_norm, foreach)
 
 
 def add_listener(fn: ClipListener) -> None:
     global _original
     with _lock:
-        if not _listeners:
-            _original = _clip_mod._clip_grads_with_norm_
+        if not _listeners and _clip_mod._clip_grads_with_norm_ is not _wrapped:
+            current = _clip_mod._clip_grads_with_norm_
+            alias = getattr(nn_utils, "clip_grads_with_norm_", None) is current
+            _original = current
             _clip_mod._clip_grads_with_norm_ = _wrapped
-            if getattr(nn_utils, "clip_grads_with_norm_", None) is _original:
+            if alias:
                 nn_utils.clip_grads_with_norm_ = _wrapped
         _listeners.append(fn)
 
 
 def remove_listener(fn: ClipListener) -> None:
-    global _original
     with _lock:
         if fn in _listeners:
             _listeners.remove(fn)
@@ -52,7 +58,6 @@ def remove_listener(fn: ClipListener) -> None:
                 _clip_mod._clip_grads_with_norm_ = _original
             if getattr(nn_utils, "clip_grads_with_norm_", None) is _wrapped:
                 nn_utils.clip_grads_with_norm_ = _original
-            _original = None
 
 
 def covers(parameters: list | tuple, ours: set[int]) -> bool:

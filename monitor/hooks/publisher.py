@@ -158,13 +158,16 @@ class Publisher:
         return True
 
     def close(self, timeout: float = 30.0) -> bool:
+        """Publish what is queued and stop the thread, within `timeout` in all; False when steps were
+        still queued at the end of it."""
+        deadline = time.monotonic() + timeout
         ok = self.flush(timeout)
         if self._thread.is_alive():
             try:
-                self._q.put(_STOP, timeout=1.0)
+                self._q.put(_STOP, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
             except queue.Full:
                 pass
-            self._thread.join(timeout=5.0)
+            self._thread.join(timeout=min(5.0, max(0.0, deadline - time.monotonic())))
         return ok
 
     @property

@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,10 +32,18 @@ SHARED_TARGETS_DIR = ".trainmon-targets"
 ALERTS_JSONL = "alerts.jsonl"
 _LOCK = ".trainmon.lock"
 _RANK_DIR = re.compile(r"^rank(\d+)$")
+# How long an update waits for the directory's lock. Every holder keeps it for one small read and
+# rename (milliseconds), so a longer wait means a hung network filesystem or a stopped process:
+# `flock` without a timeout would wait forever, and the training process with it.
+LOCK_TIMEOUT_SECONDS = 10.0
 
 
 class RunDirError(OSError):
     """The run directory cannot be created or written; the message names the path."""
+
+
+class RunDirLocked(TimeoutError):
+    """The run directory's lock was not free within LOCK_TIMEOUT_SECONDS; the update was given up."""
 
 
 # The framework callbacks' runs go under <the framework's output directory>/trainmon/.
@@ -81,6 +90,9 @@ class RunDir:
     def __init__(self, path: str | os.PathLike[str], rank: int = 0) -> None:
         self.path = Path(path)
         self.rank = rank
+        # time.monotonic() past which lock waits give up at once (the monitor's close sets it: its
+        # updates fit its overall deadline); None: each wait has LOCK_TIMEOUT_SECONDS.
+        self.deadline: float | None = None
         try:
             self.events_dir.mkdir(parents=True, exist_ok=True)
             # The real test of writability (permission bits lie for root and read-only mounts).
@@ -99,29 +111,54 @@ class RunDir:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        """The directory's lock, polled until LOCK_TIMEOUT_SECONDS (or `deadline`) pass: RunDirLocked then."""
         with open(self.path / _LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
+            if self.deadline is not None:
+                deadline = min(deadline, self.deadline)
+            pause = 0.001
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise RunDirLocked(f"{self.path / _LOCK} stayed locked by another process; the update of "
+                                           f"{self.path} was given up") from None
+                    time.sleep(min(pause, left))
+                    pause = min(pause * 2, 0.05)
             try:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _read_json(self, name: str, default: Any) -> Any:
+    def read_json(self, name: str, default: Any) -> Any:
+        """A JSON file of the directory as it stands (no lock), or `default` when missing or damaged."""
         try:
             return json.loads((self.path / name).read_text(encoding="utf-8"))
         except (FileNotFoundError, ValueError):
             return default
 
     def _write_json(self, name: str, data: Any) -> None:
+        """Atomically, durably: a synced temporary file renamed over `name`; removed when a write fails
+        (a full disk leaves no partial files behind)."""
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, self.path / name)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2, default=str)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def update_json(self, name: str, fn: Callable[[Any], Any], default: Any) -> Any:
         with self._locked():
-            data = fn(self._read_json(name, default))
+            data = fn(self.read_json(name, default))
             self._write_json(name, data)
             return data
 
@@ -160,8 +197,17 @@ class RunDir:
         self.update_json(RUN_JSON, add_to_run, {})
         self._share_targets(self.update_json(TARGETS_JSON, add_to_targets, []))
 
-    def remove_endpoint(self, rank: int) -> None:
-        """Drop this rank's target once its server is gone, so Prometheus stops scraping a dead port."""
+    def remove_endpoint(self, rank: int, *, run_json: bool = False) -> None:
+        """Drop this rank's target once its server is gone, so Prometheus stops scraping a dead port;
+        `run_json`: from run.json's endpoints too (a rank that serves no endpoint, where an earlier
+        attempt left one)."""
+        if run_json:
+            def drop(old: Any) -> Any:
+                if isinstance(old, dict) and old.get("endpoints"):
+                    old["endpoints"] = [e for e in old["endpoints"] if e.get("rank") != rank]
+                return old
+
+            self.update_json(RUN_JSON, drop, {})
         self._share_targets(self.update_json(
             TARGETS_JSON,
             lambda old: [t for t in (old if isinstance(old, list) else [])
@@ -190,19 +236,31 @@ class RunDir:
 
 
 class JsonlAlertSink:
-    """Appends each alert to alerts.jsonl as one line (O_APPEND: concurrent ranks never interleave a line)."""
+    """Appends each alert to alerts.jsonl as one line (O_APPEND: concurrent ranks never interleave a line).
+    A write error (a full disk) is the caller's to count; a line cut short by one is ended before the
+    next, so that only it is lost (readers skip it)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._torn = False  # the last write stopped inside its line
 
     def emit(self, alert: Alert) -> None:
-        os.write(self._fd, (alert.model_dump_json() + "\n").encode("utf-8"))
+        data = (alert.model_dump_json() + "\n").encode("utf-8")
+        if self._torn:
+            data = b"\n" + data
+        n = os.write(self._fd, data)  # raises when nothing could be written
+        self._torn = n < len(data)
+        if self._torn:
+            raise OSError(f"only {n} of {len(data)} bytes of an alert were written to {self.path}")
 
     def restore(self, alert: Alert) -> None:
         """Already in the file."""
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -110,28 +111,59 @@ def encode_step(r: StepRecord, *, param_norms: bool = True, param_names: list[st
     return event_pb2.Event(wall_time=r.time, step=r.step, summary=summary).SerializeToString()
 
 
+# Bytes waiting in memory before write() writes them without waiting for the flush interval.
+FLUSH_BYTES = 256 * 1024
+# Unwritten bytes held at most while writes fail (a full disk): past it, new records are dropped
+# (the error says so) until the file takes bytes again. Records are held whole, so the file stays
+# readable, and what was held lands in order once there is room.
+MAX_PENDING_BYTES = 16 * 1024 * 1024
+
+
 class EventWriter:
-    """Appends step events to one event file; synchronous, called from the publisher thread only."""
+    """Appends step events to one event file; called from the publisher thread (`flush` and `close`
+    also from others: a lock keeps them apart).
+
+    Records are buffered in memory and written whole, every `flush_secs`. A failed write (a full
+    disk, a file size limit) raises to the caller, which counts it; the bytes stay buffered (up to
+    MAX_PENDING_BYTES) and go out with the next flush. Bytes are written only by the process that
+    buffered them: a child made with os.fork that flushes or closes this writer writes nothing.
+    """
 
     def __init__(self, directory: Path, rank: int, *, flush_secs: float = 2.0, param_norms_every: int = 50,
                  param_names: list[str] | None = None, attempt: int = 1) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / event_file_name(rank, attempt)
-        self._f = open(self.path, "ab")  # noqa: SIM115 (kept open for the run)
+        self._f = open(self.path, "ab", buffering=0)  # noqa: SIM115 (kept open for the run; unbuffered: _buf is the buffer)
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
         self._flush_secs = flush_secs
         self._param_norms_every = param_norms_every
         self._param_names = param_names
         self._last_flush = time.monotonic()
+        self.dropped = 0  # records not kept because MAX_PENDING_BYTES were waiting for room
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
-        self.flush()
+        try:
+            self.flush()
+        except BaseException:
+            self._f.close()
+            raise
 
-    def _write(self, data: bytes) -> None:
-        self._f.write(encode_record(data))
+    def _write(self, data: bytes, step: int | None = None) -> None:
+        with self._lock:
+            if self._f.closed:
+                raise ValueError(f"event file closed: {self.path}")
+            if len(self._buf) >= MAX_PENDING_BYTES:
+                self.dropped += 1
+                raise OSError(f"{len(self._buf)} bytes wait to be written to {self.path}: the record of step {step} "
+                              f"is dropped ({self.dropped} so far)")
+            self._buf += encode_record(data)
 
     def write(self, r: StepRecord) -> None:
         every = self._param_norms_every
-        self._write(encode_step(r, param_norms=bool(every) and r.step % every == 0, param_names=self._param_names))
-        if time.monotonic() - self._last_flush >= self._flush_secs:
+        self._write(encode_step(r, param_norms=bool(every) and r.step % every == 0, param_names=self._param_names),
+                    r.step)
+        if len(self._buf) >= FLUSH_BYTES or time.monotonic() - self._last_flush >= self._flush_secs:
             self.flush()
 
     def maybe_flush(self) -> None:
@@ -139,11 +171,36 @@ class EventWriter:
             self.flush()
 
     def flush(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-        self._last_flush = time.monotonic()
+        """Write what is buffered; on an error what was not written stays buffered, and it raises."""
+        with self._lock:
+            self._last_flush = time.monotonic()  # a failing disk is tried again at the next interval
+            if self._f.closed or os.getpid() != self._pid:
+                return
+            self._drain()
+            self._check_linked()
+
+    def _drain(self) -> None:
+        buf = self._buf
+        while buf:
+            n = self._f.write(buf)
+            del buf[:n or 0]
+            if not n:
+                raise OSError(f"no bytes could be written to {self.path}")
+
+    def _check_linked(self) -> None:
+        if os.fstat(self._f.fileno()).st_nlink == 0:  # written, but to nowhere anyone can read
+            raise FileNotFoundError(f"the event file was deleted (its run directory removed?): {self.path}")
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            self._f.close()
+        """Flush, sync to the disk and close; the file is closed even when the last bytes cannot be written."""
+        with self._lock:
+            if self._f.closed:
+                return
+            try:
+                if os.getpid() == self._pid:
+                    self._drain()
+                    os.fsync(self._f.fileno())
+                    self._check_linked()
+            finally:
+                self._buf.clear()
+                self._f.close()
