@@ -603,3 +603,14 @@ def test_a_restart_replays_from_a_saved_read_position_not_from_the_start(tmp_pat
     w.close()
     assert next(iter(second.runs.values())).judged == {0: 441}
     assert [(a.rule, a.step) for a in sink.alerts if a.status == "firing"] == []  # 440's NaN: still the one alert
+
+
+def test_an_error_on_every_pass_is_counted_every_time_and_logged_once(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="trainmon.watch")
+    watcher = Watcher([tmp_path], MonitorConfig(), state_dir=None)
+    for _ in range(50):
+        watcher._error("polling /a/run", RuntimeError("the same failure"))
+    assert watcher.registry.get_sample_value("trainmon_watch_errors_total") == 50
+    assert caplog.text.count("the same failure") == 1

@@ -32,6 +32,7 @@ from monitor.watch.run import RunAlertSink, WatchedRun
 from monitor.watch.state import REPLAY_STEPS, SavedRun, WatchState
 
 POLL_SLICE = 8192  # records of a run read, judged and freed at a time (memory stays bounded)
+ERROR_LOG_SECONDS = 60.0  # the same error, in the same place, is logged at most this often
 
 log = logging.getLogger("trainmon.watch")
 
@@ -67,6 +68,8 @@ class Watcher:
         self._unreadable: set[str] = set()
         self._lock = threading.Lock()
         self._stop: threading.Event | None = None  # run()'s: a long backlog stops reading when it is set
+        self._logged: dict[str, float] = {}  # where -> when its error was last logged
+        self._quiet: dict[str, int] = {}  # where -> errors counted since, not logged
         if self.state is not None:
             for problem in self.state.load():
                 self._event(f"warning: {problem}")
@@ -81,8 +84,18 @@ class Watcher:
             self.health.errors.inc()
 
     def _error(self, where: str, exc: BaseException) -> None:
+        """Counted every time; logged at most once per ERROR_LOG_SECONDS per place (a run that fails on
+        every pass would otherwise log twice a second, forever)."""
         self.health.errors.inc()
-        log.warning("trainmon watch: error in %s: %r", where, exc)
+        now = time.monotonic()
+        last = self._logged.get(where)
+        if last is not None and now - last < ERROR_LOG_SECONDS:
+            self._quiet[where] = self._quiet.get(where, 0) + 1
+            return
+        self._logged[where] = now
+        more = self._quiet.pop(where, 0)
+        log.warning("trainmon watch: error in %s: %r%s", where, exc,
+                    f" ({more} more since, counted in trainmon_watch_errors_total)" if more else "")
 
     # -- discovery ---------------------------------------------------------------------------
 
