@@ -13,6 +13,8 @@
 #   g  compile: scripts/compile_check.py, a model compiled after attach with mode="reduce-overhead"
 #      (CUDA graphs): the same dynamo/inductor counters with and without the monitor, identical losses
 #      (hooks only), and with mon.observe_attention its statistics (cudagraph counters reported)
+#   h  hang: scripts/hang_check.py, a kernel (torch.cuda._sleep) far past the stall limit: run.stalled and
+#      its stack dump come from the watchdog while the publisher waits on that step's event
 # Results: benchmarks/results/gpu-check.md (pass/fail and numbers per section),
 #          benchmarks/results/gpu-check/*.log and run directories, overhead-small-cuda.{json,md},
 #          attention-small-cuda.{json,md}.
@@ -303,6 +305,11 @@ for what in hooks observe; do
     NUMS=$(grep -E '^(PASS|FAIL) compile-check' "$LOGS/compile-$what.log" | tail -1)
     row "g compile ($what)" "$(verdict $RC)" "$SECS" "${NUMS:-no result line}"
 done
+
+# --- h: a hung kernel -------------------------------------------------------------------------------
+run_section hang 60 "$PY" scripts/hang_check.py --device "$DEVICE" --hang-seconds 20
+NUMS=$(grep -E '^(PASS|FAIL|SKIPPED) hang-check' "$LOGS/hang.log" | tail -1)
+row "h hang" "$(verdict $RC)" "$SECS" "${NUMS:-no result line}"
 
 FAILED=$(cut -f2 "$ROWS" | grep -cv -E '^(PASS|SKIPPED)$')
 echo

@@ -120,6 +120,7 @@ class Monitor:
         self._facts_written = False
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
+        self._engine_lock = threading.Lock()  # the publisher's records and the watchdog's clock rules
         install_console_handler()
         try:
             self._start(cfg, Hooked(model, optimizer, params, scaler=scaler, scheduler=scheduler, loss_fn=loss_fn,
@@ -229,10 +230,10 @@ class Monitor:
         if self._events is not None:
             outputs.append(("tensorboard writer", self._events.write))
             idle.insert(0, ("event file flush", self._events.maybe_flush))
-        outputs += [("prometheus metrics", self.metrics.observe), ("rules engine", self.engine.observe)]
+        outputs += [("prometheus metrics", self.metrics.observe), ("rules engine", self._judge)]
         return Publisher(rank=self.rank, param_names=names, stages=stages, outputs=outputs, guard=self.guard,
                          queue_size=cfg.collector.queue_size, on_drop=self.metrics.count_dropped, idle=idle,
-                         tick=("clock rules", lambda: self.engine.tick(time.time())), attempt=self.attempt.id)
+                         attempt=self.attempt.id)
 
     def _write_batch_facts(self, step: Decoded) -> None:
         """run.json, once: micro-batches per optimizer step and, when the batch size was seen, the effective batch."""
@@ -246,10 +247,21 @@ class Monitor:
             facts["effective_batch_size"] = step.batch_size * self.world_size * rec.micro_batches
         self.rundir.update_json("run.json", lambda old: {**(old or {}), **facts}, {})
 
+    def _judge(self, record: Any) -> None:
+        """The rules engine's output on the publisher thread (the watchdog shares the engine: its lock)."""
+        with self._engine_lock:
+            self.engine.observe(record)
+
     def _watch(self, interval: float) -> None:
-        """The watchdog: asks the publisher thread to run the clock rules, even while the loop is stuck."""
+        """The watchdog: runs the clock rules (run.stalled, its stack dump) itself, on its own thread, so
+        they fire while the loop is stuck and also while the publisher is (waiting on a hung kernel's
+        event, say: it holds no lock while it waits)."""
         while not self._watchdog_stop.wait(interval):
-            self._publisher.tick()
+            try:
+                with self._engine_lock:
+                    self.engine.tick(time.time())
+            except Exception as e:
+                self.guard.record("clock rules", e)
 
     @property
     def halt_requested(self) -> str | None:

@@ -1,7 +1,8 @@
 """The publisher thread: turns Packets into StepRecords and runs them through named stages.
 
 Everything slow (waiting for the device, building records, writing events,
-Prometheus, rules) happens here, off the training thread. Each step goes through
+Prometheus, rules) happens here, off the training thread. The wait for the device polls the
+step's event with a deadline; the clock rules (run.stalled) never depend on this thread. Each step goes through
 `decode` (the Packet into a StepRecord), then the `stages` in order, which see
 the decoded step and may annotate its record (e.g. the rank exchange's outcome),
 then the `outputs` in order, which read the record (e.g. the event writer, the
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.packet import Packet
@@ -24,7 +26,9 @@ from monitor.hooks.phases import resolve_phases
 from monitor.schema import StepRecord
 
 _STOP = object()
-_TICK = object()
+# The longest a step's device-to-host copy is waited for: past any real step, short of forever (a hung
+# kernel); the watchdog's clock rules meanwhile raise run.stalled from their own thread.
+DEVICE_WAIT_SECONDS = 600.0
 
 
 @dataclass(slots=True)
@@ -38,8 +42,7 @@ class Decoded:
 
 def decode(p: Packet, rank: int, param_names: list[str], attempt: int = 1) -> Decoded:
     """The StepRecord of a packet, with the parameter fingerprint it carried (or None)."""
-    if p.event is not None:
-        p.event.synchronize()  # publisher thread: waits for the non_blocking copy, never the trainer
+    # The non_blocking copy's event is complete (Publisher._publish waited for it, with a deadline).
     values = p.values.tolist() if p.values is not None else []
     fingerprint = None
     if p.fp_count:
@@ -107,11 +110,10 @@ class Publisher:
         stages: Sequence[Stage] = (),
         idle: Sequence[Task] = (),
         idle_secs: float = 1.0,
-        tick: Task | None = None,
         attempt: int = 1,
     ) -> None:
-        """`idle`: tasks run when no step came for `idle_secs`; `tick`: the task `tick()` asks for;
-        `attempt`: the run directory's attempt this process writes (on every record)."""
+        """`idle`: tasks run when no step came for `idle_secs`; `attempt`: the run directory's attempt this
+        process writes (on every record)."""
         self.rank = rank
         self.attempt = attempt
         self.param_names = param_names
@@ -123,7 +125,7 @@ class Publisher:
         self._on_drop = on_drop
         self._idle = list(idle)
         self._idle_secs = idle_secs
-        self._tick = tick
+        self._closing = threading.Event()  # close() gave up waiting: a step's device copy is not waited for
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="trainmon-publisher", daemon=True)
         self._thread.start()
@@ -136,13 +138,6 @@ class Publisher:
         except queue.Full:
             self.dropped += 1
             self._on_drop()
-
-    def tick(self) -> None:
-        """Ask the publisher thread to let time-based rules look at the clock (from the watchdog)."""
-        try:
-            self._q.put_nowait(_TICK)
-        except queue.Full:
-            pass  # the publisher is busy with records, which move the clock-based rules anyway
 
     # -- any thread ----------------------------------------------------------------
 
@@ -159,9 +154,10 @@ class Publisher:
 
     def close(self, timeout: float = 30.0) -> bool:
         """Publish what is queued and stop the thread, within `timeout` in all; False when steps were
-        still queued at the end of it."""
+        still queued at the end of it (a step whose device copy never completes is given up)."""
         deadline = time.monotonic() + timeout
         ok = self.flush(timeout)
+        self._closing.set()
         if self._thread.is_alive():
             try:
                 self._q.put(_STOP, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
@@ -186,10 +182,6 @@ class Publisher:
             try:
                 if item is _STOP:
                     return
-                if item is _TICK:
-                    if self._tick is not None:
-                        self._run_tasks((self._tick,))
-                    continue
                 self._publish(item)
             finally:
                 self._q.task_done()
@@ -201,7 +193,29 @@ class Publisher:
             except Exception as e:
                 self.guard.record(name, e)
 
+    def _device_ready(self, event: Any) -> bool:
+        """Wait for a step's device-to-host copy by polling its event (never `synchronize()`: a hung kernel
+        would hold this thread for good). Gives up, counted, when the publisher is closing or after
+        DEVICE_WAIT_SECONDS; the clock rules do not depend on this thread (the watchdog runs them)."""
+        if event.query():
+            return True
+        deadline = time.monotonic() + DEVICE_WAIT_SECONDS
+        pause = 1e-4
+        while not event.query():
+            if self._closing.is_set() or time.monotonic() > deadline:
+                self.guard.record("device wait", TimeoutError(
+                    "a step's device-to-host copy did not complete" + (" before close" if self._closing.is_set()
+                                                                       else f" in {DEVICE_WAIT_SECONDS:.0f} s")))
+                self.dropped += 1
+                self._on_drop()
+                return False
+            self._closing.wait(pause)
+            pause = min(pause * 2, 0.01)
+        return True
+
     def _publish(self, packet: Packet) -> None:
+        if packet.event is not None and not self._device_ready(packet.event):
+            return
         try:
             step = decode(packet, self.rank, self.param_names, self.attempt)
         except Exception as e:
