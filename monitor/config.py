@@ -251,8 +251,8 @@ class MonitorConfig(_Section):
         None, description="Raise monitor.TrainingHalted at the next optimizer.step() after an alert this severe.",
     )
     on_alert: Callable[[Any], Any] | None = Field(
-        None, description="Called with each Alert on the publisher thread (preflight findings: inside attach); "
-        "errors are caught and counted.",
+        None, description="Called with each Alert on the publisher thread (preflight findings: inside attach; "
+        "run.stalled: on the watchdog thread); errors are caught and counted.",
         exclude=True,
     )
 
