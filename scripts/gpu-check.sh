@@ -9,6 +9,7 @@
 #   d  sync-fp32, sync-bf16: the monitor under torch.cuda.set_sync_debug_mode("error")
 #      (scripts/sync_check.py): no host-device sync, no internal error, a record per step
 #   e  overhead: benchmarks/overhead.py --device cuda --preset small --steps STEPS
+#   e2 overhead-gpt2: the same on the GPT-2 124M-shaped preset in bf16 (device-bound; CUDA only)
 #   f  attention: benchmarks/attention.py --device cuda --preset small --steps STEPS (the probe's cost)
 #   g  compile: scripts/compile_check.py, a model compiled after attach with mode="reduce-overhead"
 #      (CUDA graphs): the same dynamo/inductor counters with and without the monitor, identical losses
@@ -280,6 +281,19 @@ if [ "$RESULTS" != "$ROOT/benchmarks/results" ] && [ -f "$OVH" ]; then
     cp "$OVH" "${OVH%.json}.md" "$RESULTS/" 2>/dev/null
 fi
 row "e overhead" "$(verdict $RC)" "$SECS" "$NUMS"
+
+# --- e2: the overhead on a device-bound workload: GPT-2 124M-shaped, bf16 (target <= 0.5%) ---------
+if [ "${DEVICE%%:*}" = cuda ]; then
+    touch "$MARK"
+    run_section overhead-gpt2 150 "$PY" benchmarks/overhead.py --device "$DEVICE" --preset gpt2 --steps 40
+    OVH=$ROOT/benchmarks/results/overhead-gpt2-${DEVICE%%:*}.json
+    [ "$OVH" -nt "$MARK" ] || OVH=/nonexistent
+    NUMS=$("$PY" -c 'import json, sys; rows = json.load(open(sys.argv[1]))["rows"]; print("; ".join(f"{r[\"config\"]}: {r[\"median_step_ms\"]:.1f} ms/step, {(r[\"median_paired_ratio\"] - 1) * 100:+.2f}%" for r in rows))' "$OVH" 2>/dev/null || echo "no new results file")
+    if [ "$RESULTS" != "$ROOT/benchmarks/results" ] && [ -f "$OVH" ]; then
+        cp "$OVH" "${OVH%.json}.md" "$RESULTS/" 2>/dev/null
+    fi
+    row "e2 overhead (gpt2, bf16)" "$(verdict $RC)" "$SECS" "$NUMS"
+fi
 
 # --- f: the attention probe's cost -----------------------------------------------------------------
 touch "$MARK"

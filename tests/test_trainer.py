@@ -362,3 +362,16 @@ def test_resume_without_scheduler_restarts_warmup(tmp_path):
     # Without a checkpoint_dir it uses a temporary one; default step is mid-run, after warmup.
     r = run(20, warmup_steps=5, faults=["resume-without-scheduler"])
     assert r.lrs[10] == pytest.approx(r.lrs[0])
+
+
+def test_the_gpt2_preset_is_gpt2_124m_shaped():
+    """The GPU check's device-bound workload: GPT-2 small's shape (built on the meta device: no memory)."""
+    from monitor.trainer.model import GPT, GPTConfig
+
+    cfg = TrainConfig.from_preset("gpt2")
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=cfg.synthetic_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd))
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.precision) == (12, 768, 1024, "bf16")
+    assert 124e6 < model.num_params() < 125e6  # GPT-2 small: 124M with tied embeddings
+    assert len(list(model.parameters())) == 148

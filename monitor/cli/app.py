@@ -232,7 +232,7 @@ def rules(
         typer.echo(f"    Options: {opts}\n")
 
 
-TrainPreset = Annotated[str, typer.Option("--preset", "-p", help="Trainer preset: tiny, small or medium.")]
+TrainPreset = Annotated[str, typer.Option("--preset", "-p", help="Trainer preset: tiny, small, medium or gpt2 (124M).")]
 RunDirOpt = Annotated[
     Path | None, typer.Option("--run-dir", help="Run directory (default: runs/<utc-time>-<host> or $MONITOR_RUN_DIR).")
 ]

@@ -210,4 +210,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "precision": "bf16",
         "log_every": 50,
     },
+    # GPT-2 124M-shaped (12 layers x 768, 1024 tokens, GPT-2's vocabulary size, tied embeddings), bf16:
+    # the GPU check's device-bound workload (pass device='cuda'), where the monitor's share must be tiny.
+    "gpt2": {
+        "n_layer": 12,
+        "n_head": 12,
+        "n_embd": 768,
+        "block_size": 1024,
+        "synthetic_vocab": 50257,
+        "batch_size": 16,
+        "max_steps": 300,
+        "lr": 6e-4,
+        "precision": "bf16",
+        "log_every": 50,
+    },
 }
