@@ -288,7 +288,13 @@ if [ "${DEVICE%%:*}" = cuda ]; then
     run_section overhead-gpt2 150 "$PY" benchmarks/overhead.py --device "$DEVICE" --preset gpt2 --steps 40
     OVH=$ROOT/benchmarks/results/overhead-gpt2-${DEVICE%%:*}.json
     [ "$OVH" -nt "$MARK" ] || OVH=/nonexistent
-    NUMS=$("$PY" -c 'import json, sys; rows = json.load(open(sys.argv[1]))["rows"]; print("; ".join(f"{r[\"config\"]}: {r[\"median_step_ms\"]:.1f} ms/step, {(r[\"median_paired_ratio\"] - 1) * 100:+.2f}%" for r in rows))' "$OVH" 2>/dev/null || echo "no new results file")
+    NUMS=$("$PY" - "$OVH" <<'EOF' 2>/dev/null || echo "no new results file"
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+print("; ".join(f"{r['config']}: {r['median_step_ms']:.1f} ms/step, {(r['median_paired_ratio'] - 1) * 100:+.2f}%"
+                for r in rows))
+EOF
+)
     if [ "$RESULTS" != "$ROOT/benchmarks/results" ] && [ -f "$OVH" ]; then
         cp "$OVH" "${OVH%.json}.md" "$RESULTS/" 2>/dev/null
     fi
