@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,209 @@ def test_export_commands(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "no such directory" in bad.output
     gf = runner.invoke(app, ["export", "grafana", str(tmp_path / "gf")])
     assert gf.exit_code == 0 and (tmp_path / "gf" / "dashboards" / "overview.json").exists()
+
+
+# -- dashboards that import anywhere, alerts with runbooks ---------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+DS_REF = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def _datasource_refs(node, path: str = "") -> list[tuple[str, object]]:
+    """Every `datasource` value in a dashboard, with where it is."""
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "datasource":
+                found.append((path, v))
+            found += _datasource_refs(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += _datasource_refs(v, f"{path}[{i}]")
+    return found
+
+
+def _committed_dashboards() -> dict[str, str]:
+    files = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
+    assert [f.stem for f in files] == sorted(grafana.DASHBOARDS)
+    return {f.stem: f.read_text() for f in files}
+
+
+def test_every_dashboard_has_a_datasource_variable_and_import_inputs() -> None:
+    for name, d in grafana.dashboards().items():
+        ds_var, *others = d["templating"]["list"]
+        assert ds_var["type"] == "datasource" and ds_var["query"] == "prometheus" and ds_var["name"] == "datasource"
+        assert not ds_var["multi"] and not ds_var["includeAll"], name
+        assert all(v["type"] != "datasource" for v in others), name
+        (inp,) = d["__inputs"]
+        assert inp == {**inp, "name": grafana.DS_INPUT, "type": "datasource", "pluginId": "prometheus"}, name
+        assert ds_var["current"]["value"] == f"${{{grafana.DS_INPUT}}}", name
+        requires = {(r["type"], r["id"]) for r in d["__requires"]}
+        assert {("grafana", "grafana"), ("datasource", "prometheus")} <= requires, name
+        assert {("panel", p["type"]) for p in d["panels"]} <= requires, name
+        # No fixed uid anywhere: every panel, target, annotation and query variable goes through $datasource.
+        assert grafana.DATASOURCE_UID not in json.dumps(d), name
+        refs = dict(_datasource_refs(d))
+        assert refs.pop(".annotations.list[0]") == {"type": "grafana", "uid": "-- Grafana --"}  # Grafana's built-in
+        assert refs and all(ref == DS_REF for ref in refs.values()), (name, refs)
+        assert all(p["datasource"] == DS_REF and all(t["datasource"] == DS_REF for t in p["targets"])
+                   for p in d["panels"]), name
+        assert all(v["datasource"] == DS_REF for v in others if v["type"] == "query"), name
+        assert all(a["datasource"] == DS_REF for a in d["annotations"]["list"][1:]), name
+
+
+_INPUT_REF = re.compile(r"\$\{([^}]+)\}")
+
+
+def _grafana_import(text: str, chosen: dict[str, str]) -> dict:
+    """What Grafana's "Import dashboard" stores: every ${INPUT} of the dashboard's __inputs replaced in every
+    string by the value chosen in the import form (for a datasource input, the datasource's uid), other
+    ${...} (the dashboard's own variables) left as they are, __inputs dropped."""
+    names = {i["name"] for i in json.loads(text)["__inputs"]}
+    assert names == set(chosen), "the import form asks for exactly these inputs"
+
+    def evaluate(node):
+        if isinstance(node, str):
+            return _INPUT_REF.sub(lambda m: chosen[m.group(1)] if m.group(1) in names else m.group(0), node)
+        if isinstance(node, list):
+            return [evaluate(v) for v in node]
+        if isinstance(node, dict):
+            return {k: evaluate(v) for k, v in node.items() if k != "__inputs"}
+        return node
+
+    return evaluate(json.loads(text))
+
+
+def _select_datasource(variable: dict, datasources: list[dict[str, str]]) -> str:
+    """The uid a datasource variable starts on: the current value among the datasources' uids, else the
+    current text among their names (Grafana matches the value, then the text), else the first one."""
+    current = variable["current"]
+    for key, field in (("value", "uid"), ("text", "name")):
+        for ds in datasources:
+            if ds[field] == current[key]:
+                return ds["uid"]
+    return datasources[0]["uid"]
+
+
+def _resolved_uids(d: dict, datasources: list[dict[str, str]]) -> dict[str, str]:
+    """Where every datasource reference of dashboard d points, $datasource resolved as Grafana starts it."""
+    (ds_var,) = [v for v in d["templating"]["list"] if v["type"] == "datasource"]
+    selected = _select_datasource(ds_var, datasources)
+    out = {}
+    for where, ref in _datasource_refs(d):
+        if where == ".annotations.list[0]":
+            continue
+        uid = ref["uid"]
+        out[where] = selected if uid == f"${{{ds_var['name']}}}" else uid
+    return out
+
+
+def test_import_points_every_panel_annotation_and_variable_at_the_chosen_datasource() -> None:
+    other = {"name": "Prometheus (prod)", "uid": "P1809F7CD0C75ACF3"}
+    provisioned = yaml.safe_load((ROOT / "grafana/provisioning/datasources/trainmon.yaml").read_text())
+    ours = {"name": provisioned["datasources"][0]["name"], "uid": provisioned["datasources"][0]["uid"]}
+    for name, text in _committed_dashboards().items():
+        # Imported into a Grafana whose Prometheus has another uid (and a name the dashboards never heard of),
+        # next to a second Prometheus listed first: everything points at the one chosen in the import form.
+        imported = _grafana_import(text, {grafana.DS_INPUT: other["uid"]})
+        assert "__inputs" not in imported and "${DS_" not in json.dumps(imported), name
+        (ds_var,) = [v for v in imported["templating"]["list"] if v["type"] == "datasource"]
+        assert ds_var["current"]["value"] == other["uid"], name
+        uids = _resolved_uids(imported, [{"name": "a-first-prometheus", "uid": "first"}, other])
+        assert any(w.startswith(".panels") for w in uids) and any(w.startswith(".annotations") for w in uids)
+        assert any(w.startswith(".templating") for w in uids), name
+        assert set(uids.values()) == {other["uid"]}, (name, uids)
+        # Provisioned as is (file provisioning fills no inputs): the provisioned datasource, found by its name.
+        d = json.loads(text)
+        assert set(_resolved_uids(d, [{"name": "a-first-prometheus", "uid": "first"}, ours]).values()) == \
+            {grafana.DATASOURCE_UID}, name
+
+
+def test_dashboards_draw_the_alerts_per_run() -> None:
+    for name, d in grafana.dashboards().items():
+        anns = {a["name"]: a for a in d["annotations"]["list"][1:]}
+        firing = anns["Alerts firing"]
+        assert firing["enable"] and firing["expr"].startswith("max by (run, rule, severity) (trainmon_alert_active{")
+        assert 'run=~"$run"' in firing["expr"] and firing["expr"].endswith("== 1)"), name
+        raised = anns["Alerts raised"]
+        assert "increase(trainmon_alerts_total{" in raised["expr"] and "unless" in raised["expr"], name
+        assert "Attempts (resume/restart)" in anns, name  # kept
+
+
+def test_selectors_and_panels_scale_to_hundreds_of_ranks() -> None:
+    for name, d in grafana.dashboards().items():
+        queries = [v for v in d["templating"]["list"] if v["type"] == "query"]
+        assert [v["name"] for v in queries][:2] == ["job", "run"], name
+        for v in queries:
+            assert v["query"]["query"].startswith("label_values("), (name, v["name"])
+            assert v["multi"] and v["includeAll"] and v["allValue"] == ".*", (name, v["name"])
+        exprs = [t["expr"] for p in d["panels"] for t in p["targets"]] + [a["expr"] for a in d["annotations"]["list"][1:]]
+        for var in ("job", "run", "rank", "layer"):  # multi-value: regex matchers only
+            assert not any(f'{var}="${var}"' in e for e in exprs), (name, var)
+    # The Overview aggregates over ranks; the DDP dashboard's per-rank panels draw the top $topk ranks per run.
+    overview = grafana.overview()
+    assert not [t for p in overview["panels"] for t in p["targets"] if "{{rank}}" in t["legendFormat"]]
+    ddp = grafana.ddp()
+    assert "topk" in [v["name"] for v in ddp["templating"]["list"]]
+    per_rank = [t for p in ddp["panels"] for t in p["targets"] if "{{rank}}" in t["legendFormat"]]
+    assert len(per_rank) >= 6
+    for t in per_rank:
+        assert re.match(r"(topk|bottomk) by \(run(, phase)?\) \(\$topk,", t["expr"]), t["expr"]
+        assert 'rank=~"$rank"' in t["expr"], t["expr"]
+
+
+def _github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a file's headings (github-slugger: lower case, punctuation but '-' and '_'
+    removed, each space a '-'; a repeated heading gets -1, -2, ...)."""
+    seen: dict[str, int] = {}
+    anchors = set()
+    for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*$", markdown, re.M):
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def test_every_alert_rule_has_a_runbook_url_into_docs_rules_md() -> None:
+    anchors = _github_anchors((ROOT / "docs" / "rules.md").read_text())
+    assert {"runstalled", "lossnonfinite", "grad_normspike"} <= anchors
+    for base in (promrules.RUNBOOK_BASE, "https://github.com/example/trainmon/blob/main/docs/rules.md"):
+        rules = promrules.prometheus_rules(runbook_base=base)["groups"][0]["rules"]
+        for rule in rules:
+            url = rule["annotations"]["runbook_url"]
+            links = re.findall(re.escape(base) + r"(?:#([\w-]+))?", url)
+            assert links, (rule["alert"], url)
+            for anchor in links:
+                assert anchor == "" or anchor in anchors, (rule["alert"], anchor)
+            if "rule" in rule["labels"]:  # its own rule's section
+                assert url == f"{base}#{rule['labels']['rule'].replace('.', '')}", rule["alert"]
+        by_name = {r["alert"]: r["annotations"]["runbook_url"] for r in rules}
+        assert by_name["TrainmonTargetDown"] == f"{base}#runstalled"
+        # The active-alert rule links the section of the rule in its `rule` label, the catalogue for others.
+        active = by_name["TrainmonAlertActive"]
+        for rule_id in REGISTRY.ids():
+            assert f'eq $labels.rule "{rule_id}" -}}}}\n{base}#{rule_id.replace(".", "")}\n' in active, rule_id
+        assert active.endswith(f"{{{{- else -}}}}\n{base}\n{{{{- end -}}}}")
+
+
+def test_promtool_tests_expect_the_runbook_urls() -> None:
+    base = "https://example.com/docs/rules.md"
+    tests = promrules.promtool_tests(runbook_base=base)["tests"]
+    expected = [a for t in tests for c in t["alert_rule_test"] for a in c["exp_alerts"]]
+    assert expected and all(a["exp_annotations"]["runbook_url"].startswith(base) for a in expected)
+    custom = [a for a in expected if a["exp_labels"].get("rule") == "custom.my_rule"]
+    assert custom and all(a["exp_annotations"]["runbook_url"] == base for a in custom)
+
+
+def test_export_functions_take_the_runbook_base(tmp_path: Path) -> None:
+    base = "https://github.com/example/trainmon/blob/v1/docs/rules.md"
+    rules = yaml.safe_load(export_prometheus_rules(tmp_path / "alerts.yml", runbook_base=base))
+    urls = [r["annotations"]["runbook_url"] for r in rules["groups"][0]["rules"]]
+    assert all(base in u and u.count("rules.md") == u.count(base) for u in urls)
+    tests = yaml.safe_load((tmp_path / "alerts.test.yml").read_text())
+    assert all(a["exp_annotations"]["runbook_url"].startswith(base)
+               for t in tests["tests"] for c in t["alert_rule_test"] for a in c["exp_alerts"])
+    export_grafana(tmp_path / "g", runbook_base=base)
+    assert f"runbook_url: {base}#runstalled" in (tmp_path / "g/prometheus/alerts.yml").read_text()
+    assert f"runbook_url: {base}#runstalled" in (tmp_path / "g/prometheus/alerts.test.yml").read_text()

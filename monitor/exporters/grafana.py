@@ -3,17 +3,20 @@
 `grafana_tree(out_dir)` writes the whole tree that the repository commits as `grafana/`:
 
     dashboards/{overview,alerts,attention,ddp}.json
-    provisioning/datasources/trainmon.yaml   a Prometheus datasource of fixed uid trainmon-prometheus
+    provisioning/datasources/trainmon.yaml   a Prometheus datasource "trainmon Prometheus" (uid trainmon-prometheus)
     provisioning/dashboards/trainmon.yaml    a file provider for dashboards/
     prometheus/alerts.yml, alerts.test.yml   promrules.prometheus_rules / promtool_tests
     prometheus/prometheus.yml                scrape.scrape_config, complete
     README.md
 
-Dashboards name their datasource by that uid (file provisioning cannot fill `${DS_...}`
-inputs), and are deterministic: fixed panel ids, sorted keys, so a regenerated tree diffs
-cleanly against the committed one. Thresholds drawn on panels come from the rules' configs.
-The panels and their layout are built in grafana_panels, the four dashboards in
-grafana_dashboards; this module writes the tree and its provisioning.
+The same dashboard files serve file provisioning and "Import dashboard" in any Grafana: every
+panel, annotation and query variable uses the `$datasource` variable; an import fills the
+`DS_PROMETHEUS` input (`__inputs`) into its current value, and under file provisioning, which fills
+no inputs, the variable selects the provisioned datasource by name (grafana_panels). Dashboards
+are deterministic: fixed panel ids, sorted keys, so a regenerated tree diffs cleanly against the
+committed one. Thresholds drawn on panels come from the rules' configs. The panels and their
+layout are built in grafana_panels, the four dashboards in grafana_dashboards; this module writes
+the tree and its provisioning.
 
 `python -m monitor.exporters.grafana OUT_DIR` (what `make grafana` runs) writes the tree.
 """
@@ -27,11 +30,18 @@ from typing import Any
 from monitor.exporters import promrules
 from monitor.exporters.generated import dump_json, dump_yaml, write
 from monitor.exporters.grafana_dashboards import DASHBOARDS, alerts, attention, dashboards, ddp, overview
-from monitor.exporters.grafana_panels import DATASOURCE_UID, SCHEMA_VERSION
+from monitor.exporters.grafana_panels import (
+    DATASOURCE_NAME,
+    DATASOURCE_UID,
+    DS_INPUT,
+    DS_VARIABLE,
+    SCHEMA_VERSION,
+)
 from monitor.exporters.scrape import ALERTMANAGER_PORT, DAEMON_PORT, scrape_config
 
-__all__ = ["DASHBOARDS", "DATASOURCE_UID", "DEFAULT_PROMETHEUS_URL", "SCHEMA_VERSION", "alerts", "attention",
-           "dashboard_provisioning", "dashboards", "datasource_provisioning", "ddp", "grafana_tree", "overview"]
+__all__ = ["DASHBOARDS", "DATASOURCE_NAME", "DATASOURCE_UID", "DEFAULT_PROMETHEUS_URL", "DS_INPUT", "DS_VARIABLE",
+           "SCHEMA_VERSION", "alerts", "attention", "dashboard_provisioning", "dashboards", "datasource_provisioning",
+           "ddp", "grafana_tree", "overview"]
 
 DEFAULT_PROMETHEUS_URL = "http://localhost:9090"
 DASHBOARDS_PATH = "/var/lib/grafana/dashboards/trainmon"
@@ -42,7 +52,7 @@ _SOURCE = "monitor.exporters.grafana"
 def datasource_provisioning(prometheus_url: str = DEFAULT_PROMETHEUS_URL,
                             scrape_interval: str = SCRAPE_INTERVAL) -> dict[str, Any]:
     return {"apiVersion": 1, "datasources": [{
-        "name": "trainmon Prometheus",
+        "name": DATASOURCE_NAME,  # the provisioned dashboards' $datasource selects it by this name
         "uid": DATASOURCE_UID,
         "type": "prometheus",
         "access": "proxy",
@@ -78,12 +88,16 @@ and the metric definitions; do not edit by hand (a test regenerates the tree and
   To scrape the training processes themselves (job `trainmon`, which most alert rules select),
   `monitor export scrape-config runs/` lists each run's `targets.json` (file_sd; Prometheus
   cannot glob directories, so regenerate and reload it for new runs).
-- `prometheus/alerts.yml`: the alerting rules; `promtool test rules grafana/prometheus/alerts.test.yml`.
-- `provisioning/`: a Prometheus datasource (uid `{uid}`, url {url}) and a dashboard provider
-  reading `{path}`. With Docker:
+- `prometheus/alerts.yml`: the alerting rules, each with a `runbook_url` into {runbook};
+  `promtool test rules grafana/prometheus/alerts.test.yml`.
+- `provisioning/`: a Prometheus datasource (name `{name}`, uid `{uid}`, url {url}) and a dashboard
+  provider reading `{path}`. With Docker:
   `docker run --network=host -v $PWD/grafana/provisioning:/etc/grafana/provisioning
    -v $PWD/grafana/dashboards:{path} grafana/grafana`
-- `dashboards/`: Overview, Alerts, Attention and DDP ranks (uids `trainmon-overview`, ...).
+- `dashboards/`: Overview, Alerts, Attention and DDP ranks (uids `trainmon-overview`, ...). Each
+  also imports into any Grafana (Dashboards > New > Import, upload the JSON, pick a Prometheus
+  datasource); its `Prometheus` variable switches the datasource afterwards. Provisioned, the
+  variable starts on the datasource named `{name}`.
 
 For other paths, URLs or thresholds: `monitor export grafana DIR` and `monitor export prometheus-rules`
 with your config.
@@ -94,12 +108,13 @@ def grafana_tree(out_dir: str | Path, options: Any = None, *, job: str = promrul
                  prometheus_url: str = DEFAULT_PROMETHEUS_URL, run_dirs: list[str] | None = None,
                  scrape_interval: str = SCRAPE_INTERVAL, daemon: str | None = f"127.0.0.1:{DAEMON_PORT}",
                  alertmanager: str | None = f"127.0.0.1:{ALERTMANAGER_PORT}",
-                 dashboards_path: str = DASHBOARDS_PATH) -> list[Path]:
+                 dashboards_path: str = DASHBOARDS_PATH, runbook_base: str = promrules.RUNBOOK_BASE) -> list[Path]:
     """Write dashboards, provisioning and the Prometheus files under out_dir; return the paths written.
 
     `options`: a MonitorConfig or rule options (thresholds of the alerts and of the panels' lines);
     `run_dirs`: runs whose per-rank endpoints prometheus.yml scrapes (see scrape.file_sd_files; default
-    none: the committed tree scrapes `monitor watch`, which serves every run it watches).
+    none: the committed tree scrapes `monitor watch`, which serves every run it watches);
+    `runbook_base`: docs/rules.md's path or URL, for the alerts' runbook_url (promrules.prometheus_rules).
     """
     out = Path(out_dir)
     paths = [write(out / "dashboards" / f"{name}.json", dump_json(d)) for name, d in dashboards(options, job).items()]
@@ -108,13 +123,14 @@ def grafana_tree(out_dir: str | Path, options: Any = None, *, job: str = promrul
               dump_yaml(datasource_provisioning(prometheus_url, scrape_interval), _SOURCE)),
         write(out / "provisioning" / "dashboards" / "trainmon.yaml",
               dump_yaml(dashboard_provisioning(dashboards_path), _SOURCE)),
-        *promrules.write_rules(out / "prometheus", options, job),
+        *promrules.write_rules(out / "prometheus", options, job, runbook_base),
         write(out / "prometheus" / "prometheus.yml", dump_yaml(scrape_config(
             run_dirs or [], job, scrape_interval, daemon, rule_files=[promrules.RULES_FILE],
             alertmanagers=[alertmanager] if alertmanager else None), "monitor.exporters.scrape")),
         write(out / "README.md", README.format(
             runs=", ".join(f"`{d}`" for d in run_dirs) if run_dirs else "none", daemon=daemon or "not scraped",
-            alertmanager=alertmanager or "none", uid=DATASOURCE_UID, url=prometheus_url, path=dashboards_path)),
+            alertmanager=alertmanager or "none", name=DATASOURCE_NAME, uid=DATASOURCE_UID, url=prometheus_url,
+            path=dashboards_path, runbook=f"`{runbook_base}`")),
     ]
     return paths
 

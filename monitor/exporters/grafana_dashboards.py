@@ -3,7 +3,13 @@
 Each builder takes rule options (a MonitorConfig, a mapping of rule id to options, or None) and
 the scrape job of the per-rank endpoints. Threshold lines and colours on panels come from the
 rules' configs (ruleconfig), so a panel turns red where the rule fires. Every dashboard (all select
-runs) marks where a run resumed or restarted (ATTEMPT_ANNOTATION).
+runs) draws the rules' alerts (alert_annotations) and marks where a run resumed or restarted
+(ATTEMPT_ANNOTATION).
+
+Built for hundreds of ranks: the Overview aggregates over the selected ranks per run (mean, lowest
+and highest loss; step-time quantiles over all ranks' steps; total throughput), and the DDP
+dashboard's per-rank panels draw the `$topk` most extreme ranks of each run (topk/bottomk), with
+the run's median over ranks as a dashed reference where it helps; `$rank` narrows any of them.
 """
 
 from __future__ import annotations
@@ -11,12 +17,14 @@ from __future__ import annotations
 from typing import Any
 
 from monitor.exporters.grafana_panels import (
-    ALERT_ANNOTATION,
     ATTEMPT_ANNOTATION,
     RATE,
+    TOPK,
     Layout,
     Q,
+    alert_annotations,
     dashboard,
+    dashed,
     right_axis,
     sel,
     stat,
@@ -29,6 +37,7 @@ from monitor.exporters.ruleconfig import rule_config
 
 
 def quantile(q: float, labels: tuple[str, ...] = ("run", "rank")) -> str:
+    """Step-time quantile q of the selected ranks' steps, grouped by `labels` (by run: over all its ranks)."""
     by = ", ".join((*labels, "le"))
     return (f"histogram_quantile({q}, sum by ({by}) "
             f"(rate(trainmon_step_duration_seconds_bucket{sel('run', 'rank')}[{RATE}])))")
@@ -57,9 +66,14 @@ def overview(options: Any = None, job: str = JOB) -> dict[str, Any]:
                [Q(f"sum(trainmon_dropped_records_total{sel('run', 'rank')})", "dropped records"),
                 Q(f"sum(trainmon_internal_errors_total{sel('run', 'rank')})", "internal errors")],
                thresholds=[(None, "green"), (1, "orange")]), w=6, h=4)
-    L.add(timeseries("Loss", "Training loss of each optimizer step (mean over micro-batches), per rank. "
-                     "NaN/Inf appear as gaps: see loss.nonfinite.",
-                     [Q(f"trainmon_loss{sel('run', 'rank')}", "{{run}} rank {{rank}}")]))
+    loss = f"trainmon_loss{sel('run', 'rank')}"
+    L.add(timeseries("Loss", "Training loss of each optimizer step (mean over micro-batches): the mean over the "
+                     "selected ranks per run, and the lowest and highest rank (dashed). A NaN/Inf loss on any rank "
+                     "makes the mean a gap: see loss.nonfinite. The DDP dashboard has the ranks one by one.",
+                     [Q(f"avg by (run) ({loss})", "{{run}} mean over ranks"),
+                      Q(f"min by (run) ({loss})", "{{run}} lowest rank"),
+                      Q(f"max by (run) ({loss})", "{{run}} highest rank")],
+                     overrides=[dashed(".* (lowest|highest) rank$")]))
     L.add(timeseries("Learning rate", "Learning rate per param group, as used by each optimizer step (rank 0).",
                      [Q(f"trainmon_learning_rate{sel('run')}", "{{run}} group {{group}}")]))
     L.add(timeseries(
@@ -77,19 +91,22 @@ def overview(options: Any = None, job: str = JOB) -> dict[str, Any]:
            "{{run}} skipped steps")],
         log=2, thresholds=[(None, "red"), (collapse_floor, "transparent")],
         overrides=[right_axis(".* skipped steps$", bars=True)]))
-    L.add(timeseries("Step time", "Wall time per optimizer step: median, p90 and p99 per rank "
-                     "(from the trainmon_step_duration_seconds histogram).",
-                     [Q(quantile(q), f"{{{{run}}}} rank {{{{rank}}}} p{round(q * 100)}") for q in (0.5, 0.9, 0.99)],
+    L.add(timeseries("Step time", "Wall time per optimizer step: median, p90 and p99 per run, over the steps of "
+                     "all the selected ranks (from the trainmon_step_duration_seconds histogram); the DDP dashboard "
+                     "has the slowest ranks.",
+                     [Q(quantile(q, ("run",)), f"{{{{run}}}} p{round(q * 100)}") for q in (0.5, 0.9, 0.99)],
                      unit="s"))
-    L.add(timeseries("Throughput (tokens/s)", "Tokens (input elements) processed per second, per rank.",
-                     [Q(f"sum by (run, rank) (rate(trainmon_tokens_total{sel('run', 'rank')}[{RATE}]))",
-                        "{{run}} rank {{rank}}")], unit="suffix: tok/s"), w=6)
-    L.add(timeseries("Throughput (steps/s)", "Optimizer steps per second, per rank.",
-                     [Q(f"sum by (run, rank) (rate(trainmon_optimizer_steps_total{sel('run', 'rank')}[{RATE}]))",
-                        "{{run}} rank {{rank}}")], unit="suffix: steps/s"), w=6)
+    L.add(timeseries("Throughput (tokens/s)", "Tokens (input elements) processed per second, per run (the "
+                     "selected ranks together).",
+                     [Q(f"sum by (run) (rate(trainmon_tokens_total{sel('run', 'rank')}[{RATE}]))",
+                        "{{run}}")], unit="suffix: tok/s"), w=6)
+    L.add(timeseries("Throughput (steps/s)", "Optimizer steps per second, per run (mean over the selected ranks, "
+                     "which step together).",
+                     [Q(f"avg by (run) (rate(trainmon_optimizer_steps_total{sel('run', 'rank')}[{RATE}]))",
+                        "{{run}}")], unit="suffix: steps/s"), w=6)
     return dashboard("trainmon-overview", "trainmon / Overview",
                      "Loss, learning rate, gradient norms, loss scale, step time and throughput of trainmon runs.",
-                     L, variables(job, "run", "rank"), [ALERT_ANNOTATION, ATTEMPT_ANNOTATION])
+                     L, variables(job, "run", "rank"), [*alert_annotations("run", "rank"), ATTEMPT_ANNOTATION])
 
 
 def alerts(options: Any = None, job: str = JOB) -> dict[str, Any]:
@@ -117,7 +134,7 @@ def alerts(options: Any = None, job: str = JOB) -> dict[str, Any]:
                 columns=["run", "rank", "rule", "severity", "Value"], hide=["Time"]), w=24)
     return dashboard("trainmon-alerts", "trainmon / Alerts",
                      "What the trainmon rules engines (in-process and `monitor watch`) flag, now and over time.",
-                     L, variables(job, "run", "rank"), [ALERT_ANNOTATION, ATTEMPT_ANNOTATION])
+                     L, variables(job, "run", "rank"), [*alert_annotations("run", "rank"), ATTEMPT_ANNOTATION])
 
 
 def attention(options: Any = None, job: str = JOB) -> dict[str, Any]:
@@ -156,12 +173,19 @@ def attention(options: Any = None, job: str = JOB) -> dict[str, Any]:
                      unit="s", overrides=[right_axis(".* interval$", unit="short")]), w=24)
     return dashboard("trainmon-attention", "trainmon / Attention",
                      "Per-layer attention statistics of trainmon runs (rank 0, sampled steps).",
-                     L, variables(job, "run", "layer"), [ATTEMPT_ANNOTATION])
+                     L, variables(job, "run", "layer"), [*alert_annotations("run"), ATTEMPT_ANNOTATION])
+
+
+def top(expr: str, by: str = "run", fn: str = "topk") -> str:
+    """The `$topk` highest (fn="bottomk": lowest) series of expr per `by`, at each step."""
+    inner = expr.replace("\n", "\n  ")
+    return f"{fn} by ({by}) ({TOPK},\n  {inner}\n)"
 
 
 def ddp(options: Any = None, job: str = JOB) -> dict[str, Any]:
     per_rank = sel("run", "rank")
     all_ranks = sel("run")
+    median = [dashed(".* median over ranks$")]
     L = Layout()
     L.add(stat("Ranks reporting", "Ranks with a metrics series, per run.",
                [Q(f"count by (run) (trainmon_optimizer_steps_total{all_ranks})", "{{run}}")]), w=8, h=4)
@@ -170,41 +194,54 @@ def ddp(options: Any = None, job: str = JOB) -> dict[str, Any]:
                [Q(f"max by (run) (trainmon_optimizer_steps_total{all_ranks}) - "
                   f"min by (run) (trainmon_optimizer_steps_total{all_ranks})", "{{run}}")],
                thresholds=[(None, "green"), (3, "orange")]), w=8, h=4)
-    L.add(stat("Since the last step, per rank", "Seconds since each rank's last optimizer step.",
-               [Q(f"time() - trainmon_last_step_timestamp_seconds{per_rank}", "{{run}} rank {{rank}}")], unit="s"),
-          w=8, h=4)
-    L.add(timeseries("Loss per rank", "Each rank's loss on its own micro-batches.",
-                     [Q(f"trainmon_loss{per_rank}", "{{run}} rank {{rank}}")]))
-    L.add(timeseries("Step time per rank (median)", "Median wall time per optimizer step, per rank.",
-                     [Q(quantile(0.5), "{{run}} rank {{rank}}")], unit="s"))
+    L.add(stat("Since the last step, per rank", "Seconds since each rank's last optimizer step: the $topk ranks "
+               "per run that stepped longest ago.",
+               [Q(top(f"time() - trainmon_last_step_timestamp_seconds{per_rank}"), "{{run}} rank {{rank}}")],
+               unit="s"), w=8, h=4)
+    loss = f"trainmon_loss{per_rank}"
+    L.add(timeseries("Loss per rank", "Each rank's loss on its own micro-batches: the $topk highest ranks per run "
+                     "at each step, and the median over the run's selected ranks (dashed).",
+                     [Q(top(loss), "{{run}} rank {{rank}}"),
+                      Q(f"quantile by (run) (0.5, {loss})", "{{run}} median over ranks")], overrides=median))
+    L.add(timeseries("Step time per rank (median)", "Median wall time per optimizer step: the $topk slowest ranks "
+                     "per run, and the median over all the run's selected ranks' steps (dashed).",
+                     [Q(top(quantile(0.5)), "{{run}} rank {{rank}}"),
+                      Q(quantile(0.5, ("run",)), "{{run}} median over ranks")], unit="s", overrides=median))
     L.add(timeseries("Step time relative to the median rank", "Each rank's mean step time divided by the median "
-                     "over the run's ranks: a straggler stays above 1.",
-                     [Q(f"(\n  {mean_step_time(per_rank)}\n)\n/ on (run) group_left ()\nquantile by (run) (0.5,\n  "
-                        f"{mean_step_time(all_ranks)}\n)", "{{run}} rank {{rank}}")], unit="none"))
-    L.add(timeseries("Throughput per rank (tokens/s)", "Tokens (input elements) per second, per rank.",
-                     [Q(f"sum by (run, rank) (rate(trainmon_tokens_total{per_rank}[{RATE}]))",
-                        "{{run}} rank {{rank}}")], unit="suffix: tok/s"))
+                     "over the run's ranks, the $topk highest per run: a straggler stays above 1.",
+                     [Q(top(f"(\n  {mean_step_time(per_rank)}\n)\n/ on (run) group_left ()\nquantile by (run) (0.5,\n  "
+                            f"{mean_step_time(all_ranks)}\n)"), "{{run}} rank {{rank}}")], unit="none"))
+    tokens = f"sum by (run, rank) (rate(trainmon_tokens_total{per_rank}[{RATE}]))"
+    L.add(timeseries("Throughput per rank (tokens/s)", "Tokens (input elements) per second: the $topk slowest "
+                     "ranks per run, and the median over the run's selected ranks (dashed).",
+                     [Q(top(tokens, fn="bottomk"), "{{run}} rank {{rank}}"),
+                      Q(f"quantile by (run) (0.5, {tokens})", "{{run}} median over ranks")],
+                     unit="suffix: tok/s", overrides=median))
     judged = 'phase=~"input|compute"'
-    L.add(timeseries("Step phases per rank", "Seconds of each rank's last step per phase: input (previous step's end "
-                     "to the forward: data loading, summed over micro-batches), compute (the forward inside the DDP "
-                     "wrapper) and collective_wait (DDP's buffer broadcast and the gradient all-reduce left after "
-                     "the backward). A straggler's input or compute stands out; the ranks waiting for it have the "
-                     "higher collective_wait.",
-                     [Q(f"trainmon_step_phase_seconds{per_rank}", "{{run}} rank {{rank}} {{phase}}")], unit="s"))
+    L.add(timeseries("Step phases per rank", "Seconds of each rank's last step per phase, the $topk highest ranks "
+                     "per run and phase: input (previous step's end to the forward: data loading, summed over "
+                     "micro-batches), compute (the forward inside the DDP wrapper) and collective_wait (DDP's buffer "
+                     "broadcast and the gradient all-reduce left after the backward). A straggler's input or compute "
+                     "stands out; the ranks waiting for it have the higher collective_wait.",
+                     [Q(top(f"trainmon_step_phase_seconds{per_rank}", by="run, phase"),
+                        "{{run}} rank {{rank}} {{phase}}")], unit="s"))
     L.add(timeseries("Input and compute relative to the median rank", "Each rank's input and compute phases "
-                     "(averaged over the interval) divided by the median over the run's ranks: what ddp.straggler "
-                     "judges (it names a rank persistently above its factor).",
-                     [Q(f"avg_over_time(trainmon_step_phase_seconds{per_rank[:-1]}, {judged}}}[{RATE}])\n"
-                        f"/ on (run, phase) group_left ()\nquantile by (run, phase) (0.5,\n  "
-                        f"avg_over_time(trainmon_step_phase_seconds{all_ranks[:-1]}, {judged}}}[{RATE}])\n)",
+                     "(averaged over the interval) divided by the median over the run's ranks, the $topk highest per "
+                     "run and phase: what ddp.straggler judges (it names a rank persistently above its factor).",
+                     [Q(top(f"avg_over_time(trainmon_step_phase_seconds{per_rank[:-1]}, {judged}}}[{RATE}])\n"
+                            f"/ on (run, phase) group_left ()\nquantile by (run, phase) (0.5,\n  "
+                            f"avg_over_time(trainmon_step_phase_seconds{all_ranks[:-1]}, {judged}}}[{RATE}])\n)",
+                            by="run, phase"),
                         "{{run}} rank {{rank}} {{phase}}")], unit="none"))
-    L.add(timeseries("Skipped steps per rank", "Optimizer steps GradScaler skipped per interval, per rank.",
-                     [Q(f"sum by (run, rank) (increase(trainmon_skipped_steps_total{per_rank}[{RATE}]))",
+    L.add(timeseries("Skipped steps per rank", "Optimizer steps GradScaler skipped per interval: the $topk ranks "
+                     "per run that skipped most.",
+                     [Q(top(f"sum by (run, rank) (increase(trainmon_skipped_steps_total{per_rank}[{RATE}]))"),
                         "{{run}} rank {{rank}}")], bars=True), w=24)
     return dashboard("trainmon-ddp", "trainmon / DDP ranks",
                      "Per-rank statistics of distributed trainmon runs: loss, step time, stragglers, throughput, "
-                     "step phases (input, compute, collective wait), skipped steps.",
-                     L, variables(job, "run", "rank"), [ALERT_ANNOTATION, ATTEMPT_ANNOTATION])
+                     "step phases (input, compute, collective wait), skipped steps. Per-rank panels draw the most "
+                     "extreme ranks of each run ('ranks per panel', $topk); $rank narrows them.",
+                     L, variables(job, "run", "rank", "topk"), [*alert_annotations("run", "rank"), ATTEMPT_ANNOTATION])
 
 
 DASHBOARDS = {"overview": overview, "alerts": alerts, "attention": attention, "ddp": ddp}

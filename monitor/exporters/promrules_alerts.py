@@ -2,7 +2,8 @@
 
 A builder takes rule options (a MonitorConfig, a mapping of rule id to options, or None) and the
 scrape job of the per-rank endpoints, and returns an `AlertDef` with its promtool test cases
-scaled to the thresholds, or None when the rule it exports is disabled.
+scaled to the thresholds, or None when the rule it exports is disabled. The `rule` label names the
+rule whose section of docs/rules.md is the alert's runbook (AlertDef.runbook where there is none).
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def _active(options: Any, job: str) -> AlertDef:
     a_watch = {"job": f"{job}-watch", "instance": "127.0.0.1:9739", "run": "r1", "rank": "0",
                "rule": "loss.nonfinite", "severity": "critical"}
     custom = {**_target(job, "r1", "1", 9741), "rule": "custom.my_rule", "severity": "info"}
+    # A rule outside the catalogue at warning: the default hint, the catalogue as its runbook.
+    custom_warning = {**_target(job, "r3", "0", 9743), "rule": "custom.my_rule", "severity": "warning"}
     resolved = {**_target(job, "r2", "0", 9742), "rule": "loss.spike", "severity": "warning"}
     escalated = {**resolved, "severity": "critical"}
 
@@ -146,13 +149,14 @@ def _active(options: Any, job: str) -> AlertDef:
              Series("trainmon_alert_active", custom, "_ _ _ _ 1 1"),
              # A warning raised, then resolved (0); later the same rule at critical.
              Series("trainmon_alert_active", resolved, "0 1 0 0 0 0"),
-             Series("trainmon_alert_active", escalated, "0 0 0 0 1 0")],
+             Series("trainmon_alert_active", escalated, "0 0 0 0 1 0"),
+             Series("trainmon_alert_active", custom_warning, "_ _ _ _ _ 1")],
             [("0m", []),
              ("1m", [Expect(key(resolved))]),
              ("2m", [Expect(key(a))]),
              # `custom` is info: shown on the dashboards, never sent to Alertmanager.
              ("4m", [Expect(key(a)), Expect(key(escalated))]),
-             ("5m", [Expect(key(a))])],
+             ("5m", [Expect(key(a)), Expect(key(custom_warning))])],
         )],
     )
 
@@ -244,6 +248,7 @@ def _down(options: Any, job: str) -> AlertDef:
         summary="The trainmon endpoint {{ $labels.instance }} (run {{ $labels.trainmon_run }} rank "
                 f"{{{{ $labels.trainmon_rank }}}}) has not answered scrapes for {DOWN_FOR}.",
         hint=DOWN_HINT,
+        runbook="run.stalled",  # a crashed or frozen rank: what run.stalled's section covers
         cases=[Case(
             [Series("up", crashed, "1 1 0 0 0 0 0"), Series("up", alive, "1x6"), Series("up", other, "0x6")],
             [("3m", []), ("5m", [Expect(crashed, 0)])],
