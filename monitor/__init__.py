@@ -16,7 +16,7 @@ from monitor.config import ConfigError, MonitorConfig, load_config
 from monitor.runlog.rundir import RunDirError
 from monitor.schema import Alert, RunInfo, Severity, StepRecord
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # = pyproject.toml's version (tests/test_cli.py checks); `monitor --version` prints it
 
 if TYPE_CHECKING:
     from monitor.hooks.attach import Monitor, TrainingHalted, attach

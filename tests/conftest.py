@@ -109,6 +109,24 @@ def _table_rows(text: str) -> dict[str, str]:
     return rows
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The tests skipped for want of a server binary (tests/servers.py `binary`), counted on one line."""
+    from servers import NOT_FOUND
+
+    missing: dict[str, int] = {}
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else ""
+        if NOT_FOUND in reason:
+            name = reason.split(NOT_FOUND, 1)[0].removeprefix("Skipped: ")
+            missing[name] = missing.get(name, 0) + 1
+    if missing:
+        terminalreporter.write_line(
+            f"{sum(missing.values())} test(s) skipped, server binaries not installed: "
+            + ", ".join(f"{name} ({n})" for name, n in sorted(missing.items()))
+            + "; install them with `sudo scripts/provision.sh` (`make test` runs it; as root it installs them)",
+            yellow=True)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Rows recorded in this session replace those of the same fault; the others stay (a partial run,
     `make test-fast`, must not shrink the table)."""

@@ -1,7 +1,10 @@
 """Real Prometheus and Alertmanager servers for tests, and a local webhook receiver.
 
-The Debian packages `prometheus` and `prometheus-alertmanager` provide the binaries (`.ci/run`
-installs them); a missing binary fails the test with the command that installs it, never skips.
+`scripts/provision.sh` installs the binaries (`make test` and `.ci/run` call it: the Debian packages
+`prometheus` and `prometheus-alertmanager` as root, else it says what is missing). `binary()` finds
+each under any of its names (`BINARIES`); a test that needs a missing one is skipped with a reason
+naming it and how to install it (pytest's summary counts them), or fails when
+REQUIRE_SERVER_BINARIES=1 (CI).
 Every server binds 127.0.0.1 on a free port, has its own config and data directories, and is
 terminated in teardown.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -41,14 +45,33 @@ import yaml
 
 INSTALL = "apt-get install -y --no-install-recommends prometheus prometheus-alertmanager"
 READY_TIMEOUT = 30.0
+# The names each binary goes by, the Debian package's first: Debian installs Alertmanager as
+# prometheus-alertmanager, the upstream archives (and other package managers) as alertmanager.
+BINARIES = {"prometheus": ("prometheus",), "promtool": ("promtool",),
+            "alertmanager": ("prometheus-alertmanager", "alertmanager")}
+REQUIRE_ENV = "REQUIRE_SERVER_BINARIES"  # "1" (.ci/run): a missing binary fails the test, never skips it
+NOT_FOUND = " not found on PATH (as "  # in the skip reason; conftest counts those skips in the summary
+
+
+def _names(name: str) -> tuple[str, ...]:
+    return next((v for k, v in BINARIES.items() if name == k or name in v), (name,))
+
+
+def find_binary(name: str) -> str | None:
+    """Path of a server binary under any of its names (`name` is a key of BINARIES or one of its names)."""
+    return next((p for p in map(shutil.which, _names(name)) if p), None)
 
 
 def binary(name: str) -> str:
-    """Path of a server binary; fails (not skips) the test when it is not installed."""
-    path = shutil.which(name)
+    """Path of a server binary; skips the test, naming the binary and how to install it, when it is
+    not installed (fails instead when REQUIRE_SERVER_BINARIES=1)."""
+    path = find_binary(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: the real-server tests need it. Install it with: {INSTALL} "
-                    "(CI's .ci/run does)", pytrace=False)
+        reason = (f"{name}{NOT_FOUND}{' or '.join(_names(name))}); install it with `sudo scripts/provision.sh` "
+                  f"(Debian: {INSTALL}; elsewhere the release archives of https://prometheus.io/download/)")
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{reason}; {REQUIRE_ENV}=1, so the test fails instead of skipping", pytrace=False)
+        pytest.skip(reason)
     return path
 
 
@@ -196,7 +219,7 @@ def webhook_route_config(url: str, group_wait: str = "1s", group_interval: str =
 @contextlib.contextmanager
 def start_alertmanager(config: dict[str, Any], workdir: Path | None = None) -> Iterator[Alertmanager]:
     """A real Alertmanager (clustering off) with `config` (alertmanager.yml as a dict)."""
-    exe = binary("prometheus-alertmanager")
+    exe = binary("alertmanager")
     with contextlib.ExitStack() as stack:
         wd = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="alertmanager-")))
         wd.mkdir(parents=True, exist_ok=True)

@@ -186,10 +186,10 @@ def test_sampled_statistics_in_tensorboard_prometheus_and_run_json(tmp_path, tex
     acc.Reload()
     tags = acc.Tags()["scalars"]
     for layer in ("layers.0", "layers.5"):
-        series = acc.Scalars(f"trainmon/attention/entropy_ratio/{layer}")
+        series = acc.Scalars(f"trainmon_attention/entropy_ratio/{layer}")
         assert [e.step for e in series] == [0, 4, 8]
         assert all(0 < e.value <= 1 for e in series)
-    assert "trainmon/attention/max_logit/layers.3" in tags
+    assert "trainmon_attention/max_logit/layers.3" in tags
     info = json.loads((tmp_path / "r" / "run.json").read_text())["attention_probe"]
     assert info["enabled"] and info["samples"] == 3 and info["every"] == 4 and info["median_cost_seconds"] > 0
 

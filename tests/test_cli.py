@@ -313,3 +313,17 @@ def test_check_reads_other_frameworks_and_maps_tags(tmp_path):
     bad = runner.invoke(app, ["check", str(tmp_path / "tb"), "--map", "los=my/loss"])
     assert bad.exit_code == 2 and "unknown signal 'los'" in bad.output
     assert runner.invoke(app, ["watch", str(tmp_path), "--once", "--map", "nonsense"]).exit_code == 2
+
+
+def test_version_and_shell_completion():
+    """`monitor --version` prints the package's version (pyproject.toml's, as installed); --help lists
+    typer's shell completion options, and --show-completion prints a script for the shell named."""
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"trainmon {monitor.__version__}\n"
+    assert monitor.__version__ == version("trainmon")
+    help_text = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert all(opt in help_text for opt in ("--version", "--install-completion", "--show-completion"))
+    script = runner.invoke(app, ["--show-completion", "bash"], prog_name="monitor")
+    assert script.exit_code == 0 and "_MONITOR_COMPLETE" in script.output and "complete " in script.output

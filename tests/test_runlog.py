@@ -47,7 +47,7 @@ def test_records_round_trip_through_event_files(tmp_path):
     acc = EventAccumulator(str(tmp_path / "run"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("trainmon/lr/group1")] == list(range(6))
-    assert "trainmon/attention/entropy_ratio/blocks.0.attn" in acc.Tags()["scalars"]
+    assert "trainmon_attention/entropy_ratio/blocks.0.attn" in acc.Tags()["scalars"]
 
 
 def test_truncated_and_corrupt_event_files_are_read_up_to_the_damage(tmp_path):
@@ -192,6 +192,59 @@ def test_decoder_reads_events_of_other_writers_by_their_scalars():
         tag="train/loss", simple_value=1.0)]))
     assert StepDecoder().decode(foreign.SerializeToString()) is None
     assert StepDecoder().decode(event_pb2.Event(step=1, file_version="brain.Event:2").SerializeToString()) is None
+
+
+def test_param_and_attention_series_have_sections_of_their_own_and_old_tags_still_read(tmp_path):
+    """New files put the per-parameter and attention chart series in TensorBoard sections of their own;
+    an event file with the tags of earlier versions (under `trainmon/`) decodes to the same records."""
+    from monitor.runlog.events.tags import ATTENTION_TAG, OLD_ATTENTION_TAG, OLD_PARAM_TAG, PARAM_TAG
+
+    new_dir, old_dir = tmp_path / "new", tmp_path / "old"
+    for d in (new_dir, old_dir):  # no param_names: the sampled per-parameter scalars are what is read back
+        RunDir(d).write_run_info(RunInfo(run_id=d.name))
+    w = EventWriter(RunDir(new_dir).events_dir, 0, param_norms_every=2)
+    for r in _records(6):
+        w.write(r)
+    w.close()
+
+    def old_tag(tag):  # exactly what earlier versions wrote: the same values under trainmon/...
+        for new, old in ((PARAM_TAG, OLD_PARAM_TAG), (ATTENTION_TAG, OLD_ATTENTION_TAG)):
+            if tag.startswith(new):
+                return old + tag[len(new):]
+        return tag
+
+    old_file = RunDir(old_dir).events_dir / w.path.name
+    old_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(old_file, "wb") as f:
+        for _, data in read_records(io.BytesIO(w.path.read_bytes())):
+            ev = event_pb2.Event.FromString(data)
+            for v in ev.summary.value:
+                v.tag = old_tag(v.tag)
+            f.write(encode_record(ev.SerializeToString()))
+
+    sections = {}
+    for d in (new_dir, old_dir):
+        acc = EventAccumulator(str(d))  # TensorBoard's own reader
+        acc.Reload()
+        sections[d.name] = {t for t in acc.Tags()["scalars"] if not t.startswith("trainmon/")}
+        assert acc.Scalars("trainmon/loss")  # loss and LR stay in trainmon/
+    assert sections["new"] == {"trainmon_param_grad_norm/w", "trainmon_param_grad_norm/b",
+                               "trainmon_attention/entropy_ratio/blocks.0.attn",
+                               "trainmon_attention/max_logit/blocks.0.attn"}
+    assert sections["old"] == set()  # the old file keeps everything in trainmon/
+
+    new, old = read_run(new_dir).records[0], read_run(old_dir).records[0]
+    assert len(new) == 6 and [r.param_norms is not None for r in new] == [True, False] * 3
+    assert new == old and new[0].attention == {"blocks.0.attn": {"entropy_ratio": 0.5, "max_logit": 12.0}}
+    # and scalar-only events (no step vector) with either set of tags
+    for tagged in (lambda t: t, old_tag):
+        r = _records(1)[0]
+        ev = event_pb2.Event.FromString(encode_step(r))
+        scalars_only = event_pb2.Event(step=ev.step, wall_time=ev.wall_time, summary=summary_pb2.Summary(value=[
+            summary_pb2.Summary.Value(tag=tagged(v.tag), simple_value=v.simple_value)
+            for v in ev.summary.value if v.HasField("simple_value")]))
+        got = StepDecoder().decode(scalars_only.SerializeToString())
+        assert got.attention == r.attention and got.param_norms == r.param_norms and got.scalars == r.scalars
 
 
 def _framed(buf):

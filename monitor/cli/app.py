@@ -19,6 +19,7 @@ from typing import Annotated
 import click
 import typer
 
+from monitor import __version__
 from monitor.config import ConfigError, MonitorConfig, ignored_env, legacy_env, load_config
 from monitor.schema import Severity
 
@@ -26,9 +27,24 @@ app = typer.Typer(
     name="monitor",
     help="trainmon: a health monitor for PyTorch training runs.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"trainmon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool | None, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                 help="Print trainmon's version and exit.")] = None,
+) -> None:
+    pass
+
 
 EXIT_FINDINGS = 1
 EXIT_BAD_INPUT = 2

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from tensorboard.compat.proto import event_pb2, tensor_pb2, types_pb2
 
 from monitor.runlog.events.tags import (
-    ATTENTION_TAG,
+    ATTENTION_TAGS,
     AUTOCAST_NAMES,
     AUTOCAST_TAG,
     BOOL_FIELDS,
@@ -28,9 +28,9 @@ from monitor.runlog.events.tags import (
     LR_PREFIX,
     NO_GRAD,
     NO_GRAD_BYTES,
-    PARAM_TAG,
+    PARAM_TAGS,
     PARAM_VECTOR_TAG,
-    PREFIX,
+    READ_PREFIXES,
     SCALAR_TAG,
     STEP_VECTOR_TAG,
     TAG_FIELDS,
@@ -108,12 +108,21 @@ class _Layout:
         self.autocast = "autocast" in self.names
 
 
+def _after(tag: str, prefixes: tuple[str, ...]) -> str | None:
+    """The rest of `tag` after the first of `prefixes` it starts with (the current tag, then the old one)."""
+    for prefix in prefixes:
+        if tag.startswith(prefix):
+            return tag[len(prefix):]
+    return None
+
+
 def _take_extra(tag: str, value: float, params: dict, attention: dict, scalars: dict) -> bool:
-    """Sampled per-parameter scalars, attention statistics and mon.log() scalars; False for other tags."""
-    if tag.startswith(PARAM_TAG):
-        params[tag[len(PARAM_TAG):]] = value
-    elif tag.startswith(ATTENTION_TAG):
-        stat, _, layer = tag[len(ATTENTION_TAG):].partition("/")
+    """Sampled per-parameter scalars, attention statistics and mon.log() scalars, under their current
+    tags or those of earlier versions (`tags.OLD_*`); False for other tags."""
+    if (name := _after(tag, PARAM_TAGS)) is not None:
+        params[name] = value
+    elif (rest := _after(tag, ATTENTION_TAGS)) is not None:
+        stat, _, layer = rest.partition("/")
         attention.setdefault(layer, {})[stat] = value
     elif tag.startswith(SCALAR_TAG):
         scalars[tag[len(SCALAR_TAG):]] = value
@@ -229,7 +238,7 @@ class StepDecoder:
                 else:
                     fields[field] = x
                 continue
-            if not tag.startswith(PREFIX):
+            if not tag.startswith(READ_PREFIXES):
                 continue
             if tag.startswith(LR_PREFIX):
                 lrs[int(tag[len(LR_PREFIX):])] = f32_shortest(v.simple_value)

@@ -6,7 +6,9 @@ carry them, the per-parameter gradient norms (`PARAM_VECTOR_TAG`, float32 in run
 model.param_names order). Readers take every field from these vectors. Then come the same values as
 `simple_value` scalars under `trainmon/...` tags for TensorBoard's charts, and last the extras a
 vector does not hold (attention statistics, mon.log() scalars, sampled per-parameter scalars, rank
-0's DDP comparison as JSON).
+0's DDP comparison as JSON). The per-parameter and attention series have TensorBoard sections of
+their own (`trainmon_param_grad_norm/`, `trainmon_attention/`: TensorBoard groups by the part before
+the first slash); files of earlier versions hold them under `trainmon/`, which readers still accept.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ AUTOCAST_CODES = {"float16": 1.0, "bfloat16": 2.0}  # a scalar series, like ever
 AUTOCAST_NAMES = {v: k for k, v in AUTOCAST_CODES.items()}
 LR_PREFIX = "trainmon/lr/group"
 LR_TAG = LR_PREFIX + "{}"
-PARAM_TAG = "trainmon/param_grad_norm/"  # sampled scalar series, for TensorBoard's charts
+PARAM_TAG = "trainmon_param_grad_norm/"  # sampled scalar series, for TensorBoard's charts (a section of their own)
+OLD_PARAM_TAG = "trainmon/param_grad_norm/"  # what earlier versions wrote: read, never written
+PARAM_TAGS = (PARAM_TAG, OLD_PARAM_TAG)
 # Every per-parameter norm of a step as one float32 vector in run.json's model.param_names order
 # (-1: the parameter had no gradient), so readers see exactly what the in-process rules saw.
 PARAM_VECTOR_TAG = "trainmon/param_grad_norms"
@@ -58,10 +62,13 @@ BOOL_FIELDS = frozenset({"skipped", "grad_norm_unknown"})
 WHEN_TRUE = frozenset({"grad_norm_unknown"})  # flags stored only when set (absent reads back as False)
 DDP_TAG = "trainmon/ddp"  # rank 0's comparison of the ranks, JSON in a string tensor
 HAS_MORE = 1 << 20  # attention statistics or extra scalars follow as scalar values
-ATTENTION_TAG = "trainmon/attention/"  # trainmon/attention/<stat>/<layer>
+ATTENTION_TAG = "trainmon_attention/"  # trainmon_attention/<stat>/<layer> (a section of their own)
+OLD_ATTENTION_TAG = "trainmon/attention/"  # what earlier versions wrote: read, never written
+ATTENTION_TAGS = (ATTENTION_TAG, OLD_ATTENTION_TAG)
 SCALAR_TAG = "trainmon/scalars/"
 INT_FIELDS = {"tokens", "micro_batches", "scheduler_steps"}
-EXTRA_PREFIXES = (PARAM_TAG, ATTENTION_TAG, SCALAR_TAG)  # scalar values read back besides the vectors
+EXTRA_PREFIXES = (*PARAM_TAGS, *ATTENTION_TAGS, SCALAR_TAG)  # scalar values read back besides the vectors
+READ_PREFIXES = (PREFIX, PARAM_TAG, ATTENTION_TAG)  # the tags a reader of scalar-only events looks at
 
 
 def f32_shortest(x: float) -> float:
