@@ -384,3 +384,13 @@ def test_monitor_config_prints_sink_urls_redacted(tmp_path):
     printed.write_text(runner.invoke(app, ["config", "-c", str(cfg)]).output)
     result = runner.invoke(app, ["config", "-c", str(printed)])
     assert result.exit_code == 2 and "sinks.webhook.url: is redacted" in result.output
+
+
+def test_alertmanager_alerts_link_their_runbook_when_a_base_is_configured():
+    from monitor.exporters.alertmanager import am_alert
+    from monitor.exporters.promrules_model import runbook_url
+
+    alert = _alert(step=3)
+    base = "https://example.org/trainmon/blob/main/docs/rules.md"
+    assert am_alert(alert, runbook_base=base)["annotations"]["runbook_url"] == runbook_url(alert.rule, base)
+    assert "runbook_url" not in am_alert(alert)["annotations"]

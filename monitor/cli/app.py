@@ -407,17 +407,21 @@ export_app = typer.Typer(help="Prometheus rules, a scrape config and Grafana das
 app.add_typer(export_app, name="export")
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file (default: stdout).")]
 JobOpt = Annotated[str, typer.Option(help="Prometheus job name of the per-rank endpoints.")]
+RunbookOpt = Annotated[str, typer.Option(
+    "--runbook-base", help="Where the alerts' runbook_url points: docs/rules.md as a path or URL (e.g. the "
+    "repository's https://.../blob/main/docs/rules.md), each rule's section appended as an anchor.")]
 
 
 @export_app.command("prometheus-rules")
-def export_prometheus_rules_cmd(out: OutOpt = None, config: ConfigOpt = None, job: JobOpt = "trainmon") -> None:
+def export_prometheus_rules_cmd(out: OutOpt = None, config: ConfigOpt = None, job: JobOpt = "trainmon",
+                                runbook_base: RunbookOpt = "docs/rules.md") -> None:
     """Alerting rules (stalled runs, active trainmon alerts, skipped steps, NaN loss, down targets);
     with --out also their promtool unit tests beside it."""
     from monitor.cli.export import export_prometheus_rules
 
     cfg = _config(config)
     try:
-        export_prometheus_rules(out, cfg, job=job)
+        export_prometheus_rules(out, cfg, job=job, runbook_base=runbook_base)
     except ValueError as e:
         raise _fail(str(e)) from None
 
@@ -451,6 +455,7 @@ def export_grafana_cmd(
     daemon: Annotated[str, typer.Option(help="`monitor watch` HOST:PORT for the bundled prometheus.yml.")] = "127.0.0.1:9739",
     alertmanager: Annotated[str, typer.Option(help="Alertmanager HOST:PORT for the bundled prometheus.yml.")] = "127.0.0.1:9093",
     job: JobOpt = "trainmon",
+    runbook_base: RunbookOpt = "docs/rules.md",
 ) -> None:
     """Grafana dashboards (overview, alerts, attention, DDP) with file provisioning, plus the Prometheus side."""
     from monitor.cli.export import export_grafana
@@ -458,7 +463,8 @@ def export_grafana_cmd(
     cfg = _config(config)
     kwargs = {"prometheus_url": prometheus_url} if prometheus_url else {}
     try:
-        written = export_grafana(out_dir, cfg, daemon=daemon, alertmanager=alertmanager, job=job, **kwargs)
+        written = export_grafana(out_dir, cfg, daemon=daemon, alertmanager=alertmanager, job=job,
+                                 runbook_base=runbook_base, **kwargs)
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
     typer.echo(f"wrote {len(written)} files under {out_dir}", err=True)

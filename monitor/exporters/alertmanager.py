@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timezone
 
 from monitor.exporters.delivery import DeliveryMetrics, HttpDelivery
+from monitor.exporters.promrules_model import runbook_url
 from monitor.schema import Alert, Severity
 
 
@@ -19,7 +20,8 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def am_alert(alert: Alert, extra_labels: dict[str, str] | None = None, ends: float | None = None) -> dict:
+def am_alert(alert: Alert, extra_labels: dict[str, str] | None = None, ends: float | None = None,
+             runbook_base: str | None = None) -> dict:
     labels = {"alertname": alert.rule, "severity": alert.severity.value, "run": alert.run or "", "rank": str(alert.rank),
               **(extra_labels or {})}
     out = {
@@ -29,6 +31,8 @@ def am_alert(alert: Alert, extra_labels: dict[str, str] | None = None, ends: flo
     }
     if alert.attempt is not None:  # an annotation, not a label: a carried-over alert stays the same alert
         out["annotations"]["attempt"] = str(alert.attempt)
+    if runbook_base:  # the rule's section of docs/rules.md, as the exported Prometheus rules link it
+        out["annotations"]["runbook_url"] = runbook_url(alert.rule, runbook_base)
     if ends is not None:
         out["endsAt"] = _iso(ends)
     return out
@@ -39,8 +43,10 @@ class AlertmanagerSink:
 
     def __init__(self, url: str, *, min_severity: Severity | str = Severity.info, resend_seconds: float = 60.0,
                  labels: dict[str, str] | None = None, timeout: float = 5.0, retries: int = 3, backoff: float = 1.0,
-                 queue_size: int = 256, metrics: DeliveryMetrics | None = None) -> None:
+                 queue_size: int = 256, metrics: DeliveryMetrics | None = None,
+                 runbook_base: str | None = None) -> None:
         self.endpoint = url.rstrip("/") + "/api/v2/alerts"
+        self.runbook_base = runbook_base
         self.min_severity = Severity(min_severity)
         self.resend_seconds = resend_seconds
         self.labels = dict(labels or {})
@@ -58,13 +64,13 @@ class AlertmanagerSink:
             if alert.status == "resolved":
                 # Resolve whatever severity is active for this rule (an escalated alert has new labels).
                 firing = self._active.pop(key, alert)
-                payload = [am_alert(firing, self.labels, ends=time.time())]
+                payload = [am_alert(firing, self.labels, runbook_base=self.runbook_base, ends=time.time())]
             else:
                 previous = self._active.get(key)
                 self._active[key] = alert
-                payload = [am_alert(alert, self.labels)]
+                payload = [am_alert(alert, self.labels, runbook_base=self.runbook_base)]
                 if previous is not None and previous.severity != alert.severity:
-                    payload.append(am_alert(previous, self.labels, ends=time.time()))
+                    payload.append(am_alert(previous, self.labels, runbook_base=self.runbook_base, ends=time.time()))
         self.delivery.submit(self.endpoint, payload)
         self._last_send = time.monotonic()
 
@@ -81,7 +87,7 @@ class AlertmanagerSink:
         if time.monotonic() - self._last_send < self.resend_seconds:
             return
         with self._lock:
-            payload = [am_alert(a, self.labels) for a in self._active.values()]
+            payload = [am_alert(a, self.labels, runbook_base=self.runbook_base) for a in self._active.values()]
         self._last_send = time.monotonic()
         if payload:
             self.delivery.submit(self.endpoint, payload)

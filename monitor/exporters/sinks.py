@@ -53,7 +53,8 @@ def build_http_sinks(cfg: MonitorConfig, registry: CollectorRegistry | None = No
 
         out.append(AlertmanagerSink(am.url.get_secret_value(), min_severity=am.min_severity,
                                     resend_seconds=am.resend_seconds, labels=am.labels, timeout=am.timeout,
-                                    retries=am.retries, backoff=am.backoff, queue_size=am.queue_size, metrics=metrics))
+                                    retries=am.retries, backoff=am.backoff, queue_size=am.queue_size, metrics=metrics,
+                                    runbook_base=am.runbook_base))
     return out
 
 
