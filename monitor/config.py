@@ -53,13 +53,102 @@ class _Section(BaseModel):
 class MetricsConfig(_Section):
     """The per-process Prometheus endpoint."""
 
+    # The password: `monitor config` and run.json show "**********", errors never the input.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     enabled: bool = Field(True, description="Serve /metrics from the training process.")
-    host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
+    host: str = Field(
+        "127.0.0.1", description="Address to bind; loopback by default. 0.0.0.0 (or ::) binds every interface, "
+        "for a Prometheus on another host.",
+    )
     port: int = Field(
         9740, ge=0, le=65535,
         description="Base port; each process binds port + LOCAL_RANK, or the next free one. 0 picks any free port.",
     )
     port_search: int = Field(50, ge=1, description="How many consecutive ports to try on conflict.")
+    advertise: str | None = Field(
+        None, description="host[:port] Prometheus scrapes this endpoint at, written into targets.json, the shared "
+        ".trainmon-targets/ and run.json. Default: the bind address when it is loopback or one address of this "
+        "machine; the node's fully qualified name when `host` binds every interface (0.0.0.0, ::). A port given "
+        "here (a NAT or hostPort mapping) is offset by LOCAL_RANK like the bind port; without one, the bound "
+        "port is advertised.",
+    )
+    tls_cert_file: str | None = Field(
+        None, description="Serve /metrics over HTTPS with this PEM certificate (chain); needs tls_key_file. The "
+        "exported scrape config then says `scheme: https`. Files that do not load leave the rank without an "
+        "endpoint (warned), never on plain HTTP.",
+    )
+    tls_key_file: str | None = Field(None, description="The PEM private key of tls_cert_file.")
+    tls_client_ca_file: str | None = Field(
+        None, description="Require client certificates signed by this CA (mutual TLS); the exported scrape config "
+        "then names Prometheus's client certificate and key (`tls_config.cert_file`/`key_file`).",
+    )
+    tls_ca_file: str | None = Field(
+        None, description="For the exported scrape config only: the CA Prometheus verifies the endpoints with "
+        "(`tls_config.ca_file`); default tls_cert_file itself (a self-signed certificate).",
+    )
+    basic_auth_user: str | None = Field(
+        None, description="Require HTTP basic auth with this user name (and basic_auth_password or "
+        "basic_auth_password_hash); the exported scrape config carries `basic_auth`. Use it with TLS: basic "
+        "auth sends the password in clear otherwise.",
+    )
+    basic_auth_password: SecretStr | None = Field(
+        None, description="The basic auth password (kept secret: shown as ********** by `monitor config` and in "
+        "run.json).",
+    )
+    basic_auth_password_hash: str | None = Field(
+        None, description="The password's hash instead of the password, so the config holds no secret: "
+        "pbkdf2_sha256$... from monitor.exporters.prometheus.hash_password, or bcrypt $2b$... (with the "
+        "bcrypt package).",
+    )
+    extremes_window_seconds: float = Field(
+        60.0, gt=0, description="trainmon_loss_max, trainmon_grad_norm_max and trainmon_loss_scale_min span the "
+        "steps of this many seconds, so a one-step spike is still there at the next scrape: keep it above "
+        "Prometheus's scrape interval.",
+    )
+
+    @field_validator("advertise", "basic_auth_user", "basic_auth_password", "basic_auth_password_hash",
+                     mode="before")
+    @classmethod
+    def _text(cls, v: Any) -> Any:
+        # TRAINMON_* values are JSON-parsed: a numeric password or host name arrives as a number.
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @field_validator("advertise")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            from monitor.exporters.endpoint import split_hostport
+
+            split_hostport(v)  # ValueError: no host, or a port that is no number in 1..65535
+        return v
+
+    @field_validator("basic_auth_password")
+    @classmethod
+    def _not_redacted(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and v.get_secret_value() == "**********":
+            raise ValueError("is redacted (run.json and `monitor config` hide it): give the password itself")
+        return v
+
+    @model_validator(mode="after")
+    def _pairs(self) -> MetricsConfig:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        given = (self.basic_auth_password is not None) + (self.basic_auth_password_hash is not None)
+        if self.basic_auth_user and given != 1:
+            raise ValueError("basic_auth_user needs one of basic_auth_password and basic_auth_password_hash")
+        if not self.basic_auth_user and given:
+            raise ValueError("basic_auth_password and basic_auth_password_hash need basic_auth_user")
+        if self.basic_auth_password_hash:
+            from monitor.exporters.endpoint import parse_password_hash
+
+            try:
+                parse_password_hash(self.basic_auth_password_hash)
+            except ValueError as e:
+                raise ValueError(f"basic_auth_password_hash: {e}") from None
+        return self
 
 
 class TensorBoardConfig(_Section):
@@ -122,6 +211,10 @@ class AlertmanagerConfig(_HttpSink):
         60.0, gt=0, description="Re-post active alerts this often (Alertmanager resolves alerts it stops hearing about).",
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every alert (e.g. cluster).")
+    runbook_base: str | None = Field(
+        None, description="docs/rules.md as a URL (e.g. your copy of the repository's): each alert then carries a "
+        "runbook_url annotation to its rule's section, as the exported Prometheus rules do. None: no link.",
+    )
 
 
 class SinksConfig(_Section):

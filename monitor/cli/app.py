@@ -436,13 +436,24 @@ def export_scrape_config_cmd(
     daemon: Annotated[str | None, typer.Option(help="Also scrape `monitor watch` at HOST:PORT.")] = None,
     rule_file: Annotated[list[str] | None, typer.Option(help="Rule files to load (repeatable).")] = None,
     alertmanager: Annotated[list[str] | None, typer.Option(help="Alertmanager HOST:PORT (repeatable).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="The runs' config: its metrics TLS / basic auth make the scrape job match.")] = None,
+    password_file: Annotated[str | None, typer.Option(
+        help="File holding the basic-auth password, for Prometheus (needed when the config holds only a hash).")] = None,
+    client_cert_file: Annotated[str | None, typer.Option(help="Client certificate, when the endpoints require one.")] = None,
+    client_key_file: Annotated[str | None, typer.Option(help="Client key, with --client-cert-file.")] = None,
+    refresh_interval: Annotated[str, typer.Option(
+        help="How often Prometheus re-reads the target files (a shared filesystem may not notify it).")] = "30s",
 ) -> None:
     """A prometheus.yml that discovers the runs' endpoints through file_sd."""
     from monitor.cli.export import export_scrape_config
 
+    cfg = _config(config) if config is not None else None
     try:
         export_scrape_config(out, runs, job=job, interval=interval, daemon=daemon, rule_files=rule_file,
-                             alertmanagers=alertmanager)
+                             alertmanagers=alertmanager, config=cfg, password_file=password_file,
+                             client_cert_file=client_cert_file, client_key_file=client_key_file,
+                             refresh_interval=refresh_interval)
     except ValueError as e:
         raise _fail(str(e)) from None
 

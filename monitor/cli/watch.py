@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from monitor.config import MonitorConfig
-from monitor.exporters.prometheus import serve
+from monitor.exporters.endpoint import basic_auth_of, serve
 from monitor.exporters.sinks import build_http_sinks
 from monitor.runlog.rundir import JsonlAlertSink
 from monitor.watch.daemon import Watcher
@@ -34,7 +34,9 @@ def run_watch(paths: list[Path], cfg: MonitorConfig, *, state_dir: Path, host: s
         from prometheus_client import CollectorRegistry
 
         registry = CollectorRegistry()
-        server = serve(registry, host, port)
+        m = cfg.metrics  # the same protection as the training processes' endpoints
+        server = serve(registry, host, port, certfile=m.tls_cert_file, keyfile=m.tls_key_file,
+                       client_cafile=m.tls_client_ca_file, auth=basic_auth_of(m))
     else:
         registry = None
     # Deliveries are counted in the daemon's /metrics (trainmon_alert_deliveries_total).

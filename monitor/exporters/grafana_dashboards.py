@@ -68,25 +68,32 @@ def overview(options: Any = None, job: str = JOB) -> dict[str, Any]:
                thresholds=[(None, "green"), (1, "orange")]), w=6, h=4)
     loss = f"trainmon_loss{sel('run', 'rank')}"
     L.add(timeseries("Loss", "Training loss of each optimizer step (mean over micro-batches): the mean over the "
-                     "selected ranks per run, and the lowest and highest rank (dashed). A NaN/Inf loss on any rank "
-                     "makes the mean a gap: see loss.nonfinite. The DDP dashboard has the ranks one by one.",
+                     "selected ranks per run, the lowest and highest rank, and the peak step (dashed: the largest "
+                     "loss of any step in the last metrics.extremes_window_seconds, so a one-step spike between two "
+                     "scrapes shows). A NaN/Inf loss on any rank makes the mean a gap: see loss.nonfinite. The DDP "
+                     "dashboard has the ranks one by one.",
                      [Q(f"avg by (run) ({loss})", "{{run}} mean over ranks"),
                       Q(f"min by (run) ({loss})", "{{run}} lowest rank"),
-                      Q(f"max by (run) ({loss})", "{{run}} highest rank")],
-                     overrides=[dashed(".* (lowest|highest) rank$")]))
+                      Q(f"max by (run) ({loss})", "{{run}} highest rank"),
+                      Q(f"max by (run) (trainmon_loss_max{sel('run', 'rank')})", "{{run}} peak step")],
+                     overrides=[dashed(".* (lowest|highest) rank$"), dashed(".* peak step$")]))
     L.add(timeseries("Learning rate", "Learning rate per param group, as used by each optimizer step (rank 0).",
                      [Q(f"trainmon_learning_rate{sel('run')}", "{{run}} group {{group}}")]))
     L.add(timeseries(
-        "Gradient norm", "Global L2 norm of the unscaled gradients before and after clipping (rank 0), and the "
-        "factor clipping applied (right axis, 1 = not clipped).",
+        "Gradient norm", "Global L2 norm of the unscaled gradients before and after clipping (rank 0), the peak "
+        "step's before clipping (dashed: over the last metrics.extremes_window_seconds, so a spike between two "
+        "scrapes shows), and the factor clipping applied (right axis, 1 = not clipped).",
         [Q(f"trainmon_grad_norm{sel('run')}", "{{run}} before clipping"),
+         Q(f"trainmon_grad_norm_max{sel('run')}", "{{run}} peak step before clipping"),
          Q(f"trainmon_grad_norm_clipped{sel('run')}", "{{run}} after clipping"),
          Q(f"trainmon_clip_coefficient{sel('run')}", "{{run}} clip coefficient")],
-        overrides=[right_axis(".* clip coefficient$", unit="percentunit")]))
+        overrides=[right_axis(".* clip coefficient$", unit="percentunit"), dashed(".* peak step before clipping$")]))
     L.add(timeseries(
-        "Loss scale and skipped steps", "GradScaler's loss scale (log2 axis; red below amp.scale_collapse's floor) "
-        "and the optimizer steps it skipped for inf/NaN gradients (bars, right axis).",
+        "Loss scale and skipped steps", "GradScaler's loss scale (log2 axis; red below amp.scale_collapse's floor), "
+        "its lowest over the last metrics.extremes_window_seconds (a drop between two scrapes shows) and the "
+        "optimizer steps it skipped for inf/NaN gradients (bars, right axis).",
         [Q(f"trainmon_loss_scale{sel('run')}", "{{run}} loss scale"),
+         Q(f"trainmon_loss_scale_min{sel('run')}", "{{run}} lowest loss scale (window)"),
          Q(f"sum by (run) (increase(trainmon_skipped_steps_total{sel('run', 'rank')}[{RATE}]))",
            "{{run}} skipped steps")],
         log=2, thresholds=[(None, "red"), (collapse_floor, "transparent")],

@@ -4,23 +4,38 @@ Metric names and labels are a contract: dashboards, alert rules and users' queri
 them. A fresh CollectorRegistry is passed in, so the user's default registry is untouched and
 tests use their own. Global statistics (LR, grad norms, loss scale) come from rank 0 only:
 after the all-reduce they are identical on every rank.
+
+Per-step values are latest-value gauges, which a scrape every 15 s samples: a one-step spike between
+two scrapes would never reach Prometheus. The `_max`/`_min` gauges (loss, grad norm, loss scale) hold
+the extreme of the steps of the last `metrics.extremes_window_seconds` (by the steps' own end times),
+so every scrape interval shorter than the window sees every spike, for any number of scrapers.
+
+The HTTP endpoint serving a registry is monitor.exporters.endpoint.
 """
 
 from __future__ import annotations
 
-import errno
+import logging
 import math
-import threading
 from bisect import bisect_left
-from dataclasses import dataclass
+from collections import deque
 from functools import partial
 from operator import attrgetter, is_not
-from typing import Any
-from wsgiref.simple_server import WSGIServer
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from monitor.schema import PHASES, Alert, Severity, StepRecord
+
+if TYPE_CHECKING:
+    pass
+
+# No `<counter>_created` series: they double the series count (the daemon serves every run's) and no
+# dashboard or rule reads them. prometheus_client's switch is process-wide: the user's own counters
+# in the training process lose theirs too (PROMETHEUS_DISABLE_CREATED_SERIES does the same).
+disable_created_metrics()
+
+log = logging.getLogger("trainmon")
 
 RUN_LABELS = ("run", "rank")
 # Step times from a few ms (small models on GPUs) to minutes (huge ones).
@@ -85,6 +100,15 @@ class MetricFamilies:
         self.grad_norm_clipped = Gauge("trainmon_grad_norm_clipped", "Global L2 norm of the gradients after clipping.", lab, registry=r)
         self.clip_coef = Gauge("trainmon_clip_coefficient", "Factor gradient clipping applied (1 when it did not clip).", lab, registry=r)
         self.loss_scale = Gauge("trainmon_loss_scale", "GradScaler loss scale used by the last step.", lab, registry=r)
+        self.loss_max = Gauge("trainmon_loss_max", "Largest training loss of the steps in the last "
+                              "metrics.extremes_window_seconds (a one-step spike between two scrapes).", lab, registry=r)
+        self.grad_norm_max = Gauge("trainmon_grad_norm_max", "Largest pre-clip global gradient norm of the steps in "
+                                   "the last metrics.extremes_window_seconds.", lab, registry=r)
+        self.loss_scale_min = Gauge("trainmon_loss_scale_min", "Smallest GradScaler loss scale of the steps in the "
+                                    "last metrics.extremes_window_seconds.", lab, registry=r)
+        self.run_info = Gauge("trainmon_run_info", "1 for each run, labelled with the trainmon version that writes "
+                              "it and its world size (rank 0 of the training process).",
+                              ("run", "version", "world_size"), registry=r)
         self.steps = Counter("trainmon_optimizer_steps", "Optimizer steps (including GradScaler-skipped ones).", lab, registry=r)
         self.skipped = Counter("trainmon_skipped_steps", "Optimizer steps GradScaler skipped for inf/NaN gradients.", lab, registry=r)
         self.step_duration = Histogram("trainmon_step_duration_seconds", "Wall time per optimizer step.", lab,
@@ -144,12 +168,52 @@ def attention_risk(stats: dict[str, float]) -> float:
     return risk
 
 
+EXTREMES_WINDOW_SECONDS = 60.0  # metrics.extremes_window_seconds' default: 4 scrapes at Prometheus's usual 15 s
+
+
+class Extreme:
+    """The largest value (`lowest`: the smallest) of the steps whose time is within `seconds` of the
+    newest step's, as a monotonic deque (O(1) amortised per step). NaN counts as the most extreme; a
+    record without the value adds nothing. Keyed by the steps' own times, not the clock: the daemon
+    reading a backlog gets what the training process had, and a stalled run keeps its last window."""
+
+    __slots__ = ("lowest", "seconds", "_q")
+
+    def __init__(self, seconds: float, lowest: bool = False) -> None:
+        self.seconds, self.lowest = seconds, lowest
+        self._q: deque[tuple[float, float, float]] = deque()  # (time, key, value), keys decreasing
+
+    def add(self, recs: list[StepRecord], field: str) -> float | None:
+        """Take in a batch of one rank's records (in step order); the extreme now, or None (no value yet)."""
+        start = recs[-1].time - self.seconds
+        i = len(recs)
+        while i > 0 and recs[i - 1].time > start:  # older records of a backlog cannot be in the window
+            i -= 1
+        q = self._q
+        for r in recs[i:]:
+            v = getattr(r, field)
+            if v is None:
+                continue
+            key = -v if self.lowest else v
+            if key != key:  # NaN
+                key = math.inf
+            while q and q[-1][1] <= key:
+                q.pop()
+            q.append((r.time, key, v))
+        while q and q[0][0] <= start:
+            q.popleft()
+        return q[0][2] if q else None
+
+
 class TrainMetrics:
     """The trainmon_* series of one (run, rank), updated from StepRecords and Alerts."""
 
     def __init__(self, registry: CollectorRegistry | MetricFamilies, run: str, rank: int, *,
-                 global_stats: bool | None = None, attention_layers: int = 8) -> None:
+                 global_stats: bool | None = None, attention_layers: int = 8,
+                 extremes_window: float = EXTREMES_WINDOW_SECONDS) -> None:
         self.run, self.rank = run, str(rank)
+        self.extremes_window = extremes_window  # seconds of steps the _max/_min gauges span (before the first step)
+        self._extremes: dict[str, Extreme] = {}
         self.attention_layers = attention_layers  # per-layer series: the riskiest this many (0: all)
         self._attn_exported: set[str] = set()
         self.global_stats = rank == 0 if global_stats is None else global_stats
@@ -217,6 +281,8 @@ class TrainMetrics:
         for phase, field in PHASES.items():
             self._g(self.phase, _latest(recs, field), phase)
         self._g(self.last_step, last.time)
+        f = self.families
+        self._g(f.loss_max, self._extreme("loss", recs))
         if not self.global_stats:
             return
         for i, lr in enumerate(last.lr):
@@ -224,9 +290,25 @@ class TrainMetrics:
         for gauge, field in ((self.grad_norm, "grad_norm"), (self.grad_norm_clipped, "grad_norm_clipped"),
                              (self.clip_coef, "clip_coef"), (self.loss_scale, "loss_scale")):
             self._g(gauge, _latest(recs, field))
+        self._g(f.grad_norm_max, self._extreme("grad_norm", recs))
+        self._g(f.loss_scale_min, self._extreme("loss_scale", recs, lowest=True))
         sampled = next((r.attention for r in reversed(recs) if r.attention), None)
         if sampled:
             self._attention(sampled)
+
+    def _extreme(self, field: str, recs: list[StepRecord], lowest: bool = False) -> float | None:
+        window = self._extremes.get(field)
+        if window is None:
+            window = self._extremes[field] = Extreme(self.extremes_window, lowest)
+        return window.add(recs, field)
+
+    def run_info(self, world_size: int, version: str | None = None) -> None:
+        """trainmon_run_info{run, version, world_size} = 1 (one series per run: rank 0 sets it)."""
+        if version is None:
+            import monitor
+
+            version = monitor.__version__
+        self.families.run_info.labels(self.run, version, str(world_size)).set(1)
 
     def _attention(self, sampled: dict[str, dict[str, float]]) -> None:
         """Per-layer gauges of the latest sample, bounded: the `attention_layers` riskiest layers (lowest
@@ -282,38 +364,3 @@ class TrainMetrics:
 
     def count_error(self, n: int = 1) -> None:
         self._errors.inc(n)
-
-
-@dataclass
-class MetricsServer:
-    host: str
-    port: int
-    _server: WSGIServer
-    _thread: threading.Thread
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        if self._thread.is_alive():  # (in a child made with os.fork it is not: shutdown() would wait forever)
-            self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-
-def serve(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9740, tries: int = 50) -> MetricsServer:
-    """Start /metrics on `port`, or the next free port on conflict (port 0: any free port).
-
-    OSError when no port of the `tries` is free, or `host` is no address of this machine."""
-    last: OSError | None = None
-    for p in [0] if port == 0 else range(port, min(port + tries, 65536)):
-        try:
-            server, thread = start_http_server(p, addr=host, registry=registry)
-        except OSError as e:
-            if e.errno not in (errno.EADDRINUSE, errno.EACCES):
-                raise OSError(e.errno, f"cannot serve the metrics endpoint on {host}:{p}: {e.strerror or e}") from e
-            last = e
-            continue
-        return MetricsServer(host, server.server_port, server, thread)
-    raise OSError(f"no free port for the metrics endpoint on {host} in {port}..{port + tries - 1}: {last}")

@@ -215,22 +215,29 @@ def _nonfinite(options: Any, job: str) -> AlertDef | None:
     if not cfg.enabled:
         return None
     loss = f"trainmon_loss{_sel(job)}"
+    # The window's largest loss (NaN counts as largest): a NaN step that recovered before the scrape too.
+    peak = f"trainmon_loss_max{_sel(job)}"
     nan, inf, ok = (_target(job, r, "0", p) for r, p in (("nan", 9740), ("inf", 9741), ("ok", 9742)))
     ninf = _target(job, "inf", "1", 9743)
+    between = _target(job, "between", "0", 9744)
     return AlertDef(
         name="TrainmonLossNonFinite",
-        expr=f"{loss} != {loss} or {loss} == +Inf or {loss} == -Inf",
+        expr=f"{peak} != {peak} or {peak} == +Inf or {loss} == -Inf",
         for_="0s",
         severity=rule_severity("loss.nonfinite", cfg),
         labels={"rule": "loss.nonfinite"},
         summary="The loss of run {{ $labels.run }} rank {{ $labels.rank }} is NaN or infinite.",
         hint=rule_fix("loss.nonfinite"),
         cases=[Case(
-            [Series("trainmon_loss", nan, "2.5 2.4 NaN NaN"),
-             Series("trainmon_loss", inf, "2.5 2.4 2.3 +Inf"),
+            [Series("trainmon_loss_max", nan, "2.5 2.4 NaN NaN"),
+             Series("trainmon_loss_max", inf, "2.5 2.4 2.3 +Inf"),
              Series("trainmon_loss", ninf, "2.5 2.4 2.3 -Inf"),
-             Series("trainmon_loss", ok, "2.5 2.4 2.3 2.2")],
-            [("1m", []), ("2m", [Expect(nan)]), ("3m", [Expect(nan), Expect(inf), Expect(ninf)])],
+             Series("trainmon_loss_max", ok, "2.5 2.4 2.3 2.2"),
+             # a NaN step between two scrapes: the latest loss is finite, the window's peak is not
+             Series("trainmon_loss", between, "2.5 2.4 2.3 2.2"),
+             Series("trainmon_loss_max", between, "2.5 NaN NaN 2.2")],
+            [("0m", []), ("1m", [Expect(between)]), ("2m", [Expect(nan), Expect(between)]),
+             ("3m", [Expect(nan), Expect(inf), Expect(ninf)])],
         )],
     )
 

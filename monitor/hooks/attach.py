@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry
 
 from monitor.config import MonitorConfig, load_config
 from monitor.exporters.console import ConsoleSink, install_console_handler
-from monitor.exporters.prometheus import MetricsServer, TrainMetrics
+from monitor.exporters.endpoint import MetricsServer, metrics_endpoint
+from monitor.exporters.prometheus import TrainMetrics
 from monitor.exporters.sinks import build_http_sinks
 from monitor.hooks import attempt, compiled, ddp, exit, introspect, prepare, resolve
 from monitor.hooks.alerts import AlertFanout, OnAlert, StackDump
@@ -161,9 +162,11 @@ class Monitor:
         self._alerts.refresh()
         self.metrics.attempt(self.attempt)
 
-        if cfg.metrics.enabled:
-            self._server, self.info.endpoints = prepare.metrics_endpoint(registry, cfg.metrics, self.rank,
-                                                                         self.local_rank)
+        if cfg.metrics.enabled:  # bound to metrics.host, advertised (run.json, targets.json) as metrics.advertise
+            self.metrics.extremes_window = cfg.metrics.extremes_window_seconds
+            if self.rank == 0:
+                self.metrics.run_info(self.world_size)
+            self._server, self.info.endpoints = metrics_endpoint(registry, cfg.metrics, self.rank, self.local_rank)
         if self.rank == 0:  # a run.json write that fails (a full disk) is counted: the run goes on
             self._try("run.json", lambda: self.rundir.write_run_info(self.info))
             self._heartbeat = attempt.Heartbeat(self.rundir, self.attempt.id, cfg.attempts.heartbeat_seconds,

@@ -12,11 +12,10 @@ from typing import Any
 
 import torch
 
-from monitor.config import MetricsConfig, MonitorConfig
-from monitor.exporters.prometheus import MetricsServer, serve
+from monitor.config import MonitorConfig
 from monitor.hooks import ddp, introspect, resolve
 from monitor.runlog.rundir import default_run_dir
-from monitor.schema import Attempt, Endpoint, RunInfo
+from monitor.schema import Attempt, RunInfo
 
 log = logging.getLogger("trainmon")
 
@@ -112,19 +111,6 @@ def agree_on_run_dir(run_dir: str | os.PathLike[str] | None, dist: introspect.Di
         # collective: a rank that does not attach the monitor cannot make the others wait forever).
         path = Path(ddp.agree_on_name(store, dist.rank, str(path)))
     return path
-
-
-def metrics_endpoint(registry: Any, cfg: MetricsConfig, rank: int,
-                     local_rank: int) -> tuple[MetricsServer | None, list[Endpoint]]:
-    """The /metrics server and its endpoint; none, with one warning, when it cannot be bound (every
-    port of the search taken, a host that is no address of this machine): the run goes on without."""
-    try:
-        server = serve(registry, cfg.host, cfg.port + local_rank if cfg.port else 0, cfg.port_search)
-    except OSError as e:
-        log.warning("trainmon: no metrics endpoint for rank %d (%s); training goes on without /metrics, and "
-                    "run.json and targets.json list none for this rank", rank, e)
-        return None, []
-    return server, [Endpoint(rank=rank, local_rank=local_rank, host=cfg.host, port=server.port, url=server.url)]
 
 
 def scaler_info(scaler: torch.amp.GradScaler | None) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import socket
 import tempfile
 import time
@@ -142,8 +143,9 @@ class RunDir:
 
     def _write_json(self, name: str, data: Any) -> None:
         """Atomically, durably: a synced temporary file renamed over `name`; removed when a write fails
-        (a full disk leaves no partial files behind)."""
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.")
+        (a full disk leaves no partial files behind). Mode 0644 under the usual umask, as the event
+        files: a Prometheus or `monitor watch` running as another user reads targets.json and run.json."""
+        fd, tmp = _create_readable(self.path, f".{name}.")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(data, f, indent=2, default=str)
@@ -190,7 +192,7 @@ class RunDir:
         def add_to_targets(old: list) -> list:
             old = [t for t in (old if isinstance(old, list) else [])
                    if t.get("labels", {}).get("trainmon_rank") != str(ep.rank)]
-            old.append({"targets": [f"{ep.host}:{ep.port}"],
+            old.append({"targets": [_hostport(ep.host, ep.port)],  # the advertised address (metrics.advertise)
                         "labels": {"trainmon_run": run_id, "trainmon_rank": str(ep.rank)}})
             return sorted(old, key=lambda t: int(t["labels"]["trainmon_rank"]))
 
@@ -227,12 +229,33 @@ class RunDir:
                 path.unlink(missing_ok=True)
                 return
             path.parent.mkdir(exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(targets, f, indent=2)
-            os.replace(tmp, path)
+            fd, tmp = _create_readable(path.parent, ".tmp.")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(targets, f, indent=2)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         except OSError:
             pass
+
+
+def _hostport(host: str, port: int) -> str:
+    """host:port as a file_sd target; an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _create_readable(directory: Path, prefix: str) -> tuple[int, str]:
+    """(fd, path) of a new, uniquely named file created 0644 less the umask (mkstemp's are 0600: a
+    Prometheus running as another user could not read the targets)."""
+    while True:
+        path = os.path.join(directory, prefix + secrets.token_hex(6))
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), path
+        except FileExistsError:
+            continue
 
 
 class JsonlAlertSink:
