@@ -444,7 +444,7 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def _section_of(annotation: Any) -> type[BaseModel] | None:
+def section_model(annotation: Any) -> type[BaseModel] | None:
     """The model of a field that is a section (or an optional one), else None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -473,7 +473,7 @@ def _env_key(parts: list[str]) -> list[str] | None:
         field = model.model_fields.get(p)
         if field is None or field.exclude:  # excluded: Python only (on_alert)
             return None
-        sub = _section_of(field.annotation)
+        sub = section_model(field.annotation)
         if sub is not None:
             model = sub
             continue

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import json
-import types
-import typing
-from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from monitor.config import CONFIG_ENV, ENV_PREFIX, MonitorConfig
-
-
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The model of a field that is a section (or an optional one), else None."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
-        return models[0] if len(models) == 1 else None
-    return None
+from monitor.config import CONFIG_ENV, ENV_PREFIX, MonitorConfig, section_model
 
 
 def _default(field) -> str:
@@ -39,7 +26,7 @@ def _rows(model: type[BaseModel], prefix: str) -> tuple[list[str], list[tuple[st
             desc = field.description or ""
             rows.append(f"| `{prefix}{name}` | Python only | {desc} |")
             continue
-        sub = _section_model(field.annotation)
+        sub = section_model(field.annotation)
         if sub is not None:
             sections.append((f"{prefix}{name}", sub, field.default is None))
             continue

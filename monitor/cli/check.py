@@ -20,9 +20,9 @@ from typing import Any
 from monitor.config import MonitorConfig
 from monitor.rules.engine import RulesEngine
 from monitor.runlog import attempts
-from monitor.runlog.reader import RunData, RunReadError
+from monitor.runlog.reader import RunData, read_source
 from monitor.runlog.rundir import rank_dir
-from monitor.runlog.sources import Source, SourceError
+from monitor.runlog.sources import Source
 from monitor.schema import Alert, Attempt
 
 
@@ -45,7 +45,7 @@ def check_run(run_dir: Path, config: MonitorConfig, mapping: dict[str, str] | No
 def examine_run(run_dir: Path, config: MonitorConfig, mapping: dict[str, str] | None = None) -> CheckResult:
     """`check_run`, with what is damaged or incomplete about the input. Raises RunReadError (a
     SourceError) when the path is not a readable run."""
-    data, source = _read(run_dir, mapping)
+    data, source = read_source(run_dir, mapping)
     notes: list[str] = []
     live = False
     ended, last = _ended(data)
@@ -67,23 +67,6 @@ def examine_run(run_dir: Path, config: MonitorConfig, mapping: dict[str, str] | 
             damage.append(f"{path}: incomplete last {what}: {size - offset} bytes after byte {offset} (cut short: "
                           f"the writer stopped mid-{what}); the records before it were read")
     return CheckResult(data, _replay(data, config), damage, notes)
-
-
-def _read(run_dir: Path, mapping: dict[str, str] | None) -> tuple[RunData, Source]:
-    """`monitor.runlog.reader.read_run`, keeping the Source (its read positions tell incomplete tails)."""
-    from monitor.runlog.adapters import open_source, read_all
-
-    try:
-        source = open_source(run_dir, mapping)
-        stream = read_all(source)
-    except RunReadError:
-        raise
-    except SourceError as e:
-        raise RunReadError(str(e)) from None
-    info = source.info
-    data = RunData(path=Path(run_dir), info=info, records={r: attempts.lineage(rs, info) for r, rs in stream.items()},
-                   problems=list(source.problems), stream=stream)
-    return data, source
 
 
 def _replay(data: RunData, config: MonitorConfig) -> list[Alert]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -18,7 +19,7 @@ from monitor.runlog.rundir import ALERTS_JSONL
 from monitor.runlog.sources import RunReadError, SourceError
 from monitor.schema import Alert, RunInfo, StepRecord
 
-__all__ = ["RunData", "RunReadError", "read_alerts", "read_run"]
+__all__ = ["RunData", "RunReadError", "read_alerts", "read_run", "read_source"]
 
 
 @dataclass
@@ -44,6 +45,11 @@ def read_run(path: str | Path, mapping: dict[str, str] | None = None) -> RunData
 
     Raises RunReadError (a SourceError) naming the path and what was looked for.
     """
+    return read_source(path, mapping)[0]
+
+
+def read_source(path: str | Path, mapping: dict[str, str] | None = None) -> tuple[RunData, Any]:
+    """`read_run`, and the Source it read (its read positions tell what was left unread)."""
     from monitor.runlog.adapters import open_source, read_all
 
     try:
@@ -54,8 +60,9 @@ def read_run(path: str | Path, mapping: dict[str, str] | None = None) -> RunData
     except SourceError as e:
         raise RunReadError(str(e)) from None
     info = source.info
-    return RunData(path=Path(path), info=info, records={rank: attempts.lineage(rs, info) for rank, rs in stream.items()},
+    data = RunData(path=Path(path), info=info, records={rank: attempts.lineage(rs, info) for rank, rs in stream.items()},
                    problems=list(source.problems), stream=stream)
+    return data, source
 
 
 def read_alerts(run_dir: str | Path) -> list[Alert]:
