@@ -265,40 +265,29 @@ for prec in fp32 bf16; do
 done
 
 # --- e: the monitor's overhead per step ----------------------------------------------------------
-MARK=$LOGS/.overhead-start
-touch "$MARK"
-run_section overhead 200 "$PY" benchmarks/overhead.py --device "$DEVICE" --preset "$PRESET" --steps "$STEPS"
-OVH=$ROOT/benchmarks/results/overhead-$PRESET-${DEVICE%%:*}.json
-[ "$OVH" -nt "$MARK" ] || OVH=/nonexistent  # never report an older run's numbers
-NUMS=$("$PY" - "$OVH" <<'EOF' 2>/dev/null || echo "no new results file"
+# overhead SECTION PRESET STEPS LIMIT LABEL: benchmarks/overhead.py on PRESET, its results in a row.
+overhead() {
+    touch "$MARK"
+    run_section "$1" "$4" "$PY" benchmarks/overhead.py --device "$DEVICE" --preset "$2" --steps "$3"
+    OVH=$ROOT/benchmarks/results/overhead-$2-${DEVICE%%:*}.json
+    [ "$OVH" -nt "$MARK" ] || OVH=/nonexistent  # never report an older run's numbers
+    NUMS=$("$PY" - "$OVH" <<'EOF' 2>/dev/null || echo "no new results file"
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
 print("; ".join(f"{r['config']}: {r['median_step_ms']:.2f} ms/step, {(r['median_paired_ratio'] - 1) * 100:+.2f}%"
                 for r in rows))
 EOF
 )
-if [ "$RESULTS" != "$ROOT/benchmarks/results" ] && [ -f "$OVH" ]; then
-    cp "$OVH" "${OVH%.json}.md" "$RESULTS/" 2>/dev/null
-fi
-row "e overhead" "$(verdict $RC)" "$SECS" "$NUMS"
-
-# --- e2: the overhead on a device-bound workload: GPT-2 124M-shaped, bf16 (target <= 0.5%) ---------
-if [ "${DEVICE%%:*}" = cuda ]; then
-    touch "$MARK"
-    run_section overhead-gpt2 150 "$PY" benchmarks/overhead.py --device "$DEVICE" --preset gpt2 --steps 40
-    OVH=$ROOT/benchmarks/results/overhead-gpt2-${DEVICE%%:*}.json
-    [ "$OVH" -nt "$MARK" ] || OVH=/nonexistent
-    NUMS=$("$PY" - "$OVH" <<'EOF' 2>/dev/null || echo "no new results file"
-import json, sys
-rows = json.load(open(sys.argv[1]))["rows"]
-print("; ".join(f"{r['config']}: {r['median_step_ms']:.1f} ms/step, {(r['median_paired_ratio'] - 1) * 100:+.2f}%"
-                for r in rows))
-EOF
-)
     if [ "$RESULTS" != "$ROOT/benchmarks/results" ] && [ -f "$OVH" ]; then
         cp "$OVH" "${OVH%.json}.md" "$RESULTS/" 2>/dev/null
     fi
-    row "e2 overhead (gpt2, bf16)" "$(verdict $RC)" "$SECS" "$NUMS"
+    row "$5" "$(verdict $RC)" "$SECS" "$NUMS"
+}
+MARK=$LOGS/.overhead-start
+overhead overhead "$PRESET" "$STEPS" 200 "e overhead"
+# e2: a device-bound workload, GPT-2 124M-shaped in bf16 (target <= 0.5%)
+if [ "${DEVICE%%:*}" = cuda ]; then
+    overhead overhead-gpt2 gpt2 40 150 "e2 overhead (gpt2, bf16)"
 fi
 
 # --- f: the attention probe's cost -----------------------------------------------------------------
