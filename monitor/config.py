@@ -169,9 +169,13 @@ class CollectorConfig(_Section):
         1024, ge=1, description="Records buffered for the publisher; beyond this they are dropped and counted.",
     )
     param_norms_every: int = Field(
-        1, ge=0,
-        description="Compute per-parameter gradient norms every N optimizer steps (0: never). "
-        "When the loop does not clip they come free with the global norm.",
+        50, ge=0,
+        description="Compute per-parameter gradient norms every N optimizer steps, step 0 included (0: never). "
+        "Every step costs a read of every gradient and per-tensor work on the training thread and the publisher "
+        "(benchmarks/results/hostcost.md); every 50, as TensorBoard charts them, it is a few us per step. Rules "
+        "use the steps that have them: grad.vanishing examines those among every `stride`-th step (at 50, a dead "
+        "parameter is named after 20 x 50 steps), the spike and divergence rules name the parameters that moved "
+        "most when the step has them. Lower it (10, or 1 for every step) for short runs or that evidence.",
     )
     count_tokens: bool = Field(True, description="Count integer input elements of the model's forward as tokens.")
 

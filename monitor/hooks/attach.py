@@ -233,7 +233,7 @@ class Monitor:
         if self._events is not None:
             outputs.append(("tensorboard writer", self._events.write))
             idle.insert(0, ("event file flush", self._events.maybe_flush))
-        outputs += [("prometheus metrics", self.metrics.observe), ("rules engine", self._judge)]
+        outputs += [("prometheus metrics", self.metrics.observe), ("rules engine", self._judge, self._judge_many)]
         return Publisher(rank=self.rank, param_names=names, stages=stages, outputs=outputs, guard=self.guard,
                          queue_size=cfg.collector.queue_size, on_drop=self.metrics.count_dropped, idle=idle,
                          attempt=self.attempt.id)
@@ -254,6 +254,11 @@ class Monitor:
         """The rules engine's output on the publisher thread (the watchdog shares the engine: its lock)."""
         with self._engine_lock:
             self.engine.observe(record)
+
+    def _judge_many(self, records: list[Any]) -> None:
+        """`_judge` for a batch of records (the publisher's batches): the lock once, the engine's batch path."""
+        with self._engine_lock:
+            self.engine.observe_many(records)
 
     def _watch(self, interval: float) -> None:
         """The watchdog: runs the clock rules (run.stalled, its stack dump) itself, on its own thread, so

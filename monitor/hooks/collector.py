@@ -7,9 +7,9 @@ waiting) and handed to the publisher, so the training thread never waits for the
 device on the monitor's behalf. Nothing here calls .item(), .tolist() or float()
 on a device tensor.
 
-Step boundaries: without a GradScaler the optimizer's step pre/post hooks; with
-one, `scaler.step(optimizer)`, because a skipped step never calls
-optimizer.step(). Every hook body runs under the ErrorGuard: a failure is
+Step boundaries: without a GradScaler (or with a disabled one) the optimizer's step
+pre/post hooks; with one, `scaler.step(optimizer)`, because a skipped step never
+calls optimizer.step(). Every hook body runs under the ErrorGuard: a failure is
 counted and the training loop never sees it (TrainingHalted excepted, which is
 the user's own request).
 """
@@ -29,7 +29,7 @@ from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.intercept import intercept
 from monitor.hooks.introspect import SchedulerSteps
 from monitor.hooks.norms import GradNorms, fingerprint, scaler_state
-from monitor.hooks.packet import Packet, StepState, Timing, assemble, count_tokens, find_loss
+from monitor.hooks.packet import Packet, Staging, StepState, assemble, count_tokens, find_loss, step_timing
 from monitor.hooks.phases import PhaseHooks
 from monitor.hooks.sampler import AttentionSampler
 
@@ -70,6 +70,7 @@ class StepCollector:
         self.scaler, self.scheduler = hooked.scaler, hooked.scheduler
         self.params = hooked.params
         self._device = self.params[0].device
+        self._device_type = self._device.type
         self.step = options.start_step
         self._opt = options
         self._global = options.global_stats
@@ -80,6 +81,7 @@ class StepCollector:
         self.norms = GradNorms(self.params, options.param_norms_every, global_stats=options.global_stats,
                                sharded=options.sharded)
         self._fp_tensors = [*self.params, *[b for b in self.model.buffers() if b.is_floating_point()]]
+        self.staging = Staging(self._device)  # the step's values to the host: planned once per layout
         self.local_sq: list[torch.Tensor] = []  # squared bucket norms from the DDP communication hook
         self._handles: list[Any] = []
         self._undo: list[Callable[[], None]] = []
@@ -126,7 +128,8 @@ class StepCollector:
             self._undo.append(intercept(m, "clip_grad_norm_", self._fsdp_clip))
         if self.scaler is not None:
             self._undo.append(intercept(self.scaler, "scale", self._scaler_scale))
-            self._undo.append(intercept(self.scaler, "step", self._scaler_step))
+            if getattr(self.scaler, "_enabled", True):  # a disabled one's step() is optimizer.step(): its hooks do
+                self._undo.append(intercept(self.scaler, "step", self._scaler_step))
 
     def remove(self) -> None:
         if self.sampler is not None:
@@ -172,9 +175,9 @@ class StepCollector:
                 self.sampler.forward_begin(self.step, first=s.micro == 0)
             if s.micro == 0 and autocast is not None:
                 s.autocast = autocast
-            elif s.micro == 0 and torch.is_autocast_enabled(self._device.type):
+            elif s.micro == 0 and torch.is_autocast_enabled(self._device_type):
                 # For the preflight checks (fp16 without GradScaler, GradScaler with bf16).
-                s.autocast = str(torch.get_autocast_dtype(self._device.type)).removeprefix("torch.")
+                s.autocast = str(torch.get_autocast_dtype(self._device_type)).removeprefix("torch.")
             s.micro += 1
             if self._opt.count_tokens:
                 tokens, batch = count_tokens(args, kwargs)
@@ -220,7 +223,7 @@ class StepCollector:
         compiled graph after it ran ("model", "loss_fn")."""
         try:
             if isinstance(loss, torch.Tensor) and loss.dim() == 0:
-                self.s.losses[source].append(loss.detach())
+                self.s.losses.setdefault(source, []).append(loss.detach())
         except Exception as e:
             self._guard.record(f"{source} loss", e)
 
@@ -254,7 +257,7 @@ class StepCollector:
             if torch.is_grad_enabled() and (source == "loss_fn" or module.training):
                 loss = find_loss(output)
                 if loss is not None:
-                    self.s.losses[source].append(loss.detach())
+                    self.s.losses.setdefault(source, []).append(loss.detach())
                 return loss
         except Exception as e:
             self._guard.record(f"{source} forward hook", e)
@@ -262,10 +265,13 @@ class StepCollector:
 
     def _scaler_scale(self, original, outputs):
         try:
+            s = self.s
             if isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
-                self.s.losses["scaler"].append(outputs.detach())
-                if self.s.t_first is None:
-                    self.s.t_first = time.perf_counter()
+                # The last-resort loss source: kept only while no other source reported (any other wins).
+                if not s.losses or "scaler" in s.losses:
+                    s.losses.setdefault("scaler", []).append(outputs.detach())
+                if s.t_first is None:
+                    s.t_first = time.perf_counter()
         except Exception as e:
             self._guard.record("GradScaler.scale hook", e)
         return original(outputs)
@@ -371,24 +377,17 @@ class StepCollector:
             self._read_lrs()
             self._measure(in_optimizer=False)
         now = time.perf_counter()
-        start = self._prev_end if self._prev_end is not None else s.t_first
-        step_time = now - start if start is not None else None
-        timing = Timing(
-            time=time.time(),
-            step_time=step_time,
-            busy_time=s.t_fwd_end - start if start is not None and s.t_fwd_end is not None else None,
-            # Host-side allocator counter (no device sync): the process's peak so far.
-            memory=float(torch.cuda.max_memory_allocated(self._device)) if self._device.type == "cuda" else None,
-            phases=self.phases.clock.step_end(now),
-        )
+        # Host-side allocator counter (no device sync): the process's peak so far.
+        memory = float(torch.cuda.max_memory_allocated(self._device)) if self._device_type == "cuda" else None
+        timing = step_timing(s, self._prev_end, now, memory, self.phases.clock.step_end(now))
         self._prev_end = now
-        attention = self.sampler.step_end(self.step, step_time) if self.sampler is not None else {}
+        attention = self.sampler.step_end(self.step, timing.step_time) if self.sampler is not None else {}
         fp_every = self._opt.fingerprint_every
         # One read of the weights every few steps, for the cross-rank comparison.
         fp = fingerprint(self._fp_tensors) if fp_every and self.step % fp_every == 0 else []
         packet = assemble(s, self.norms, step=self.step, scale=scale,
                           found_inf=found_inf, attention=attention, local_sq=self.local_sq, fingerprint=fp,
-                          timing=timing, scheduler_steps=self._scheduler_steps.since_last())
+                          timing=timing, scheduler_steps=self._scheduler_steps.since_last(), staging=self.staging)
         self.step += 1
         self._reset()
         self._handoff(packet)
@@ -397,12 +396,6 @@ class StepCollector:
 
     def log(self, loss: Any = None, tokens: int | None = None, **scalars: Any) -> None:
         try:
-            s = self.s
-            if loss is not None:
-                s.losses["log"].append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
-            if tokens is not None:
-                s.logged_tokens = (s.logged_tokens or 0) + int(tokens)
-            for k, v in scalars.items():
-                s.scalars[k] = v.detach() if isinstance(v, torch.Tensor) else float(v)
+            self.s.log(loss, tokens, scalars)
         except Exception as e:
             self._guard.record("mon.log", e)

@@ -10,6 +10,8 @@ change.
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import is_
 from typing import Any
 
 import torch
@@ -97,11 +99,13 @@ class GradNorms:
             # present is only built in the rare step where some parameter has none.
             grads = [p.grad for p in self.params]
             index = None
-            if any(g is None for g in grads):
+            if any(map(is_, grads, repeat(None))):
                 index = tuple(i for i, g in enumerate(grads) if g is not None)
                 grads = [grads[i] for i in index]
             if not grads:
                 return
+            # Grouped on every call, as clip_grad_norm_ does: a model moved or cast after attach (its
+            # parameters keep their identity) groups differently.
             grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True)
             order: list[torch.Tensor] = []  # the norms in clip_grad_norm_'s order (group by group)
             for (device, _dtype), ([group], _) in grouped.items():

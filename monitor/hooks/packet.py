@@ -1,15 +1,19 @@
 """One step's values, gathered on the training thread and handed to the publisher as a `Packet`.
 
 `StepState` is what the hooks accumulate during a step; `assemble` turns it, at the step
-boundary, into a Packet: every device value stacked into ONE float32 tensor (`layout` names its
+boundary, into a Packet: every device value copied into ONE float32 vector (`layout` names its
 leading entries; per-parameter norms and the weight fingerprint follow), copied to the host
-without waiting (on CUDA a non_blocking copy into pinned memory and an event the publisher waits
-on). Nothing here reads a device tensor on the host.
+without waiting. `Staging` plans that vector once per layout and reuses it (hooks/staging notes in
+its docstring): no per-scalar tensor op, no allocation on CUDA. Nothing here reads a device
+tensor on the host.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -44,11 +48,20 @@ def find_loss(output: Any) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) and v.dim() == 0 else None
 
 
+_TOKEN_DTYPES: dict[torch.dtype, bool] = {}  # dtype -> whether its tensors are token ids (filled as seen)
+
+
 def count_tokens(args: tuple, kwargs: dict) -> tuple[int, int | None]:
     # Integer tensors fed to the model are token ids; numel and shape are metadata (no sync).
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, torch.Tensor) and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool:
-            return v.numel(), (v.shape[0] if v.dim() > 0 else None)
+    for v in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(v, torch.Tensor):
+            dtype = v.dtype
+            ids = _TOKEN_DTYPES.get(dtype)
+            if ids is None:
+                ids = _TOKEN_DTYPES[dtype] = not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+            if ids:
+                shape = v.shape
+                return v.numel(), (shape[0] if shape else None)
     return 0, None
 
 
@@ -77,13 +90,14 @@ class Packet:
     fp_count: int = 0  # the last values are the parameter fingerprint (the rank exchange's)
     scalars: dict[str, float] = field(default_factory=dict)
     phases: PhaseMarks | None = None  # input / compute / collective-wait marks (resolved by the publisher)
+    recycle: Callable[[], None] | None = None  # the publisher calls it once `values` is read (CUDA: the buffer's pool)
 
 
 @dataclass
 class StepState:
     """What the hooks gather during one optimizer step (training thread); a fresh one per step."""
 
-    losses: dict[str, list] = field(default_factory=lambda: {s: [] for s in LOSS_SOURCES})
+    losses: dict[str, list] = field(default_factory=dict)  # per LOSS_SOURCES key that reported one
     tokens: int = 0
     logged_tokens: int | None = None  # mon.log(tokens=...): wins over the counted token ids
     micro: int = 0  # training forwards (micro-batches) so far
@@ -94,6 +108,15 @@ class StepState:
     autocast: str | None = None
     batch: int | None = None
 
+    def log(self, loss: Any, tokens: int | None, scalars: dict[str, Any]) -> None:
+        """mon.log(): an explicit loss (the first source), tokens, named scalars (tensors stay on the device)."""
+        if loss is not None:
+            self.losses.setdefault("log", []).append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
+        if tokens is not None:
+            self.logged_tokens = (self.logged_tokens or 0) + int(tokens)
+        for k, v in scalars.items():
+            self.scalars[k] = v.detach() if isinstance(v, torch.Tensor) else float(v)
+
 
 class Timing(NamedTuple):
     time: float  # wall clock at the step's end
@@ -103,22 +126,37 @@ class Timing(NamedTuple):
     phases: PhaseMarks | None
 
 
+def step_timing(s: StepState, prev_end: float | None, now: float, memory: float | None,
+                phases: PhaseMarks | None) -> Timing:
+    """The step's clocks: from the previous step's end (the first step: its first forward) to `now`, and to
+    its last forward's end (busy)."""
+    start = prev_end if prev_end is not None else s.t_first
+    return Timing(time=time.time(), step_time=now - start if start is not None else None,
+                  busy_time=s.t_fwd_end - start if start is not None and s.t_fwd_end is not None else None,
+                  memory=memory, phases=phases)
+
+
 def assemble(s: StepState, norms: GradNorms, *, step: int, scale: torch.Tensor | None,
              found_inf: torch.Tensor | None, attention: dict[str, torch.Tensor], local_sq: list[torch.Tensor],
-             fingerprint: list[torch.Tensor], timing: Timing, scheduler_steps: int | None) -> Packet:
+             fingerprint: list[torch.Tensor], timing: Timing, scheduler_steps: int | None,
+             staging: Staging) -> Packet:
     """The Packet of a finished step."""
     layout: list[str] = []
     parts: list[torch.Tensor] = []
     loss_value = None  # a Python float passed to mon.log(loss=...)
+    losses = s.losses
     for source, reduce in LOSS_SOURCES.items():
-        ls = s.losses[source]
+        ls = losses.get(source)
         if not ls:
             continue
         tensors = [x for x in ls if isinstance(x, torch.Tensor)]
-        if tensors:  # mon.log mixing floats and tensors in one step: the tensors count
-            loss = tensors[0].float() if len(tensors) == 1 else torch.stack([x.float() for x in tensors])
+        if len(tensors) == 1:  # mon.log mixing floats and tensors in one step: the tensors count
             layout.append("loss")
-            parts.append(loss if loss.dim() == 0 else loss.sum() if reduce == "sum" else loss.mean())
+            parts.append(tensors[0])  # 0-dim; the staging copy makes it float32, as .float() would
+        elif tensors:
+            loss = torch.stack([x.float() for x in tensors])
+            layout.append("loss")
+            parts.append(loss.sum() if reduce == "sum" else loss.mean())
         else:
             loss_value = sum(ls) / len(ls)
         break
@@ -128,10 +166,13 @@ def assemble(s: StepState, norms: GradNorms, *, step: int, scale: torch.Tensor |
     norm_unknown = norms.unknown
     if clips and not clips.unknown:
         total, max_norm = clips.total()
-        # Same formula as clip_grad_norm_'s coefficient.
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        layout += ["grad_norm", "clip_coef"]
-        parts += [total, coef]
+        layout.append("grad_norm")
+        parts.append(total)
+        if total.dtype != torch.float32:  # same formula as clip_grad_norm_'s coefficient, in the total's dtype
+            layout.append("clip_coef")
+            parts.append(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        # else the publisher derives it from the total and max_norm with clip_grad_norm_'s float32
+        # arithmetic, bit for bit (publisher.clip_coef): three device ops fewer per step.
     elif norm_unknown:
         if clips:
             max_norm = clips.total()[1]
@@ -160,50 +201,153 @@ def assemble(s: StepState, norms: GradNorms, *, step: int, scale: torch.Tensor |
     for k, v in s.scalars.items():
         if isinstance(v, torch.Tensor):
             layout.append(f"s:{k}")
-            parts.append(v.detach())
+            parts.append(v)
         else:
             scalars[k] = float(v)
-    for layer, stats in attention.items():  # sampled steps: four values per attention layer
+    for layer, stats in attention.items():  # sampled steps: four values per attention layer, one tensor
         layout += [f"a:{stat}:{layer}" for stat in STATS]
-        parts += stats.unbind()
+        parts.append(stats)
     if local_sq:  # this rank's gradients before the all-reduce, from the DDP hook
         layout.append("local_grad_norm")
         parts.append(local_norm(local_sq))
-    values, event = to_host(parts, (per_param or []) + fingerprint)
+    names, values, event, recycle = staging.stage(layout, parts, (per_param or []) + fingerprint)
     return Packet(
-        step=step, layout=tuple(layout), values=values, event=event, param_index=norms.index, lrs=lrs,
+        step=step, layout=names, values=values, event=event, param_index=norms.index, lrs=lrs,
         time=timing.time, step_time=timing.step_time,
         tokens=s.logged_tokens if s.logged_tokens is not None else (s.tokens or None), micro_batches=s.micro,
         scheduler_steps=scheduler_steps, max_norm=max_norm, grad_norm_unknown=norm_unknown, autocast=s.autocast,
         loss_value=loss_value, scalars=scalars, busy_time=timing.busy_time, memory=timing.memory,
-        batch_size=s.batch, fp_count=len(fingerprint), phases=timing.phases,
+        batch_size=s.batch, fp_count=len(fingerprint), phases=timing.phases, recycle=recycle,
     )
 
 
-def to_host(scalars: list[torch.Tensor], norms: list[torch.Tensor] | None) -> tuple[torch.Tensor | None, Any]:
-    """One float32 tensor of the step's values; on CUDA a non_blocking copy into pinned memory."""
-    pieces = []
-    device = (scalars or norms or [None])[0]
-    if device is None:
-        return None, None
-    device = device.device
-    if scalars:
-        # found_inf has shape [1], the others are 0-dim: flatten each to one element.
-        pieces.append(torch.stack([t.detach().to(device=device, dtype=torch.float32).reshape(()) for t in scalars]))
-    if norms:
-        if all(n.device == device for n in norms):
-            pieces.append(torch.stack(norms).to(torch.float32))
-        else:  # a model spread over devices
-            pieces.append(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
-    stacked = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    if device.type == "cuda":
+_POOL = 16  # pinned host buffers kept per layout for reuse (more are made while the publisher lags)
+
+
+class _Plan:
+    """One layout's staging: the device vector, a view of it per source, the host buffers' pool (CUDA)."""
+
+    __slots__ = ("layout", "stack", "buf", "head", "views", "tail", "free", "stream", "event")
+
+    def __init__(self, layout: tuple[str, ...], parts: list[torch.Tensor], n_tail: int, device: torch.device) -> None:
+        n = len(layout)
+        if sum(t.numel() for t in parts) != n:
+            raise ValueError(f"the step's values do not fit their names: {sum(t.numel() for t in parts)} values "
+                             f"for {layout} (a non-scalar tensor passed to mon.log?)")
+        self.layout = layout
+        # 0-dim sources on the vector's device are stacked (one op); others are copied view by view.
+        self.stack = bool(parts) and all(t.dim() == 0 and t.device == device for t in parts)
+        self.buf = torch.zeros(n + n_tail, dtype=torch.float32, device=device)
+        self.head, self.tail = self.buf[:n], self.buf[n:]
+        self.views: list[torch.Tensor] = []
+        at = 0
+        for t in parts:
+            self.views.append(self.buf[at:at + t.numel()].view(t.shape))
+            at += t.numel()
+        self.free: list[tuple[torch.Tensor, Any]] = []  # (pinned host buffer, its event), ready for reuse
+        self.stream: Any = None  # CUDA: the stream the last copy out of `buf` was issued on
+        self.event: Any = None  # and its event
+
+    def fill(self, parts: list[torch.Tensor], tail: list[torch.Tensor]) -> None:
+        """The step's values into the vector: a float32 conversion and a reshape inside one op."""
+        if not parts:
+            pass
+        elif self.stack:
+            torch.stack(parts, out=self.head)
+        else:
+            torch._foreach_copy_(self.views, parts)
+        if tail:
+            device = self.buf.device
+            if all(t.device == device for t in tail):
+                self.tail.copy_(torch.stack(tail))
+            else:  # a model spread over devices
+                self.tail.copy_(torch.stack([t.to(device=device, dtype=torch.float32) for t in tail]))
+
+    def give_back(self, slot: tuple[torch.Tensor, Any]) -> None:
+        """Publisher thread, once the host buffer is read (list.append is atomic)."""
+        if len(self.free) < _POOL:
+            self.free.append(slot)
+
+
+class Staging:
+    """Brings each step's values to the host in one float32 vector, without per-step layout work.
+
+    A layout (the names of the step's values and how many norms follow) is planned once: a float32
+    vector on the device and a view of it per source. On CPU, a step of 0-dim values is one
+    `torch.stack` (already the host vector); otherwise the values go into the vector in one op
+    (`torch.stack(out=)`, or `torch._foreach_copy_` into the views when shapes or devices differ: the
+    float32 conversion and the reshape happen inside it, no per-scalar op), the per-parameter norms
+    on the steps that have them in one more, then to the host: a clone on CPU; on CUDA a non_blocking
+    copy into a pinned buffer taken from the layout's pool, with a CUDA event made once per buffer and
+    recorded again, both handed back by the publisher once it has read them (`Packet.recycle`). A
+    step whose values no longer fit the plan (a shape or device that changed) gets a new plan.
+    Training thread only; nothing here waits for the device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._kind = device.type
+        self._plans: dict[tuple, _Plan] = {}
+
+    def stage(self, layout: list[str], parts: list[torch.Tensor], tail: list[torch.Tensor]
+              ) -> tuple[tuple[str, ...], torch.Tensor | None, Any, Callable[[], None] | None]:
+        """(layout as a tuple, the host vector, the event to wait on or None, the recycle callable or None)."""
+        if not parts and not tail:
+            return (), None, None, None
+        key = (*layout, len(tail))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _Plan(key[:-1], parts, len(tail), self.device)
+        if self._kind == "cpu" and plan.stack and not tail:
+            try:
+                values = torch.stack(parts)  # fresh: it is the host vector (mixed dtypes promote exactly)
+            except RuntimeError:  # a shape or device that changed: the general path, planned anew
+                plan = self._replan(key, parts, tail)
+            else:
+                return plan.layout, values if values.dtype is torch.float32 else values.float(), None, None
+        if self._kind == "cuda":
+            self._order(plan)
+        if torch.is_grad_enabled():  # the sources carry no grad; out= and in-place copies must not record any
+            with torch.no_grad():
+                plan = self._fill(key, plan, parts, tail)
+        else:
+            plan = self._fill(key, plan, parts, tail)
+        if self._kind == "cuda":
+            return plan.layout, *self._to_pinned(plan)
+        if self._kind != "cpu":  # other accelerators: an asynchronous copy where the backend has one
+            return plan.layout, plan.buf.to("cpu", non_blocking=True), None, None
+        return plan.layout, plan.buf.clone(), None, None
+
+    def _replan(self, key: tuple, parts: list[torch.Tensor], tail: list[torch.Tensor]) -> _Plan:
+        plan = self._plans[key] = _Plan(key[:-1], parts, len(tail), self.device)
+        plan.stack = False  # its shapes or devices changed once: they may again
+        return plan
+
+    def _fill(self, key: tuple, plan: _Plan, parts: list[torch.Tensor], tail: list[torch.Tensor]) -> _Plan:
+        try:
+            plan.fill(parts, tail)
+        except RuntimeError:  # a shape or device that changed: planned anew, once
+            plan = self._replan(key, parts, tail)
+            if self._kind == "cuda":
+                self._order(plan)
+            plan.fill(parts, tail)
+        return plan
+
+    @staticmethod
+    def _order(plan: _Plan) -> None:
+        """A step on another stream than the last copy out of the vector waits for that copy first."""
+        stream = torch.cuda.current_stream(plan.buf.device)
+        if plan.stream is not None and plan.stream != stream:
+            stream.wait_event(plan.event)
+        plan.stream = stream
+
+    @staticmethod
+    def _to_pinned(plan: _Plan) -> tuple[torch.Tensor, Any, Callable[[], None]]:
         # Pinned destination + event: the publisher waits on the event, the training thread never does.
-        host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
-        host.copy_(stacked, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
-    if device.type != "cpu":
-        # Other accelerators: an asynchronous copy where the backend supports it.
-        return stacked.to("cpu", non_blocking=True), None
-    return stacked, None
+        slot = plan.free.pop() if plan.free else (
+            torch.empty(plan.buf.shape, dtype=torch.float32, pin_memory=True), torch.cuda.Event())
+        host, event = slot
+        host.copy_(plan.buf, non_blocking=True)
+        event.record(plan.stream)
+        plan.event = event
+        return host, event, partial(plan.give_back, slot)

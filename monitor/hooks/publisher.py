@@ -7,17 +7,22 @@ step's event with a deadline; the clock rules (run.stalled) never depend on this
 the decoded step and may annotate its record (e.g. the rank exchange's outcome),
 then the `outputs` in order, which read the record (e.g. the event writer, the
 metrics, the rules). An error in one is counted and logged under that stage's
-name, and the step goes on to the next. The queue is bounded: when it is full the
-training thread drops the record and counts it instead of waiting.
+name, and the step goes on to the next. Steps are published a batch at a time (decode and the
+stages record by record, then each output over the batch: GATHER_SECONDS), in step order to every
+output. The queue is bounded: when it is full the training thread drops the record and counts it
+instead of waiting.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from monitor.hooks.guard import ErrorGuard
@@ -44,28 +49,29 @@ def decode(p: Packet, rank: int, param_names: list[str], attempt: int = 1) -> De
     """The StepRecord of a packet, with the parameter fingerprint it carried (or None)."""
     # The non_blocking copy's event is complete (Publisher._publish waited for it, with a deadline).
     values = p.values.tolist() if p.values is not None else []
+    if p.recycle is not None:
+        p.recycle()  # read: the host buffer goes back to the training thread's pool
     fingerprint = None
     if p.fp_count:
         fingerprint = values[len(values) - p.fp_count:]
         values = values[:len(values) - p.fp_count]
-    fields: dict = {}
+    field_at, lr_at, scalar_at, attention_at = _layout_plan(p.layout)
+    fields = {name: values[i] for name, i in field_at}
     lrs = list(p.lrs)
+    for group, i in lr_at:
+        lrs[group] = values[i]
     scalars = dict(p.scalars)
+    for name, i in scalar_at:
+        scalars[name] = values[i]
     attention: dict[str, dict[str, float]] = {}
+    for layer, stat, i in attention_at:
+        attention.setdefault(layer, {})[stat] = values[i]
     n = len(p.layout)
-    for name, v in zip(p.layout, values):
-        if name.startswith("lr:"):
-            lrs[int(name[3:])] = v
-        elif name.startswith("s:"):
-            scalars[name[2:]] = v
-        elif name.startswith("a:"):  # a:<stat>:<layer>
-            _, stat, layer = name.split(":", 2)
-            attention.setdefault(layer, {})[stat] = v
-        else:
-            fields[name] = v
     found_inf = fields.pop("found_inf", None)
     grad_norm = fields.get("grad_norm")
     coef = fields.get("clip_coef")
+    if coef is None and grad_norm is not None and p.max_norm is not None:  # the loop clipped by this norm
+        coef = fields["clip_coef"] = clip_coef(grad_norm, p.max_norm)
     if grad_norm is not None:
         fields["grad_norm_clipped"] = grad_norm * coef if coef is not None else grad_norm
         if coef is None:
@@ -92,9 +98,68 @@ def decode(p: Packet, rank: int, param_names: list[str], attempt: int = 1) -> De
     return Decoded(rec, fingerprint, p.batch_size)
 
 
+@lru_cache(maxsize=256)
+def _layout_plan(layout: tuple[str, ...]) -> tuple[tuple, tuple, tuple, tuple]:
+    """Where a layout's values go, worked out once per layout: ((field, i)...), ((lr group, i)...),
+    ((scalar, i)...), ((layer, stat, i)...)."""
+    fields, lrs, scalars, attention = [], [], [], []
+    for i, name in enumerate(layout):
+        if name.startswith("lr:"):
+            lrs.append((int(name[3:]), i))
+        elif name.startswith("s:"):
+            scalars.append((name[2:], i))
+        elif name.startswith("a:"):  # a:<stat>:<layer>
+            _, stat, layer = name.split(":", 2)
+            attention.append((layer, stat, i))
+        else:
+            fields.append((name, i))
+    return tuple(fields), tuple(lrs), tuple(scalars), tuple(attention)
+
+
+def _f32(x: float) -> float:
+    return array("f", (x,))[0]  # rounded to float32 as a C cast rounds (past its range: inf)
+
+
+_EPS32 = _f32(1e-6)
+
+
+def clip_coef(total: float, max_norm: float) -> float:
+    """clip_grad_norm_'s coefficient, clamp(max_norm / (total + 1e-6), max=1), in its float32 arithmetic:
+    torch computes `max_norm / t` as `t.reciprocal() * max_norm`, each op rounded to float32 (a float32
+    op computed in double and rounded once is the float32 result: double has over twice the bits)."""
+    x = _f32(total + _EPS32)
+    r = _f32(1.0 / x) if x else math.copysign(math.inf, x)
+    c = _f32(r * _f32(max_norm))
+    return 1.0 if c > 1.0 else c  # NaN stays NaN, as torch.clamp keeps it
+
+
 Stage = tuple[str, Callable[[Decoded], object]]
-Output = tuple[str, Callable[[StepRecord], object]]
+# (name, per record) or (name, per record, per batch): the batch form takes a list of records in step order
+# (TrainMetrics.observe_many, RulesEngine.observe_many: the same result as one at a time, for less).
+Output = tuple[str, Callable[[StepRecord], object]] | tuple[str, Callable[[StepRecord], object],
+                                                          Callable[[list[StepRecord]], object]]
 Task = tuple[str, Callable[[], object]]
+
+
+def _batch_form(output: Output) -> Output:
+    """An output given as an object's bound `observe` gets that object's `observe_many` as its batch form
+    (TrainMetrics, RulesEngine); any other as it was given."""
+    if len(output) == 2:
+        name, fn = output
+        many = getattr(getattr(fn, "__self__", None), "observe_many", None)
+        if getattr(fn, "__name__", None) == "observe" and callable(many):
+            return name, fn, many
+    return output
+
+
+# Steps are published a batch at a time, at most one batch per GATHER_SECONDS: a step that comes after
+# a quiet spell is published at once; while steps keep coming, those that arrive meanwhile wait for the
+# next batch (flush() and close() cut the wait short). A batch is decoded and run through the stages
+# record by record, then through each output. Fewer wake-ups and GIL hand-offs, and the batch forms of
+# the outputs; a record reaches its outputs at most GATHER_SECONDS (plus the work) after its step ended.
+GATHER_SECONDS = 0.25
+MAX_BATCH = 256
+_GATHER_MIN_QUEUE = 64  # a smaller queue (set to see drops early) is drained as it comes
 
 
 class Publisher:
@@ -118,7 +183,7 @@ class Publisher:
         self.attempt = attempt
         self.param_names = param_names
         self.stages = list(stages)
-        self.outputs = list(outputs)
+        self.outputs = [_batch_form(o) for o in outputs]
         self.guard = guard
         self.dropped = 0
         self.published = 0
@@ -126,6 +191,9 @@ class Publisher:
         self._idle = list(idle)
         self._idle_secs = idle_secs
         self._closing = threading.Event()  # close() gave up waiting: a step's device copy is not waited for
+        self._hurry = threading.Event()  # flush() or close() waits: no gathering
+        self._gather = GATHER_SECONDS if queue_size >= _GATHER_MIN_QUEUE else 0.0
+        self._next_batch = 0.0  # monotonic time before which the next batch gathers (publisher thread)
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="trainmon-publisher", daemon=True)
         self._thread.start()
@@ -144,13 +212,18 @@ class Publisher:
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every submitted packet is published; False on timeout."""
         deadline = time.monotonic() + timeout
-        with self._q.all_tasks_done:
-            while self._q.unfinished_tasks:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
-                    return False
-                self._q.all_tasks_done.wait(min(left, 0.1))
-        return True
+        self._hurry.set()
+        try:
+            with self._q.all_tasks_done:
+                while self._q.unfinished_tasks:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._thread.is_alive():
+                        return False
+                    self._hurry.set()  # again: another flush() that returned may have cleared it
+                    self._q.all_tasks_done.wait(min(left, 0.1))
+            return True
+        finally:
+            self._hurry.clear()
 
     def close(self, timeout: float = 30.0) -> bool:
         """Publish what is queued and stop the thread, within `timeout` in all; False when steps were
@@ -158,6 +231,7 @@ class Publisher:
         deadline = time.monotonic() + timeout
         ok = self.flush(timeout)
         self._closing.set()
+        self._hurry.set()  # no more gathering: what comes now is the end
         if self._thread.is_alive():
             try:
                 self._q.put(_STOP, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
@@ -173,18 +247,29 @@ class Publisher:
     # -- publisher thread -------------------------------------------------------------
 
     def _run(self) -> None:
+        q = self._q
         while True:
             try:
-                item = self._q.get(timeout=self._idle_secs)
+                items = [q.get(timeout=self._idle_secs)]
             except queue.Empty:
                 self._run_tasks(self._idle)
                 continue
+            wait = self._next_batch - time.monotonic()
+            if wait > 0 and items[0] is not _STOP and q.qsize() < MAX_BATCH:
+                self._hurry.wait(wait)  # let the next steps gather into this batch
             try:
-                if item is _STOP:
-                    return
-                self._publish(item)
+                while len(items) < MAX_BATCH:
+                    items.append(q.get_nowait())
+            except queue.Empty:
+                pass
+            self._next_batch = time.monotonic() + self._gather
+            try:
+                self._publish_batch([p for p in items if p is not _STOP])
             finally:
-                self._q.task_done()
+                for _ in items:
+                    q.task_done()
+            if any(p is _STOP for p in items):
+                return
 
     def _run_tasks(self, tasks: Sequence[Task]) -> None:
         for name, task in tasks:
@@ -213,7 +298,8 @@ class Publisher:
             pause = min(pause * 2, 0.01)
         return True
 
-    def _publish(self, packet: Packet) -> None:
+    def _publish(self, packet: Packet) -> StepRecord | None:
+        """One step decoded and through the stages: its record (None: not published, counted)."""
         if packet.event is not None and not self._device_ready(packet.event):
             return
         try:
@@ -226,10 +312,23 @@ class Publisher:
                 stage(step)
             except Exception as e:
                 self.guard.record(name, e)
-        rec = step.record
-        for name, out in self.outputs:
+        return step.record
+
+    def _publish_batch(self, packets: list[Packet]) -> None:
+        """Steps in order: each decoded and through the stages, then every output over them all."""
+        records = [r for r in map(self._publish, packets) if r is not None]
+        if not records:
+            return
+        for name, out, *many in self.outputs:
             try:
-                out(rec)
+                if many:
+                    many[0](records)
+                else:
+                    for rec in records:
+                        try:
+                            out(rec)
+                        except Exception as e:
+                            self.guard.record(name, e)
             except Exception as e:
                 self.guard.record(name, e)
-        self.published += 1
+        self.published += len(records)
