@@ -7,12 +7,8 @@ never later in the middle of a run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import types
-import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -26,18 +22,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-# Configuration variables: TRAINMON_<SECTION>__<FIELD>. Not MONITOR_*: Kubernetes injects MONITOR_PORT,
-# MONITOR_SERVICE_HOST, ... into every pod of a namespace with a Service named `monitor`. MONITOR_* config
-# variables are no longer read (MONITOR_RUN_DIR, the run directory, is not a config variable: unchanged).
-ENV_PREFIX = "TRAINMON_"
-CONFIG_ENV = "TRAINMON_CONFIG"  # a config file, used when no config is given
-_LEGACY_PREFIX = "MONITOR_"
-# Environment variables under the prefixes that are not config overrides.
-_ENV_RESERVED = {CONFIG_ENV}
-_LEGACY_RESERVED = {"MONITOR_RUN_DIR"}
-# Service links Kubernetes injects for a Service named trainmon(-...): listed by `monitor config`, never warned of.
-_SERVICE_LINK = re.compile(r".*_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT|PORT_\d+_(TCP|UDP|SCTP)(_\w+)?)$")
 
 log = logging.getLogger("trainmon")
 
@@ -376,189 +360,6 @@ class MonitorConfig(_Section):
         return self
 
 
-def _dotted(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc if p != "__root__")
-
-
-def _from_env(key: str, origins: Mapping[str, str]) -> str:
-    """" (from TRAINMON_...)" when environment variables set `key`, a key inside it or a section holding it."""
-    names = sorted({name for k, name in origins.items()
-                    if key == k or key.startswith(k + ".") or k.startswith(key + ".")})
-    return f" (from {', '.join(names)})" if names else ""
-
-
-def _format_validation_error(err: ValidationError, source: str, origins: Mapping[str, str] | None = None) -> str:
-    """One line per problem, naming the dotted key and, for `origins` ({dotted key: variable name}), the
-    environment variable that set it (never its value: it may be a secret URL)."""
-    origins = origins or {}
-    lines = []
-    for e in err.errors():
-        key = _dotted(e["loc"])
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        msg = msg.removeprefix("Value error, ")  # our validators' own messages
-        if not key:
-            # Raised by a model validator whose message already names its keys ("rules.x.y: ...").
-            for line in msg.splitlines():
-                head, sep, rest = line.partition(": ")
-                named = _from_env(head, origins) if sep and " " not in head else ""
-                lines.append(f"  {head}{named}{sep}{rest}")
-            continue
-        lines.append(f"  {key}{_from_env(key, origins)}: {msg}")
-    return f"invalid trainmon config ({source}):\n" + "\n".join(lines)
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"config file {path}: unsupported extension {suffix!r} (use .yaml, .yml, .toml or .json)")
-    except ConfigError:
-        raise
-    except Exception as e:  # parse errors of any of the three formats
-        raise ConfigError(f"config file {path} could not be parsed: {e}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
-    # A file may hold the monitor's config under a `monitor:` key beside other tools' settings.
-    if set(data) == {"monitor"} and isinstance(data["monitor"], dict):
-        data = data["monitor"]
-    return data
-
-
-def _parse_env_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
-def section_model(annotation: Any) -> type[BaseModel] | None:
-    """The model of a field that is a section (or an optional one), else None."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
-        return models[0] if len(models) == 1 else None
-    return None
-
-
-def _env_key(parts: list[str]) -> list[str] | None:
-    """The config key (path) that a variable's lowercased `__`-separated parts name, rule ids restored
-    (loss_spike -> loss.spike); None when the config has no key of that name."""
-    if parts[0] == "rules":
-        if len(parts) == 1:
-            return parts  # the whole mapping, as JSON
-        from monitor.rules.registry import REGISTRY, rule_id_from_env
-
-        rule_id = rule_id_from_env(parts[1])
-        if rule_id not in REGISTRY or len(parts) > 3:
-            return None
-        if len(parts) == 3 and parts[2] not in REGISTRY.get(rule_id).Config.model_fields:
-            return None
-        return ["rules", rule_id, *parts[2:]]
-    model: type[BaseModel] = MonitorConfig
-    for i, p in enumerate(parts):
-        field = model.model_fields.get(p)
-        if field is None or field.exclude:  # excluded: Python only (on_alert)
-            return None
-        sub = section_model(field.annotation)
-        if sub is not None:
-            model = sub
-            continue
-        rest = parts[i + 1:]
-        if not rest or (typing.get_origin(field.annotation) is dict and len(rest) == 1):  # a key of a mapping
-            return parts
-        return None
-    return parts
-
-
-def _scan_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
-    """(overrides, {dotted key: variable name}, ignored names) of the TRAINMON_* variables."""
-    out: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    ignored: list[str] = []
-    for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or name in _ENV_RESERVED:
-            continue
-        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
-        key = _env_key(parts) if parts else None
-        if key is None:
-            ignored.append(name)
-            continue
-        node = out
-        for i, p in enumerate(key[:-1]):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                other = origins.get(".".join(key[:i + 1]), f"another {ENV_PREFIX}* variable")
-                raise ConfigError(f"environment variable {name} conflicts with {other} (not a mapping)")
-        node[key[-1]] = _parse_env_value(raw)
-        origins[".".join(key)] = name
-    return out, origins, ignored
-
-
-def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """TRAINMON_<SECTION>__<FIELD>=value (double underscore nests), e.g. TRAINMON_METRICS__PORT=9800.
-
-    Rule options: TRAINMON_RULES__<RULE_ID>__<OPTION>, where the rule id is written with
-    underscores for dots (TRAINMON_RULES__LOSS_SPIKE__Z_CRITICAL=9 -> rules['loss.spike'].z_critical).
-    Names that are no config key are left out (`ignored_env` lists them); a known key with a bad
-    value fails in `load_config`, naming the variable.
-    """
-    return _scan_env(os.environ if environ is None else environ)[0]
-
-
-def ignored_env(environ: Mapping[str, str] | None = None) -> list[str]:
-    """TRAINMON_* variables that name no config key (a typo, a Service link Kubernetes injected): not read."""
-    return _scan_env(os.environ if environ is None else environ)[2]
-
-
-def legacy_env(environ: Mapping[str, str] | None = None) -> list[str]:
-    """MONITOR_* variables that would set a config key under the old prefix: no longer read."""
-    environ = os.environ if environ is None else environ
-    out = []
-    for name in sorted(environ):
-        if not name.startswith(_LEGACY_PREFIX) or name in _LEGACY_RESERVED:
-            continue
-        rest = name[len(_LEGACY_PREFIX):]
-        parts = [p.lower() for p in rest.split("__") if p]
-        if ENV_PREFIX + rest == CONFIG_ENV or (parts and _env_key(parts) is not None):
-            out.append(name)
-    return out
-
-
-_warned: set[tuple[str, ...]] = set()
-
-
-def _warn_env(ignored: list[str], legacy: list[str]) -> None:
-    """Once per process and set of names: what the environment holds that is not read."""
-    typos = [n for n in ignored if "__" in n or not _SERVICE_LINK.match(n)]
-    if (not typos and not legacy) or (*typos, "|", *legacy) in _warned:
-        return
-    _warned.add((*typos, "|", *legacy))
-    if typos:
-        log.warning("trainmon: ignoring environment variable(s) that name no config key: %s", ", ".join(typos))
-    if legacy:
-        log.warning("trainmon: not reading %s: configuration variables now use the %s prefix (%s)",
-                    ", ".join(legacy), ENV_PREFIX,
-                    ", ".join(ENV_PREFIX + n[len(_LEGACY_PREFIX):] for n in legacy))
-
-
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -583,6 +384,16 @@ def load_config(
     fatal, and so are the old MONITOR_* config variables; with `warn`, a warning names them
     (once per process; not the Service links Kubernetes injects).
     """
+    from monitor.config_load import (
+        CONFIG_ENV,
+        ENV_PREFIX,
+        format_validation_error,
+        legacy_env,
+        read_file,
+        scan_env,
+        warn_env,
+    )
+
     environ = os.environ if environ is None else environ
     if source is None and environ.get(CONFIG_ENV):
         source = environ[CONFIG_ENV]
@@ -594,14 +405,14 @@ def load_config(
         data, on_alert, where = dict(source), None, "dict"
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        data, on_alert, where = _read_file(path), None, str(path)
+        data, on_alert, where = read_file(path), None, str(path)
     elif source is None:
         data, on_alert, where = {}, None, "defaults"
     else:
         raise TypeError(f"config must be a MonitorConfig, a dict or a path, got {type(source).__name__}")
-    overrides, origins, ignored = _scan_env(environ)
+    overrides, origins, ignored = scan_env(environ)
     if warn:
-        _warn_env(ignored, legacy_env(environ))
+        warn_env(ignored, legacy_env(environ))
     if overrides:
         data = _merge(data, overrides)
         where += f" + {ENV_PREFIX}* environment"
@@ -610,4 +421,4 @@ def load_config(
     try:
         return MonitorConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, where, origins)) from None
+        raise ConfigError(format_validation_error(e, where, origins)) from None

@@ -7,7 +7,8 @@ import json
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from monitor.config import CONFIG_ENV, ENV_PREFIX, MonitorConfig, section_model
+from monitor.config import MonitorConfig
+from monitor.config_load import CONFIG_ENV, ENV_PREFIX, section_model
 
 
 def _default(field) -> str:

@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from monitor.config import ConfigError, MonitorConfig, env_overrides, ignored_env, legacy_env, load_config
+from monitor.config import ConfigError, MonitorConfig, load_config
+from monitor.config_load import env_overrides, ignored_env, legacy_env
 
 
 def test_defaults_are_safe():

@@ -28,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import free_port, start_prometheus, wait_until
 
 from monitor.cli.export import export_scrape_config
-from monitor.config import MetricsConfig, ignored_env, load_config
+from monitor.config import MetricsConfig, load_config
+from monitor.config_load import ignored_env
 from monitor.exporters.endpoint import advertised, metrics_endpoint, node_name, split_hostport
 from monitor.runlog.rundir import SHARED_TARGETS_DIR, RunDir
 from monitor.watch.daemon import Watcher

@@ -369,7 +369,7 @@ def test_sink_urls_never_reach_run_json_or_the_logs(tmp_path, caplog):
 
 def test_monitor_config_prints_sink_urls_redacted(tmp_path):
     from monitor.cli.app import app
-    from monitor.config import ENV_PREFIX
+    from monitor.config_load import ENV_PREFIX
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"sinks": {"webhook": {"url": SECRET_URL}}}))

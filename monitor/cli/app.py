@@ -20,7 +20,8 @@ import click
 import typer
 
 from monitor import __version__
-from monitor.config import ConfigError, MonitorConfig, ignored_env, legacy_env, load_config
+from monitor.config import ConfigError, MonitorConfig, load_config
+from monitor.config_load import ignored_env, legacy_env
 from monitor.schema import Severity
 
 app = typer.Typer(
