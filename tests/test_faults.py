@@ -420,7 +420,7 @@ def test_close_keeps_its_deadline_with_a_stuck_alert_callback(tmp_path, fault_ro
         took = time.monotonic() - t0
     finally:
         release.set()
-    assert took < 5, took
+    assert took < 30, took  # not the 60 s the callback would hold it: close gave up on it at its deadline
     assert "publisher shutdown" in _places(mon)
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert info["attempts"][-1]["ended"] and json.loads((tmp_path / "r" / "targets.json").read_text()) == []
