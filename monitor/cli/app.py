@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from monitor import __version__
-from monitor.config import ConfigError, MonitorConfig, load_config
+from monitor.cli.common import (
+    EXIT_DAMAGED,
+    EXIT_FINDINGS,
+    ConfigOpt,
+    MapOpt,
+    config_from,
+    crash_exit,
+    fail,
+    mapping_from,
+)
+from monitor.cli.export_cmd import export_app
+from monitor.config import MonitorConfig
 from monitor.config_load import ignored_env, legacy_env
 from monitor.schema import Severity
 
@@ -47,69 +55,6 @@ def _options(
     pass
 
 
-EXIT_FINDINGS = 1
-EXIT_BAD_INPUT = 2
-EXIT_DAMAGED = 3
-EXIT_CRASH = 4
-
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
-@contextmanager
-def _crash_exit(command: str) -> Iterator[None]:
-    """An unexpected exception inside: one line naming it on stderr and EXIT_CRASH, never the findings code.
-    (typer.Exit is a RuntimeError: the command's own exits pass through.)"""
-    try:
-        yield
-    except (typer.Exit, typer.Abort, click.exceptions.ClickException):
-        raise
-    except Exception as e:
-        what = " ".join(f"{type(e).__name__}: {e}".split())
-        typer.echo(f"error: monitor {command} failed unexpectedly: {what} (a trainmon bug, not a finding; "
-                   "please report it)", err=True)
-        raise typer.Exit(EXIT_CRASH) from None
-
-
-def _config(path: Path | None, *, warn: bool = True) -> MonitorConfig:
-    try:
-        return load_config(path, warn=warn)
-    except ConfigError as e:
-        raise _fail(str(e)) from None
-
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="Config file (YAML/TOML/JSON): rule options and more.")
-]
-
-
-MapOpt = Annotated[
-    list[str] | None, typer.Option("--map", help="SIGNAL=TAG for logs with other tag names (repeatable), e.g. "
-                                                 "loss=train/my_loss; signals: loss, lr, grad_norm, loss_scale, skipped, "
-                                                 "step_time, tokens, scalars.NAME; a TAG may be a glob (lr=opt/lr/*).")
-]
-
-
-def _mapping(pairs: list[str] | None) -> dict[str, str] | None:
-    from monitor.runlog.adapters.frameworks import validate_mapping
-    from monitor.runlog.sources import SourceError
-
-    out: dict[str, str] = {}
-    for pair in pairs or []:
-        name, sep, tag = pair.partition("=")
-        if not sep or not name.strip() or not tag.strip():
-            raise _fail(f"--map expects SIGNAL=TAG (e.g. loss=train/loss), got {pair!r}")
-        out[name.strip()] = tag.strip()
-    if not out:
-        return None
-    try:
-        return validate_mapping(out)
-    except SourceError as e:
-        raise _fail(str(e)) from None
-
-
 @app.command()
 def check(
     run_dir: Annotated[Path, typer.Argument(help="A run: a trainmon run directory, another framework's TensorBoard "
@@ -130,9 +75,9 @@ def check(
     Exit 0 clean, 1 an alert at least --fail-on severe, 2 bad arguments or no readable run at the path,
     3 damaged input (reported on stderr) and no such alert, 4 an unexpected error.
     """
-    with _crash_exit("check"):
-        cfg = _config(config)
-        mapping = _mapping(map_)
+    with crash_exit("check"):
+        cfg = config_from(config)
+        mapping = mapping_from(map_)
         _check(run_dir, cfg, mapping, as_json=as_json, fail_on=fail_on, report=report)
 
 
@@ -144,9 +89,9 @@ def _check(run_dir: Path, cfg: MonitorConfig, mapping: dict[str, str] | None, *,
     try:
         result = examine_run(run_dir, cfg, mapping)
     except SourceError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except OSError as e:  # a file of the run the readers do not guard (run.json's permissions, say)
-        raise _fail(f"{run_dir}: unreadable: {e}") from None
+        raise fail(f"{run_dir}: unreadable: {e}") from None
     data, alerts = result.data, result.alerts
     for p in result.damage:
         typer.echo(f"warning: {p}", err=True)
@@ -159,7 +104,7 @@ def _check(run_dir: Path, cfg: MonitorConfig, mapping: dict[str, str] | None, *,
             report.write_text(render_report(data.info, data.records, alerts, problems=result.damage + result.notes),
                               encoding="utf-8")
         except OSError as e:
-            raise _fail(f"cannot write the report {report}: {e.strerror or e}") from None
+            raise fail(f"cannot write the report {report}: {e.strerror or e}") from None
         typer.echo(f"report written to {report}", err=True)
     if as_json:
         keys = {"rule", "severity", "step", "rank", "message", "hint", "evidence", "attempt"}
@@ -207,7 +152,7 @@ def config_cmd(
         return
     import yaml
 
-    cfg = _config(config, warn=False)  # what the environment holds that is not read: said here, once
+    cfg = config_from(config, warn=False)  # what the environment holds that is not read: said here, once
     ignored, legacy = ignored_env(), legacy_env()
     if ignored:
         typer.echo(f"# ignored environment variables (no config key of that name): {', '.join(ignored)}", err=True)
@@ -230,7 +175,7 @@ def rules(
     from monitor.rules.docs import catalogue, catalogue_markdown
 
     if config is not None:
-        cfg = _config(config)
+        cfg = config_from(config)
         typer.echo(f"{config}: valid ({len(cfg.rules)} rule(s) configured)")
         return
     if markdown:
@@ -318,8 +263,8 @@ def train(
             cfg = cli.build_config(preset, overrides)
         cli.check_launch(cfg, nproc)
     except ValueError as e:
-        raise _fail(str(e)) from None
-    mon_cfg = _config(config) if config else None
+        raise fail(str(e)) from None
+    mon_cfg = config_from(config) if config else None
     if nproc > 1:
         code = cli.launch_ranks(cfg, nproc=nproc, run_dir=run_dir, config_path=config, no_monitor=no_monitor,
                                 progress=progress)
@@ -356,7 +301,7 @@ def demo(
     try:
         cfg = build_config(preset, {"faults": fault or DEMO_FAULTS})
     except ValueError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     typer.echo(f"trainmon demo: {preset} GPT with fault(s) {', '.join(cfg.faults)}; alerts print as they fire.")
     result, url, halted, mon = run_training(cfg, run_dir=run_dir, monitor_config={"halt_on": "critical"},
                                             progress=progress, linger=linger)
@@ -390,96 +335,20 @@ def watch(
     from monitor.cli.watch import run_watch
     from monitor.watch.state import default_state_dir
 
-    cfg = _config(config)
+    cfg = config_from(config)
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        raise _fail(f"no such path: {', '.join(missing)}")
-    mapping = _mapping(map_)
+        raise fail(f"no such path: {', '.join(missing)}")
+    mapping = mapping_from(map_)
     try:
         run_watch(paths, cfg, state_dir=state_dir or default_state_dir(), host=metrics_host,
                   port=None if metrics_port < 0 else metrics_port, mapping=mapping, plain=plain, poll=poll,
                   discover=discover, once=once)
     except OSError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
 
 
-export_app = typer.Typer(help="Prometheus rules, a scrape config and Grafana dashboards, generated from the rules.",
-                         no_args_is_help=True)
 app.add_typer(export_app, name="export")
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file (default: stdout).")]
-JobOpt = Annotated[str, typer.Option(help="Prometheus job name of the per-rank endpoints.")]
-RunbookOpt = Annotated[str, typer.Option(
-    "--runbook-base", help="Where the alerts' runbook_url points: docs/rules.md as a path or URL (e.g. the "
-    "repository's https://.../blob/main/docs/rules.md), each rule's section appended as an anchor.")]
-
-
-@export_app.command("prometheus-rules")
-def export_prometheus_rules_cmd(out: OutOpt = None, config: ConfigOpt = None, job: JobOpt = "trainmon",
-                                runbook_base: RunbookOpt = "docs/rules.md") -> None:
-    """Alerting rules (stalled runs, active trainmon alerts, skipped steps, NaN loss, down targets);
-    with --out also their promtool unit tests beside it."""
-    from monitor.cli.export import export_prometheus_rules
-
-    cfg = _config(config)
-    try:
-        export_prometheus_rules(out, cfg, job=job, runbook_base=runbook_base)
-    except ValueError as e:
-        raise _fail(str(e)) from None
-
-
-@export_app.command("scrape-config")
-def export_scrape_config_cmd(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories, or directories holding runs "
-                                                    "(later runs there are found too).")],
-    out: OutOpt = None,
-    job: JobOpt = "trainmon",
-    interval: Annotated[str, typer.Option(help="Scrape interval.")] = "15s",
-    daemon: Annotated[str | None, typer.Option(help="Also scrape `monitor watch` at HOST:PORT.")] = None,
-    rule_file: Annotated[list[str] | None, typer.Option(help="Rule files to load (repeatable).")] = None,
-    alertmanager: Annotated[list[str] | None, typer.Option(help="Alertmanager HOST:PORT (repeatable).")] = None,
-    config: Annotated[Path | None, typer.Option(
-        "--config", "-c", help="The runs' config: its metrics TLS / basic auth make the scrape job match.")] = None,
-    password_file: Annotated[str | None, typer.Option(
-        help="File holding the basic-auth password, for Prometheus (needed when the config holds only a hash).")] = None,
-    client_cert_file: Annotated[str | None, typer.Option(help="Client certificate, when the endpoints require one.")] = None,
-    client_key_file: Annotated[str | None, typer.Option(help="Client key, with --client-cert-file.")] = None,
-    refresh_interval: Annotated[str, typer.Option(
-        help="How often Prometheus re-reads the target files (a shared filesystem may not notify it).")] = "30s",
-) -> None:
-    """A prometheus.yml that discovers the runs' endpoints through file_sd."""
-    from monitor.cli.export import export_scrape_config
-
-    cfg = _config(config) if config is not None else None
-    try:
-        export_scrape_config(out, runs, job=job, interval=interval, daemon=daemon, rule_files=rule_file,
-                             alertmanagers=alertmanager, config=cfg, password_file=password_file,
-                             client_cert_file=client_cert_file, client_key_file=client_key_file,
-                             refresh_interval=refresh_interval)
-    except ValueError as e:
-        raise _fail(str(e)) from None
-
-
-@export_app.command("grafana")
-def export_grafana_cmd(
-    out_dir: Annotated[Path, typer.Argument(help="Directory to write dashboards/, provisioning/, prometheus/ into.")],
-    config: ConfigOpt = None,
-    prometheus_url: Annotated[str | None, typer.Option(help="URL of the Prometheus datasource.")] = None,
-    daemon: Annotated[str, typer.Option(help="`monitor watch` HOST:PORT for the bundled prometheus.yml.")] = "127.0.0.1:9739",
-    alertmanager: Annotated[str, typer.Option(help="Alertmanager HOST:PORT for the bundled prometheus.yml.")] = "127.0.0.1:9093",
-    job: JobOpt = "trainmon",
-    runbook_base: RunbookOpt = "docs/rules.md",
-) -> None:
-    """Grafana dashboards (overview, alerts, attention, DDP) with file provisioning, plus the Prometheus side."""
-    from monitor.cli.export import export_grafana
-
-    cfg = _config(config)
-    kwargs = {"prometheus_url": prometheus_url} if prometheus_url else {}
-    try:
-        written = export_grafana(out_dir, cfg, daemon=daemon, alertmanager=alertmanager, job=job,
-                                 runbook_base=runbook_base, **kwargs)
-    except (ValueError, OSError) as e:
-        raise _fail(str(e)) from None
-    typer.echo(f"wrote {len(written)} files under {out_dir}", err=True)
 
 
 def main() -> None:
