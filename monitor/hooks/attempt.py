@@ -25,14 +25,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from monitor.config import AttemptsConfig
-from monitor.hooks import introspect
+from monitor.hooks import ddp, introspect
 from monitor.runlog import attempts
 from monitor.runlog.attempts import RunDirBusy
 from monitor.runlog.reader import read_alerts
@@ -41,7 +40,6 @@ from monitor.schema import Alert, Attempt, RunInfo, StepRecord
 
 log = logging.getLogger("trainmon")
 
-_STORE_KEY = "trainmon/attempt/"
 
 
 @dataclass
@@ -148,16 +146,13 @@ def _register(rundir: RunDir, new: Attempt, stale_after: float,
 
 
 def _share(store: Any, rank: int, attempt: Attempt | None, timeout_s: float = 60.0) -> Attempt | None:
-    """Rank 0's attempt on every rank of the job (through the job's store)."""
-    key = f"{_STORE_KEY}{_job() or os.environ.get('MASTER_PORT', 'job')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    """Rank 0's attempt on every rank of the job (one key per torchrun restart of its workers)."""
+    what = f"attempt/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    raw = ddp.from_rank0(store, rank, what, attempt.model_dump_json() if attempt is not None else None, timeout_s)
     try:
-        if rank == 0:
-            store.set(key, attempt.model_dump_json())
-            return attempt
-        store.wait([key], timedelta(seconds=timeout_s))
-        return Attempt.model_validate_json(store.get(key).decode())
-    except Exception as e:
-        log.warning("trainmon: rank %d could not share the run's attempt through the job's store (%s)", rank, e)
+        return Attempt.model_validate_json(raw) if raw is not None else attempt
+    except ValueError as e:
+        log.warning("trainmon: rank %d got an unreadable attempt from rank 0 (%s)", rank, e)
         return attempt
 
 

@@ -68,18 +68,24 @@ def _job_id() -> str:
     return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT", "job")
 
 
-def agree_on_name(store: Any, rank: int, proposal: str, timeout_s: float = 30.0) -> str:
-    """Rank 0's `proposal` on every rank (ranks start at slightly different times)."""
-    key = f"{_PREFIX}{_job_id()}/run_dir"
+def from_rank0(store: Any, rank: int, what: str, value: str | None, timeout_s: float = 30.0) -> str | None:
+    """Rank 0's `value` of `what` on every rank, through the job's store (ranks start at slightly different
+    times); a rank that does not get it in time keeps its own `value`, with a warning."""
+    key = f"{_PREFIX}{_job_id()}/{what}"
     try:
         if rank == 0:
-            store.set(key, proposal)
-            return proposal
+            store.set(key, value)
+            return value
         store.wait([key], timedelta(seconds=timeout_s))
         return store.get(key).decode()
     except Exception as e:
-        log.warning("trainmon: rank %d did not get rank 0's run directory (%s); using %s", rank, e, proposal)
-        return proposal
+        log.warning("trainmon: rank %d did not get rank 0's %s through the job's store (%s)", rank, what, e)
+        return value
+
+
+def agree_on_name(store: Any, rank: int, proposal: str, timeout_s: float = 30.0) -> str:
+    """Rank 0's run-directory `proposal` on every rank."""
+    return from_rank0(store, rank, "run_dir", proposal, timeout_s) or proposal
 
 
 def pack_floats(values: list[float]) -> str:
