@@ -309,8 +309,8 @@ def test_cuda_event_marks_are_resolved_on_the_publisher_thread():
 
 
 def test_phases_of_an_accumulating_loop_are_recorded_and_read_back_identically(tmp_path, monkeypatch):
-    """One process: input and compute per step (no collective wait without DDP); the end of every
-    micro-batch's backward is seen; the event file gives the same values back on both decoder paths."""
+    """One process: input and compute per step (no collective wait without DDP); the end of a
+    micro-batch's backward is seen where another micro-batch follows; the event file gives the same values back on both decoder paths."""
     from conftest import TinyLM, batches
 
     import monitor
@@ -324,18 +324,24 @@ def test_phases_of_an_accumulating_loop_are_recorded_and_read_back_identically(t
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     mon = monitor.attach(model, opt, run_dir=tmp_path / "run", config={"metrics": {"port": 0},
                                                                         "console": {"enabled": False}})
-    data = batches(12)
-    for _ in range(4):
-        for _ in range(3):
+    data = batches(30)
+    accumulation = [3, 3, 3, 3, 4, 4, 1, 1, 2]
+    for k in accumulation:
+        for _ in range(k):
             x, y = next(data)
-            (model(x, y)[1] / 3).backward()
+            (model(x, y)[1] / k).backward()
         opt.step()
         opt.zero_grad()
     mon.close()
-    assert len(ends) == 12  # every micro-batch's backward end
+    # The backward's end is watched where the step is expected to go on: every micro-batch of the first
+    # step, then those before the last step's count (a loop without accumulation watches none).
+    assert len(ends) == 3 + 2 + 2 + 2 + 2 + 3 + 1 + 0 + 0
     recs = read_run(tmp_path / "run").records[0]
-    assert [r.micro_batches for r in recs] == [3] * 4
-    assert recs[0].input_time is None and all(r.input_time is not None and r.input_time >= 0 for r in recs[1:])
+    assert [r.micro_batches for r in recs] == accumulation
+    # A micro-batch beyond the expected count has no start for its input phase: unknown, never the backward.
+    known = [r.input_time is not None for r in recs]
+    assert known == [False, True, True, True, False, True, True, True, False]
+    assert all(r.input_time >= 0 for r in recs if r.input_time is not None)
     assert all(r.compute_time is not None and r.compute_time > 0 and r.collective_wait_time is None for r in recs)
     rec = StepRecord(step=7, loss=1.0, lr=[1e-3], input_time=0.123456789, compute_time=1 / 3,
                      collective_wait_time=2.5e-5)

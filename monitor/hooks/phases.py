@@ -90,6 +90,7 @@ class StepPhases:
         self.compute = compute
         self.comm = False  # set when the communication hook times the buckets
         self.anchor: float | None = None  # host time the current input phase began
+        self.last_forwards = 0  # training forwards (micro-batches) the last step had; 0: no step yet
         self._reset()
 
     def _reset(self) -> None:
@@ -158,6 +159,7 @@ class StepPhases:
     def step_end(self, now: float) -> PhaseMarks:
         """The optimizer step ended: this step's marks; the next step's input phase starts now."""
         ok = self.valid and self.forwards > 0
+        self.last_forwards = self.forwards
         marks = PhaseMarks(self.input if ok and self.input_ok else None, self.pairs if ok else [], self.ready,
                            self.done, self.compute and ok, self.comm and ok)
         self._reset()
@@ -184,7 +186,13 @@ def _grad_root(output: Any, loss: torch.Tensor | None) -> torch.Tensor | None:
 class PhaseHooks:
     """What feeds a StepPhases clock from the training thread: the inner module's forward (under DDP,
     hooks on `model.module`), the model's forward boundaries (called by the collector), and the end of
-    each micro-batch's backward (a hook on the forward's output asks autograd for a callback)."""
+    a micro-batch's backward (a hook on the forward's output asks autograd for a callback).
+
+    The backward's end matters only where another micro-batch of the same step follows (its input phase
+    starts there); the next step's starts at the optimizer step. So the backward is watched only while
+    the step has had fewer micro-batches than the last one (every micro-batch of the first step): a loop
+    without accumulation pays for no autograd hook. A micro-batch beyond the expected count has no start
+    for its input phase, and its step's input time is unknown (None), never the backward's time."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, *, sharded: bool, guard: ErrorGuard) -> None:
         from torch.nn.parallel import DistributedDataParallel
@@ -239,6 +247,12 @@ class PhaseHooks:
         self.clock.forward_end(now)
 
     def watch_backward(self, output: Any, loss: torch.Tensor | None) -> None:
+        """After a training forward (forward_done): watch its backward's end when another micro-batch
+        of this step is expected; else the input phase has no start until the optimizer step."""
+        clock = self.clock
+        if 0 < clock.last_forwards <= clock.forwards:
+            clock.anchor = None  # not the forward's end: the backward follows
+            return
         try:
             root = _grad_root(output, loss)
             if root is not None:
