@@ -16,10 +16,10 @@ instead of waiting.
 from __future__ import annotations
 
 import math
-import queue
 import threading
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,7 +30,6 @@ from monitor.hooks.packet import Packet
 from monitor.hooks.phases import resolve_phases
 from monitor.schema import StepRecord
 
-_STOP = object()
 # The longest a step's device-to-host copy is waited for: past any real step, short of forever (a hung
 # kernel); the watchdog's clock rules meanwhile raise run.stalled from their own thread.
 DEVICE_WAIT_SECONDS = 600.0
@@ -163,6 +162,16 @@ _GATHER_MIN_QUEUE = 64  # a smaller queue (set to see drops early) is drained as
 
 
 class Publisher:
+    """The publisher thread and its handoff.
+
+    The handoff is a deque: the training thread appends (atomic under the GIL, no lock) and wakes the
+    publisher only when it is asleep for want of steps (`_asleep`, set before its last look at the
+    deque, so a step appended meanwhile is either seen there or wakes it). While steps keep coming the
+    publisher is gathering, not asleep: a step costs the training thread an append, not a lock and a
+    notify as a queue.Queue would. `_taken` counts the steps the publisher has finished with (published
+    or not, counted); flush() waits for it to reach `_given`.
+    """
+
     def __init__(
         self,
         *,
@@ -194,33 +203,46 @@ class Publisher:
         self._hurry = threading.Event()  # flush() or close() waits: no gathering
         self._gather = GATHER_SECONDS if queue_size >= _GATHER_MIN_QUEUE else 0.0
         self._next_batch = 0.0  # monotonic time before which the next batch gathers (publisher thread)
-        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._size = queue_size
+        self._q: deque[Packet] = deque()
+        self._given = 0  # steps handed over (training thread)
+        self._taken = 0  # steps finished with (publisher thread)
+        self._progress = threading.Condition()  # notified when _taken moves or the thread ends
+        self._asleep = False  # the publisher waits on _wake for a step
+        self._wake = threading.Event()
+        self._stop = False
         self._thread = threading.Thread(target=self._run, name="trainmon-publisher", daemon=True)
         self._thread.start()
 
     # -- training thread ---------------------------------------------------------
 
     def submit(self, packet: Packet) -> None:
-        try:
-            self._q.put_nowait(packet)
-        except queue.Full:
+        q = self._q
+        if len(q) >= self._size:
             self.dropped += 1
             self._on_drop()
+            return
+        q.append(packet)
+        self._given += 1
+        if self._asleep:
+            self._wake.set()
 
     # -- any thread ----------------------------------------------------------------
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every submitted packet is published; False on timeout."""
         deadline = time.monotonic() + timeout
+        target = self._given
         self._hurry.set()
+        self._wake.set()
         try:
-            with self._q.all_tasks_done:
-                while self._q.unfinished_tasks:
+            with self._progress:
+                while self._taken < target:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._thread.is_alive():
                         return False
                     self._hurry.set()  # again: another flush() that returned may have cleared it
-                    self._q.all_tasks_done.wait(min(left, 0.1))
+                    self._progress.wait(min(left, 0.1))
             return True
         finally:
             self._hurry.clear()
@@ -232,11 +254,9 @@ class Publisher:
         ok = self.flush(timeout)
         self._closing.set()
         self._hurry.set()  # no more gathering: what comes now is the end
+        self._stop = True
+        self._wake.set()
         if self._thread.is_alive():
-            try:
-                self._q.put(_STOP, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-            except queue.Full:
-                pass
             self._thread.join(timeout=min(5.0, max(0.0, deadline - time.monotonic())))
         return ok
 
@@ -246,30 +266,44 @@ class Publisher:
 
     # -- publisher thread -------------------------------------------------------------
 
+    def _wait_for_steps(self) -> bool:
+        """Until a step is queued (True), or `idle_secs` without one (False)."""
+        q = self._q
+        if q:
+            return True
+        self._asleep = True
+        try:
+            while not q and not self._stop:  # looked at after _asleep is set: no wake-up is missed
+                if not self._wake.wait(self._idle_secs):
+                    return bool(q)
+                self._wake.clear()
+            return bool(q)
+        finally:
+            self._asleep = False
+
     def _run(self) -> None:
         q = self._q
-        while True:
-            try:
-                items = [q.get(timeout=self._idle_secs)]
-            except queue.Empty:
-                self._run_tasks(self._idle)
-                continue
-            wait = self._next_batch - time.monotonic()
-            if wait > 0 and items[0] is not _STOP and q.qsize() < MAX_BATCH:
-                self._hurry.wait(wait)  # let the next steps gather into this batch
-            try:
-                while len(items) < MAX_BATCH:
-                    items.append(q.get_nowait())
-            except queue.Empty:
-                pass
-            self._next_batch = time.monotonic() + self._gather
-            try:
-                self._publish_batch([p for p in items if p is not _STOP])
-            finally:
-                for _ in items:
-                    q.task_done()
-            if any(p is _STOP for p in items):
-                return
+        try:
+            while True:
+                if not self._wait_for_steps():
+                    if self._stop:
+                        return
+                    self._run_tasks(self._idle)
+                    continue
+                wait = self._next_batch - time.monotonic()
+                if wait > 0 and not self._stop and len(q) < MAX_BATCH:
+                    self._hurry.wait(wait)  # let the next steps gather into this batch
+                items = [q.popleft() for _ in range(min(len(q), MAX_BATCH))]
+                self._next_batch = time.monotonic() + self._gather
+                try:
+                    self._publish_batch(items)
+                finally:
+                    with self._progress:
+                        self._taken += len(items)
+                        self._progress.notify_all()
+        finally:
+            with self._progress:
+                self._progress.notify_all()
 
     def _run_tasks(self, tasks: Sequence[Task]) -> None:
         for name, task in tasks:
