@@ -9,6 +9,7 @@ import math
 import multiprocessing as mp
 from collections.abc import Mapping
 
+import numpy
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -123,11 +124,10 @@ def test_param_norm_vectors_round_trip_exactly(tmp_path):
 
 # -- reading step events back: the decoder and the byte framing -----------------------------------
 
-from tensorboard.compat.proto import event_pb2, summary_pb2, types_pb2  # noqa: E402
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2  # noqa: E402
 
-from monitor.runlog.events import StepDecoder, encode_step  # noqa: E402
-from monitor.runlog.events.encode import _vector  # noqa: E402
-from monitor.runlog.events.tags import STEP_VECTOR_TAG  # noqa: E402
+from monitor.runlog.events import StepDecoder, encode_step, record_values, step_vector  # noqa: E402
+from monitor.runlog.events.tags import DDP_TAG, NO_GRAD, PARAM_VECTOR_TAG, STEP_VECTOR_TAG  # noqa: E402
 from monitor.runlog.tfrecord import CorruptRecord, encode_record, frames, read_records  # noqa: E402
 
 NAMES = [f"blocks.{i}.w" for i in range(5)]
@@ -151,6 +151,63 @@ def _varied(n=400):
             ddp={"ranks": [0, 1], "busy": [0.1, 0.2]} if i % 37 == 0 else None,
             scalars={"acc": 0.5 + i / 1e4} if i % 31 == 0 else {}))
     return out
+
+
+def _vector(tag: str, values: list[float], dtype: int, fmt: str) -> summary_pb2.Summary.Value:
+    """A vector value built through the protobuf runtime."""
+    return summary_pb2.Summary.Value(tag=tag, tensor=tensor_pb2.TensorProto(
+        dtype=dtype,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(values))]),
+        tensor_content=_packed(values, fmt)))
+
+
+def _packed(values: list[float], fmt: str) -> bytes:
+    with numpy.errstate(over="ignore"):  # a double beyond float32 is an infinity, as a C cast makes it
+        return numpy.asarray(values, dtype="<f8" if fmt == "d" else "<f4").tobytes()
+
+
+def _runtime_step_event(r: StepRecord, *, param_norms: bool = True, param_names: list[str] | None = None) -> bytes:
+    """The step event as the protobuf runtime serialises it: what encode_step's direct bytes must equal."""
+    vector = bool(r.param_norms and param_names)
+    values = [_vector(STEP_VECTOR_TAG, step_vector(r, more=bool(r.param_norms and param_norms and not vector)),
+                      types_pb2.DT_DOUBLE, "d")]
+    if vector:
+        values.append(_vector(PARAM_VECTOR_TAG, [r.param_norms.get(n, NO_GRAD) for n in param_names],
+                              types_pb2.DT_FLOAT, "f"))
+    values += [summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in record_values(r, param_norms=param_norms)]
+    if r.ddp:
+        values.append(summary_pb2.Summary.Value(tag=DDP_TAG, tensor=tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+            string_val=[json.dumps(r.ddp).encode()])))
+    return event_pb2.Event(wall_time=r.time, step=r.step, summary=summary_pb2.Summary(value=values)).SerializeToString()
+
+
+@pytest.mark.parametrize("extreme", [None, "huge", "zeros", "empty"])
+def test_step_events_are_the_bytes_the_protobuf_runtime_writes(extreme):
+    """encode_step writes the protocol-buffer bytes directly (runlog/events/wire.py): byte for byte the
+    runtime's serialisation of the same message, for every shape a run writes and values at the edges
+    (beyond float32, zero steps and times that proto3 leaves out, no values at all)."""
+    records = _varied(160)
+    if extreme == "huge":
+        records = [dataclasses.replace(r, loss=-1e300, grad_norm=3.4028235e38 * 1.0000001, step_time=5e-324,
+                                       param_norms={n: 1e39 for n in NAMES}, scalars={"x": 1e300}) for r in records]
+    elif extreme == "zeros":
+        records = [dataclasses.replace(r, step=0, time=0.0, loss=-0.0, lr=[0.0]) for r in records]
+    elif extreme == "empty":
+        records = [StepRecord(step=i, time=-1.0 * i, lr=[]) for i in range(3)]
+    for r in records:
+        for every, names in ((True, NAMES), (False, NAMES), (True, None), (False, None)):
+            assert encode_step(r, param_norms=every, param_names=names) == _runtime_step_event(
+                r, param_norms=every, param_names=names), r
+
+
+def test_the_file_header_is_the_runtimes(tmp_path):
+    w = EventWriter(tmp_path, 0)
+    w.close()
+    first = next(read_records(open(w.path, "rb")))[1]  # noqa: SIM115
+    ev = event_pb2.Event.FromString(first)
+    assert ev.file_version == "brain.Event:2" and ev.wall_time > 0
+    assert first == event_pb2.Event(wall_time=ev.wall_time, file_version="brain.Event:2").SerializeToString()
 
 
 def _close(a, b) -> bool:

@@ -6,13 +6,11 @@ import itertools
 import json
 import os
 import socket
-import struct
 import threading
 import time
 from pathlib import Path
 
-from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
-
+from monitor.runlog.events import wire
 from monitor.runlog.events.tags import (
     ATTENTION_TAG,
     AUTOCAST_CODES,
@@ -43,72 +41,86 @@ def event_file_name(rank: int, attempt: int = 1) -> str:
             f".rank{rank}.attempt{attempt}")
 
 
-def record_values(r: StepRecord, *, param_norms: bool = True) -> list[tuple[str, float]]:
-    out: list[tuple[str, float]] = []
-    for field, tag in FIELD_TAGS.items():
+# VECTOR_FIELDS as (mask bit, field, scalar tag): every plain field is both in the step vector and a
+# scalar value, in the same order; autocast (no tag here) is a code in the vector and a scalar after the LRs.
+_PLAIN = tuple((1 << bit, field, FIELD_TAGS.get(field)) for bit, field in enumerate(VECTOR_FIELDS))
+if [f for _, f, tag in _PLAIN if tag is not None] != list(FIELD_TAGS):
+    raise ImportError("FIELD_TAGS and VECTOR_FIELDS list the plain fields in different orders")
+
+
+def _plain(r: StepRecord) -> tuple[int, list[float], list[tuple[str, float]]]:
+    """One pass over the plain fields: (presence mask, their vector values, their scalar values)."""
+    mask = 0
+    vector: list[float] = []
+    pairs: list[tuple[str, float]] = []
+    for bit, field, tag in _PLAIN:
         v = getattr(r, field)
-        if v is None or (not v and (field in WHEN_TRUE or field == "skipped" and r.loss_scale is None)):
+        if v is None:
             continue
-        out.append((tag, float(v)))
-    out.extend((LR_TAG.format(i), lr) for i, lr in enumerate(r.lr))
+        if tag is None:  # autocast: a code, when it has one
+            code = AUTOCAST_CODES.get(v)
+            if code is not None:
+                mask |= bit
+                vector.append(code)
+            continue
+        if not v and field in WHEN_TRUE:
+            continue
+        x = float(v)
+        mask |= bit
+        vector.append(x)
+        if not v and field == "skipped" and r.loss_scale is None:  # no GradScaler: no skipped series
+            continue
+        pairs.append((tag, x))
+    return mask, vector, pairs
+
+
+def _extra_values(r: StepRecord, pairs: list[tuple[str, float]], param_norms: bool) -> list[tuple[str, float]]:
+    """The scalar values after the plain fields: LRs, autocast, sampled per-parameter norms, attention, scalars."""
+    pairs.extend((LR_TAG.format(i), lr) for i, lr in enumerate(r.lr))
     if r.autocast in AUTOCAST_CODES:
-        out.append((AUTOCAST_TAG, AUTOCAST_CODES[r.autocast]))
+        pairs.append((AUTOCAST_TAG, AUTOCAST_CODES[r.autocast]))
     if param_norms and r.param_norms:
-        out.extend((PARAM_TAG + name, v) for name, v in r.param_norms.items())
+        pairs.extend((PARAM_TAG + name, v) for name, v in r.param_norms.items())
     if r.attention:
         for layer, stats in r.attention.items():
-            out.extend((f"{ATTENTION_TAG}{stat}/{layer}", v) for stat, v in stats.items())
-    out.extend((SCALAR_TAG + k, v) for k, v in r.scalars.items())
-    return out
+            pairs.extend((f"{ATTENTION_TAG}{stat}/{layer}", v) for stat, v in stats.items())
+    if r.scalars:
+        pairs.extend((SCALAR_TAG + k, v) for k, v in r.scalars.items())
+    return pairs
 
 
-def _vector(tag: str, values: list[float], dtype: int, fmt: str) -> summary_pb2.Summary.Value:
-    tensor = tensor_pb2.TensorProto(
-        dtype=dtype,
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(values))]),
-        tensor_content=struct.pack(f"<{len(values)}{fmt}", *values),
-    )
-    return summary_pb2.Summary.Value(tag=tag, tensor=tensor)
+def record_values(r: StepRecord, *, param_norms: bool = True) -> list[tuple[str, float]]:
+    """The step's scalar values (tag, value), for TensorBoard's charts."""
+    return _extra_values(r, _plain(r)[2], param_norms)
+
+
+def _vector(r: StepRecord, mask: int, values: list[float], more: bool) -> list[float]:
+    if more or r.attention or r.scalars or r.ddp:
+        mask |= HAS_MORE
+    return [float(mask), *values, *r.lr]
 
 
 def step_vector(r: StepRecord, more: bool = False) -> list[float]:
     """[presence mask, present fields in VECTOR_FIELDS order..., LRs...] as float64: exact values."""
-    mask = 0
-    out = [0.0]
-    for bit, field in enumerate(VECTOR_FIELDS):
-        v = getattr(r, field)
-        if v is None or (field in WHEN_TRUE and not v):
-            continue
-        if field == "autocast":
-            if v not in AUTOCAST_CODES:
-                continue
-            v = AUTOCAST_CODES[v]
-        mask |= 1 << bit
-        out.append(float(v))
-    if more or r.attention or r.scalars or r.ddp:
-        mask |= HAS_MORE
-    out[0] = float(mask)
-    out.extend(r.lr)
-    return out
+    mask, values, _ = _plain(r)
+    return _vector(r, mask, values, more)
 
 
 def encode_step(r: StepRecord, *, param_norms: bool = True, param_names: list[str] | None = None) -> bytes:
     # The two vectors come first: readers take everything from them without touching the scalar
     # values, which are there for TensorBoard's charts.
     vector = bool(r.param_norms and param_names)
+    mask, values, pairs = _plain(r)
     # Sampled per-parameter scalars without the vector must be read back from the scalar values.
-    values = [_vector(STEP_VECTOR_TAG, step_vector(r, more=bool(r.param_norms and param_norms and not vector)),
-                      types_pb2.DT_DOUBLE, "d")]
+    parts = [wire.vector_value(STEP_VECTOR_TAG, _vector(r, mask, values, bool(r.param_norms and param_norms
+                                                                              and not vector)), double=True)]
     if vector:
-        values.append(_vector(PARAM_VECTOR_TAG, [r.param_norms.get(n, NO_GRAD) for n in param_names],
-                              types_pb2.DT_FLOAT, "f"))
-    values += [summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in record_values(r, param_norms=param_norms)]
+        parts.append(wire.vector_value(PARAM_VECTOR_TAG, [r.param_norms.get(n, NO_GRAD) for n in param_names],
+                                       double=False))
+    parts.append(wire.scalar_values(_extra_values(r, pairs, param_norms)))
     if r.ddp:
-        values.append(summary_pb2.Summary.Value(tag=DDP_TAG, tensor=tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_STRING, tensor_shape=tensor_shape_pb2.TensorShapeProto(),
-            string_val=[json.dumps(r.ddp).encode()])))
-    summary = summary_pb2.Summary(value=values)
-    return event_pb2.Event(wall_time=r.time, step=r.step, summary=summary).SerializeToString()
+        parts.append(wire.string_value(DDP_TAG, json.dumps(r.ddp).encode()))
+    return wire.event(r.time, r.step, summary=b"".join(parts))
 
 
 # Bytes waiting in memory before write() writes them without waiting for the flush interval.
@@ -142,7 +154,7 @@ class EventWriter:
         self._param_names = param_names
         self._last_flush = time.monotonic()
         self.dropped = 0  # records not kept because MAX_PENDING_BYTES were waiting for room
-        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        self._write(wire.event(time.time(), file_version="brain.Event:2"))
         try:
             self.flush()
         except BaseException:
