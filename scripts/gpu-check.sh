@@ -10,6 +10,7 @@
 #      (scripts/sync_check.py): no host-device sync, no internal error, a record per step
 #   e  overhead: benchmarks/overhead.py --device cuda --preset small --steps STEPS
 #   e2 overhead-gpt2: the same on the GPT-2 124M-shaped preset in bf16 (device-bound; CUDA only)
+#   e3 gradnorm: benchmarks/gradnorm.py, the grad-norm pass against one read of the gradients (<= 1.2x)
 #   f  attention: benchmarks/attention.py --device cuda --preset small --steps STEPS (the probe's cost)
 #   g  compile: scripts/compile_check.py, a model compiled after attach with mode="reduce-overhead"
 #      (CUDA graphs): the same dynamo/inductor counters with and without the monitor, identical losses
@@ -289,6 +290,21 @@ overhead overhead "$PRESET" "$STEPS" 200 "e overhead"
 if [ "${DEVICE%%:*}" = cuda ]; then
     overhead overhead-gpt2 gpt2 40 150 "e2 overhead (gpt2, bf16)"
 fi
+# e3: the gradient-norm pass against one read of the gradients (target <= 1.2x)
+touch "$MARK"
+run_section gradnorm 120 "$PY" benchmarks/gradnorm.py --device "$DEVICE"
+GN=$ROOT/benchmarks/results/gradnorm.json
+[ "$GN" -nt "$MARK" ] || GN=/nonexistent  # never report an older run's numbers
+NUMS=$("$PY" - "$GN" "${DEVICE%%:*}" <<'EOF' 2>/dev/null || echo "no new results file"
+import json, sys
+e = json.load(open(sys.argv[1]))["devices"][sys.argv[2]]
+print("; ".join(f"{r['preset']}: {r['monitor_floor']:.2f}x one read, {r['monitor_bare']:.2f}x bare" for r in e["rows"]))
+EOF
+)
+if [ "$RESULTS" != "$ROOT/benchmarks/results" ] && [ -f "$GN" ]; then
+    cp "$GN" "${GN%.json}.md" "$RESULTS/" 2>/dev/null
+fi
+row "e3 grad-norm pass (<= 1.2x)" "$(verdict $RC)" "$SECS" "$NUMS"
 
 # --- f: the attention probe's cost -----------------------------------------------------------------
 touch "$MARK"
