@@ -15,7 +15,7 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
-from monitor.rules.stats import Ema, LrTrace, finite
+from monitor.rules.stats import Ema, LrTrace
 from monitor.schema import Severity, StepRecord
 
 
@@ -56,39 +56,45 @@ class AttentionEntropyCollapse(Rule):
         self.base_min: dict[str, Ema] = {}  # per layer: its lowest head
 
     def observe(self, r: StepRecord) -> Finding | None:
-        self.trace.push(r.step, r.max_lr)
+        trace = self.trace
+        if not trace.warmup_done:  # only whether warmup is over is read here, and it never starts again
+            trace.push(r.step, r.max_lr)
         if not r.attention:
             return None
         c = self.config
         floor, head_floor, keep, min_samples = c.floor, c.head_floor, 1 - c.drop, c.min_samples
-        warming = bool(r.lr) and self.trace.in_warmup  # the baseline starts after warmup
+        warming = bool(r.lr) and not trace.warmup_done  # the baseline starts after warmup
+        base, base_min = self.base, self.base_min
         bad = []
         for layer, st in r.attention.items():
             ent = st.get("entropy_ratio")
             if ent is None or not isfinite(ent):
                 continue
             low = st.get("entropy_min")
-            ema, ema_min = self.base.get(layer), self.base_min.get(layer)
+            ema, ema_min = base.get(layer), base_min.get(layer)
             settled = ema is not None and ema.count >= min_samples
-            reasons = []
-            if ent < floor:
-                reasons.append(f"below the floor {floor:g}")
-            if settled and ent < keep * ema.value:
-                reasons.append(f"{1 - ent / ema.value:.0%} below its baseline {ema.value:.3f}")
-            if settled and low is not None and isfinite(low) and low < head_floor and ema_min.value > 5 * head_floor:
-                reasons.append(f"a head at {low:.3f} from {ema_min.value:.3f}")
-            if reasons:
-                bad.append({"layer": layer, "entropy_ratio": ent, "entropy_min": low,
-                            "baseline": ema.value if ema else None, "why": "; ".join(reasons)})
-            elif warming:
+            # A cheap test that every reason below needs (the usual layer has none).
+            if ent < floor or (settled and (ent < keep * ema.value or (low is not None and low < head_floor))):
+                reasons = []
+                if ent < floor:
+                    reasons.append(f"below the floor {floor:g}")
+                if settled and ent < keep * ema.value:
+                    reasons.append(f"{1 - ent / ema.value:.0%} below its baseline {ema.value:.3f}")
+                if (settled and low is not None and isfinite(low) and low < head_floor
+                        and ema_min.value > 5 * head_floor):
+                    reasons.append(f"a head at {low:.3f} from {ema_min.value:.3f}")
+                if reasons:
+                    bad.append({"layer": layer, "entropy_ratio": ent, "entropy_min": low,
+                                "baseline": ema.value if ema else None, "why": "; ".join(reasons)})
+                    continue
+            if warming:
                 continue
-            else:
-                if ema is None:
-                    ema = self.base[layer] = Ema(c.span)
-                if ema_min is None:
-                    ema_min = self.base_min[layer] = Ema(c.span)
-                ema.push(ent)
-                ema_min.push(low if finite(low) else ent)
+            if ema is None:
+                ema = base[layer] = Ema(c.span)
+            if ema_min is None:
+                ema_min = base_min[layer] = Ema(c.span)
+            ema.push(ent)
+            ema_min.push(low if low is not None and isfinite(low) else ent)
         if not bad:
             return None
         bad.sort(key=lambda b: b["entropy_ratio"])
@@ -136,25 +142,27 @@ class AttentionLogitGrowth(Rule):
         if not r.attention:
             return None
         c = self.config
+        critical, warning, growth_min, growth_factor = c.critical, c.warning, c.growth_min, c.growth_factor
+        history = self.history
         worst = None
         for layer, st in r.attention.items():
             m = st.get("max_logit")
-            if not finite(m):
+            if m is None or not isfinite(m):
                 continue
-            hist = self.history.get(layer)
+            hist = history.get(layer)
             if hist is None:
-                hist = self.history[layer] = deque(maxlen=c.growth_samples)
+                hist = history[layer] = deque(maxlen=c.growth_samples)
             oldest = hist[0] if hist else None
             hist.append(m)
-            sev = None
-            why = ""
-            if m > c.critical:
-                sev, why = Severity.critical, f"above {c.critical:g}"
-            elif m > c.warning:
-                sev, why = Severity.warning, f"above {c.warning:g}"
-            elif oldest is not None and oldest > 0 and m > c.growth_min and m >= c.growth_factor * oldest:
+            if m > critical:
+                sev, why = Severity.critical, f"above {critical:g}"
+            elif m > warning:
+                sev, why = Severity.warning, f"above {warning:g}"
+            elif oldest is not None and oldest > 0 and m > growth_min and m >= growth_factor * oldest:
                 sev, why = Severity.warning, f"{m / oldest:.1f}x in {len(hist) - 1} samples"
-            if sev is not None and (worst is None or m > worst[1]):
+            else:
+                continue
+            if worst is None or m > worst[1]:
                 worst = (layer, m, sev, why)
         if worst is None:
             return None

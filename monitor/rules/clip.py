@@ -13,6 +13,8 @@ from monitor.rules.registry import register
 from monitor.rules.stats import LrTrace
 from monitor.schema import Severity, StepRecord
 
+_isfinite = math.isfinite
+
 
 class ClipSaturatedConfig(RuleConfig):
     window: int = Field(50, ge=5, description="Optimizer steps over which the clipping rate is measured.")
@@ -60,10 +62,13 @@ class ClipSaturated(Rule):
         self.coefs: deque[float] = deque(maxlen=config.window)
         self.losses: deque[float] = deque(maxlen=config.window)
         self.clipped = 0
-        self.max_clipped = config.fraction * config.window  # read on every record (see Rule.observe)
+        # read on every record (see Rule.observe)
+        self.window_steps, self.max_clipped = config.window, config.fraction * config.window
 
     def observe(self, r: StepRecord) -> Finding | None:
-        self.trace.push(r.step, r.max_lr)
+        trace = self.trace
+        if not trace.warmup_done:  # only whether warmup is over is read here, and it never starts again
+            trace.push(r.step, r.max_lr)
         if r.grad_norm_unknown:
             return Finding(
                 message="cannot judge clipping: the pre-clip gradient norm of this step is unknown (clip_grad_norm_ "
@@ -72,17 +77,20 @@ class ClipSaturated(Rule):
                 evidence={"grad_norm_clipped": r.grad_norm_clipped, "max_norm": r.max_norm},
                 severity=Severity.info,
             )
-        if r.clip_coef is None or r.skipped or (r.lr and self.trace.in_warmup):
+        coef = r.clip_coef
+        if coef is None or r.skipped or (r.lr and not trace.warmup_done):
             return None
-        hit = r.clip_coef < 1.0
-        self.coefs.append(r.clip_coef)
-        if r.loss is not None and math.isfinite(r.loss):
-            self.losses.append(r.loss)
-        if len(self.recent) == self.recent.maxlen:
-            self.clipped -= self.recent[0]
-        self.recent.append(hit)
+        hit = coef < 1.0
+        self.coefs.append(coef)
+        loss = r.loss
+        if loss is not None and _isfinite(loss):
+            self.losses.append(loss)
+        recent = self.recent
+        if len(recent) == self.window_steps:
+            self.clipped -= recent[0]
+        recent.append(hit)
         self.clipped += hit
-        if len(self.recent) < self.recent.maxlen or self.clipped <= self.max_clipped:
+        if self.clipped <= self.max_clipped or len(recent) < self.window_steps:
             return None
         c = self.config
         coef = median(self.coefs)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import islice
-from operator import length_hint
+from operator import attrgetter, length_hint
 from typing import Any, Protocol
 
 from monitor.rules.base import Finding, Rule, RuleConfig
@@ -182,18 +182,15 @@ class RulesEngine:
         if states is None:
             states = self._states_for(rank)
         found: list[tuple[int, int, Alert]] = []  # (record, rule in registry order, alert)
-        subsets: dict[str, tuple[list[int], list[StepRecord]]] = {}  # the records that have a field
+        subsets: dict[str, list[StepRecord]] = {}  # the records that have a field
         retired = False
         for k, st in enumerate(states):
             rule = st.rule
-            index: list[int] | None = None
-            recs = batch
-            if rule.needs is not None:  # records without that field would not change the rule: skipped
-                sub = subsets.get(rule.needs)
-                if sub is None:
-                    index = [i for i, r in enumerate(batch) if getattr(r, rule.needs)]
-                    sub = subsets[rule.needs] = (index, [batch[i] for i in index])
-                index, recs = sub
+            recs, needs = batch, rule.needs
+            if needs is not None:  # records without that field would not change the rule: skipped
+                recs = subsets.get(needs)
+                if recs is None:
+                    recs = subsets[needs] = list(filter(attrgetter(needs), batch))
             observe, active = rule.observe, st.active
             it = iter(recs)
             for r in it:
@@ -209,7 +206,9 @@ class RulesEngine:
                             # r's place in recs, from what the iterator has left: computed only here,
                             # where it is rare, instead of counting every record.
                             i = len(recs) - length_hint(it) - 1
-                            found.append((i if index is None else index[i], k, alert))
+                            if recs is not batch:  # the i-th record that has the field
+                                i = [j for j, x in enumerate(batch) if getattr(x, needs)][i]
+                            found.append((i, k, alert))
                 if rule.retired:
                     retired = True
                     break

@@ -62,14 +62,15 @@ class GradNormGrowth(Rule):
         self.block, self.normalize_lr = config.block, config.normalize_lr
 
     def observe(self, r: StepRecord) -> Finding | None:
-        lr = r.max_lr
+        lr = max(r.lr) if r.lr else None  # r.max_lr, without the property's call (read on every record)
+        peak = self.peak_lr
         if lr is not None:
-            # Warmup lasts while the LR still rises; grad norms are meant to move then.
-            if self.prev_lr is not None and lr <= self.prev_lr and lr > 0:
+            # Warmup lasts while the LR still rises (once over, it stays over); grad norms are meant to move then.
+            if self.in_warmup and self.prev_lr is not None and lr <= self.prev_lr and lr > 0:
                 self.in_warmup = False
             self.prev_lr = lr
-            if lr > self.peak_lr:
-                self.peak_lr = lr
+            if lr > peak:
+                self.peak_lr = peak = lr
             if self.in_warmup:
                 return None
         # The signal: log grad norm, LR-normalised.
@@ -77,8 +78,8 @@ class GradNormGrowth(Rule):
         if r.skipped or g is None or not 0.0 < g < _INF:
             return None
         s = _log(g)
-        if self.normalize_lr and lr is not None and lr > 0 and self.peak_lr > 0:
-            s += 0.5 * _log(lr / self.peak_lr)
+        if self.normalize_lr and lr is not None and lr > 0 and peak > 0:
+            s += 0.5 * _log(lr / peak)
         norms = r.param_norms
         if norms:
             self.last_norms = norms
@@ -88,7 +89,7 @@ class GradNormGrowth(Rule):
         buf.append(s)
         if len(buf) < self.block:
             return None
-        m = median(self.buf)
+        m = median(buf)
         first = self.buf_first
         self.buf = []
         return self._on_block(first, m, r)
@@ -179,7 +180,9 @@ class GradNormSpike(Rule):
         x = _log(g)
         w = self.window
         if x < w.quiet_below:  # the usual case: clearly below the alarm level, only the baselines move
-            self.params.update(r.param_norms)
+            norms = r.param_norms
+            if norms:  # sampled steps only (update() ignores the others)
+                self.params.update(norms)
             w.push(x)
             return None
         c = self.config

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
-from monitor.rules.stats import Ema, ParamBaseline, Recurrence, RobustWindow, describe_movers
+from monitor.rules.stats import Ema, LazyLogMedian, ParamBaseline, Recurrence, RobustWindow, describe_movers
 from monitor.schema import Severity, StepRecord
 
 _INF, _log, _isfinite = math.inf, math.log, math.isfinite
@@ -126,7 +126,7 @@ class LossSpike(Rule):
         super().__init__(config, run)
         # quiet_below: a log loss below it cannot start a spike (the test in `observe`)
         self.window = RobustWindow(config.window, alarm=(config.z_warning, 1e-4, math.log1p(config.min_jump)))
-        self.grads = RobustWindow(config.window)
+        self.grads = LazyLogMedian(config.window)  # its median is read only when a spike is judged
         self.params = ParamBaseline()
         self.pending: _Pending | None = None
         self.recur = Recurrence(config.recur_count, config.recur_window)
@@ -167,10 +167,12 @@ class LossSpike(Rule):
         if x < w.quiet_below and self.pending is None:
             # The usual case: no spike pending and the loss clearly below the alarm level, so the tests
             # below would find nothing: only the windows and the baseline move.
-            self.params.update(r.param_norms)
+            norms = r.param_norms
+            if norms:  # sampled steps only (update() ignores the others)
+                self.params.update(norms)
             w.push(x)
             if g is not None:
-                self.grads.push(_log(g))
+                self.grads.push(g)
             return None
         c = self.config
         finding = None
@@ -190,7 +192,7 @@ class LossSpike(Rule):
                     finding = self._finding(p, Severity.info, "back to normal the next step with normal gradients "
                                                               "(a hard batch?)")
             elif z >= c.z_warning and x - med >= math.log1p(c.min_jump):
-                grad_med = math.exp(self.grads.median) if self.grads.full else None
+                grad_med = math.exp(self.grads.median()) if self.grads.full else None
                 p = _Pending(r.step, r.loss, z, math.exp(med), r.grad_norm, self.params.movers(r.param_norms))
                 if grad_med is not None and g is not None and g >= c.grad_ratio * grad_med:
                     finding = self._finding(p, self._severity(z), f"the gradient norm jumped with it "
@@ -203,7 +205,7 @@ class LossSpike(Rule):
             self.params.update(r.param_norms)
         w.push(x)
         if g is not None:
-            self.grads.push(_log(g))
+            self.grads.push(g)
         return finding
 
 
@@ -258,7 +260,9 @@ class LossDivergence(Rule):
             self.above = 0
             if loss <= limit:
                 self.since = None
-            self.params.update(r.param_norms)
+            norms = r.param_norms
+            if norms:  # sampled steps only (update() ignores the others)
+                self.params.update(norms)
             return None
         self.above += 1
         c = self.config

@@ -44,7 +44,7 @@ class LrZero(Rule):
         self.last_nonzero: float | None = None
 
     def observe(self, r: StepRecord) -> Finding | None:
-        lr = r.max_lr
+        lr = max(r.lr) if r.lr else None  # r.max_lr, without the property's call (read on every record)
         if lr is None:
             return None
         if lr != 0.0:  # the usual case: only resets the count

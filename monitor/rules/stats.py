@@ -91,6 +91,42 @@ class RobustWindow:
         return (x - self.med) / sigma
 
 
+class LazyLogMedian:
+    """The median of log(x) that a RobustWindow(size, refresh) of log(x) would hold, for a rule that reads
+    it rarely (loss.spike's gradient baseline, read only when a spike is judged).
+
+    A push only appends x: no log, no sort every `refresh` pushes. `median()` rebuilds the window as
+    of the last refresh a RobustWindow would have made (it refreshes on each of its first `size`
+    pushes, then every `refresh`), from the last size + refresh - 1 values kept, so it returns the
+    same float; `full` says whether that window was full.
+    """
+
+    def __init__(self, size: int, refresh: int | None = None) -> None:
+        self.size = size
+        self.refresh = refresh or max(1, size // 10)
+        self.values: deque[float] = deque(maxlen=size + self.refresh - 1)
+        self.pushes = 0
+
+    def push(self, x: float) -> None:
+        self.values.append(x)
+        self.pushes += 1
+
+    @property
+    def full(self) -> bool:
+        return self.pushes >= self.size
+
+    def median(self) -> float:
+        n, size = self.pushes, self.size
+        if n == 0:
+            return math.nan
+        since = 0 if n <= size else (n - size) % self.refresh  # pushes after the last refresh
+        kept = list(self.values)
+        vals = sorted(map(math.log, kept[max(0, len(kept) - since - size):len(kept) - since]))
+        k = len(vals)
+        mid = k // 2
+        return vals[mid] if k % 2 else 0.5 * (vals[mid - 1] + vals[mid])
+
+
 def _mad(vals: list[float], med: float) -> float:
     """The median of |v - med| over sorted finite `vals`, without sorting the deviations.
 

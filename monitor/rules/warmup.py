@@ -386,7 +386,7 @@ class WarmupRestart(Rule):
         self.drop, self.floor = config.drop, config.floor  # read on every record (see Rule.observe)
 
     def observe(self, r: StepRecord) -> Finding | None:
-        lr = r.max_lr
+        lr = max(r.lr) if r.lr else None  # r.max_lr, without the property's call (read on every record)
         if lr is None:
             return None
         warm = self.trace.warmup_done
