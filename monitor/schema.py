@@ -233,6 +233,7 @@ class RunInfo(BaseModel):
     start_step: int = 0
     torch_version: str | None = None
     cuda_version: str | None = None
+    trainmon_version: str | None = None  # the trainmon that wrote run.json (None: one older than this field)
     device: str | None = None
     model: ModelInfo = Field(default_factory=ModelInfo)
     optimizer: OptimizerInfo = Field(default_factory=OptimizerInfo)

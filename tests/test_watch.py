@@ -614,3 +614,44 @@ def test_an_error_on_every_pass_is_counted_every_time_and_logged_once(tmp_path, 
         watcher._error("polling /a/run", RuntimeError("the same failure"))
     assert watcher.registry.get_sample_value("trainmon_watch_errors_total") == 50
     assert caplog.text.count("the same failure") == 1
+
+
+def test_the_daemon_exports_run_info_with_the_version_run_json_names(tmp_path):
+    """trainmon_run_info from the daemon, as the training process exports it: the version run.json
+    records (attach writes its own), `unknown` for a directory an older trainmon wrote, none for a
+    foreign log (no trainmon wrote it)."""
+    import torch
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import monitor
+    from monitor.runlog.adapters.trainmon import read_run_info
+    from monitor.runlog.events import EventWriter
+    from monitor.runlog.rundir import RunDir
+    from monitor.schema import RunInfo, StepRecord
+
+    for run, version in (("new", "9.9.9"), ("old", None)):
+        rd = RunDir(tmp_path / run)
+        rd.write_run_info(RunInfo(run_id=run, world_size=2, trainmon_version=version))
+        w = EventWriter(rd.events_dir, 0)
+        w.write(StepRecord(step=0, loss=1.0, lr=[1e-3]))
+        w.close()
+    (tmp_path / "llmc").mkdir()
+    (tmp_path / "llmc" / "main.log").write_text("s:0 trl:11.0 lr:0.000001 norm:15.3\ns:1 trl:10.9 lr:0.000002 norm:15.2\n"
+                                                "s:2 trl:10.8 lr:0.000003 norm:14.8\n")
+    watcher = Watcher([tmp_path], load_config(None, environ={}), state_dir=None, on_event=lambda line: None)
+    watcher.scan()
+    watcher.poll()
+    text = __import__("prometheus_client").generate_latest(watcher.registry).decode()
+    info = {s.labels["run"]: s.labels for f in text_string_to_metric_families(text) if f.name == "trainmon_run_info"
+            for s in f.samples}
+    assert info == {"new": {"run": "new", "version": "9.9.9", "world_size": "2"},
+                    "old": {"run": "old", "version": "unknown", "world_size": "2"}}, info
+    runs = set(re.findall(r'trainmon_loss\{[^}]*run="([^"]+)"', text))
+    assert len(runs - {"new", "old"}) == 1, runs  # the foreign log was read, without run_info
+
+    attached = tmp_path / "attached"
+    model = torch.nn.Linear(2, 1)
+    mon = monitor.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=attached,
+                         config={"metrics": {"port": 0}, "console": {"enabled": False}})
+    mon.close()
+    assert read_run_info(attached).trainmon_version == monitor.__version__

@@ -130,6 +130,8 @@ def run_info(run_id: str, cfg: MonitorConfig, *, world_size: int, model: torch.n
     """The run's facts for run.json and the rules (preflight checks among them). The start step is
     where the records the attempt builds on begin (a resume keeps the run's start, and the schedule
     read at that start: a resumed scheduler cannot be previewed from its first step)."""
+    from monitor import __version__
+
     start_step = attempt.lineage_start
     if attempt.kind == "resumed" and prior is not None and attempt.lineage_start < attempt.start_step:
         schedule = prior.schedule
@@ -143,6 +145,7 @@ def run_info(run_id: str, cfg: MonitorConfig, *, world_size: int, model: torch.n
         start_step=start_step,
         torch_version=torch.__version__,
         cuda_version=torch.version.cuda,
+        trainmon_version=__version__,
         device=str(params[0].device),
         model=introspect.model_info(model, names),
         optimizer=introspect.optimizer_info(optimizer, dict(zip(map(id, params), names))),

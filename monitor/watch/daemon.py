@@ -26,7 +26,7 @@ from monitor.exporters.ruleconfig import rule_config
 from monitor.rules.engine import RulesEngine
 from monitor.runlog.attempts import describe
 from monitor.runlog.sources import Source
-from monitor.schema import Alert, StepRecord
+from monitor.schema import Alert, RunInfo, StepRecord
 from monitor.watch.health import WatchHealth
 from monitor.watch.run import RunAlertSink, WatchedRun
 from monitor.watch.state import REPLAY_STEPS, SavedRun, WatchState
@@ -243,6 +243,10 @@ class Watcher:
         m = run.metrics.get(rank)
         if m is None:
             m = run.metrics[rank] = TrainMetrics(self.families, run.run_id, rank)
+            info = getattr(run.source, "info", None)
+            if rank == 0 and isinstance(info, RunInfo) and info.source == "trainmon":
+                # As the training process exports it, from run.json (a writer older than the field: unknown).
+                m.run_info(info.world_size, info.trainmon_version or "unknown")
         return m
 
     # -- polling ------------------------------------------------------------------------------
