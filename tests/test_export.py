@@ -132,7 +132,7 @@ def test_scrape_config_lists_each_runs_targets_json(tmp_path: Path) -> None:
                         alertmanagers=["127.0.0.1:9093"])
     assert cfg["global"] == {"scrape_interval": "5s", "evaluation_interval": "5s"}
     assert cfg["scrape_configs"][0] == {"job_name": "trainmon", "scrape_interval": "5s",
-                                        "file_sd_configs": [{"files": shared}]}
+                                        "file_sd_configs": [{"files": shared, "refresh_interval": "30s"}]}
     assert cfg["scrape_configs"][1]["job_name"] == "trainmon-watch"
     assert cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["127.0.0.1:9093"]
     with pytest.raises(ValueError, match="no such directory"):

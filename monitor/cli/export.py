@@ -65,11 +65,12 @@ def export_scrape_config(out: TextIO | Path | None, run_dirs: Sequence[str | Pat
     the password's hash), `client_cert_file`/`client_key_file` for mutual TLS. Returns the YAML.
 
     File discovery works beyond one machine: Prometheus re-reads the target files every
-    `refresh_interval` as well as on change (inotify does not see files that other hosts write on NFS
-    and most shared filesystems), and each `<runs>/.trainmon-targets/` is created now, before any run,
-    so that a Prometheus started first watches it from the start (not after file_sd's 5 minutes).
+    `refresh_interval` (scrape.scrape_config), and each `<runs>/.trainmon-targets/` is created now,
+    before any run, so that a Prometheus started first watches it from the start (not after file_sd's
+    5 minutes).
     """
-    cfg = scrape.scrape_config(run_dirs, job, interval, daemon, rule_files=rule_files, alertmanagers=alertmanagers)
+    cfg = scrape.scrape_config(run_dirs, job, interval, daemon, rule_files=rule_files, alertmanagers=alertmanagers,
+                               refresh_interval=refresh_interval)
     extra = {} if config is None else endpoint_security(
         config.metrics, password_file=password_file, client_cert_file=client_cert_file, client_key_file=client_key_file)
     for scrape_job in cfg["scrape_configs"]:
@@ -77,7 +78,6 @@ def export_scrape_config(out: TextIO | Path | None, run_dirs: Sequence[str | Pat
             continue
         scrape_job.update(extra)
         for sd in scrape_job.get("file_sd_configs", []):
-            sd["refresh_interval"] = refresh_interval
             for pattern in sd["files"]:
                 shared = Path(pattern).parent
                 if shared.name == SHARED_TARGETS_DIR and shared.parent.is_dir():

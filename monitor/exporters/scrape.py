@@ -77,6 +77,7 @@ def scrape_config(
     evaluation_interval: str | None = None,
     rule_files: Sequence[str] | None = None,
     alertmanagers: Sequence[str] | None = None,
+    refresh_interval: str = "30s",
 ) -> dict[str, Any]:
     """A complete prometheus.yml (a dict, YAML-able) scraping the runs `run_dirs_globs` names.
 
@@ -85,7 +86,9 @@ def scrape_config(
     exported alert rules select it); it is left out when no run is found. `daemon` ("host:port")
     adds `monitor watch`'s own /metrics as job "<job>-watch". `rule_files` (relative to the config
     file) and `alertmanagers` ("host:port") make it a Prometheus that evaluates the exported alerts
-    and sends them on. Raises ValueError when there is nothing to scrape.
+    and sends them on. Prometheus re-reads the target files every `refresh_interval` as well as on
+    change: inotify does not see files that other hosts write on NFS and most shared filesystems.
+    Raises ValueError when there is nothing to scrape.
     """
     files = file_sd_files(run_dirs_globs)
     if not files and not daemon:
@@ -100,7 +103,8 @@ def scrape_config(
         cfg["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": list(alertmanagers)}]}]}
     jobs: list[dict[str, Any]] = []
     if files:
-        jobs.append({"job_name": job, "scrape_interval": interval, "file_sd_configs": [{"files": files}]})
+        jobs.append({"job_name": job, "scrape_interval": interval,
+                     "file_sd_configs": [{"files": files, "refresh_interval": refresh_interval}]})
     if daemon:
         jobs.append({"job_name": f"{job}-watch", "scrape_interval": interval,
                      "static_configs": [{"targets": [daemon]}]})
