@@ -225,6 +225,11 @@ def test_schedule_budget_arithmetic_and_movement():
     assert s.observe(260, {"a": {"entropy_ratio": 0.5, "max_logit": 7.0}})  # entropy fell by 0.35
     assert s.next == 270
     assert s.observe(270, {"a": {"entropy_ratio": 0.5, "max_logit": float("nan")}})
+    hurried = s.hurried
+    s.probed(280, cost=0.001)  # the training thread probed again before the publisher saw the next sample
+    after = s.next
+    assert s.observe(275, {"a": {"entropy_ratio": 0.2, "max_logit": 7.0}})  # it moved, seen a batch late:
+    assert s.next == after and s.hurried == hurried  # a later probe followed it already, nothing comes forward
 
 
 @pytest.mark.slow

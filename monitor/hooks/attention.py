@@ -158,6 +158,7 @@ class ProbeSchedule:
         self.samples = 0
         self.costs: list[float] = []  # the last few probe costs, for run.json
         self.hurried = 0  # probes brought forward because attention moved
+        self.probed_at = -1  # the step of the latest probe (training thread)
         self.off: str | None = None  # why probing stopped for good
         self._over = 0  # probes in a row over budget at max_every
         self._last: dict[str, dict[str, float]] = {}
@@ -179,6 +180,7 @@ class ProbeSchedule:
     def probed(self, step: int, cost: float) -> None:
         """A probe ran at `step` and cost `cost` seconds: adapt the interval, schedule the next one."""
         self.samples += 1
+        self.probed_at = step
         self.costs = [*self.costs[-15:], cost]
         if self.step_seconds:
             share = lambda every: cost / (every * self.step_seconds)  # noqa: E731
@@ -199,7 +201,8 @@ class ProbeSchedule:
         """A sample's statistics (publisher thread). When a layer's max logit doubled (and is above
         `MOVED_LOGIT`) or its entropy ratio fell by `MOVED_ENTROPY` since the last sample, or a value
         is not finite, the next probe comes `every` steps after this one whatever the budget says:
-        the budget is an average, spent where attention is moving."""
+        the budget is an average, spent where attention is moving. A sample that a later probe has
+        already followed (the publisher sees samples a batch late) brings nothing forward."""
         if self.off:
             return False
         moved = False
@@ -213,7 +216,7 @@ class ProbeSchedule:
             elif ent is not None and ent <= prev.get("entropy_ratio", -math.inf) - MOVED_ENTROPY:
                 moved = True
         self._last = attention
-        if moved:
+        if moved and self.probed_at <= step:
             self.hurried += 1
             self.next = min(self.next, step + self.base)  # an int store: atomic for the training thread
         return moved
