@@ -77,7 +77,19 @@ class Timed:
 
     def __init__(self) -> None:
         self.total = 0.0
+        self.calls = 0
         self._undo: list = []
+        # What the clock adds to each timed call (one read's worth falls inside the interval): the
+        # median of back-to-back reads, subtracted per call (`direct`).
+        reads = []
+        for _ in range(20001):
+            a = time.thread_time()
+            reads.append(time.thread_time() - a)
+        self.clock_cost = statistics.median(reads)
+
+    def direct(self) -> float:
+        """CPU seconds inside the entry points since `total` and `calls` were last zeroed."""
+        return max(0.0, self.total - self.calls * self.clock_cost)
 
     def __enter__(self) -> Timed:
         import importlib
@@ -100,12 +112,25 @@ class Timed:
                 return fn(*args, **kwargs)
             finally:
                 self.total += clock() - t0
+                self.calls += 1
 
         return timed
 
     def __exit__(self, *exc) -> None:
         for cls, name, fn in self._undo:
             setattr(cls, name, fn)
+
+
+def hollow() -> None:
+    """Empty the bodies of the monitor's training-thread entry points (what is left: torch's dispatch of
+    the hooks, the wrappers around the clip function and GradScaler): the floor under the hooks' own work."""
+    from monitor.hooks.collector import StepCollector as C
+
+    for name in ("_forward_pre", "_forward_post_model", "_forward_end", "_forward_post_loss_fn", "_optimizer_pre",
+                 "_optimizer_post", "_on_clip"):
+        setattr(C, name, lambda self, *args, **kwargs: None)
+    C._scaler_scale = lambda self, original, outputs: original(outputs)
+    C._scaler_step = lambda self, original, optimizer, *args, **kwargs: original(optimizer, *args, **kwargs)
 
 
 def _attach(run: _Run, run_dir: Path, steps: int, config: dict):
@@ -165,11 +190,12 @@ def solo(cfg: TrainConfig, a: argparse.Namespace, run_dir: Path) -> dict[str, fl
             assert mon.flush(60)
             sched = mon._collector.sampler.schedule if mon._collector.sampler is not None else None
             probes0 = sched.samples if sched is not None else 0
-            p0, o0, timed.total, w0 = thread_cpu(pub), others(), 0.0, time.perf_counter()
+            p0, o0, w0 = thread_cpu(pub), others(), time.perf_counter()
+            timed.total, timed.calls = 0.0, 0
             for i in range(a.warmup, a.warmup + a.steps):
                 one_step(run, i, nullcontext)
             wall = time.perf_counter() - w0
-            direct = timed.total
+            direct = timed.direct()
             assert mon.flush(60)  # the publisher's tail is on its clock
             p1, o1 = thread_cpu(pub), others()
             # The attention probe's cost, amortised: what its schedule measured for the probes in the window
@@ -281,7 +307,10 @@ def main() -> None:
     ap.add_argument("--note", default="", help="what code the label measured")
     ap.add_argument("--config", default="", help="monitor config (JSON) over the defaults, for a diagnosis")
     ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json, measuring nothing")
+    ap.add_argument("--hollow", action="store_true", help="the hooks' bodies emptied: their dispatch alone (a floor)")
     a = ap.parse_args()
+    if a.hollow:
+        hollow()
     if a.config:
         CONFIGS["defaults"] = json.loads(a.config)
     torch.set_num_threads(a.threads)
@@ -315,8 +344,10 @@ def main() -> None:
         "(against the other unmonitored run) is its noise floor: identical runs differ by where their memory "
         "landed, more so with a bigger step;",
         "- **inside the monitor's hooks**: a monitored run alone, stepping back to back; the CPU time spent in "
-        "the monitor's training-thread entry points per step (sampled steps included). Precise, so it gives "
-        "the per-tensor slope; it leaves out torch's dispatch around the hooks.",
+        "the monitor's training-thread entry points per step (sampled steps included), less the clock's own "
+        "cost per timed call (a back-to-back read, measured). Precise, so it gives the per-tensor slope; it "
+        "leaves out torch's dispatch around the hooks (`--hollow` measures that dispatch alone: the hooks' "
+        "bodies emptied).",
         "",
         "Publisher CPU: in that solo run (a real run's cadence, so its batches are a real run's), the publisher "
         "thread's CPU clock per step, its last work included: the upper bound of the GIL it takes from the "
