@@ -508,6 +508,53 @@ def test_lightning_csv_tailing(tmp_path, case):
             assert len(src.problems) == 3  # the bad cell, the bad step, the short row
 
 
+@pytest.mark.parametrize("limit", [1, 2])
+@pytest.mark.parametrize("case", list(PL_CASES))
+def test_lightning_csv_polled_with_a_limit_gives_the_same_records(tmp_path, case, limit):
+    """poll(limit) returns at most `limit` records and goes on from there at the next call; drained until
+    a call returns fewer, the records and problems are those of unlimited polls."""
+    touch, path = Touch(), tmp_path / "version_0" / "metrics.csv"
+    src = LightningCSVSource(tmp_path / "version_0", clock=lambda: 0.0)
+    for i, (action, content, expected, problem) in enumerate(PL_CASES[case]):
+        if action in ("w", "a"):
+            touch.write(path, content, action)
+        before = len(src.problems)
+        if action == "flush":
+            recs = src.flush()
+        else:
+            recs = []
+            while True:
+                got = src.poll(limit=limit)
+                assert len(got) <= limit
+                recs += got
+                if len(got) < limit:
+                    break
+        assert steps(recs) == expected, (case, i)
+        new = src.problems[before:]
+        assert new == [] if problem is None else any(problem in p for p in new), (case, i, new)
+
+
+def test_lightning_csv_a_long_file_is_read_a_limit_at_a_time(tmp_path):
+    """A file far longer than one read's worth: each call reads about what its limit takes, in pieces,
+    and returns exactly `limit` records until the end; a call returning fewer has read everything."""
+    path = tmp_path / "metrics.csv"
+    path.write_text(pl_csv(pl_rows(range(3000))), newline="")
+    whole = LightningCSVSource(path, clock=lambda: 0.0)
+    expected = whole.poll() + whole.flush()
+    src = LightningCSVSource(path, clock=lambda: 0.0)
+    got, sizes = [], []
+    while True:
+        part = src.poll(limit=700)
+        got += part
+        sizes.append(len(part))
+        if len(part) < 700:
+            break
+    assert sizes == [700, 700, 700, 700, 199] and src.offset == path.stat().st_size  # step 2999 waits for flush()
+    got += src.flush()
+    assert [(r.step, r.loss, r.lr) for r in got] == [(r.step, r.loss, r.lr) for r in expected]
+    assert len(got) == 3000 and src.problems == []
+
+
 def test_lightning_csv_restore_continues(tmp_path):
     touch, path = Touch(), tmp_path / "v" / "metrics.csv"
     touch.write(path, BASE)

@@ -18,7 +18,9 @@ Rows of one step are gathered (`frameworks.StepBuffer`); a row of another step r
 `flush_logs_every_n_steps` steps, 100 by default: the next step's rows may be far off). Records carry
 the file's modification time (rows have none).
 
-Tailing: new rows are read from a byte offset; a partial last line waits for its end. When a new metric
+Tailing: new rows are read from a byte offset; a partial last line waits for its end. `poll(limit)`
+stops after the row that completes its `limit`-th record, reading about what that many rows take
+(a first read, the header line and on). When a new metric
 key appears Lightning rewrites the whole file with a wider, re-sorted header and the old rows in their
 order, then appends: a changed header line makes the file be read again from its start, skipping the
 rows already read (checked: the old columns are all still there and the last row read is still at its
@@ -44,6 +46,7 @@ from monitor.schema import RunInfo, StepRecord
 METRICS_CSV = "metrics.csv"
 HPARAMS_YAML = "hparams.yaml"
 SETTLE_S = 2.0
+ROW_BYTES = 512  # about what a row takes: the read size per record of a limit
 # Without an `epoch` column a bare `loss` column is nobody's in particular (see frameworks.LIGHTNING.weak).
 _NO_BARE_LOSS = dataclasses.replace(LIGHTNING, tags={**LIGHTNING.tags, "loss": ("train_loss", "train_loss_step")})
 
@@ -111,7 +114,9 @@ class LightningCSVSource:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def poll(self, limit: int | None = None) -> list[StepRecord]:  # a whole file per call: limit not applied
+    def poll(self, limit: int | None = None) -> list[StepRecord]:
+        """The records of the rows appended since the last call; with `limit`, reading stops after the row
+        that completes the `limit`-th record (the next call goes on from there)."""
         out: list[StepRecord] = []
         try:
             st = os.stat(self.file)
@@ -125,7 +130,7 @@ class LightningCSVSource:
         if key != self._seen:
             try:
                 with open(self.file, "rb") as f:
-                    self._read(f, st, key, out)
+                    self._read(f, st, key, out, limit)
             except OSError as e:
                 self._report(f"read:{key}", f"{self.file}: unreadable: {e.strerror or e}")
         now = self._clock()
@@ -134,20 +139,15 @@ class LightningCSVSource:
             self._emit(buf.release(), out)
         return out
 
-    def _read(self, f: Any, st: os.stat_result, key: tuple[int, int, int], out: list[StepRecord]) -> None:
+    def _read(self, f: Any, st: os.stat_result, key: tuple[int, int, int], out: list[StepRecord],
+              limit: int | None) -> None:
         if self.header is not None and st.st_size >= self.offset and self._same_file(f):  # rows were appended
-            f.seek(self.offset)
-            data = f.read(st.st_size - self.offset)
-            end = data.rfind(b"\n") + 1
-            lines = data[:end].split(b"\n")[:-1]
-            self._rows(lines, st.st_mtime, out)
-            if lines:
-                self._tail = (lines[-1].decode("utf-8", "replace"), len(lines[-1]) + 1)
-            self.offset += end
-            self._seen = key
+            self._read_appended(f, st, key, out, limit)
             return
         f.seek(0)
-        data = f.read()
+        # A first read with a limit takes the header line alone; the rows follow from its end, as appended.
+        head_only = self.header is None and limit is not None
+        data = self._header_bytes(f, st.st_size) if head_only else f.read()
         end = data.rfind(b"\n") + 1
         lines = data[:end].split(b"\n")[:-1]
         if not lines:
@@ -175,11 +175,54 @@ class LightningCSVSource:
         self.header = header
         self._header_len = len(lines[0]) + 1
         self._header_line = data[: self._header_len].decode("utf-8", "replace")
-        self._tail = (lines[-1].decode("utf-8", "replace"), len(lines[-1]) + 1)
         if not self.info.created:
             self.info.created = st.st_mtime
-        self._rows(rows, st.st_mtime, out)
-        self.offset = end
+        # Where the rows to read begin: after the header and the rows already read (a wider rewrite).
+        skipped = lines[: len(lines) - len(rows)]
+        self.offset, self._tail = 0, ("", 0)
+        self._advance(skipped)
+        used = self._rows(rows, st.st_mtime, out, limit)
+        self._advance(rows[:used])
+        if used < len(rows):
+            self._seen = None  # rows left for the next call, read from the offset
+        elif head_only:
+            self._seen = None
+            self._read_appended(f, st, key, out, limit)
+
+    @staticmethod
+    def _header_bytes(f: Any, size: int) -> bytes:
+        """The file's first line with its end (less when it has none yet)."""
+        n = 64 * 1024
+        while True:
+            f.seek(0)
+            data = f.read(min(n, size))
+            cut = data.find(b"\n")
+            if cut >= 0 or len(data) >= size:
+                return data[:cut + 1] if cut >= 0 else data
+            n *= 2
+
+    def _read_appended(self, f: Any, st: os.stat_result, key: tuple[int, int, int], out: list[StepRecord],
+                       limit: int | None) -> None:
+        """The rows after the offset; with a limit, read about what that many rows take at a time."""
+        size = None if limit is None else max(64 * 1024, ROW_BYTES * limit)
+        while True:
+            left = st.st_size - self.offset
+            f.seek(self.offset)
+            data = f.read(left if size is None else min(left, size))
+            while b"\n" not in data and len(data) < left:  # no whole row in it yet: more
+                size = 2 * len(data)
+                f.seek(self.offset)
+                data = f.read(min(left, size))
+            lines = data[:data.rfind(b"\n") + 1].split(b"\n")[:-1]
+            used = self._rows(lines, st.st_mtime, out, limit)
+            self._advance(lines[:used])
+            if used < len(lines):
+                return  # the limit is reached; the next call goes on from the offset
+            if len(data) == left:
+                self._seen = key  # every whole row of this version of the file is read
+                return
+            if not lines:
+                return
 
     def _same_file(self, f: Any) -> bool:
         """Whether the file still starts with the header read and has the last line read where it was."""
@@ -194,11 +237,22 @@ class LightningCSVSource:
     def _norm(self, header: list[str], cells: list[str]) -> list[list[str]]:
         return sorted([k, v] for k, v in zip(header, cells) if v != "")
 
-    def _rows(self, lines: list[bytes], mtime: float, out: list[StepRecord]) -> None:
+    def _advance(self, lines: list[bytes]) -> None:
+        """Past these whole lines (read from the offset on): the offset and the last line read move."""
+        if lines:
+            self.offset += sum(len(line) + 1 for line in lines)
+            self._tail = (lines[-1].decode("utf-8", "replace"), len(lines[-1]) + 1)
+
+    def _rows(self, lines: list[bytes], mtime: float, out: list[StepRecord], limit: int | None = None) -> int:
+        """Reads rows until the one that completes the `limit`-th record in `out`; returns how many it read."""
         header, tagmap = self.header, self.tagmap
         assert header is not None and tagmap is not None
         buf = self._buffer
+        used = 0
         for line in lines:
+            if limit is not None and len(out) >= limit:
+                break
+            used += 1
             cells = _cells(line)
             self.rows += 1
             if len(cells) != len(header):
@@ -222,9 +276,10 @@ class LightningCSVSource:
                                  f"number; left out (and any more such cells of {col!r})")
                     continue
                 self._emit(buf.add(step, mtime, col, value), out)
-        if lines:
-            self._last_row = self._norm(header, _cells(lines[-1]))
+        if used:
+            self._last_row = self._norm(header, _cells(lines[used - 1]))
             self._last_arrival = self._clock()
+        return used
 
     def _emit(self, p: Any, out: list[StepRecord]) -> None:
         if p is not None and self.tagmap is not None:
