@@ -126,18 +126,18 @@ class StepPhases:
         if self.ddp:
             self._pre = self.mark() if self.cuda else now
 
-    def inner_begin(self) -> None:
-        """The inner module's forward starts (after DDP's pre-forward work)."""
-        m = self.mark()
+    def inner_begin(self, now: float | None = None) -> None:
+        """The inner module's forward starts (after DDP's pre-forward work); `now`: when, on the host."""
+        m = now if now is not None and not self.cuda else self.mark()
         if self._pre is not None:
             self.pairs.append(("pre", self._pre, m))
             self._pre = None
         if self.compute:
             self._inner = m
 
-    def inner_end(self) -> None:
+    def inner_end(self, now: float | None = None) -> None:
         if self._inner is not None:
-            self.pairs.append(("compute", self._inner, self.mark()))
+            self.pairs.append(("compute", self._inner, now if now is not None and not self.cuda else self.mark()))
             self._inner = None
 
     def forward_end(self, now: float) -> None:
@@ -237,13 +237,13 @@ class PhaseHooks:
             return
         self.clock.forward_begin(now)
         if not self.ddp:
-            self.clock.inner_begin()  # no wrapper: the model's own forward is the compute
+            self.clock.inner_begin(now)  # no wrapper: the model's own forward is the compute
 
     def forward_done(self, now: float) -> None:
         """A training forward of the model returned: the input phase of the next micro-batch starts at the
         end of this one's backward (watch_backward), else here."""
         if not self.ddp:
-            self.clock.inner_end()
+            self.clock.inner_end(now)
         self.clock.forward_end(now)
 
     def watch_backward(self, output: Any, loss: torch.Tensor | None) -> None:
