@@ -486,15 +486,31 @@ PL_CASES = {
 }
 
 
+def _drain(src, limit: int | None) -> list:
+    """poll(), or with a limit poll(limit) until a call returns fewer (each call at most `limit`)."""
+    if limit is None:
+        return src.poll()
+    recs = []
+    while True:
+        got = src.poll(limit=limit)
+        assert len(got) <= limit
+        recs += got
+        if len(got) < limit:
+            return recs
+
+
+@pytest.mark.parametrize("limit", [None, 1, 2])
 @pytest.mark.parametrize("case", list(PL_CASES))
-def test_lightning_csv_tailing(tmp_path, case):
+def test_lightning_csv_tailing(tmp_path, case, limit):
+    """Each case's records and problems; polled with a limit (poll(limit) goes on from where the last
+    call stopped), drained until a call returns fewer, the same."""
     touch, path = Touch(), tmp_path / "version_0" / "metrics.csv"
     src = LightningCSVSource(tmp_path / "version_0", clock=lambda: 0.0)
     for i, (action, content, expected, problem) in enumerate(PL_CASES[case]):
         if action in ("w", "a"):
             touch.write(path, content, action)
         before = len(src.problems)
-        recs = src.flush() if action == "flush" else src.poll()
+        recs = src.flush() if action == "flush" else _drain(src, limit)
         assert steps(recs) == expected, (case, i)
         new = src.problems[before:]
         if problem is None:
@@ -506,32 +522,6 @@ def test_lightning_csv_tailing(tmp_path, case):
         if case == "bad cells and rows" and i == 0:
             assert [(r.loss, r.lr) for r in recs] == [(3.0, [1e-3]), (pytest.approx(2.9), [2e-3]), (None, [0.5])]
             assert len(src.problems) == 3  # the bad cell, the bad step, the short row
-
-
-@pytest.mark.parametrize("limit", [1, 2])
-@pytest.mark.parametrize("case", list(PL_CASES))
-def test_lightning_csv_polled_with_a_limit_gives_the_same_records(tmp_path, case, limit):
-    """poll(limit) returns at most `limit` records and goes on from there at the next call; drained until
-    a call returns fewer, the records and problems are those of unlimited polls."""
-    touch, path = Touch(), tmp_path / "version_0" / "metrics.csv"
-    src = LightningCSVSource(tmp_path / "version_0", clock=lambda: 0.0)
-    for i, (action, content, expected, problem) in enumerate(PL_CASES[case]):
-        if action in ("w", "a"):
-            touch.write(path, content, action)
-        before = len(src.problems)
-        if action == "flush":
-            recs = src.flush()
-        else:
-            recs = []
-            while True:
-                got = src.poll(limit=limit)
-                assert len(got) <= limit
-                recs += got
-                if len(got) < limit:
-                    break
-        assert steps(recs) == expected, (case, i)
-        new = src.problems[before:]
-        assert new == [] if problem is None else any(problem in p for p in new), (case, i, new)
 
 
 def test_lightning_csv_a_long_file_is_read_a_limit_at_a_time(tmp_path):
