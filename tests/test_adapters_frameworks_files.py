@@ -223,14 +223,30 @@ HF_CASES = {
 }
 
 
+def _drain(src, limit: int | None) -> list:
+    """poll(), or with a limit poll(limit) until a call returns fewer (each call at most `limit`)."""
+    if limit is None:
+        return src.poll()
+    recs = []
+    while True:
+        got = src.poll(limit=limit)
+        assert len(got) <= limit
+        recs += got
+        if len(got) < limit:
+            return recs
+
+
+@pytest.mark.parametrize("limit", [None, 1, 2])
 @pytest.mark.parametrize("case", list(HF_CASES))
-def test_trainer_state_tailing(tmp_path, case):
+def test_trainer_state_tailing(tmp_path, case, limit):
+    """Each case's records and problems; polled with a limit (the next call parses the file again and
+    goes on after the last step given), drained until a call returns fewer, the same."""
     touch, path = Touch(), tmp_path / "out" / "trainer_state.json"
     src = HFStateSource(tmp_path / "out")
     for i, (content, expected, problem) in enumerate(HF_CASES[case]):
         touch.write(path, content)
         before = len(src.problems)
-        recs = src.poll()
+        recs = _drain(src, limit)
         assert steps(recs) == expected, (case, i)
         new = src.problems[before:]
         if problem is None:
@@ -484,19 +500,6 @@ PL_CASES = {
         ("w", BASE, [0, 1, 2], None),
     ],
 }
-
-
-def _drain(src, limit: int | None) -> list:
-    """poll(), or with a limit poll(limit) until a call returns fewer (each call at most `limit`)."""
-    if limit is None:
-        return src.poll()
-    recs = []
-    while True:
-        got = src.poll(limit=limit)
-        assert len(got) <= limit
-        recs += got
-        if len(got) < limit:
-            return recs
 
 
 @pytest.mark.parametrize("limit", [None, 1, 2])

@@ -32,8 +32,8 @@ class Source(Protocol):
         """Records completed since the last call, in step order per rank. With `limit`, at most that
         many, reading only about what they take (the rest waits for the next call; a call that returns
         fewer has read everything there is now): trainmon run directories and TensorBoard logdirs stop
-        step by step, text logs and Lightning's metrics.csv line by line. Hugging Face's
-        trainer_state.json (one JSON document, parsed whole) returns all that is new in one call."""
+        step by step, text logs and Lightning's metrics.csv line by line, Hugging Face's
+        trainer_state.json (one JSON document) parsed whole at each call that stops in it."""
         ...
 
     def flush(self) -> list[StepRecord]:

@@ -207,7 +207,10 @@ class HFStateSource:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def poll(self, limit: int | None = None) -> list[StepRecord]:  # a whole file per call: limit not applied
+    def poll(self, limit: int | None = None) -> list[StepRecord]:
+        """The records of the steps logged since the last call. The file is one JSON document, parsed
+        whole; with `limit`, at most that many records a call: the next call parses it again and goes
+        on after the last step given."""
         out: list[StepRecord] = []
         chosen = self._choose()
         if chosen is None:
@@ -243,6 +246,9 @@ class HFStateSource:
             self.last_step, self.fingerprint = shared, None if shared is None else firsts[shared]
         self._previous = firsts
         for step in sorted(s for s in steps if self.last_step is None or s > self.last_step):
+            if limit is not None and len(out) >= limit:
+                self._seen = None  # steps left in this version of the file
+                break
             r = self.tagmap.record(step, st.st_mtime, steps[step])
             if r is not None:
                 out.append(r)
