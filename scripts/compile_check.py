@@ -99,6 +99,10 @@ def main() -> int:
     ap.add_argument("--observe", action="store_true", help="mon.observe_attention in the attention layers")
     a = ap.parse_args()
     device = torch.device(a.device)
+    if device.type == "cpu":
+        # Inductor's CPU kernels split reductions across threads in an order that varies from run to run:
+        # with one thread two unmonitored runs agree bitwise, the baseline the comparison needs.
+        torch.set_num_threads(1)
     mode = a.mode or ("reduce-overhead" if device.type == "cuda" else "default")
     plain, plain_losses, _ = run(device, mode, a.steps, None)
     with tempfile.TemporaryDirectory() as tmp:
