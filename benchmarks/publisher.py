@@ -24,7 +24,7 @@ from _common import write_results  # noqa: E402
 
 from monitor.exporters.prometheus import TrainMetrics  # noqa: E402
 from monitor.hooks.guard import ErrorGuard  # noqa: E402
-from monitor.hooks.packet import Packet  # noqa: E402
+from monitor.hooks.packet import Packet, StepState  # noqa: E402
 from monitor.hooks.publisher import Publisher  # noqa: E402
 from monitor.rules.engine import RulesEngine  # noqa: E402
 from monitor.runlog.events import EventWriter  # noqa: E402
@@ -36,9 +36,11 @@ def packets(n: int, n_params: int) -> list[Packet]:
     out = []
     for s in range(n):
         vals = torch.rand(3 + n_params, generator=g) + 0.5
-        out.append(Packet(step=s, layout=("loss", "grad_norm", "clip_coef"), values=vals, event=None,
-                          param_index=None, lrs=[1e-3 * min(1, (s + 1) / 100)], time=time.time(), step_time=0.1,
-                          tokens=4096, micro_batches=4, scheduler_steps=1, max_norm=1.0))
+        state = StepState()
+        state.lrs, state.tokens, state.micro = [1e-3 * min(1, (s + 1) / 100)], 4096, 4
+        end = time.perf_counter()
+        out.append(Packet(step=s, layout=("loss", "grad_norm", "clip_coef"), values=vals, event=None, state=state,
+                          time=time.time(), end=end, start=end - 0.1, scheduler_steps=1, max_norm=1.0))
     return out
 
 

@@ -527,7 +527,7 @@ def test_the_engine_completes_an_alert_once_and_every_sink_gets_the_same_object_
 
 def test_publisher_counts_an_error_under_the_stage_that_raised(caplog):
     from monitor.hooks.guard import ErrorGuard
-    from monitor.hooks.packet import Packet
+    from monitor.hooks.packet import Packet, StepState
     from monitor.hooks.publisher import Publisher
 
     seen = []
@@ -540,8 +540,8 @@ def test_publisher_counts_an_error_under_the_stage_that_raised(caplog):
                     stages=[("first stage", broken), ("second stage", lambda s: seen.append(("stage", s.record.step)))],
                     outputs=[("an output", lambda r: seen.append(("output", r.step)))])
     with caplog.at_level(logging.WARNING, logger="trainmon"):
-        pub.submit(Packet(step=3, layout=("loss",), values=torch.tensor([1.5]), event=None, param_index=None, lrs=[],
-                          time=0.0, step_time=None, tokens=None, micro_batches=1, scheduler_steps=None, max_norm=None))
+        pub.submit(Packet(step=3, layout=("loss",), values=torch.tensor([1.5]), event=None, state=StepState(),
+                          time=0.0, end=0.0, start=None))
         assert pub.flush(10)
         pub.close()
     assert seen == [("stage", 3), ("output", 3)] and guard.count == 1 and pub.published == 1

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import monitor
 from monitor.config import CollectorConfig
 from monitor.hooks.guard import ErrorGuard
-from monitor.hooks.packet import Packet
+from monitor.hooks.packet import Packet, StepState
 from monitor.hooks.publisher import Publisher, clip_coef
 from monitor.runlog.reader import read_run
 
@@ -182,9 +182,10 @@ def test_clip_coef_is_torch_float32_arithmetic_bit_for_bit():
 
 
 def _packet(step: int) -> Packet:
-    return Packet(step=step, layout=("loss", "grad_norm"), values=torch.tensor([1.5, 2.0]), event=None,
-                  param_index=None, lrs=[1e-3], time=float(step), step_time=0.01, tokens=None, micro_batches=1,
-                  scheduler_steps=1, max_norm=1.0)
+    state = StepState()
+    state.lrs, state.micro = [1e-3], 1
+    return Packet(step=step, layout=("loss", "grad_norm"), values=torch.tensor([1.5, 2.0]), event=None, state=state,
+                  time=float(step), end=10.0 + step, start=10.0 + step - 0.01, scheduler_steps=1, max_norm=1.0)
 
 
 def test_the_publisher_works_in_batches_in_step_order():

@@ -131,6 +131,8 @@ class AttentionProbe:
 
 MOVED_LOGIT = 5.0  # max logit above which doubling since the last sample counts as movement
 MOVED_ENTROPY = 0.1  # a fall of the entropy ratio this large since the last sample counts as movement
+# Unprobed steps timed before each probe (their EMAs are read at the probe): the rest pay no clock read.
+TIMED_STEPS = 16
 
 
 class ProbeSchedule:
@@ -139,7 +141,8 @@ class ProbeSchedule:
     Steps are probed every `every` steps (aligned to multiples of it). After each probe its measured
     cost is set against the time it is amortised over, interval x typical step time: above `budget`
     the interval doubles (up to `max_every`) until it fits; below a quarter of the budget it halves
-    back towards `every`. The typical step time is a running median-like EMA of unprobed steps.
+    back towards `every`. The typical step time is an EMA of the unprobed steps just before each probe
+    (`timed`).
 
     The budget is honest: when `OVER_BUDGET` probes in a row cost more than the budget even at
     `max_every`, the cost cannot be bounded and probing stops (`off` says why); never a cap that
@@ -165,6 +168,11 @@ class ProbeSchedule:
 
     def due(self, step: int) -> bool:
         return step >= self.next
+
+    def timed(self, step: int) -> bool:
+        """Whether step `step`'s times feed the typical step and forward times: the `TIMED_STEPS` before a
+        probe and the probe's own (those times are read at probes only)."""
+        return step >= self.next - TIMED_STEPS
 
     @staticmethod
     def _ema(old: float | None, x: float, alpha: float = 0.1) -> float:

@@ -29,7 +29,7 @@ from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.intercept import intercept
 from monitor.hooks.introspect import SchedulerSteps
 from monitor.hooks.norms import GradNorms, fingerprint, scaler_state
-from monitor.hooks.packet import Packet, Staging, StepState, assemble, count_tokens, find_loss, step_timing
+from monitor.hooks.packet import Packet, Staging, StepState, assemble, count_tokens, find_loss
 from monitor.hooks.phases import PhaseHooks
 from monitor.hooks.sampler import AttentionSampler
 
@@ -377,17 +377,19 @@ class StepCollector:
             self._read_lrs()
             self._measure(in_optimizer=False)
         now = time.perf_counter()
+        start = self._prev_end if self._prev_end is not None else s.t_first
+        self._prev_end = now
         # Host-side allocator counter (no device sync): the process's peak so far.
         memory = float(torch.cuda.max_memory_allocated(self._device)) if self._device_type == "cuda" else None
-        timing = step_timing(s, self._prev_end, now, memory, self.phases.clock.step_end(now))
-        self._prev_end = now
-        attention = self.sampler.step_end(self.step, timing.step_time) if self.sampler is not None else {}
+        sampler = self.sampler
+        attention = sampler.step_end(self.step, now - start if start is not None else None) if sampler is not None else {}
         fp_every = self._opt.fingerprint_every
         # One read of the weights every few steps, for the cross-rank comparison.
         fp = fingerprint(self._fp_tensors) if fp_every and self.step % fp_every == 0 else []
-        packet = assemble(s, self.norms, step=self.step, scale=scale,
-                          found_inf=found_inf, attention=attention, local_sq=self.local_sq, fingerprint=fp,
-                          timing=timing, scheduler_steps=self._scheduler_steps.since_last(), staging=self.staging)
+        packet = assemble(s, self.norms, step=self.step, scale=scale, found_inf=found_inf, attention=attention,
+                          local_sq=self.local_sq, fingerprint=fp, staging=self.staging, end=now, start=start,
+                          memory=memory, phases=self.phases.clock.step_end(now),
+                          scheduler_steps=self._scheduler_steps.since_last())
         self.step += 1
         self._reset()
         self._handoff(packet)

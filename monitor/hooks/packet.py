@@ -3,7 +3,8 @@
 `StepState` is what the hooks accumulate during a step; `assemble` turns it, at the step
 boundary, into a Packet: every device value copied into ONE float32 vector (`layout` names its
 leading entries; per-parameter norms and the weight fingerprint follow), copied to the host
-without waiting. `Staging` plans that vector once per layout and reuses it (hooks/staging notes in
+without waiting, and the state itself handed over for its plain values (the publisher derives
+the step's times and counts from it). `Staging` plans that vector once per layout and reuses it (hooks/staging notes in
 its docstring): no per-scalar tensor op, no allocation on CUDA. Nothing here reads a device
 tensor on the host.
 """
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -65,48 +66,25 @@ def count_tokens(args: tuple, kwargs: dict) -> tuple[int, int | None]:
     return 0, None
 
 
-@dataclass
-class Packet:
-    """One step, handed from the training thread to the publisher."""
-
-    step: int
-    layout: tuple[str, ...]  # names of the leading entries of `values`; then param norms, then the fingerprint
-    values: torch.Tensor | None  # host tensor (or pinned buffer being filled on CUDA)
-    event: Any  # torch.cuda.Event to wait on, or None
-    param_index: tuple[int, ...] | None  # which params the norms belong to; None: all, in order
-    lrs: list[float]
-    time: float
-    step_time: float | None
-    tokens: int | None
-    micro_batches: int
-    scheduler_steps: int | None
-    max_norm: float | None
-    grad_norm_unknown: bool = False  # the pre-clip norm could not be measured (see StepRecord)
-    autocast: str | None = None
-    loss_value: float | None = None
-    busy_time: float | None = None
-    memory: float | None = None
-    batch_size: int | None = None  # the per-device batch seen this step (run.json's batch facts)
-    fp_count: int = 0  # the last values are the parameter fingerprint (the rank exchange's)
-    scalars: dict[str, float] = field(default_factory=dict)
-    phases: PhaseMarks | None = None  # input / compute / collective-wait marks (resolved by the publisher)
-    recycle: Callable[[], None] | None = None  # the publisher calls it once `values` is read (CUDA: the buffer's pool)
-
-
-@dataclass
 class StepState:
-    """What the hooks gather during one optimizer step (training thread); a fresh one per step."""
+    """What the hooks gather during one optimizer step (training thread); a fresh one per step. At the
+    step's end it goes to the publisher inside the Packet, which reads its plain values (never its tensors:
+    those are staged) while the training thread fills the next one."""
 
-    losses: dict[str, list] = field(default_factory=dict)  # per LOSS_SOURCES key that reported one
-    tokens: int = 0
-    logged_tokens: int | None = None  # mon.log(tokens=...): wins over the counted token ids
-    micro: int = 0  # training forwards (micro-batches) so far
-    t_first: float | None = None  # when the first one began
-    t_fwd_end: float | None = None  # when the last one's forward ended
-    lrs: list | None = None  # read at optimizer.step()
-    scalars: dict[str, Any] = field(default_factory=dict)
-    autocast: str | None = None
-    batch: int | None = None
+    __slots__ = ("losses", "tokens", "logged_tokens", "micro", "t_first", "t_fwd_end", "lrs", "scalars", "autocast",
+                 "batch")
+
+    def __init__(self) -> None:
+        self.losses: dict[str, list] = {}  # per LOSS_SOURCES key that reported one
+        self.tokens = 0
+        self.logged_tokens: int | None = None  # mon.log(tokens=...): wins over the counted token ids
+        self.micro = 0  # training forwards (micro-batches) so far
+        self.t_first: float | None = None  # when the first one began
+        self.t_fwd_end: float | None = None  # when the last one's forward ended
+        self.lrs: list | None = None  # read at optimizer.step(): floats, or tensors (staged)
+        self.scalars: dict[str, Any] = {}  # mon.log(**scalars): floats, or tensors (staged)
+        self.autocast: str | None = None
+        self.batch: int | None = None  # the per-device batch seen this step (run.json's batch facts)
 
     def log(self, loss: Any, tokens: int | None, scalars: dict[str, Any]) -> None:
         """mon.log(): an explicit loss (the first source), tokens, named scalars (tensors stay on the device)."""
@@ -118,37 +96,42 @@ class StepState:
             self.scalars[k] = v.detach() if isinstance(v, torch.Tensor) else float(v)
 
 
-class Timing(NamedTuple):
+@dataclass(slots=True)
+class Packet:
+    """One step, handed from the training thread to the publisher: the staged vector of its device values
+    and the raw facts beside it (the publisher works out the rest: hooks/publisher.decode)."""
+
+    step: int
+    layout: tuple[str, ...]  # names of the leading entries of `values`; then param norms, then the fingerprint
+    values: torch.Tensor | None  # host tensor (or pinned buffer being filled on CUDA)
+    event: Any  # torch.cuda.Event to wait on, or None
+    state: StepState  # the step's gathered state: its plain LRs, scalars, tokens, micro-batches, autocast
     time: float  # wall clock at the step's end
-    step_time: float | None
-    busy_time: float | None  # start of the step to the last forward's end
-    memory: float | None  # the allocator's peak so far
-    phases: PhaseMarks | None
-
-
-def step_timing(s: StepState, prev_end: float | None, now: float, memory: float | None,
-                phases: PhaseMarks | None) -> Timing:
-    """The step's clocks: from the previous step's end (the first step: its first forward) to `now`, and to
-    its last forward's end (busy)."""
-    start = prev_end if prev_end is not None else s.t_first
-    return Timing(time=time.time(), step_time=now - start if start is not None else None,
-                  busy_time=s.t_fwd_end - start if start is not None and s.t_fwd_end is not None else None,
-                  memory=memory, phases=phases)
+    end: float  # perf_counter at the step's end
+    start: float | None  # perf_counter at the previous step's end (the first step: its first forward)
+    param_index: tuple[int, ...] | None = None  # which params the norms belong to; None: all, in order
+    scheduler_steps: int | None = None
+    max_norm: float | None = None
+    grad_norm_unknown: bool = False  # the pre-clip norm could not be measured (see StepRecord)
+    loss_value: float | None = None  # a float passed to mon.log(loss=...), when no tensor loss came
+    memory: float | None = None  # the allocator's peak so far (CUDA)
+    fp_count: int = 0  # the last values are the parameter fingerprint (the rank exchange's)
+    phases: PhaseMarks | None = None  # input / compute / collective-wait marks (resolved by the publisher)
+    recycle: Callable[[], None] | None = None  # the publisher calls it once `values` is read (CUDA: the buffer's pool)
 
 
 def assemble(s: StepState, norms: GradNorms, *, step: int, scale: torch.Tensor | None,
              found_inf: torch.Tensor | None, attention: dict[str, torch.Tensor], local_sq: list[torch.Tensor],
-             fingerprint: list[torch.Tensor], timing: Timing, scheduler_steps: int | None,
-             staging: Staging) -> Packet:
-    """The Packet of a finished step."""
+             fingerprint: list[torch.Tensor], staging: Staging, end: float, start: float | None,
+             memory: float | None, phases: PhaseMarks | None, scheduler_steps: int | None) -> Packet:
+    """The Packet of a finished step: its device values staged, the rest as they are."""
     layout: list[str] = []
     parts: list[torch.Tensor] = []
     loss_value = None  # a Python float passed to mon.log(loss=...)
     losses = s.losses
-    for source, reduce in LOSS_SOURCES.items():
-        ls = losses.get(source)
-        if not ls:
-            continue
+    if losses:  # the first source in LOSS_SOURCES' order that reported (usually the only one)
+        source = next(iter(losses)) if len(losses) == 1 else next(k for k in LOSS_SOURCES if k in losses)
+        ls = losses[source]
         tensors = [x for x in ls if isinstance(x, torch.Tensor)]
         if len(tensors) == 1:  # mon.log mixing floats and tensors in one step: the tensors count
             layout.append("loss")
@@ -156,10 +139,9 @@ def assemble(s: StepState, norms: GradNorms, *, step: int, scale: torch.Tensor |
         elif tensors:
             loss = torch.stack([x.float() for x in tensors])
             layout.append("loss")
-            parts.append(loss.sum() if reduce == "sum" else loss.mean())
+            parts.append(loss.sum() if LOSS_SOURCES[source] == "sum" else loss.mean())
         else:
             loss_value = sum(ls) / len(ls)
-        break
     max_norm = None
     clips = norms.clips
     per_param = norms.per_param
@@ -189,36 +171,25 @@ def assemble(s: StepState, norms: GradNorms, *, step: int, scale: torch.Tensor |
     if found_inf is not None:
         layout.append("found_inf")
         parts.append(found_inf)
-    lrs: list[float] = []
-    for i, lr in enumerate(s.lrs or []):
-        if isinstance(lr, torch.Tensor):  # capturable/tensor LR: stays on device
-            layout.append(f"lr:{i}")
-            parts.append(lr)
-            lrs.append(float("nan"))
-        else:
-            lrs.append(float(lr))
-    scalars: dict[str, float] = {}
-    for k, v in s.scalars.items():
-        if isinstance(v, torch.Tensor):
-            layout.append(f"s:{k}")
-            parts.append(v)
-        else:
-            scalars[k] = float(v)
+    if s.lrs:
+        for i, lr in enumerate(s.lrs):
+            if isinstance(lr, torch.Tensor):  # capturable/tensor LR: stays on device
+                layout.append(f"lr:{i}")
+                parts.append(lr)
+    if s.scalars:
+        for k, v in s.scalars.items():
+            if isinstance(v, torch.Tensor):
+                layout.append(f"s:{k}")
+                parts.append(v)
     for layer, stats in attention.items():  # sampled steps: four values per attention layer, one tensor
         layout += [f"a:{stat}:{layer}" for stat in STATS]
         parts.append(stats)
     if local_sq:  # this rank's gradients before the all-reduce, from the DDP hook
         layout.append("local_grad_norm")
         parts.append(local_norm(local_sq))
-    names, values, event, recycle = staging.stage(layout, parts, (per_param or []) + fingerprint)
-    return Packet(
-        step=step, layout=names, values=values, event=event, param_index=norms.index, lrs=lrs,
-        time=timing.time, step_time=timing.step_time,
-        tokens=s.logged_tokens if s.logged_tokens is not None else (s.tokens or None), micro_batches=s.micro,
-        scheduler_steps=scheduler_steps, max_norm=max_norm, grad_norm_unknown=norm_unknown, autocast=s.autocast,
-        loss_value=loss_value, scalars=scalars, busy_time=timing.busy_time, memory=timing.memory,
-        batch_size=s.batch, fp_count=len(fingerprint), phases=timing.phases, recycle=recycle,
-    )
+    names, values, event, recycle = staging.stage(layout, parts, per_param + fingerprint if per_param else fingerprint)
+    return Packet(step, names, values, event, s, time.time(), end, start, norms.index, scheduler_steps, max_norm,
+                  norm_unknown, loss_value, memory, len(fingerprint), phases, recycle)
 
 
 _POOL = 16  # pinned host buffers kept per layout for reuse (more are made while the publisher lags)

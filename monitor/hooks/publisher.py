@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from torch import Tensor
+
 from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.packet import Packet
 from monitor.hooks.phases import resolve_phases
@@ -56,10 +58,11 @@ def decode(p: Packet, rank: int, param_names: list[str], attempt: int = 1) -> De
         values = values[:len(values) - p.fp_count]
     field_at, lr_at, scalar_at, attention_at = _layout_plan(p.layout)
     fields = {name: values[i] for name, i in field_at}
-    lrs = list(p.lrs)
+    s = p.state  # its plain values only: its tensors were staged into `values`
+    lrs = [math.nan if isinstance(lr, Tensor) else float(lr) for lr in s.lrs] if s.lrs else []
     for group, i in lr_at:
         lrs[group] = values[i]
-    scalars = dict(p.scalars)
+    scalars = {k: v for k, v in s.scalars.items() if not isinstance(v, Tensor)} if s.scalars else {}
     for name, i in scalar_at:
         scalars[name] = values[i]
     attention: dict[str, dict[str, float]] = {}
@@ -82,6 +85,7 @@ def decode(p: Packet, rank: int, param_names: list[str], attempt: int = 1) -> De
         param_norms = {param_names[i]: v for i, v in zip(index, norms)}
     if "loss" not in fields and p.loss_value is not None:
         fields["loss"] = p.loss_value
+    start = p.start
     phases = resolve_phases(p.phases)  # CUDA events are waited for here, off the training thread
     rec = StepRecord(
         step=p.step, rank=rank, attempt=attempt, time=p.time, loss=fields.get("loss"), lr=lrs,
@@ -89,12 +93,15 @@ def decode(p: Packet, rank: int, param_names: list[str], attempt: int = 1) -> De
         clip_coef=fields.get("clip_coef"), max_norm=p.max_norm, loss_scale=fields.get("loss_scale"),
         grad_norm_unknown=p.grad_norm_unknown,
         skipped=bool(found_inf) if found_inf is not None else False,
-        step_time=p.step_time, tokens=p.tokens, micro_batches=p.micro_batches, autocast=p.autocast,
-        scheduler_steps=p.scheduler_steps, param_norms=param_norms, attention=attention or None, scalars=scalars,
-        busy_time=p.busy_time, local_grad_norm=fields.get("local_grad_norm"), memory=p.memory,
+        step_time=p.end - start if start is not None else None,
+        tokens=s.logged_tokens if s.logged_tokens is not None else (s.tokens or None), micro_batches=s.micro,
+        autocast=s.autocast, scheduler_steps=p.scheduler_steps, param_norms=param_norms,
+        attention=attention or None, scalars=scalars,
+        busy_time=s.t_fwd_end - start if start is not None and s.t_fwd_end is not None else None,
+        local_grad_norm=fields.get("local_grad_norm"), memory=p.memory,
         input_time=phases["input"], compute_time=phases["compute"], collective_wait_time=phases["collective_wait"],
     )
-    return Decoded(rec, fingerprint, p.batch_size)
+    return Decoded(rec, fingerprint, s.batch)
 
 
 @lru_cache(maxsize=256)

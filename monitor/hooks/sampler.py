@@ -79,7 +79,7 @@ class AttentionSampler:
     def forward_begin(self, step: int, first: bool) -> None:
         """A training forward begins; `first`: the step's first micro-batch, the only one probed."""
         self._calls = 0
-        if not first:
+        if not first or not self.schedule.timed(step):
             return
         self._fwd_t0 = time.perf_counter()
         if self.probe is not None and self.schedule.due(step) and self._runs_eagerly():
@@ -157,12 +157,13 @@ class AttentionSampler:
     def step_end(self, step: int, step_time: float | None) -> dict[str, torch.Tensor]:
         """The optimizer step `step` ended: its statistics (device tensors, none on unsampled steps). The
         schedule moves on; a step that was probed reports its cost and the interval now in force."""
-        results = self.results
         sched = self.schedule
-        if not sched.due(step):
-            if step_time is not None:
+        if not sched.due(step):  # nothing was measured (observe() and the probe work on due steps only)
+            if step_time is not None and sched.timed(step):
                 sched.plain_step(step_time)
-        elif not self._probed:
+            return {}
+        results = self.results
+        if not self._probed:
             sched.skipped(step)  # no training forward ran (or no call): try again later
         else:
             sched.probed(step, self._cost)
