@@ -93,6 +93,7 @@ class StepCollector:
         compiled.install()
         self._compile_watch = True
         self.phases = PhaseHooks(self.model, self._device, sharded=options.sharded, guard=guard)
+        self._clock = self.phases.clock  # the model's forward boundaries go to it directly
         self._reset()
         self._install(hooked.loss_fn)
 
@@ -168,16 +169,21 @@ class StepCollector:
         try:
             s = self.s
             now = time.perf_counter()
-            if s.t_first is None:
-                s.t_first = now
-            self.phases.forward_begin(now, timed)
+            first = s.micro == 0
+            if first:
+                if s.t_first is None:
+                    s.t_first = now
+                if autocast is not None:
+                    s.autocast = autocast
+                elif torch.is_autocast_enabled(self._device_type):
+                    # For the preflight checks (fp16 without GradScaler, GradScaler with bf16).
+                    s.autocast = str(torch.get_autocast_dtype(self._device_type)).removeprefix("torch.")
+            if timed:
+                self._clock.forward_begin(now)
+            else:  # after a compiled graph ran: its phases were not seen
+                self._clock.valid = False
             if self.sampler is not None:
-                self.sampler.forward_begin(self.step, first=s.micro == 0)
-            if s.micro == 0 and autocast is not None:
-                s.autocast = autocast
-            elif s.micro == 0 and torch.is_autocast_enabled(self._device_type):
-                # For the preflight checks (fp16 without GradScaler, GradScaler with bf16).
-                s.autocast = str(torch.get_autocast_dtype(self._device_type)).removeprefix("torch.")
+                self.sampler.forward_begin(self.step, first)
             s.micro += 1
             if self._opt.count_tokens:
                 tokens, batch = count_tokens(args, kwargs)
@@ -192,7 +198,7 @@ class StepCollector:
         now = time.perf_counter()
         self.s.t_fwd_end = now
         try:
-            self.phases.forward_done(now)
+            self._clock.forward_end(now)
         except Exception as e:
             self._guard.record("forward timing", e)
 
@@ -200,13 +206,10 @@ class StepCollector:
         if torch.compiler.is_compiling():
             compiled.forward_ended(self.compiled_key, "model", find_loss(output), self._training(module))
             return
-        training = self._training(module)
-        if training:
+        if self._training(module):
             # The last forward of a step ends its "busy" part: what follows is the backward with the all-reduce.
             self._forward_done()
-        loss = self._capture_output("model", module, output)
-        if training:
-            self.phases.watch_backward(output, loss)
+            self.phases.watch_backward(output, self._capture_output("model", output))
 
     def _forward_end(self, module, args, output):
         if not torch.compiler.is_compiling():
@@ -249,16 +252,16 @@ class StepCollector:
         if torch.compiler.is_compiling():
             compiled.forward_ended(self.compiled_key, "loss_fn", find_loss(output), torch.is_grad_enabled())
             return
-        self._capture_output("loss_fn", module, output)
+        if torch.is_grad_enabled():
+            self._capture_output("loss_fn", output)
 
-    def _capture_output(self, source: str, module, output) -> torch.Tensor | None:
+    def _capture_output(self, source: str, output) -> torch.Tensor | None:
         """Keep the loss of a training forward's output; returns it (None: none found)."""
         try:
-            if torch.is_grad_enabled() and (source == "loss_fn" or module.training):
-                loss = find_loss(output)
-                if loss is not None:
-                    self.s.losses.setdefault(source, []).append(loss.detach())
-                return loss
+            loss = find_loss(output)
+            if loss is not None:
+                self.s.losses.setdefault(source, []).append(loss.detach())
+            return loss
         except Exception as e:
             self._guard.record(f"{source} forward hook", e)
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 Handler = Callable[..., Any]  # handler(call_original, *args, **kwargs)
@@ -35,7 +36,7 @@ def intercept(obj: Any, name: str, handler: Handler) -> Callable[[], None]:
                 h = handlers.get(id(self))
                 if h is None:
                     return original(self, *args, **kwargs)
-                return h(lambda *a, **k: original(self, *a, **k), *args, **kwargs)
+                return h(partial(original, self), *args, **kwargs)
 
             wrapper.__wrapped__ = original  # type: ignore[attr-defined]
             wrapper.__name__ = getattr(original, "__name__", name)

@@ -60,7 +60,7 @@ class GradNorms:
         said otherwise (then it is the norm after clipping, recorded as such)."""
         if self.total is not None or not self.global_stats or self.sharded:
             return
-        if self.clips and not self.clips.unknown:
+        if self.clips.calls and not self.clips.unknown:
             return
         self.compute(total=True, per_param=self.wanted(step), divide_by=divide_by)
 
@@ -80,7 +80,7 @@ class GradNorms:
             if total_norm is None:
                 clips.unknown = True
                 return
-        first = not clips
+        first = not clips.calls
         clips.add(parameters, float(max_norm), total_norm, forwards)
         if first and self.wanted(step) and self.per_param is None and not self.sharded:
             # Gradients are still unclipped here: one extra read of them, on sampled steps only.

@@ -146,7 +146,7 @@ def assemble(s: StepState, norms: GradNorms, *, step: int, scale: torch.Tensor |
     clips = norms.clips
     per_param = norms.per_param
     norm_unknown = norms.unknown
-    if clips and not clips.unknown:
+    if clips.calls and not clips.unknown:
         total, max_norm = clips.total()
         layout.append("grad_norm")
         parts.append(total)
@@ -228,10 +228,10 @@ class _Plan:
         else:
             torch._foreach_copy_(self.views, parts)
         if tail:
-            device = self.buf.device
-            if all(t.device == device for t in tail):
+            try:
                 self.tail.copy_(torch.stack(tail))
-            else:  # a model spread over devices
+            except RuntimeError:  # a model spread over devices
+                device = self.buf.device
                 self.tail.copy_(torch.stack([t.to(device=device, dtype=torch.float32) for t in tail]))
 
     def give_back(self, slot: tuple[torch.Tensor, Any]) -> None:

@@ -116,33 +116,40 @@ class StepPhases:
         return time.perf_counter()
 
     def forward_begin(self, now: float) -> None:
-        """The wrapper's forward of a training micro-batch starts: its input phase ends."""
-        if self.anchor is None:
+        """The wrapper's forward of a training micro-batch starts: its input phase ends. Without a wrapper
+        the model's own forward is the compute, which starts here too."""
+        anchor = self.anchor
+        if anchor is None:
             self.input_ok = False  # the first step (no previous step end), or a forward we did not see end
-        else:
-            self.input += max(0.0, now - self.anchor)
+        elif now > anchor:
+            self.input += now - anchor
         self.anchor = None
         self.forwards += 1
         if self.ddp:
             self._pre = self.mark() if self.cuda else now
+        elif self.compute:
+            self._inner = self.mark() if self.cuda else now
 
-    def inner_begin(self, now: float | None = None) -> None:
-        """The inner module's forward starts (after DDP's pre-forward work); `now`: when, on the host."""
-        m = now if now is not None and not self.cuda else self.mark()
+    def inner_begin(self) -> None:
+        """DDP's inner module's forward starts (after DDP's pre-forward work)."""
+        m = self.mark()
         if self._pre is not None:
             self.pairs.append(("pre", self._pre, m))
             self._pre = None
         if self.compute:
             self._inner = m
 
-    def inner_end(self, now: float | None = None) -> None:
+    def inner_end(self) -> None:
         if self._inner is not None:
-            self.pairs.append(("compute", self._inner, now if now is not None and not self.cuda else self.mark()))
+            self.pairs.append(("compute", self._inner, self.mark()))
             self._inner = None
 
     def forward_end(self, now: float) -> None:
-        """The wrapper's forward returned: the next input phase begins here unless the backward's end
-        is seen (backward_end), which is what normally moves it."""
+        """The wrapper's forward returned (without a wrapper, the compute ends): the next input phase begins
+        here unless the backward's end is seen (backward_end), which is what normally moves it."""
+        if not self.ddp and self._inner is not None:
+            self.pairs.append(("compute", self._inner, self.mark() if self.cuda else now))
+            self._inner = None
         self.anchor = now
 
     def backward_end(self) -> None:
@@ -184,9 +191,10 @@ def _grad_root(output: Any, loss: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class PhaseHooks:
-    """What feeds a StepPhases clock from the training thread: the inner module's forward (under DDP,
-    hooks on `model.module`), the model's forward boundaries (called by the collector), and the end of
-    a micro-batch's backward (a hook on the forward's output asks autograd for a callback).
+    """What feeds a StepPhases clock (`clock`) from the training thread besides the model's forward
+    boundaries, which the collector reports to the clock itself: the inner module's forward (under DDP,
+    hooks on `model.module`) and the end of a micro-batch's backward (a hook on the forward's output asks
+    autograd for a callback).
 
     The backward's end matters only where another micro-batch of the same step follows (its input phase
     starts there); the next step's starts at the optimizer step. So the backward is watched only while
@@ -229,22 +237,6 @@ class PhaseHooks:
         except Exception as e:
             self._guard.record("inner forward hook", e)
         return None
-
-    def forward_begin(self, now: float, timed: bool = True) -> None:
-        """A training forward of the model begins (`timed`: now is when; not so after a compiled graph)."""
-        if not timed:
-            self.clock.valid = False
-            return
-        self.clock.forward_begin(now)
-        if not self.ddp:
-            self.clock.inner_begin(now)  # no wrapper: the model's own forward is the compute
-
-    def forward_done(self, now: float) -> None:
-        """A training forward of the model returned: the input phase of the next micro-batch starts at the
-        end of this one's backward (watch_backward), else here."""
-        if not self.ddp:
-            self.clock.inner_end(now)
-        self.clock.forward_end(now)
 
     def watch_backward(self, output: Any, loss: torch.Tensor | None) -> None:
         """After a training forward (forward_done): watch its backward's end when another micro-batch
