@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from functools import lru_cache
 from pathlib import Path
 
 from monitor.runlog.events import wire
@@ -74,9 +75,15 @@ def _plain(r: StepRecord) -> tuple[int, list[float], list[tuple[str, float]]]:
     return mask, vector, pairs
 
 
+@lru_cache(maxsize=16)
+def _lr_tags(groups: int) -> tuple[str, ...]:
+    return tuple(LR_TAG.format(i) for i in range(groups))
+
+
 def _extra_values(r: StepRecord, pairs: list[tuple[str, float]], param_norms: bool) -> list[tuple[str, float]]:
     """The scalar values after the plain fields: LRs, autocast, sampled per-parameter norms, attention, scalars."""
-    pairs.extend((LR_TAG.format(i), lr) for i, lr in enumerate(r.lr))
+    if r.lr:
+        pairs.extend(zip(_lr_tags(len(r.lr)), r.lr))
     if r.autocast in AUTOCAST_CODES:
         pairs.append((AUTOCAST_TAG, AUTOCAST_CODES[r.autocast]))
     if param_norms and r.param_norms:

@@ -59,10 +59,30 @@ def _scalar_prefix(tag: str) -> bytes:
     return b"\x0a" + varint(len(tag_field) + 5) + tag_field + b"\x15"
 
 
+@lru_cache(maxsize=64)
+def _scalars_packer(tags: tuple[str, ...]) -> tuple[struct.Struct, list]:
+    """One struct for a run of scalar values with these tags (a step's tags repeat from step to step):
+    each value's prefix then its float, and the argument list with the prefixes in place."""
+    prefixes = [_scalar_prefix(t) for t in tags]
+    args: list = [None] * (2 * len(prefixes))
+    args[0::2] = prefixes
+    return struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes)), args
+
+
 def scalar_values(pairs: Iterable[tuple[str, float]]) -> bytes:
     """Summary.value entries {tag, simple_value} (Summary's field 1, repeated), one per (tag, value)."""
-    prefix = _scalar_prefix
-    return b"".join([prefix(t) + f32(v) for t, v in pairs])
+    pairs = list(pairs)
+    if not pairs:
+        return b""
+    tags, values = zip(*pairs)
+    packer, template = _scalars_packer(tags)
+    args = template.copy()
+    args[1::2] = values
+    try:
+        return packer.pack(*args)
+    except OverflowError:  # a value beyond float32: an infinity, value by value
+        prefix = _scalar_prefix
+        return b"".join([prefix(t) + f32(v) for t, v in pairs])
 
 
 _DT_FLOAT, _DT_DOUBLE, _DT_STRING = 1, 2, 7  # tensorflow DataType (types.proto)
