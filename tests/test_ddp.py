@@ -16,6 +16,7 @@ import torch
 
 from monitor.cli.check import check_run
 from monitor.config import load_config
+from monitor.hooks.ddp import RankExchange, pack_floats
 from monitor.runlog.reader import read_alerts, read_run
 from monitor.schema import PHASES, StepRecord
 
@@ -91,6 +92,34 @@ def test_a_desync_on_one_rank_is_named_within_50_steps(tmp_path):
     # `monitor check` replays rank 0's comparison from its event file
     _, replayed = check_run(tmp_path / "run", load_config(None, environ={}))
     assert ("ddp.desync", a["step"]) in {(x.rule, x.step) for x in replayed}
+
+
+@pytest.mark.slow
+def test_a_desync_only_the_last_exchange_sees_is_judged_as_the_run_closes(tmp_path):
+    # Exchanges every 10 steps; rank 1's weight changes after step 35, so only step 40's comparison sees
+    # it, and no later record of rank 0 collects that one: rank 0's close does, waiting for rank 1's post.
+    ranks = torchrun(tmp_path, "--steps", "41", "--with-monitor", "--fault", "desync:35")
+    hits = [a for a in ranks[0]["alerts"] if a["rule"] == "ddp.desync"]
+    assert [(a["step"], a["evidence"]["ranks"]) for a in hits] == [(40, [1])], rules(ranks[0]["alerts"])
+    written = [json.loads(line) for line in (tmp_path / "run" / "alerts.jsonl").read_text().splitlines()]
+    assert [(a["rule"], a["step"]) for a in written if a["rule"] == "ddp.desync"] == [("ddp.desync", 40)]
+
+
+def test_the_exchanges_pending_at_close_are_compared_with_whoever_reported():
+    store = torch.distributed.HashStore()
+    zero, one = (RankExchange(store, r, 2, every=10) for r in (0, 1))
+    same, other = pack_floats([1.0, 2.0]), pack_floats([1.0, 2.5])
+    one.post(10, {"fp": other, "busy": 0.1, "phases": {}})
+    zero.post(10, {"fp": same, "busy": 0.1, "phases": {}})
+    zero.post(20, {"fp": same, "busy": 0.1, "phases": {}})  # rank 1 never posts step 20
+    first = zero.collect()  # step 10 is complete; step 20 is awaited (its timeout is far off)
+    assert [(o["step"], o["reported"], [d["rank"] for d in o["desync"]]) for o in first] == [(10, [0, 1], [1])]
+    assert list(zero.pending) == [20]
+    assert [(o["step"], o["reported"], o["desync"]) for o in zero.finish(timeout=0.05)] == [(20, [0], [])]
+    one.post(30, {"fp": same, "busy": 0.1, "phases": {}})
+    zero.post(30, {"fp": same, "busy": 0.1, "phases": {}})
+    assert [(o["step"], o["reported"], o["desync"]) for o in zero.finish(timeout=5.0)] == [(30, [0, 1], [])]
+    assert zero.pending == {} and one.finish(timeout=0.05) == []
 
 
 def straggler(ranks: list[dict]) -> dict:

@@ -143,19 +143,26 @@ class RankExchange:
     def _key(self, step: int, rank: int) -> str:
         return f"{self.ns}{step}/{rank}"
 
+    def _others(self, step: int) -> list[str]:
+        return [self._key(step, r) for r in range(1, self.world)]
+
+    def _complete(self, keys: list[str]) -> bool:
+        return not keys or self.store.check(keys)
+
     def post(self, step: int, payload: dict) -> None:
         self.store.set(self._key(step, self.rank), json.dumps(payload))
         if self.rank == 0:
             self.pending[step] = time.monotonic()
             self.own[step] = payload
 
-    def collect(self) -> list[dict]:
-        """Rank 0: the outcomes of exchanges that completed (or timed out) since the last call."""
+    def collect(self, final: bool = False) -> list[dict]:
+        """Rank 0: the outcomes of exchanges that completed (or timed out, or all of them when `final`) since
+        the last call."""
         out = []
         for step in sorted(self.pending):
-            keys = [self._key(step, r) for r in range(1, self.world)]
-            complete = not keys or self.store.check(keys)
-            if not complete and time.monotonic() - self.pending[step] < self.timeout_s:
+            keys = self._others(step)
+            complete = self._complete(keys)
+            if not complete and not final and time.monotonic() - self.pending[step] < self.timeout_s:
                 continue
             payloads = {0: self.own.pop(step)}
             for r, k in zip(range(1, self.world), keys):
@@ -166,6 +173,23 @@ class RankExchange:
             del self.pending[step]
             out.append(compare(step, payloads, self.world))
         return out
+
+
+    def finish(self, timeout: float) -> list[dict]:
+        """Rank 0 as the run closes (its publisher done): the outcomes of the exchanges still pending, which
+        no later record of its own would collect. The other ranks post their last payloads as they close,
+        so they are waited for, up to `timeout` (polling the store), then compared with whoever reported."""
+        if self.rank != 0 or not self.pending:
+            return []
+        deadline = time.monotonic() + min(timeout, self.timeout_s)
+        pause = 0.01
+        while not all(self._complete(self._others(s)) for s in self.pending):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.25)
+        return self.collect(final=True)
 
 
 def compare(step: int, payloads: dict[int, dict], world: int) -> dict:

@@ -1,7 +1,7 @@
 """How a monitor ends: `close()` in order under one deadline, a SIGTERM, a child made with `os.fork`.
 
 close() writes local state first, in the order a reader needs it: the queued steps through the
-publisher, the event file (synced), alerts.jsonl (synced), run.json's end summary with the attempt's
+publisher (on rank 0 of a job, then the rank exchanges still pending, judged), the event file (synced), alerts.jsonl (synced), run.json's end summary with the attempt's
 end, this rank's target removed; then the network: the /metrics server, the webhook and Alertmanager
 sinks with the time that is left. All within `exit.flush_seconds`; a part that does not finish in
 time is given up and counted (`trainmon_internal_errors_total`).
@@ -35,11 +35,15 @@ from typing import TYPE_CHECKING, Any
 from monitor.exporters.sinks import close_sinks
 from monitor.hooks import attempt, prepare
 from monitor.runlog.rundir import RUN_JSON
+from monitor.schema import StepRecord
 
 if TYPE_CHECKING:
     from monitor.hooks.attach import Monitor
 
 log = logging.getLogger("trainmon")
+
+# The longest rank 0's close waits for the other ranks' last exchange payloads (within exit.flush_seconds).
+LAST_EXCHANGE_SECONDS = 5.0
 
 _previous: Any = None  # the SIGTERM handler that was there before ours, while ours is installed
 
@@ -68,6 +72,8 @@ def teardown(mon: Monitor) -> None:
         step("removing hooks", mon._collector.remove)
     if mon._publisher is not None:
         step("publisher shutdown", lambda: _flushed(mon, left()))
+        if getattr(mon, "_exchange", None) is not None:
+            step("rank exchange", lambda: _last_exchange(mon, min(LAST_EXCHANGE_SECONDS, left())))
     if mon._events is not None:
         step("event file close", mon._events.close)
     if mon._jsonl is not None:
@@ -87,6 +93,18 @@ def _flushed(mon: Monitor, timeout: float) -> None:
     if not mon._publisher.close(timeout):
         raise TimeoutError(f"steps still queued after exit.flush_seconds ({mon.config.exit.flush_seconds} s) "
                            "were not written")
+
+
+def _last_exchange(mon: Monitor, timeout: float) -> None:
+    """Rank 0: the rank exchanges still pending when its publisher stopped (the last `ddp.exchange_every`
+    steps: no later record collects them) are compared and judged by the rules that read them (ddp.desync,
+    ddp.straggler). The other ranks post their last payloads as they close: waited for up to `timeout`."""
+    if mon._publisher.alive:  # stuck (a device wait): the exchange is still its thread's
+        return
+    for outcome in mon._exchange.finish(timeout):
+        record = StepRecord(step=outcome["step"], rank=mon.rank, attempt=mon.attempt.id, ddp=outcome)
+        with mon._engine_lock:
+            mon.engine.observe_field(record, "ddp")
 
 
 def _write_end(mon: Monitor) -> None:

@@ -126,6 +126,11 @@ class RulesEngine:
         """Feed one record; returns the alerts (firing or resolved) it caused."""
         return self._observe_run(record.rank, [record])
 
+    def observe_field(self, record: StepRecord, field: str) -> list[Alert]:
+        """Feed `record` to the rules that read `field` (their `needs`) only: a fact about a step that came
+        after its record was judged (the rank exchange rank 0 completes as the run closes)."""
+        return self._observe_run(record.rank, [record], only=field)
+
     def observe_many(self, records: Iterable[StepRecord]) -> list[Alert]:
         """Feed many records: the same alerts, in the same order, as `observe` one by one.
 
@@ -144,7 +149,7 @@ class RulesEngine:
             i = j
         return out
 
-    def _observe_run(self, rank: int, batch: list[StepRecord]) -> list[Alert]:
+    def _observe_run(self, rank: int, batch: list[StepRecord], only: str | None = None) -> list[Alert]:
         """Feed consecutive records of one rank and attempt to each of its rules in turn, then deliver the
         alerts in record order, then registry order: the order of feeding the records one at a time.
 
@@ -157,7 +162,7 @@ class RulesEngine:
                 self._attempt[rank] = first.attempt
             else:
                 self.begin(first)
-        return self._feed(rank, batch)
+        return self._feed(rank, batch, only)
 
     def begin(self, first: StepRecord) -> list[Alert]:
         """`start` the rank of `first` in its attempt, with that attempt's facts and history from
@@ -177,7 +182,7 @@ class RulesEngine:
             attempt, history = runlog_attempts.resolve(self.run, first.attempt, first.step), []
         return self.start(rank, attempt, history)
 
-    def _feed(self, rank: int, batch: list[StepRecord]) -> list[Alert]:
+    def _feed(self, rank: int, batch: list[StepRecord], only: str | None = None) -> list[Alert]:
         states = self._states.get(rank)
         if states is None:
             states = self._states_for(rank)
@@ -187,6 +192,8 @@ class RulesEngine:
         for k, st in enumerate(states):
             rule = st.rule
             recs, needs = batch, rule.needs
+            if only is not None and needs != only:
+                continue
             if needs is not None:  # records without that field would not change the rule: skipped
                 recs = subsets.get(needs)
                 if recs is None:
