@@ -1,10 +1,6 @@
 """The rules engine: runs every enabled rule over a stream of StepRecords.
 
-It owns the alert lifecycle, so rules only say "the condition holds now":
-a finding opens an alert (firing) unless that rule's alert is already active;
-a more severe finding escalates it; `resolve_after` quiet steps resolve it;
-`cooldown_steps` then keep the rule quiet, so one problem is one alert (a
-finding more severe than the resolved alert still gets through).
+It owns the alert lifecycle (rules/lifecycle.py), so rules only say "the condition holds now".
 State is per (rank, rule); the engine serves one run. An exception inside a
 rule or a sink is caught and counted: a broken rule never breaks a run.
 
@@ -22,12 +18,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from itertools import islice
 from operator import attrgetter, length_hint
 from typing import Any, Protocol
 
 from monitor.rules.base import Finding, Rule, RuleConfig
+from monitor.rules.lifecycle import RuleState
 from monitor.rules.registry import REGISTRY, RuleRegistry, _load_builtins
 from monitor.schema import Alert, Attempt, RunInfo, Severity, StepRecord
 
@@ -44,16 +40,6 @@ class AttemptSource(Protocol):
     def attempt(self, attempt_id: int, first_step: int) -> Attempt: ...
 
     def history(self, rank: int, attempt: Attempt) -> Iterable[StepRecord]: ...
-
-
-@dataclass
-class _RuleState:
-    rule: Rule
-    active: Alert | None = None
-    quiet: int = 0
-    fired: bool = False
-    cooldown_until: int = -1
-    cooldown_severity: int = -1  # Severity.rank of the alert the cooldown follows: only worse gets through
 
 
 class RulesEngine:
@@ -87,8 +73,8 @@ class RulesEngine:
         self.errors = 0
         self._on_error = on_error
         self._reported: set[str] = set()
-        self._states: dict[int, list[_RuleState]] = {}  # per rank, in registry order: the rules still judging
-        self._retired: dict[int, list[_RuleState]] = {}  # per rank: rules that retired (their alerts stay)
+        self._states: dict[int, list[RuleState]] = {}  # per rank, in registry order: the rules still judging
+        self._retired: dict[int, list[RuleState]] = {}  # per rank: rules that retired (their alerts stay)
         self.attempts = attempts
         self._attempt: dict[int, int] = {}  # rank -> the attempt whose records it judges
         self._run_for: dict[int, RunInfo] = {}  # rank -> the facts its rules see (the attempt's lineage start)
@@ -106,7 +92,7 @@ class RulesEngine:
         """The ranks whose rules exist: `start(rank)` ran (the preflight checks) or a record arrived."""
         return set(self._states)
 
-    def _states_for(self, rank: int) -> list[_RuleState]:
+    def _states_for(self, rank: int) -> list[RuleState]:
         states = self._states.get(rank)
         if states is None:
             states = []
@@ -118,7 +104,7 @@ class RulesEngine:
                 except Exception as e:  # a rule that cannot start is skipped, not fatal
                     self._error(f"rule {cls.id} init", e)
                     continue
-                states.append(_RuleState(rule))
+                states.append(RuleState(rule))
             self._states[rank] = states
         return states
 
@@ -356,53 +342,14 @@ class RulesEngine:
 
     # -- lifecycle --------------------------------------------------------------
 
-    def _transition(self, st: _RuleState, record: StepRecord, finding: Finding | None) -> Alert | None:
-        rule = st.rule
-        cfg = rule.config
-        if finding is None:
-            if st.active is None or rule.once:
-                return None
-            st.quiet += 1
-            if st.quiet < cfg.resolve_after:
-                return None
-            resolved = st.active.model_copy(update={"status": "resolved", "step": record.step, "time": time.time()})
-            st.active = None
-            st.cooldown_until = record.step + cfg.cooldown_steps
-            st.cooldown_severity = resolved.severity.rank
-            return resolved
-        severity = finding.severity or rule.default_severity(cfg)
-        if cfg.severity is not None:  # a configured severity overrides what the rule chose
-            severity = cfg.severity
-        st.quiet = 0
-        if st.active is not None:
-            if severity.rank <= st.active.severity.rank:
-                return None  # still the same problem: one alert, not one per step
-        else:
-            if rule.once and st.fired:
-                return None
-            if record.step < st.cooldown_until and severity.rank <= st.cooldown_severity:
-                return None
-        evidence = dict(finding.evidence)
-        if finding.step is not None and finding.step != record.step:
-            evidence.setdefault("detected_at", record.step)  # the alert's step is where the problem began
-        alert = Alert(
-            rule=rule.id,
-            severity=severity,
-            step=finding.step if finding.step is not None else record.step,
-            rank=record.rank,
-            message=finding.message,
-            hint=finding.hint,
-            evidence=evidence,
-            run=self.run.run_id,
-            attempt=record.attempt,
-        )
-        for complete in self.completions:  # the alert is not shared yet: completed in place
-            try:
-                alert.evidence.update(complete(alert) or {})
-            except Exception as e:
-                self._error(f"alert completion {type(complete).__name__}", e)
-        st.active = alert
-        st.fired = True
+    def _transition(self, st: RuleState, record: StepRecord, finding: Finding | None) -> Alert | None:
+        alert = st.transition(record, finding, self.run.run_id)
+        if alert is not None and alert.status == "firing":
+            for complete in self.completions:  # the alert is not shared yet: completed in place
+                try:
+                    alert.evidence.update(complete(alert) or {})
+                except Exception as e:
+                    self._error(f"alert completion {type(complete).__name__}", e)
         return alert
 
     def _deliver(self, alert: Alert) -> None:
