@@ -470,6 +470,25 @@ def test_robust_window_matches_the_plain_median_and_mad(size):
         assert (w.med, w.mad) == _plain_median_mad(list(w.values)), i
 
 
+@pytest.mark.parametrize("size", [1, 10, 11, 50])
+def test_sorted_window_median_is_the_plain_median_of_its_finite_values(size):
+    import random
+    from statistics import median
+
+    from monitor.rules.stats import SortedWindow
+
+    rng = random.Random(size)
+    w, kept = SortedWindow(size), []
+    for i in range(4 * size + 3):
+        x = rng.choice([rng.random(), round(rng.random(), 1), 1.0, 0.0, -0.0, math.nan, math.inf, 1e-30])
+        w.push(x)
+        if math.isfinite(x):
+            kept = (kept + [x])[-size:]
+        assert len(w) == len(kept) and list(w.order) == kept, i
+        if kept:
+            assert w.median() == median(kept), i
+
+
 def test_param_baseline_fast_fold_matches_the_plain_fold():
     from monitor.rules.stats import ParamBaseline
 

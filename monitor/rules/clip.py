@@ -10,7 +10,7 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
-from monitor.rules.stats import LrTrace
+from monitor.rules.stats import LrTrace, SortedWindow
 from monitor.schema import Severity, StepRecord
 
 _isfinite = math.isfinite
@@ -59,7 +59,7 @@ class ClipSaturated(Rule):
         super().__init__(config, run)
         self.trace = LrTrace()
         self.recent: deque[bool] = deque(maxlen=config.window)
-        self.coefs: deque[float] = deque(maxlen=config.window)
+        self.coefs = SortedWindow(config.window)
         self.losses: deque[float] = deque(maxlen=config.window)
         self.clipped = 0
         # read on every record (see Rule.observe)
@@ -81,7 +81,7 @@ class ClipSaturated(Rule):
         if coef is None or r.skipped or (r.lr and not trace.warmup_done):
             return None
         hit = coef < 1.0
-        self.coefs.append(coef)
+        self.coefs.push(coef)
         loss = r.loss
         if loss is not None and _isfinite(loss):
             self.losses.append(loss)
@@ -93,10 +93,11 @@ class ClipSaturated(Rule):
         if self.clipped <= self.max_clipped or len(recent) < self.window_steps:
             return None
         c = self.config
-        coef = median(self.coefs)
-        tenth = max(1, len(self.losses) // 10)
-        early = median(list(self.losses)[:tenth]) if self.losses else None
-        late = median(list(self.losses)[-tenth:]) if self.losses else None
+        coef = self.coefs.median() if self.coefs else math.nan
+        losses = list(self.losses)
+        tenth = max(1, len(losses) // 10)
+        early = median(losses[:tenth]) if losses else None
+        late = median(losses[-tenth:]) if losses else None
         falling = early is not None and late is not None and late <= (1 - c.improving) * early
         severity = Severity.warning if coef < c.deep_coef and not falling else Severity.info
         return Finding(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from itertools import repeat
@@ -184,6 +185,34 @@ def top_movers(before: dict[str, float] | None, after: dict[str, float] | None, 
         rows.append({"param": name, "before": b, "after": a, "ratio": ratio})
     rows.sort(key=lambda r: r["ratio"], reverse=True)
     return rows[:k]
+
+
+class SortedWindow:
+    """The last `size` finite values and their exact median at any push: the window in order and a sorted
+    copy kept by bisection (no sort per median; a rule that fires on every record reads it every record)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.order: deque[float] = deque()
+        self.sorted: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def push(self, x: float) -> None:
+        if not math.isfinite(x):
+            return
+        if len(self.order) == self.size:
+            s = self.sorted
+            del s[bisect_left(s, self.order.popleft())]
+        self.order.append(x)
+        insort(self.sorted, x)
+
+    def median(self) -> float:
+        """As statistics.median of the window (call only when it is not empty)."""
+        s = self.sorted
+        mid = len(s) // 2
+        return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
 class Ema:
