@@ -1,0 +1,22 @@
+"""benchmarks/hostops.py: its count sees the monitor's training-thread entry points once per step and
+nothing of the publisher thread. The counts themselves are not asserted (they change with the code)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import hostops  # noqa: E402
+
+
+def test_the_count_is_the_training_threads_monitor_code_per_step():
+    c = hostops.count(layers=1, steps=6, warmup=2)
+    per = {name.split(" ")[-1]: (ops, calls) for name, ops, calls in c["functions"]}
+    for entry in ("_forward_pre", "_forward_post_model", "_optimizer_pre", "_optimizer_post", "_finalize"):
+        assert per[entry][1] == 1.0 and per[entry][0] > 0, entry
+    assert "decode" not in per and "_publish_batch" not in per  # the publisher thread is not traced
+    assert not any(name.startswith("trainer/") for name, _, _ in c["functions"])
+    assert c["opcodes"] == pytest.approx(sum(ops for _, ops, _ in c["functions"])) and c["param_tensors"] == 16
