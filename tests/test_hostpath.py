@@ -281,6 +281,31 @@ def test_a_bf16_clip_keeps_its_own_coefficient_and_odd_values_are_staged_as_befo
         assert r.scalars == {"wide": wide, "odd": 2.5}
 
 
+def test_tensor_lrs_and_plain_ones_side_by_side_are_recorded_per_group(tmp_path):
+    """A group whose LR is a tensor (capturable schedules) is staged with the step's values; a float beside it
+    goes as it is, and a float logged with mon.log beside a tensor one likewise."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    params = list(model.parameters())
+    lr = torch.tensor(0.02)
+    opt = torch.optim.AdamW([{"params": params[:2], "lr": lr}, {"params": params[2:], "lr": 0.01}], foreach=False)
+    mon = monitor.attach(model, opt, run_dir=tmp_path / "r", config=CFG)
+    truth = []
+    for step, (x, y) in enumerate(batches(4)):
+        model(x, y)[1].backward()
+        mon.log(plain=0.5 * step, device=torch.tensor(0.25 * step))
+        opt.step()
+        opt.zero_grad()
+        truth.append([lr.item(), 0.01])
+        with torch.no_grad():
+            lr.mul_(0.5)  # changed in place after the step: the record keeps the value the step used
+    mon.close()
+    assert mon.internal_errors == 0
+    records = read_run(mon.run_dir).records[0]
+    assert [r.lr for r in records] == truth
+    assert [r.scalars for r in records] == [{"plain": 0.5 * i, "device": 0.25 * i} for i in range(4)]
+
+
 def test_a_failing_batch_output_is_counted_and_the_others_still_get_every_record():
     got = []
 

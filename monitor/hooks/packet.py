@@ -33,6 +33,9 @@ LOSS_SOURCES = {"log": "mean", "shares": "sum", "training_step": "mean", "loss_f
                 "scaler": "mean"}
 
 
+_PLAIN_NUMBERS = frozenset((float, int))
+
+
 def find_loss(output: Any) -> torch.Tensor | None:
     """The loss in a forward output: a 0-dim float tensor, a tuple element, `.loss` or ['loss']."""
     if isinstance(output, torch.Tensor):
@@ -171,7 +174,7 @@ def assemble(s: StepState, norms: GradNorms, *, step: int, scale: torch.Tensor |
     if found_inf is not None:
         layout.append("found_inf")
         parts.append(found_inf)
-    if s.lrs:
+    if s.lrs and not _PLAIN_NUMBERS.issuperset(map(type, s.lrs)):  # (one C-level look in the usual case)
         for i, lr in enumerate(s.lrs):
             if isinstance(lr, torch.Tensor):  # capturable/tensor LR: stays on device
                 layout.append(f"lr:{i}")
