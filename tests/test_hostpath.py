@@ -237,6 +237,39 @@ def test_flush_does_not_wait_for_a_batch_to_gather():
         pub.close()
 
 
+def test_a_queue_that_fills_up_ends_the_gathering_instead_of_dropping(monkeypatch):
+    import monitor.hooks.publisher as publisher
+
+    monkeypatch.setattr(publisher, "GATHER_SECONDS", 3600.0)  # only a full queue (or a flush) can end it
+    seen, busy, release, more = [], threading.Event(), threading.Event(), threading.Event()
+
+    def out(r):
+        seen.append(r.step)
+        if r.step == 0:
+            busy.set()
+            release.wait(30)
+        elif r.step == 32:
+            more.set()
+
+    pub = Publisher(rank=0, param_names=[], guard=ErrorGuard(), queue_size=64, on_drop=lambda: None,
+                    outputs=[("o", out)])
+    try:
+        pub.submit(_packet(0))  # after a quiet spell: published at once, and the next batch gathers
+        assert busy.wait(30)
+        for step in range(1, 32):
+            pub.submit(_packet(step))
+        release.set()
+        deadline = time.monotonic() + 30
+        while not (pub._wake._cond._waiters and not pub._asleep):  # the publisher gathers, with 31 queued
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        pub.submit(_packet(32))  # half the queue: the gathering ends here
+        assert more.wait(30) and pub.dropped == 0
+    finally:
+        pub.close()
+    assert seen == list(range(33))
+
+
 def test_records_reach_the_outputs_within_a_second_without_flush():
     seen = threading.Event()
     pub = Publisher(rank=0, param_names=[], guard=ErrorGuard(), queue_size=1024, on_drop=lambda: None,

@@ -160,10 +160,13 @@ def _batch_form(output: Output) -> Output:
 
 # Steps are published a batch at a time, at most one batch per GATHER_SECONDS: a step that comes after
 # a quiet spell is published at once; while steps keep coming, those that arrive meanwhile wait for the
-# next batch (flush() and close() cut the wait short). A batch is decoded and run through the stages
-# record by record, then through each output. Fewer wake-ups and GIL hand-offs, and the batch forms of
-# the outputs; a record reaches its outputs at most GATHER_SECONDS (plus the work) after its step ended.
-GATHER_SECONDS = 0.25
+# next batch (flush() and close() cut the wait short, and so does a queue that reaches MAX_BATCH or half
+# its size, so gathering never drops a step). A batch is decoded and run through the stages record by
+# record, then through each output. Fewer wake-ups and GIL hand-offs, and the batch forms of the outputs
+# run longer over more records (a half-second batch costs the publisher about a quarter less per step
+# than a quarter-second one: benchmarks/results/hostcost.md); a record reaches its outputs at most
+# GATHER_SECONDS (plus the work) after its step ended, so mon.alerts has it within a second.
+GATHER_SECONDS = 0.5
 MAX_BATCH = 256
 _GATHER_MIN_QUEUE = 64  # a smaller queue (set to see drops early) is drained as it comes
 
@@ -209,6 +212,7 @@ class Publisher:
         self._closing = threading.Event()  # close() gave up waiting: a step's device copy is not waited for
         self._hurry = threading.Event()  # flush() or close() waits: no gathering
         self._gather = GATHER_SECONDS if queue_size >= _GATHER_MIN_QUEUE else 0.0
+        self._full = min(MAX_BATCH, queue_size // 2)  # a queue this long ends the gathering at once
         self._next_batch = 0.0  # monotonic time before which the next batch gathers (publisher thread)
         self._size = queue_size
         self._q: deque[Packet] = deque()
@@ -231,7 +235,7 @@ class Publisher:
             return
         q.append(packet)
         self._given += 1
-        if self._asleep:
+        if self._asleep or len(q) == self._full:  # asleep for want of steps, or gathering with a batch full
             self._wake.set()
 
     # -- any thread ----------------------------------------------------------------
@@ -298,8 +302,12 @@ class Publisher:
                     self._run_tasks(self._idle)
                     continue
                 wait = self._next_batch - time.monotonic()
-                if wait > 0 and not self._stop and len(q) < MAX_BATCH:
-                    self._hurry.wait(wait)  # let the next steps gather into this batch
+                if wait > 0:
+                    # Let the next steps gather into this batch. Cleared first, then looked at: a flush,
+                    # a close or a queue that fills up meanwhile sets _wake, which ends the wait.
+                    self._wake.clear()
+                    if not self._stop and not self._hurry.is_set() and len(q) < self._full:
+                        self._wake.wait(wait)
                 items = [q.popleft() for _ in range(min(len(q), MAX_BATCH))]
                 self._next_batch = time.monotonic() + self._gather
                 try:
