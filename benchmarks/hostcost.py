@@ -308,9 +308,15 @@ def main() -> None:
     ap.add_argument("--config", default="", help="monitor config (JSON) over the defaults, for a diagnosis")
     ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json, measuring nothing")
     ap.add_argument("--hollow", action="store_true", help="the hooks' bodies emptied: their dispatch alone (a floor)")
+    ap.add_argument("--gather", type=float, default=None,
+                    help="the publisher's batch window in seconds instead of its own (a diagnosis)")
     a = ap.parse_args()
     if a.hollow:
         hollow()
+    if a.gather is not None:
+        from monitor.hooks import publisher
+
+        publisher.GATHER_SECONDS = a.gather
     if a.config:
         CONFIGS["defaults"] = json.loads(a.config)
     torch.set_num_threads(a.threads)

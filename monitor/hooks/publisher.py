@@ -163,9 +163,9 @@ def _batch_form(output: Output) -> Output:
 # next batch (flush() and close() cut the wait short, and so does a queue that reaches MAX_BATCH or half
 # its size, so gathering never drops a step). A batch is decoded and run through the stages record by
 # record, then through each output. Fewer wake-ups and GIL hand-offs, and the batch forms of the outputs
-# run longer over more records (a half-second batch costs the publisher about a quarter less per step
-# than a quarter-second one: benchmarks/results/hostcost.md); a record reaches its outputs at most
-# GATHER_SECONDS (plus the work) after its step ended, so mon.alerts has it within a second.
+# run longer over more records (hostcost.md compares this window with a quarter second's); a record
+# reaches its outputs at most GATHER_SECONDS (plus the work) after its step ended, so mon.alerts has it
+# within a second.
 GATHER_SECONDS = 0.5
 MAX_BATCH = 256
 _GATHER_MIN_QUEUE = 64  # a smaller queue (set to see drops early) is drained as it comes
