@@ -384,8 +384,8 @@ class StepCollector:
         self._prev_end = now
         # Host-side allocator counter (no device sync): the process's peak so far.
         memory = float(torch.cuda.max_memory_allocated(self._device)) if self._device_type == "cuda" else None
-        sampler = self.sampler
-        attention = sampler.step_end(self.step, now - start if start is not None else None) if sampler is not None else {}
+        step_time = now - start if start is not None else None
+        attention = self.sampler.step_end(self.step, step_time) if self.sampler is not None else {}
         fp_every = self._opt.fingerprint_every
         # One read of the weights every few steps, for the cross-rank comparison.
         fp = fingerprint(self._fp_tensors) if fp_every and self.step % fp_every == 0 else []

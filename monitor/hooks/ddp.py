@@ -174,7 +174,6 @@ class RankExchange:
             out.append(compare(step, payloads, self.world))
         return out
 
-
     def finish(self, timeout: float) -> list[dict]:
         """Rank 0 as the run closes (its publisher done): the outcomes of the exchanges still pending, which
         no later record of its own would collect. The other ranks post their last payloads as they close,

@@ -1,9 +1,10 @@
 """How a monitor ends: `close()` in order under one deadline, a SIGTERM, a child made with `os.fork`.
 
 close() writes local state first, in the order a reader needs it: the queued steps through the
-publisher (on rank 0 of a job, then the rank exchanges still pending, judged), the event file (synced), alerts.jsonl (synced), run.json's end summary with the attempt's
-end, this rank's target removed; then the network: the /metrics server, the webhook and Alertmanager
-sinks with the time that is left. All within `exit.flush_seconds`; a part that does not finish in
+publisher (on rank 0 of a job, then the rank exchanges still pending, judged), the event file
+(synced), alerts.jsonl (synced), run.json's end summary with the attempt's end, this rank's target
+removed; then the network: the /metrics server, the webhook and Alertmanager sinks with the time that
+is left. All within `exit.flush_seconds`; a part that does not finish in
 time is given up and counted (`trainmon_internal_errors_total`).
 
 SIGTERM (what schedulers, torchrun and `kill` send): with `exit.handle_sigterm`, attach on the main

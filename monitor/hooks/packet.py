@@ -4,9 +4,9 @@
 boundary, into a Packet: every device value copied into ONE float32 vector (`layout` names its
 leading entries; per-parameter norms and the weight fingerprint follow), copied to the host
 without waiting, and the state itself handed over for its plain values (the publisher derives
-the step's times and counts from it). `Staging` plans that vector once per layout and reuses it (hooks/staging notes in
-its docstring): no per-scalar tensor op, no allocation on CUDA. Nothing here reads a device
-tensor on the host.
+the step's times and counts from it). `Staging` plans that vector once per layout and reuses it
+(hooks/staging notes in its docstring): no per-scalar tensor op, no allocation on CUDA. Nothing
+here reads a device tensor on the host.
 """
 
 from __future__ import annotations
