@@ -11,7 +11,7 @@ change.
 from __future__ import annotations
 
 from itertools import repeat
-from operator import is_
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
@@ -19,6 +19,8 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_
 
 from monitor.hooks import clip as clip_patch
 from monitor.hooks.clip import StepClips, covers
+
+_GRAD = attrgetter("grad")
 
 
 class GradNorms:
@@ -97,7 +99,7 @@ class GradNorms:
         with torch.no_grad():
             # One pass to gather the gradients (clip_grad_norm_ does the same); the index of those
             # present is only built in the rare step where some parameter has none.
-            grads = [p.grad for p in self.params]
+            grads = list(map(_GRAD, self.params))  # (no bytecode per parameter)
             index = None
             if any(map(is_, grads, repeat(None))):
                 index = tuple(i for i, g in enumerate(grads) if g is not None)

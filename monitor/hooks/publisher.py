@@ -81,8 +81,10 @@ def decode(p: Packet, rank: int, param_names: list[str], attempt: int = 1) -> De
     param_norms = None
     if len(values) > n:
         norms = values[n:]
-        index = p.param_index if p.param_index is not None else range(len(norms))
-        param_norms = {param_names[i]: v for i, v in zip(index, norms)}
+        if p.param_index is None:  # every parameter, in order
+            param_norms = dict(zip(param_names, norms))
+        else:
+            param_norms = {param_names[i]: v for i, v in zip(p.param_index, norms)}
     if "loss" not in fields and p.loss_value is not None:
         fields["loss"] = p.loss_value
     start = p.start

@@ -87,7 +87,7 @@ def _extra_values(r: StepRecord, pairs: list[tuple[str, float]], param_norms: bo
     if r.autocast in AUTOCAST_CODES:
         pairs.append((AUTOCAST_TAG, AUTOCAST_CODES[r.autocast]))
     if param_norms and r.param_norms:
-        pairs.extend((PARAM_TAG + name, v) for name, v in r.param_norms.items())
+        pairs.extend(zip(map(PARAM_TAG.__add__, r.param_norms), r.param_norms.values()))
     if r.attention:
         for layer, stats in r.attention.items():
             pairs.extend((f"{ATTENTION_TAG}{stat}/{layer}", v) for stat, v in stats.items())
@@ -122,7 +122,7 @@ def encode_step(r: StepRecord, *, param_norms: bool = True, param_names: list[st
     parts = [wire.vector_value(STEP_VECTOR_TAG, _vector(r, mask, values, bool(r.param_norms and param_norms
                                                                               and not vector)), double=True)]
     if vector:
-        parts.append(wire.vector_value(PARAM_VECTOR_TAG, [r.param_norms.get(n, NO_GRAD) for n in param_names],
+        parts.append(wire.vector_value(PARAM_VECTOR_TAG, list(map(r.param_norms.get, param_names, itertools.repeat(NO_GRAD))),
                                        double=False))
     parts.append(wire.scalar_values(_extra_values(r, pairs, param_norms)))
     if r.ddp:
