@@ -31,7 +31,7 @@ from monitor.hooks.introspect import SchedulerSteps
 from monitor.hooks.norms import GradNorms, fingerprint, scaler_state
 from monitor.hooks.packet import Packet, Staging, StepState, assemble, count_tokens, find_loss
 from monitor.hooks.phases import PhaseHooks
-from monitor.hooks.sampler import AttentionSampler
+from monitor.hooks.sampler import NO_STATS, AttentionSampler
 
 
 @dataclass(frozen=True)
@@ -385,7 +385,7 @@ class StepCollector:
         # Host-side allocator counter (no device sync): the process's peak so far.
         memory = float(torch.cuda.max_memory_allocated(self._device)) if self._device_type == "cuda" else None
         step_time = now - start if start is not None else None
-        attention = self.sampler.step_end(self.step, step_time) if self.sampler is not None else {}
+        attention = self.sampler.step_end(self.step, step_time) if self.sampler is not None else NO_STATS
         fp_every = self._opt.fingerprint_every
         # One read of the weights every few steps, for the cross-rank comparison.
         fp = fingerprint(self._fp_tensors) if fp_every and self.step % fp_every == 0 else []

@@ -12,7 +12,7 @@ here reads a device tensor on the host.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -124,7 +124,7 @@ class Packet:
 
 
 def assemble(s: StepState, norms: GradNorms, *, step: int, scale: torch.Tensor | None,
-             found_inf: torch.Tensor | None, attention: dict[str, torch.Tensor], local_sq: list[torch.Tensor],
+             found_inf: torch.Tensor | None, attention: Mapping[str, torch.Tensor], local_sq: list[torch.Tensor],
              fingerprint: list[torch.Tensor], staging: Staging, end: float, start: float | None,
              memory: float | None, phases: PhaseMarks | None, scheduler_steps: int | None) -> Packet:
     """The Packet of a finished step: its device values staged, the rest as they are."""

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ log = logging.getLogger("trainmon")
 
 # Probed forwards in a row without an SDPA or MHA call after which the probe stops entering its mode.
 EMPTY_PROBES = 3
+NO_STATS: Mapping[str, torch.Tensor] = MappingProxyType({})  # an unsampled step's (no allocation per step)
 
 
 def check_call(q, k, layer, logits, mask) -> None:
@@ -154,14 +156,14 @@ class AttentionSampler:
         finally:
             self._cost += time.perf_counter() - t0
 
-    def step_end(self, step: int, step_time: float | None) -> dict[str, torch.Tensor]:
+    def step_end(self, step: int, step_time: float | None) -> Mapping[str, torch.Tensor]:
         """The optimizer step `step` ended: its statistics (device tensors, none on unsampled steps). The
         schedule moves on; a step that was probed reports its cost and the interval now in force."""
         sched = self.schedule
         if not sched.due(step):  # nothing was measured (observe() and the probe work on due steps only)
             if step_time is not None and sched.timed(step):
                 sched.plain_step(step_time)
-            return {}
+            return NO_STATS
         results = self.results
         if not self._probed:
             sched.skipped(step)  # no training forward ran (or no call): try again later
