@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -342,23 +343,35 @@ def test_sigterm_mid_run_flushes_then_hands_the_signal_on(tmp_path, previous, fa
     path = tmp_path / "script.py"
     path.write_text(_SCRIPT_HEAD.format(tests=str(TESTS)) + _SIGTERM_BODY)
     run = tmp_path / "r"
-    proc = subprocess.Popen([sys.executable, str(path), str(run), previous], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        last = -1
+    err_path = tmp_path / "stderr"
+    with open(err_path, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, str(path), str(run), previous], stdout=subprocess.PIPE,
+                                stderr=err_file, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # One reader keeps every line the child printed: lines read ahead into the pipe's buffer still count
+    # (the loop may finish a few steps between the fifth line and the signal).
+    printed: list[int] = []
+    fifth = threading.Event()
+
+    def read() -> None:
         for line in proc.stdout:
-            last = int(line)
-            if last >= 5:
-                break
-        assert last >= 5, proc.stderr.read()[-3000:]
+            printed.append(int(line))
+            if printed[-1] >= 5:
+                fifth.set()
+        fifth.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert fifth.wait(timeout=120) and printed and printed[-1] >= 5, err_path.read_text()[-3000:]
         proc.send_signal(signal.SIGTERM)
-        rest, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        reader.join(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    for line in rest.split():
-        last = int(line)
+    err = err_path.read_text()
+    last = printed[-1]
     if previous == "default":
         assert proc.returncode == -signal.SIGTERM, err[-3000:]
     else:
