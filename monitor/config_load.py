@@ -218,3 +218,46 @@ def read_file(path: Path) -> dict[str, Any]:
     if set(data) == {"monitor"} and isinstance(data["monitor"], dict):
         data = data["monitor"]
     return data
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def load(source: MonitorConfig | Mapping[str, Any] | str | os.PathLike[str] | None, *,
+         environ: Mapping[str, str] | None, warn: bool) -> MonitorConfig:
+    """monitor.config.load_config (documented there)."""
+    environ = os.environ if environ is None else environ
+    if source is None and environ.get(CONFIG_ENV):
+        source = environ[CONFIG_ENV]
+    if isinstance(source, MonitorConfig):
+        data = source.model_dump(exclude={"on_alert"})
+        on_alert = source.on_alert
+        where = "MonitorConfig"
+    elif isinstance(source, Mapping):
+        data, on_alert, where = dict(source), None, "dict"
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        data, on_alert, where = read_file(path), None, str(path)
+    elif source is None:
+        data, on_alert, where = {}, None, "defaults"
+    else:
+        raise TypeError(f"config must be a MonitorConfig, a dict or a path, got {type(source).__name__}")
+    overrides, origins, ignored = scan_env(environ)
+    if warn:
+        warn_env(ignored, legacy_env(environ))
+    if overrides:
+        data = _merge(data, overrides)
+        where += f" + {ENV_PREFIX}* environment"
+    if on_alert is not None:
+        data["on_alert"] = on_alert
+    try:
+        return MonitorConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, where, origins)) from None

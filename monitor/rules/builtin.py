@@ -1,3 +1,16 @@
-"""Imports every built-in rule module so they register (one module per family)."""
+"""Imports every built-in rule module so they register (one module per family, warmup's in two)."""
 
-from monitor.rules import amp, attention, clip, ddp, grad, grad_norm, loss, lr, preflight, run, warmup  # noqa: F401
+from monitor.rules import (  # noqa: F401
+    amp,
+    attention,
+    clip,
+    ddp,
+    grad,
+    grad_norm,
+    loss,
+    lr,
+    preflight,
+    run,
+    schedule,
+    warmup,
+)
