@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 
 import pytest
 
 from monitor.rules import REGISTRY, Finding, Rule, RuleConfig, RuleRegistry, RulesEngine
+from monitor.rules.lifecycle import RuleState
 from monitor.schema import ModelInfo, OptimizerInfo, ParamGroupInfo, RunInfo, Severity, StepRecord
 
 RUN = RunInfo(run_id="t", optimizer=OptimizerInfo(name="AdamW", groups=[ParamGroupInfo(lr=1e-3, betas=[0.9, 0.95])]))
@@ -343,6 +345,40 @@ MORE_CASES = [
     ("healthy attention logits", _with(recs(60), attention=attn(lambda t: 0.8, noisy(20.0, 0.2))),
      "attention.logit_growth", None),
 ]
+
+ONGOING_CASES = [
+    ("deep clipping with the loss flat: one warning, held", _with(recs(400, lr=1e-4, loss=noisy(2.0), grad_norm=5.0),
+                                                                 clip_coef=0.2, max_norm=1.0), {}),
+    ("info while the loss falls fast, then a warning once it is flat",
+     _with(recs(400, lr=1e-4, loss=lambda s: 5 * math.exp(-s / 20) + 1 if s < 150 else 1.0, grad_norm=5.0),
+           clip_coef=0.2, max_norm=1.0), {}),
+    ("clipping stops, the alert resolves, the cooldown passes, clipping comes back",
+     _with(recs(700, lr=1e-4, loss=noisy(2.0), grad_norm=5.0), max_norm=1.0,
+           clip_coef=lambda s: 1.0 if 150 <= s < 300 else 0.2), {"clip.saturated": {"cooldown_steps": 100}}),
+    ("a configured severity over the rule's own", _with(recs(300, lr=1e-4, loss=noisy(2.0), grad_norm=5.0),
+                                                       clip_coef=0.2, max_norm=1.0),
+     {"clip.saturated": {"severity": "critical"}}),
+    ("the pre-clip norm unknown on every step", _with(recs(120, lr=1e-4), grad_norm=None, grad_norm_unknown=True,
+                                                      grad_norm_clipped=1.0, max_norm=1.0), {}),
+]
+
+
+@pytest.mark.parametrize("name, records, options", ONGOING_CASES, ids=[c[0] for c in ONGOING_CASES])
+def test_a_rule_that_skips_composing_while_its_alert_stands_says_what_it_would_have_said(name, records, options,
+                                                                                       monkeypatch):
+    def alerts():
+        engine = RulesEngine(RUN, {cls.id: {"enabled": cls.id == "clip.saturated"} for cls in REGISTRY}
+                             | {k: {"enabled": True, **v} for k, v in options.items()})
+        engine.observe_many(copy.deepcopy(records))
+        return [a.model_dump(exclude={"time"}) for a in engine.alerts], [a.rule for a in engine.active()]
+
+    reading = alerts()
+    # The same stream with the rule never told its alert stands: it composes every finding in full.
+    monkeypatch.setattr(RuleState, "set_active", lambda st, alert: setattr(st, "active", alert))
+    composing = alerts()
+    assert reading == composing
+    assert reading[0] and reading[0][0]["message"]  # something fired, with its message
+
 
 VANISH_RUN = RunInfo(run_id="t", optimizer=OptimizerInfo(name="AdamW"))
 VANISH_RUN.model.param_names = ["a.weight", "b.weight", "dead.weight", "detached.weight"]

@@ -46,6 +46,19 @@ class Finding:
     step: int | None = None  # None: the record's step
 
 
+class Ongoing(Finding):
+    """A condition that still holds while its rule's alert is active at this severity or above: the
+    engine keeps that alert as it is, so the rule composes no message or evidence for it (`ongoing`)."""
+
+
+_ONGOING = {s: Ongoing(message="", hint="", severity=s) for s in Severity}
+
+
+def ongoing(severity: Severity) -> Finding:
+    """The finding a rule returns, instead of composing one, when `severity` is no worse than `firing`."""
+    return _ONGOING[severity]
+
+
 _DOC_SECTIONS = ("Symptom", "Why", "Fix")
 
 
@@ -68,6 +81,10 @@ class Rule:
     # it after every `observe` and stops feeding the rule that rank's records. An alert it raised stays
     # active. A class default, so that a subclass whose __init__ skips super().__init__ still has it.
     retired: bool = False
+    # The severity of this rule's alert active on the rank it judges (None: none), kept by the engine. A
+    # rule whose condition holds on many records in a row (a saturated clip) reads it to skip composing
+    # a finding nobody would read: at or below it, `ongoing(severity)` says the same, for nothing.
+    firing: Severity | None = None
 
     def __init__(self, config: RuleConfig, run: RunInfo) -> None:
         self.config = config

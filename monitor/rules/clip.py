@@ -8,7 +8,7 @@ from statistics import median
 
 from pydantic import Field
 
-from monitor.rules.base import Finding, Rule, RuleConfig
+from monitor.rules.base import Finding, Rule, RuleConfig, ongoing
 from monitor.rules.registry import register
 from monitor.rules.stats import LrTrace, SortedWindow
 from monitor.schema import Severity, StepRecord
@@ -70,6 +70,8 @@ class ClipSaturated(Rule):
         if not trace.warmup_done:  # only whether warmup is over is read here, and it never starts again
             trace.push(r.step, r.max_lr)
         if r.grad_norm_unknown:
+            if self.firing is not None:  # already said (info is this finding's severity, the least there is)
+                return ongoing(Severity.info)
             return Finding(
                 message="cannot judge clipping: the pre-clip gradient norm of this step is unknown (clip_grad_norm_ "
                 "ran on each micro-batch, or the parameters are sharded and no clip call reported the global norm).",
@@ -92,6 +94,9 @@ class ClipSaturated(Rule):
         self.clipped += hit
         if self.clipped <= self.max_clipped or len(recent) < self.window_steps:
             return None
+        firing = self.firing
+        if firing is not None and firing is not Severity.info:  # nothing below could be worse than its alert
+            return ongoing(Severity.warning)
         c = self.config
         coef = self.coefs.median() if self.coefs else math.nan
         losses = list(self.losses)
@@ -100,6 +105,8 @@ class ClipSaturated(Rule):
         late = median(losses[-tenth:]) if losses else None
         falling = early is not None and late is not None and late <= (1 - c.improving) * early
         severity = Severity.warning if coef < c.deep_coef and not falling else Severity.info
+        if firing is not None and severity is Severity.info:
+            return ongoing(severity)
         return Finding(
             message=f"gradient clipping was active on {self.clipped} of the last {c.window} steps, median "
             f"coefficient {coef:.2f} (pre-clip norm now {r.grad_norm:.3g}, max_norm {r.max_norm})"

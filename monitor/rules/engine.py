@@ -269,7 +269,7 @@ class RulesEngine:
         for old in before:
             st = now_active.get(old.rule)
             if st is not None:
-                st.active = old  # the same problem: its alert goes on
+                st.set_active(old)  # the same problem: its alert goes on
                 carried.add(old.rule)
             else:
                 why = "the rank started again" if attempt is None else (
@@ -283,7 +283,7 @@ class RulesEngine:
         started = {id(a) for a in found}
         for rule_id, st in now_active.items():
             if rule_id not in carried and id(st.active) not in started:
-                st.active = None
+                st.set_active(None)
         out = [a for a in found if a.rule not in carried] + resolved
         for alert in out:
             self._deliver(alert)
@@ -325,7 +325,8 @@ class RulesEngine:
         for group in (self._states, self._retired):
             for st in group.get(alert.rank, []):
                 if st.rule.id == alert.rule and (st.active is not None or force):
-                    st.active, st.fired = alert, True
+                    st.set_active(alert)
+                    st.fired = True
                     return True
         return False
 
@@ -334,7 +335,7 @@ class RulesEngine:
         for group in (self._states, self._retired):
             for st in group.get(alert.rank, []):
                 if st.active is alert:
-                    st.active = None
+                    st.set_active(None)
 
     def active(self) -> list[Alert]:
         return [st.active for group in (self._states, self._retired) for states in group.values() for st in states

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from monitor.rules.base import Finding, Rule
+from monitor.rules.base import Finding, Ongoing, Rule
 from monitor.schema import Alert, StepRecord
 
 
@@ -23,6 +23,11 @@ class RuleState:
     fired: bool = False
     cooldown_until: int = -1
     cooldown_severity: int = -1  # Severity.rank of the alert the cooldown follows: only worse gets through
+
+    def set_active(self, alert: Alert | None) -> None:
+        """The rule's active alert on this rank (None: none); the rule sees its severity (`Rule.firing`)."""
+        self.active = alert
+        self.rule.firing = alert.severity if alert is not None else None
 
     def transition(self, record: StepRecord, finding: Finding | None, run_id: str) -> Alert | None:
         """What `finding` (None: the condition does not hold) at `record` changes: the alert that fires or
@@ -36,7 +41,7 @@ class RuleState:
             if self.quiet < cfg.resolve_after:
                 return None
             resolved = self.active.model_copy(update={"status": "resolved", "step": record.step, "time": time.time()})
-            self.active = None
+            self.set_active(None)
             self.cooldown_until = record.step + cfg.cooldown_steps
             self.cooldown_severity = resolved.severity.rank
             return resolved
@@ -52,6 +57,8 @@ class RuleState:
                 return None
             if record.step < self.cooldown_until and severity.rank <= self.cooldown_severity:
                 return None
+        if isinstance(finding, Ongoing):  # said only while an alert at least as severe is active: never one of its own
+            return None
         evidence = dict(finding.evidence)
         if finding.step is not None and finding.step != record.step:
             evidence.setdefault("detected_at", record.step)  # the alert's step is where the problem began
@@ -66,6 +73,6 @@ class RuleState:
             run=run_id,
             attempt=record.attempt,
         )
-        self.active = alert
+        self.set_active(alert)
         self.fired = True
         return alert
