@@ -61,10 +61,14 @@ def resolve_phases(m: PhaseMarks | None) -> dict[str, float | None]:
     if m is None:
         return out
     out["input"] = m.input
-    compute = [(a, b) for kind, a, b in m.pairs if kind == "compute"]
     try:  # an event that cannot be timed costs its phase, never the record
-        if m.compute and compute:
-            out["compute"] = max(0.0, sum(_seconds(a, b) for a, b in compute))
+        if m.compute:
+            compute = None
+            for kind, a, b in m.pairs:  # one pair per micro-batch (a loop: the usual one pair costs no frame)
+                if kind == "compute":
+                    compute = (compute or 0.0) + _seconds(a, b)
+            if compute is not None:
+                out["compute"] = max(0.0, compute)
         if m.comm:
             wait = sum(_seconds(a, b) for kind, a, b in m.pairs if kind == "pre")
             if m.ready and m.done:
