@@ -337,6 +337,60 @@ def test_cuda_event_marks_are_resolved_on_the_publisher_thread():
     assert waited
 
 
+def test_cuda_phase_marks_reuse_their_events_once_the_publisher_has_read_them(monkeypatch):
+    """A CUDA clock records timing events; once resolve_phases has read a step's, they go back to the clock
+    and later marks record them again: a run creates a handful of events, not a few per step. Stand-in
+    events and stream (this machine has no GPU), with CUDA's elapsed_time in milliseconds."""
+    from monitor.hooks import phases
+
+    now = [0.0]
+    made = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+            made.append(self)
+
+        def record(self, stream=None):
+            self.t = now[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    ph = phases.StepPhases(torch.device("cuda"), ddp=True)
+    ph.comm = True
+    ph.step_end(0.0)
+    seen = []
+    for step in range(20):
+        t = 10.0 * step
+        for micro in range(2):  # pre-forward work 0.5 s, compute 1 s per micro-batch
+            now[0] = t + 3 * micro
+            ph.forward_begin(now[0])
+            now[0] += 0.5
+            ph.inner_begin()
+            now[0] += 1.0
+            ph.inner_end()
+            ph.forward_end(now[0])
+        now[0] = t + 7.0
+        ready = ph.bucket_ready()
+        now[0] = t + 7.5
+        ph.bucket_done(ready)  # the all-reduce completes 0.5 s after its bucket was ready
+        marks = ph.step_end(t + 8.0)
+        seen.append({id(e) for _, a, b in marks.pairs for e in (a, b)} | {id(e) for e in marks.ready + marks.done})
+        assert phases.resolve_phases(marks) == {"input": 1.5 if step == 0 else 2.0 + 1.5, "compute": 2.0,
+                                                "collective_wait": 1.0 + 0.5}
+    # 6 events a step (pre start, pre end = compute start, compute end; twice), ready and done: 8, made once
+    assert len(made) == 8 and all(s == seen[0] for s in seen) and len(seen[0]) == 8
+    assert len(ph._free) == 8
+
+
 def test_phases_of_an_accumulating_loop_are_recorded_and_read_back_identically(tmp_path, monkeypatch):
     """One process: input and compute per step (no collective wait without DDP); the end of a
     micro-batch's backward is seen where another micro-batch follows; the event file gives the same values back on both decoder paths."""

@@ -45,6 +45,7 @@ class PhaseMarks(NamedTuple):
     done: list  # marks taken when a bucket's all-reduce had completed
     compute: bool  # compute is measured on this model (not sharded)
     comm: bool  # the collective wait is measured (DDP, and the monitor's communication hook is in)
+    recycle: Any = None  # CUDA: takes the marks' events back once they are read (StepPhases.give_back)
 
 
 def _seconds(a: Any, b: Any) -> float:
@@ -77,9 +78,16 @@ def resolve_phases(m: PhaseMarks | None) -> dict[str, float | None]:
                 last_done = max(_seconds(ref, d) for d in m.done)
                 wait += max(0.0, last_done - last_ready)
             out["collective_wait"] = max(0.0, wait)
+        if m.recycle is not None:  # read: the events go back to the clock for later marks
+            m.recycle([*(e for _, a, b in m.pairs for e in (a, b)), *m.ready, *m.done])
     except (RuntimeError, TypeError):
         log.debug("trainmon: step phases not timed", exc_info=True)
     return out
+
+
+# CUDA timing events a clock keeps for reuse: a step takes two per micro-batch, a few more under DDP; the
+# publisher hands them back once read, so a run creates a handful, not a few per step.
+EVENT_POOL = 64
 
 
 class StepPhases:
@@ -95,6 +103,7 @@ class StepPhases:
         self.comm = False  # set when the communication hook times the buckets
         self.anchor: float | None = None  # host time the current input phase began
         self.last_forwards = 0  # training forwards (micro-batches) the last step had; 0: no step yet
+        self._free: list = []  # CUDA timing events the publisher has read, recorded again by later marks
         self._reset()
 
     def _reset(self) -> None:
@@ -114,10 +123,21 @@ class StepPhases:
             if torch.cuda.is_current_stream_capturing():  # a CUDA graph being captured: no timing events in it
                 self.valid = False
                 return None
-            ev = torch.cuda.Event(enable_timing=True)
+            try:
+                ev = self._free.pop()  # (marks come from three threads: pop is atomic, a look before it is not)
+            except IndexError:
+                ev = torch.cuda.Event(enable_timing=True)
             ev.record(torch.cuda.current_stream(self.device))
             return ev
         return time.perf_counter()
+
+    def give_back(self, events: list) -> None:
+        """Publisher thread, once a step's marks are read: their events, for later marks (an event one pair
+        ends and the next begins with comes once; at most EVENT_POOL are kept)."""
+        free = self._free
+        room = EVENT_POOL - len(free)
+        if room > 0:
+            free.extend(list({id(e): e for e in events}.values())[:room])
 
     def forward_begin(self, now: float) -> None:
         """The wrapper's forward of a training micro-batch starts: its input phase ends. Without a wrapper
@@ -172,7 +192,7 @@ class StepPhases:
         ok = self.valid and self.forwards > 0
         self.last_forwards = self.forwards
         marks = PhaseMarks(self.input if ok and self.input_ok else None, self.pairs if ok else [], self.ready,
-                           self.done, self.compute and ok, self.comm and ok)
+                           self.done, self.compute and ok, self.comm and ok, self.give_back if self.cuda else None)
         self._reset()
         self.anchor = now
         return marks
