@@ -49,11 +49,10 @@ if [f for _, f, tag in _PLAIN if tag is not None] != list(FIELD_TAGS):
     raise ImportError("FIELD_TAGS and VECTOR_FIELDS list the plain fields in different orders")
 
 
-def _plain(r: StepRecord) -> tuple[int, list[float], list[tuple[str, float]]]:
-    """One pass over the plain fields: (presence mask, their vector values, their scalar values)."""
+def _plain(r: StepRecord) -> tuple[int, list[float]]:
+    """One pass over the plain fields: (presence mask, their vector values in VECTOR_FIELDS order)."""
     mask = 0
     vector: list[float] = []
-    pairs: list[tuple[str, float]] = []
     for bit, field, tag in _PLAIN:
         v = getattr(r, field)
         if v is None:
@@ -66,13 +65,25 @@ def _plain(r: StepRecord) -> tuple[int, list[float], list[tuple[str, float]]]:
             continue
         if not v and field in WHEN_TRUE:
             continue
-        x = float(v)
         mask |= bit
-        vector.append(x)
-        if not v and field == "skipped" and r.loss_scale is None:  # no GradScaler: no skipped series
-            continue
-        pairs.append((tag, x))
-    return mask, vector, pairs
+        vector.append(float(v))
+    return mask, vector
+
+
+@lru_cache(maxsize=256)
+def _plain_scalars(mask: int, quiet_skip: bool) -> tuple[tuple[str, ...], tuple[bool, ...]]:
+    """The scalar tags of the plain fields a record of this mask has, and which of its vector values they
+    take (not autocast's, whose scalar comes after the LRs; not `skipped` when `quiet_skip`: a run
+    without a GradScaler has no skipped series). A handful of masks in a run."""
+    tags: list[str] = []
+    take: list[bool] = []
+    for bit, field, tag in _PLAIN:
+        if mask & bit:
+            keep = tag is not None and not (quiet_skip and field == "skipped")
+            take.append(keep)
+            if keep:
+                tags.append(tag)
+    return tuple(tags), tuple(take)
 
 
 @lru_cache(maxsize=16)
@@ -80,25 +91,35 @@ def _lr_tags(groups: int) -> tuple[str, ...]:
     return tuple(LR_TAG.format(i) for i in range(groups))
 
 
-def _extra_values(r: StepRecord, pairs: list[tuple[str, float]], param_norms: bool) -> list[tuple[str, float]]:
-    """The scalar values after the plain fields: LRs, autocast, sampled per-parameter norms, attention, scalars."""
+def _scalars(r: StepRecord, mask: int, vector: list[float], param_norms: bool) -> tuple[tuple[str, ...], list[float]]:
+    """The step's scalar values as (tags, values): the plain fields, LRs, autocast, sampled per-parameter
+    norms, attention, mon.log() scalars."""
+    tags, take = _plain_scalars(mask, not r.skipped and r.loss_scale is None)
+    values = list(itertools.compress(vector, take))
     if r.lr:
-        pairs.extend(zip(_lr_tags(len(r.lr)), r.lr))
+        tags += _lr_tags(len(r.lr))
+        values += r.lr
     if r.autocast in AUTOCAST_CODES:
-        pairs.append((AUTOCAST_TAG, AUTOCAST_CODES[r.autocast]))
+        tags += (AUTOCAST_TAG,)
+        values.append(AUTOCAST_CODES[r.autocast])
+    extra: list[tuple[str, float]] = []
     if param_norms and r.param_norms:
-        pairs.extend(zip(map(PARAM_TAG.__add__, r.param_norms), r.param_norms.values()))
+        extra.extend(zip(map(PARAM_TAG.__add__, r.param_norms), r.param_norms.values()))
     if r.attention:
         for layer, stats in r.attention.items():
-            pairs.extend((f"{ATTENTION_TAG}{stat}/{layer}", v) for stat, v in stats.items())
+            extra.extend((f"{ATTENTION_TAG}{stat}/{layer}", v) for stat, v in stats.items())
     if r.scalars:
-        pairs.extend((SCALAR_TAG + k, v) for k, v in r.scalars.items())
-    return pairs
+        extra.extend((SCALAR_TAG + k, v) for k, v in r.scalars.items())
+    if extra:
+        more_tags, more_values = zip(*extra)
+        tags += more_tags
+        values += more_values
+    return tags, values
 
 
 def record_values(r: StepRecord, *, param_norms: bool = True) -> list[tuple[str, float]]:
     """The step's scalar values (tag, value), for TensorBoard's charts."""
-    return _extra_values(r, _plain(r)[2], param_norms)
+    return list(zip(*_scalars(r, *_plain(r), param_norms)))
 
 
 def _vector(r: StepRecord, mask: int, values: list[float], more: bool) -> list[float]:
@@ -109,22 +130,21 @@ def _vector(r: StepRecord, mask: int, values: list[float], more: bool) -> list[f
 
 def step_vector(r: StepRecord, more: bool = False) -> list[float]:
     """[presence mask, present fields in VECTOR_FIELDS order..., LRs...] as float64: exact values."""
-    mask, values, _ = _plain(r)
-    return _vector(r, mask, values, more)
+    return _vector(r, *_plain(r), more)
 
 
 def encode_step(r: StepRecord, *, param_norms: bool = True, param_names: list[str] | None = None) -> bytes:
     # The two vectors come first: readers take everything from them without touching the scalar
     # values, which are there for TensorBoard's charts.
     vector = bool(r.param_norms and param_names)
-    mask, values, pairs = _plain(r)
+    mask, values = _plain(r)
     # Sampled per-parameter scalars without the vector must be read back from the scalar values.
     parts = [wire.vector_value(STEP_VECTOR_TAG, _vector(r, mask, values, bool(r.param_norms and param_norms
                                                                               and not vector)), double=True)]
     if vector:
         parts.append(wire.vector_value(PARAM_VECTOR_TAG, list(map(r.param_norms.get, param_names, itertools.repeat(NO_GRAD))),
                                        double=False))
-    parts.append(wire.scalar_values(_extra_values(r, pairs, param_norms)))
+    parts.append(wire.scalar_values(*_scalars(r, mask, values, param_norms)))
     if r.ddp:
         parts.append(wire.string_value(DDP_TAG, json.dumps(r.ddp).encode()))
     return wire.event(r.time, r.step, summary=b"".join(parts))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Sequence
 from functools import lru_cache
 
 _F32 = struct.Struct("<f").pack
@@ -25,12 +25,17 @@ _F64 = struct.Struct("<d").pack
 _ZERO64 = bytes(8)
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
 def varint(n: int) -> bytes:
     """Base-128 varint; a negative int64 as its 64-bit two's complement (ten bytes), as protobuf does."""
-    if n < 0:
+    if n < 0x4000:  # one or two bytes: tags, lengths and steps, nearly always
+        if n >= 0x80:
+            return bytes(((n & 0x7F) | 0x80, n >> 7))
+        if n >= 0:
+            return _ONE_BYTE[n]
         n += 1 << 64
-    if n < 0x80:
-        return bytes((n,))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -69,12 +74,10 @@ def _scalars_packer(tags: tuple[str, ...]) -> tuple[struct.Struct, list]:
     return struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes)), args
 
 
-def scalar_values(pairs: Iterable[tuple[str, float]]) -> bytes:
-    """Summary.value entries {tag, simple_value} (Summary's field 1, repeated), one per (tag, value)."""
-    pairs = list(pairs)
-    if not pairs:
+def scalar_values(tags: tuple[str, ...], values: Sequence[float]) -> bytes:
+    """Summary.value entries {tag, simple_value} (Summary's field 1, repeated), one per tag and value."""
+    if not tags:
         return b""
-    tags, values = zip(*pairs)
     packer, template = _scalars_packer(tags)
     args = template.copy()
     args[1::2] = values
@@ -82,7 +85,7 @@ def scalar_values(pairs: Iterable[tuple[str, float]]) -> bytes:
         return packer.pack(*args)
     except OverflowError:  # a value beyond float32: an infinity, value by value
         prefix = _scalar_prefix
-        return b"".join([prefix(t) + f32(v) for t, v in pairs])
+        return b"".join([prefix(t) + f32(v) for t, v in zip(tags, values)])
 
 
 _DT_FLOAT, _DT_DOUBLE, _DT_STRING = 1, 2, 7  # tensorflow DataType (types.proto)
@@ -132,14 +135,14 @@ def string_value(tag: str, data: bytes) -> bytes:
 
 def event(wall_time: float, step: int = 0, *, summary: bytes | None = None, file_version: str | None = None) -> bytes:
     """An Event: `summary` the Summary's bytes (its values, concatenated), or a `file_version` header."""
-    out = b""
+    parts = []
     wt = _F64(wall_time)
     if wt != _ZERO64:
-        out += b"\x09" + wt
+        parts += (b"\x09", wt)
     if step:
-        out += b"\x10" + varint(step)
+        parts += (b"\x10", varint(step))
     if file_version is not None:
-        out += _field(3, file_version.encode())
+        parts.append(_field(3, file_version.encode()))
     if summary is not None:
-        out += _field(5, summary)
-    return out
+        parts += (b"\x2a", varint(len(summary)), summary)  # field 5, length-delimited
+    return b"".join(parts)
