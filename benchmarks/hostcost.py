@@ -374,6 +374,10 @@ def main() -> None:
         "fixed Python running colder in a step whose working set is four times larger: entry points that do "
         "constant work take longer at 48 layers too, and the run without the attention probe grows alike.",
         "",
+        "Each label is measured on its own, and minutes apart this VM's speed drifts by as much as close versions "
+        "differ (80ea2fb and after share their training-thread code): hostcost-versions.md measures versions "
+        "alternately, process by process, for that comparison.",
+        "",
     ]
     if not any(labels[k].get("gpu") for k in order):
         md += ["No GPU was lent to the sessions that measured these: the CUDA path (a persistent device "

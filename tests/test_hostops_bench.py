@@ -27,3 +27,20 @@ def test_the_counts_are_each_threads_monitor_code_per_step():
     assert on_pub["encode_step"][1] == 1.0 and on_pub["_publish_batch"][1] <= 1.0
     assert "_finalize" not in on_pub and "_forward_pre" not in on_pub
     assert pub["opcodes"] == pytest.approx(sum(ops for _, ops, _ in pub["functions"]))
+
+
+def test_versions_measured_alternately_differ_by_the_median_of_their_rounds():
+    import hostcost_versions
+
+    def run(hooks, pub):
+        return {"direct_us": hooks, "publisher_cpu_us": pub, "probe_us": 0.0, "host_us": hooks + pub}
+
+    # The VM slows down over the rounds; B is always 10 us lighter in the hooks than A beside it.
+    drift = [0.0, 40.0, 80.0]
+    res = {"rounds": 3, "layers": 12, "steps": 10, "warmup": 5, "date": "d", "notes": {"B": "lighter"},
+           "versions": {"A": "abc1234", "B": "def5678+changes"},
+           "runs": {"A": [run(100 + d, 50) for d in drift], "B": [run(90 + d, 50) for d in drift]}}
+    md = hostcost_versions.render(res)
+    row = next(line for line in md.splitlines() if line.startswith("| B |"))
+    assert "`def5678+changes` lighter" in row and "| 130 us (90 .. 170) |" in row
+    assert "inside the hooks -10 us; publisher CPU +0 us; host us/step -10 us" in row
