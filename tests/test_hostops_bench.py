@@ -44,3 +44,17 @@ def test_versions_measured_alternately_differ_by_the_median_of_their_rounds():
     row = next(line for line in md.splitlines() if line.startswith("| B |"))
     assert "`def5678+changes` lighter" in row and "| 130 us (90 .. 170) |" in row
     assert "inside the hooks -10 us; publisher CPU +0 us; host us/step -10 us" in row
+
+
+def test_the_publisher_on_its_own_publishes_nothing_while_the_steps_run():
+    import publisher_interference
+
+    from monitor.hooks import publisher
+
+    kept = publisher.GATHER_SECONDS, publisher.MAX_BATCH
+    alone = publisher_interference.child(layers=1, steps=12, warmup=4, mode="alone")
+    assert (publisher.GATHER_SECONDS, publisher.MAX_BATCH) == kept  # put back for whoever comes next
+    beside = publisher_interference.child(layers=1, steps=12, warmup=4, mode="beside")
+    # (child() raises if anything was published while the steps ran: all of it comes at the flush)
+    assert alone["publisher_us"] > alone["during_us"] >= 0.0
+    assert beside["publisher_us"] > 0.0
