@@ -372,7 +372,8 @@ def main() -> None:
         "(two aten ops on CPU whatever the number of tensors: tests/test_hostpath.py); per-parameter norms "
         "come every `collector.param_norms_every` steps. What grows with the depth here is mostly the same "
         "fixed Python running colder in a step whose working set is four times larger: entry points that do "
-        "constant work take longer at 48 layers too, and the run without the attention probe grows alike.",
+        "constant work take longer at 48 layers too, and the run without the attention probe grows alike. The "
+        "publisher's growth is its company: on its own it grows ~0.02 us per tensor (publisher-interference.md).",
         "",
         "Each label is measured on its own, and minutes apart this VM's speed drifts by as much as close versions "
         "differ (80ea2fb and after share their training-thread code): hostcost-versions.md measures versions "
