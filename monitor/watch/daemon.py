@@ -273,7 +273,6 @@ class Watcher:
         finally:
             if paused:
                 gc.enable()
-        self.health.records.inc(total)
         self.health.poll.observe(time.perf_counter() - t0)
         self._count_states(now)
         return total
@@ -284,6 +283,7 @@ class Watcher:
         total = 0
         while True:
             records = source.poll(limit=POLL_SLICE)
+            self.health.records.inc(len(records))  # before they are judged: counted when their alerts appear
             self._ingest(run, records, now)
             if run.saved is None:  # (during a restart's replay the judged counts are not yet the run's)
                 self._mark(run)
