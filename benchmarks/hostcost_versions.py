@@ -27,16 +27,17 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import run_child, write_results  # noqa: E402
+
 FIELDS = {"direct_us": "inside the hooks", "publisher_cpu_us": "publisher CPU", "probe_us": "attention probe",
           "host_us": "**host us/step**"}
 
 
 def child(a: argparse.Namespace) -> None:
     """One version's solo run (this process imports the `monitor` its PYTHONPATH points at)."""
-    import torch
-
-    sys.path.insert(0, str(HERE))
     import hostcost
+    import torch
 
     import monitor
     from monitor.trainer import TrainConfig
@@ -60,13 +61,8 @@ def commit(path: str) -> str:
 
 
 def run_version(path: str, a: argparse.Namespace) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(path), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, __file__, "--child", "--layers", str(a.layers), "--steps", str(a.steps),
-           "--warmup", str(a.warmup)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=900)
-    if done.returncode != 0:
-        raise SystemExit(f"the run of {path} failed:\n{done.stderr[-3000:]}")
-    r = json.loads(done.stdout.strip().splitlines()[-1])
+    r = run_child([__file__, "--child", "--layers", str(a.layers), "--steps", str(a.steps), "--warmup",
+                   str(a.warmup)], pythonpath=path)
     where = r.pop("monitor")
     if Path(where).resolve() != (Path(path) / "monitor").resolve():  # the checkout asked for, not an installed one
         raise SystemExit(f"{path}: the run imported the monitor from {where}")
@@ -126,9 +122,6 @@ def main() -> None:
     res = {"rounds": a.rounds, "layers": a.layers, "steps": a.steps, "warmup": a.warmup,
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "notes": dict(n.split("=", 1) for n in a.note),
            "versions": {v: commit(p) for v, p in versions.items()}, "runs": runs}
-    sys.path.insert(0, str(HERE))
-    from _common import write_results
-
     text = render(res)
     out = write_results("hostcost-versions", res, text)
     print(text)

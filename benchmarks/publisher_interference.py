@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,13 +27,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import run_child, write_results  # noqa: E402
+
 MODES = {"beside": "beside training", "alone": "on its own"}
 
 
 def child(layers: int, steps: int, warmup: int, mode: str) -> dict:
     import torch
-
-    sys.path.insert(0, str(HERE))
     from _paired import one_step
     from hostcost import TINY, monitor_threads, thread_cpu
 
@@ -94,13 +93,8 @@ def main() -> None:
     for k in range(a.rounds):
         for n in depths:
             for m in (list(MODES) if k % 2 == 0 else list(MODES)[::-1]):
-                cmd = [sys.executable, __file__, "--child", f"{n}:{m}", "--steps", str(a.steps), "--warmup",
-                       str(a.warmup)]
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
-                if done.returncode != 0:
-                    raise SystemExit(done.stderr[-3000:])
-                runs[str(n)][m].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                runs[str(n)][m].append(run_child([__file__, "--child", f"{n}:{m}", "--steps", str(a.steps),
+                                                  "--warmup", str(a.warmup)]))
                 print(f"round {k + 1}/{a.rounds}, {n} layers, {MODES[m]}: "
                       f"{runs[str(n)][m][-1]['publisher_us']:.0f} us/step", flush=True)
     md = ["# The publisher's CPU beside the training thread and on its own", "",
@@ -112,9 +106,6 @@ def main() -> None:
                   f"{med['beside'] - med['alone']:+.0f} us/step |")
     md += ["", f"Publisher thread CPU per measured step, median of {a.rounds} rounds of {a.steps} steps after "
            f"{a.warmup} warm-up steps, fresh processes, torch threads 1; {time.strftime('%Y-%m-%d %H:%M:%S')}."]
-    sys.path.insert(0, str(HERE))
-    from _common import write_results
-
     out = write_results("publisher-interference", {"args": vars(a), "runs": runs}, "\n".join(md) + "\n")
     print("\n".join(md))
     print(f"written to {out}")
