@@ -192,8 +192,11 @@ def solo(cfg: TrainConfig, a: argparse.Namespace, run_dir: Path) -> dict[str, fl
             probes0 = sched.samples if sched is not None else 0
             p0, o0, w0 = thread_cpu(pub), others(), time.perf_counter()
             timed.total, timed.calls = 0.0, 0
+            per_step = []  # CPU inside the entry points, step by step (its median: a step without sampling)
             for i in range(a.warmup, a.warmup + a.steps):
+                t, c = timed.total, timed.calls
                 one_step(run, i, nullcontext)
+                per_step.append(timed.total - t - (timed.calls - c) * timed.clock_cost)
             wall = time.perf_counter() - w0
             direct = timed.direct()
             assert mon.flush(60)  # the publisher's tail is on its clock
@@ -207,8 +210,9 @@ def solo(cfg: TrainConfig, a: argparse.Namespace, run_dir: Path) -> dict[str, fl
     assert mon.internal_errors == 0 and mon.dropped_records == 0, (mon.internal_errors, mon.dropped_records)
     n = a.steps
     return {"publisher_cpu_us": (p1 - p0) / n * 1e6, "other_threads_cpu_us": (o1 - o0) / n * 1e6,
-            "direct_us": direct / n * 1e6, "solo_step_ms": wall / n * 1e3, "probe_us": probe_s / n * 1e6,
-            "probes": probes}
+            "direct_us": direct / n * 1e6, "direct_typical_us": statistics.median(per_step) * 1e6,
+            "solo_step_ms": wall / n * 1e3, "probe_us": probe_s / n * 1e6, "probes": probes,
+            "param_tensors": len(list(run.model.parameters()))}
 
 
 def measure_depth(layers: int, a: argparse.Namespace) -> dict:
@@ -370,10 +374,11 @@ def main() -> None:
         "",
         "Reading the slope: between sampled steps the monitor's work per step does not depend on the model "
         "(two aten ops on CPU whatever the number of tensors: tests/test_hostpath.py); per-parameter norms "
-        "come every `collector.param_norms_every` steps. What grows with the depth here is mostly the same "
-        "fixed Python running colder in a step whose working set is four times larger: entry points that do "
-        "constant work take longer at 48 layers too, and the run without the attention probe grows alike. The "
-        "publisher's growth is its company: on its own it grows ~0.02 us per tensor (publisher-interference.md).",
+        "come every `collector.param_norms_every` steps. The depths here are measured minutes apart, and the "
+        "VM drifts by more than they differ: hostcost-slope.md measures them alternately, splits the hooks' "
+        "growth into the typical step's and the sampled steps', and times a canary of constant work beside "
+        "them. The publisher's growth is its company: on its own it grows ~0.02 us per tensor "
+        "(publisher-interference.md).",
         "",
         "Each label is measured on its own, and minutes apart this VM's speed drifts by as much as close versions "
         "differ (80ea2fb and after share their training-thread code): hostcost-versions.md measures versions "

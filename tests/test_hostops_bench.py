@@ -58,3 +58,30 @@ def test_the_publisher_on_its_own_publishes_nothing_while_the_steps_run():
     # (child() raises if anything was published while the steps ran: all of it comes at the flush)
     assert alone["publisher_us"] > alone["during_us"] >= 0.0
     assert beside["publisher_us"] > 0.0
+
+
+def test_the_slope_is_the_median_of_each_rounds_difference_per_extra_tensor():
+    import hostcost_slope
+
+    def run(tensors, typical, uncommon, pub, canary):
+        hooks = typical + uncommon
+        return {"param_tensors": tensors, "direct_us": hooks, "direct_typical_us": typical, "uncommon_us": uncommon,
+                "publisher_cpu_us": pub, "probe_us": 0.0, "host_us": hooks + pub, "canary_us": canary}
+
+    # The VM slows down over the rounds, both depths alike; the deep model's typical step is 43.2 us
+    # heavier (0.1 us per each of its 432 extra tensors) and its uncommon steps 21.6 us (0.05); the
+    # canary runs 1.5x as long beside it.
+    drift = [0.0, 50.0, 100.0]
+    res = {"rounds": 3, "layers": [12, 48], "steps": 10, "warmup": 5, "date": "d", "version": "abc1234",
+           "runs": {"12": [run(148, 100 + d, 10, 40, 20) for d in drift],
+                    "48": [run(580, 143.2 + d, 31.6, 40, 30) for d in drift]}}
+    per = hostcost_slope.slopes(res)
+    assert per["direct_typical_us"] == pytest.approx([0.1] * 3)
+    assert per["uncommon_us"] == pytest.approx([0.05] * 3) and per["publisher_cpu_us"] == [0.0] * 3
+    md = hostcost_slope.render(res)
+    last = next(line for line in md.splitlines() if line.startswith("| **per extra tensor**"))
+    assert "| 0.100 (0.100 .. 0.100) | 0.050 (0.050 .. 0.050) |" in last
+    assert "grows +0.100 us per tensor (within it); everything together +0.150 (over it)" in md
+    # ratios per round: 143.2/100, 193.2/150, 243.2/200 for the hooks' typical step
+    assert "typical step takes 1.29x (1.22 .. 1.43) as long, the canary 1.50x (1.50 .. 1.50)" in md
+    assert "the hooks' ratio over the canary's: 0.86x" in md
