@@ -288,7 +288,8 @@ def test_param_norms_every_default_is_documented_with_its_reason():
 
 def test_a_bf16_clip_keeps_its_own_coefficient_and_odd_values_are_staged_as_before(tmp_path):
     """A bf16 total's coefficient is computed on the device in bf16 (as torch clips with it); logged values
-    of other dtypes and shapes (float64, shape [1]) and a shape that changes are staged as float32, as before."""
+    of other dtypes and shapes (float64, shape [1]), a shape that changes and bf16 per-parameter norms are
+    staged as float32, as before."""
     torch.manual_seed(0)
     model = TinyLM().to(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -296,6 +297,8 @@ def test_a_bf16_clip_keeps_its_own_coefficient_and_odd_values_are_staged_as_befo
     truth = []
     for step, (x, y) in enumerate(batches(4)):
         model(x, y)[1].backward()
+        grads = [p.grad for p in model.parameters()]
+        norms = [n.float().item() for n in torch._foreach_norm(grads, 2.0)]  # bf16, as the monitor's pass
         total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
         assert total.dtype == torch.bfloat16
         wide = torch.tensor(1 / 3, dtype=torch.float64)
@@ -304,14 +307,16 @@ def test_a_bf16_clip_keeps_its_own_coefficient_and_odd_values_are_staged_as_befo
         opt.step()
         opt.zero_grad()
         truth.append((total.float().item(), torch.clamp(0.05 / (total + 1e-6), max=1.0).float().item(),
-                      wide.float().item()))
+                      wide.float().item(), norms))
     mon.flush()
     mon.close()
     assert mon.internal_errors == 0
     records = read_run(mon.run_dir).records[0]
-    for r, (total, coef, wide) in zip(records, truth):
+    for r, (total, coef, wide, norms) in zip(records, truth):
         assert (r.grad_norm, r.clip_coef) == (total, coef)
         assert r.scalars == {"wide": wide, "odd": 2.5}
+        if r.step == 0:  # the sampled step: the bf16 per-parameter norms staged as float32, exactly
+            assert list(dict(r.param_norms).values()) == norms
 
 
 def test_tensor_lrs_and_plain_ones_side_by_side_are_recorded_per_group(tmp_path):

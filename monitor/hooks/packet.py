@@ -232,7 +232,7 @@ class _Plan:
             torch._foreach_copy_(self.views, parts)
         if tail:
             try:
-                self.tail.copy_(torch.stack(tail))
+                torch.stack(tail, out=self.tail)
             except RuntimeError:  # a model spread over devices
                 device = self.buf.device
                 self.tail.copy_(torch.stack([t.to(device=device, dtype=torch.float32) for t in tail]))
