@@ -122,6 +122,32 @@ def test_the_exchanges_pending_at_close_are_compared_with_whoever_reported():
     assert zero.pending == {} and one.finish(timeout=0.05) == []
 
 
+def test_exchanges_that_complete_together_go_one_per_record_in_order():
+    store = torch.distributed.HashStore()
+    zero, one = (RankExchange(store, r, 2, every=10) for r in (0, 1))
+    same, other = pack_floats([1.0, 2.0]), pack_floats([1.0, 2.5])
+    zero.post(10, {"fp": same, "busy": 0.1, "phases": {}})
+    zero.post(20, {"fp": same, "busy": 0.1, "phases": {}})
+    one.post(10, {"fp": other, "busy": 0.1, "phases": {}})  # rank 1 late: both complete on the same record
+    one.post(20, {"fp": same, "busy": 0.1, "phases": {}})
+    records = [StepRecord(step=s, rank=0) for s in (21, 22, 23)]
+    for r in records:
+        zero.observe(r, None)
+    carried = [(r.step, r.ddp["step"] if r.ddp else None) for r in records]
+    assert carried == [(21, 10), (22, 20), (23, None)]
+    assert [d["rank"] for d in records[0].ddp["desync"]] == [1] and records[1].ddp["desync"] == []
+    # completed but never carried (the run ended): handed to the close with the pending ones
+    zero.post(30, {"fp": same, "busy": 0.1, "phases": {}})
+    zero.post(40, {"fp": same, "busy": 0.1, "phases": {}})
+    one.post(30, {"fp": same, "busy": 0.1, "phases": {}})
+    one.post(40, {"fp": other, "busy": 0.1, "phases": {}})
+    last = StepRecord(step=41, rank=0)
+    zero.observe(last, None)
+    assert last.ddp["step"] == 30
+    assert [(o["step"], [d["rank"] for d in o["desync"]]) for o in zero.finish(timeout=0.05)] == [(40, [1])]
+    assert zero.finish(timeout=0.05) == []
+
+
 def straggler(ranks: list[dict]) -> dict:
     hits = [a for a in ranks[0]["alerts"] if a["rule"] == "ddp.straggler"]
     assert hits, rules(ranks[0]["alerts"])

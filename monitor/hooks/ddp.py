@@ -24,6 +24,7 @@ import os
 import struct
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -104,7 +105,7 @@ class RankExchange:
     rank 0 looks for the other ranks' payloads without blocking and gives up on a step after
     `timeout_s`, comparing the ranks that did report. `observe` is the publisher's stage: it keeps
     the busy and phase times of the steps since the last exchange, posts on exchange steps and
-    puts the latest outcome on rank 0's record (`ddp`).
+    puts the outcomes on rank 0's records (`ddp`), one per record, in step order.
     """
 
     def __init__(self, store: Any, rank: int, world_size: int, every: int, timeout_s: float = 60.0) -> None:
@@ -113,6 +114,7 @@ class RankExchange:
         self.ns = f"{_PREFIX}{_job_id()}/x/"
         self.pending: dict[int, float] = {}  # step -> when rank 0 posted its own payload
         self.own: dict[int, dict] = {}
+        self.ready: deque[dict] = deque()  # outcomes not yet on a record (several can complete at once)
         self._busy: list[float] = []  # since the last exchange
         self._phases: dict[str, list[float]] = {name: [] for name in PHASES}
 
@@ -133,9 +135,9 @@ class RankExchange:
             fp = pack_floats(fingerprint) if fingerprint is not None else None
             self.post(rec.step, {"fp": fp, "busy": busy, "phases": phases})
         if self.pending:
-            outcomes = self.collect()
-            if outcomes:
-                rec.ddp = outcomes[-1]
+            self.ready.extend(self.collect())
+        if self.ready:  # one per record, in order: none is lost when several complete at once
+            rec.ddp = self.ready.popleft()
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -178,8 +180,10 @@ class RankExchange:
         """Rank 0 as the run closes (its publisher done): the outcomes of the exchanges still pending, which
         no later record of its own would collect. The other ranks post their last payloads as they close,
         so they are waited for, up to `timeout` (polling the store), then compared with whoever reported."""
+        ready = list(self.ready)  # completed, and no record came to carry them
+        self.ready.clear()
         if self.rank != 0 or not self.pending:
-            return []
+            return ready
         deadline = time.monotonic() + min(timeout, self.timeout_s)
         pause = 0.01
         while not all(self._complete(self._others(s)) for s in self.pending):
@@ -188,7 +192,7 @@ class RankExchange:
                 break
             time.sleep(min(pause, left))
             pause = min(pause * 2, 0.25)
-        return self.collect(final=True)
+        return ready + self.collect(final=True)
 
 
 def compare(step: int, payloads: dict[int, dict], world: int) -> dict:
