@@ -148,7 +148,7 @@ def _varied(n=400):
             param_norms={n: (i + 1) / (k + 1) for k, n in enumerate(NAMES) if not (i % 17 == 0 and k == 2)}
             if i % 2 else None,
             attention={"blocks.0.attn": {"entropy_ratio": 0.5 + i / 1e4}} if i % 29 == 0 else None,
-            ddp={"ranks": [0, 1], "busy": [0.1, 0.2]} if i % 37 == 0 else None,
+            ddp={"step": i, "reported": [0, 1], "busy": {"0": 0.1, "1": 0.2}} if i % 37 == 0 else None,
             scalars={"acc": 0.5 + i / 1e4} if i % 31 == 0 else {}))
     return out
 

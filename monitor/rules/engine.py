@@ -344,7 +344,11 @@ class RulesEngine:
     # -- lifecycle --------------------------------------------------------------
 
     def _transition(self, st: RuleState, record: StepRecord, finding: Finding | None) -> Alert | None:
-        alert = st.transition(record, finding, self.run.run_id)
+        try:
+            alert = st.transition(record, finding, self.run.run_id)
+        except Exception as e:  # a finding no alert can be made of (a value from a damaged file): counted,
+            self._error(f"rule {st.rule.id}", e)  # and the rule and the records after it go on
+            return None
         if alert is not None and alert.status == "firing":
             for complete in self.completions:  # the alert is not shared yet: completed in place
                 try:

@@ -13,6 +13,7 @@ import json
 import math
 import struct
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from tensorboard.compat.proto import event_pb2, tensor_pb2, types_pb2
 
@@ -131,6 +132,41 @@ def _take_extra(tag: str, value: float, params: dict, attention: dict, scalars: 
     return True
 
 
+def _whole(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _seconds(x: Any) -> bool:
+    return type(x) in (int, float) and math.isfinite(x) and x >= 0
+
+
+def _by_rank(d: Any) -> bool:
+    return isinstance(d, dict) and all(k.isascii() and k.isdigit() and _seconds(v) for k, v in d.items())
+
+
+def _desync(d: Any) -> bool:
+    return (isinstance(d, dict) and _whole(d.get("rank")) and type(d.get("count")) is int and d["count"] >= -1
+            and isinstance(d.get("params"), list) and all(map(_whole, d["params"])))
+
+
+def rank_comparison(raw: Any) -> dict | None:
+    """Rank 0's comparison of the ranks (the DDP tag's JSON), checked against the shape `hooks.ddp.compare`
+    writes: the rules read it as it is, and a damaged or crafted one must not reach them. ValueError names
+    what is wrong (the reader then skips the event and reports it)."""
+    if not raw:
+        return None
+    ex = json.loads(raw[0])
+    checks = {"step": _whole, "world": _whole, "reported": lambda v: isinstance(v, list) and all(map(_whole, v)),
+              "busy": _by_rank, "phases": lambda v: isinstance(v, dict) and all(map(_by_rank, v.values())),
+              "desync": lambda v: isinstance(v, list) and all(map(_desync, v))}
+    if not isinstance(ex, dict):
+        raise ValueError(f"its rank comparison ({DDP_TAG}) is a {type(ex).__name__}, not an object")
+    for key, ok in checks.items():
+        if key in ex and not ok(ex[key]):
+            raise ValueError(f"its rank comparison ({DDP_TAG}) has a {key!r} of the wrong shape: {str(ex[key])[:80]}")
+    return ex
+
+
 class StepDecoder:
     """Event bytes (or parsed Events) of one rank -> StepRecords (values are as stored: float64 in the
     vectors, float32 in scalars). `param_names` is run.json's model.param_names."""
@@ -208,7 +244,7 @@ class StepDecoder:
         params: dict = {}
         for v in reversed(tail):
             if v.tag == DDP_TAG:
-                fields["ddp"] = json.loads(v.tensor.string_val[0]) if v.tensor.string_val else None
+                fields["ddp"] = rank_comparison(v.tensor.string_val)
             else:
                 _take_extra(v.tag, v.simple_value, params, attention, scalars)
         fields["attention"] = attention or None
@@ -247,7 +283,7 @@ class StepDecoder:
             elif tag == AUTOCAST_TAG:
                 fields["autocast"] = AUTOCAST_NAMES.get(v.simple_value)
             elif tag == DDP_TAG:
-                fields["ddp"] = json.loads(v.tensor.string_val[0]) if v.tensor.string_val else None
+                fields["ddp"] = rank_comparison(v.tensor.string_val)
             elif not _take_extra(tag, v.simple_value, params, attention, scalars):
                 continue
             seen = True
