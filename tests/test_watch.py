@@ -655,3 +655,45 @@ def test_the_daemon_exports_run_info_with_the_version_run_json_names(tmp_path):
                          config={"metrics": {"port": 0}, "console": {"enabled": False}})
     mon.close()
     assert read_run_info(attached).trainmon_version == monitor.__version__
+
+
+@pytest.mark.parametrize("bad", [-100, 5, 10**9], ids=["negative", "inside a record", "past the end"])
+def test_saved_read_positions_that_are_not_at_a_record_are_read_again_from_the_start(tmp_path, monkeypatch, bad):
+    """A state file whose read offset cannot be where a record begins (damaged or crafted): the run is
+    read again from the start, muted as after an unreadable state, so nothing is lost or sent twice."""
+    from monitor.runlog.events import EventWriter
+    from monitor.runlog.rundir import RunDir
+    from monitor.schema import RunInfo, StepRecord
+    from monitor.watch import daemon
+
+    monkeypatch.setattr(daemon, "REPLAY_STEPS", 4)  # positions are saved every 4 records, not 5000
+    rd = RunDir(tmp_path / "runs" / "run")
+    rd.write_run_info(RunInfo(run_id="run"))
+    w = EventWriter(rd.events_dir, 0, flush_secs=0)
+    first = Watcher([tmp_path / "runs"], MonitorConfig(), state_dir=tmp_path / "state", sinks=[RestoringSink()])
+    for block in (range(5), range(5, 10)):  # two polls: the older of their two marks is what is saved
+        for s in block:
+            w.write(StepRecord(step=s, time=time.time() - 1000 + s, loss=math.nan if s == 5 else 2.0, lr=[1e-3]))
+        w.flush()
+        first.scan()
+        first.poll()
+    first.save()
+    path = tmp_path / "state" / "watch-state.json"
+    saved = json.loads(path.read_text())
+    offsets = next(iter(saved["runs"].values()))["positions"]["ranks"]["0"]["offsets"]
+    assert offsets and all(v > 0 for v in offsets.values())
+    offsets.update({name: bad for name in offsets})
+    path.write_text(json.dumps(saved))
+    for s in range(10, 60):  # new: the LR dropped to zero
+        w.write(StepRecord(step=s, time=time.time(), loss=2.0, lr=[0.0]))
+    w.flush()
+    events, sink = [], RestoringSink()
+    second = Watcher([tmp_path / "runs"], MonitorConfig(), state_dir=tmp_path / "state", sinks=[sink],
+                     on_event=events.append)
+    second.scan()
+    second.poll()
+    assert any("saved read positions unusable" in e and "not where a record begins" in e for e in events), events
+    # nothing sent twice: the NaN's alert, sent before the restart, is only resolved once the loss is back
+    assert [(a.rule, a.step, a.status) for a in sink.alerts] == [("lr.zero", 10, "firing"),
+                                                                 ("loss.nonfinite", 55, "resolved")]
+    w.close()

@@ -272,12 +272,39 @@ class TensorBoardTail:
 
     # -- positions -----------------------------------------------------------------------------
 
+    def _at_record(self, name: str, offset: int) -> bool:
+        """Whether a record's header (its length checksum holds) starts at `offset`, or the file ends there
+        (it was read whole), or it cannot be looked at now (the poll that reads it reports that)."""
+        if offset == 0:
+            return True
+        try:
+            with open(self.directory / name, "rb") as f:
+                if offset > os.fstat(f.fileno()).st_size:
+                    return False
+                f.seek(offset)
+                head = f.read(12)
+        except OSError:
+            return True  # gone or unreadable now: the poll that reads it says so
+        if len(head) < 12:
+            return True  # the end of the file, or a header the writer has not finished
+        try:
+            list(frames(head, [0, 0]))  # checks the length's checksum, and stops: the data is not there
+        except CorruptRecord:
+            return False
+        return True
+
     def state(self) -> dict[str, Any]:
         return {"offsets": dict(self.offsets), "dead": sorted(self.dead), "plugins": dict(self._plugins),
                 "first_wall_time": self.first_wall_time}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.offsets = {str(k): int(v) for k, v in (state.get("offsets") or {}).items()}
+        """Positions saved by `state()`. ValueError when one cannot be where a record begins (negative, or
+        not at a record's header in the file as it is now): the caller reads the run again from the start."""
+        offsets = {str(k): int(v) for k, v in (state.get("offsets") or {}).items()}
+        for name, offset in offsets.items():
+            if offset < 0 or not self._at_record(name, offset):
+                raise ValueError(f"{name}: byte {offset} is not where a record begins")
+        self.offsets = offsets
         self.dead = set(state.get("dead") or [])
         self._plugins = {str(k): str(v) for k, v in (state.get("plugins") or {}).items()}
         self.first_wall_time = state.get("first_wall_time", self.first_wall_time)
