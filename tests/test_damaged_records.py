@@ -86,3 +86,35 @@ def test_monitor_check_skips_a_damaged_comparison_and_reports_it(tmp_path):
     assert "failed unexpectedly" not in out and done.exit_code in (1, 3), out
     assert "rank comparison (trainmon/ddp) has a 'step' of the wrong shape" in out
     assert "loss.nonfinite at step 15" in out and "19 step records" in out
+
+
+def test_a_negative_step_in_a_foreign_tensorboard_log_is_skipped_not_taken_as_a_restart(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from monitor.runlog.reader import read_run
+
+    w = SummaryWriter(str(tmp_path / "tb"))
+    for step in range(1, 21):
+        w.add_scalar("train/loss", 3.0 - step / 100, step)
+        w.add_scalar("train/learning_rate", 1e-4, step)
+    w.add_scalar("train/loss", 9.0, -1)  # a step no trainer writes: as a restart, it would supersede them all
+    w.add_scalar("train/loss", 2.0, 21)
+    w.add_scalar("train/learning_rate", 1e-4, 21)
+    w.close()
+    data = read_run(tmp_path / "tb")
+    assert [r.step for r in data.records[0]] == list(range(1, 22))
+    assert any("step -1" in p and "never negative" in p for p in data.problems), data.problems
+
+
+def test_a_negative_step_in_a_run_directory_is_skipped_and_reported(tmp_path):
+    from monitor.runlog.reader import read_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(RUN.model_dump_json())
+    events = [encode_step(StepRecord(step=s, time=1.8e9 + s, loss=3.0, lr=[1e-4])) for s in range(10)]
+    events.insert(5, encode_step(StepRecord(step=-1, time=1.8e9 + 5, loss=3.0, lr=[1e-4])))
+    (run / "events.out.tfevents.1.vm.1.0.rank0.attempt1").write_bytes(b"".join(map(encode_record, events)))
+    data = read_run(run)
+    assert [r.step for r in data.records[0]] == list(range(10))
+    assert any("step -1: steps are never negative" in p for p in data.problems), data.problems

@@ -102,7 +102,7 @@ class TensorBoardTail:
 
     # -- problems -------------------------------------------------------------------------------
 
-    def _report(self, key: str, message: str) -> None:
+    def report(self, key: str, message: str) -> None:
         self._problems.report(key, message)
 
     @property
@@ -134,15 +134,15 @@ class TensorBoardTail:
         try:
             names = event_file_names(self.directory, self.order)
         except FileNotFoundError:
-            self._report("dir-gone", f"{self.directory}: the directory vanished")
+            self.report("dir-gone", f"{self.directory}: the directory vanished")
             return []
         except OSError as e:
-            self._report("dir-unreadable", f"{self.directory}: unreadable: {e.strerror or e}")
+            self.report("dir-unreadable", f"{self.directory}: unreadable: {e.strerror or e}")
             return []
         out: list[Any] = []
         present = set(names)
         for name in [n for n in self.offsets if n not in present]:
-            self._report(f"gone:{name}", f"{self.directory / name}: the file vanished after {self.offsets[name]} bytes")
+            self.report(f"gone:{name}", f"{self.directory / name}: the file vanished after {self.offsets[name]} bytes")
             del self.offsets[name]
         for name in names:
             if limit is not None and len(out) >= limit:
@@ -159,10 +159,10 @@ class TensorBoardTail:
         except FileNotFoundError:
             return  # vanished between listing and stat: reported by the next poll if it was known
         except OSError as e:
-            self._report(f"stat:{name}", f"{path}: unreadable: {e.strerror or e}")
+            self.report(f"stat:{name}", f"{path}: unreadable: {e.strerror or e}")
             return
         if size < offset:
-            self._report(f"shrank:{name}", f"{path}: the file shrank from {offset} to {size} bytes (rewritten?); "
+            self.report(f"shrank:{name}", f"{path}: the file shrank from {offset} to {size} bytes (rewritten?); "
                          "reading it again from the start")
             offset = 0
         elif size == offset:
@@ -192,10 +192,10 @@ class TensorBoardTail:
                         chunk = max(chunk, record_size(buf))  # a record larger than a chunk
         except CorruptRecord as e:
             self.dead.add(name)
-            self._report(f"corrupt:{name}", f"{path}: corrupt record ({e}); read the records before it, "
+            self.report(f"corrupt:{name}", f"{path}: corrupt record ({e}); read the records before it, "
                          "skipped the rest of the file")
         except OSError as e:
-            self._report(f"read:{name}", f"{path}: unreadable: {e.strerror or e}")
+            self.report(f"read:{name}", f"{path}: unreadable: {e.strerror or e}")
         self.offsets[name] = offset
 
     def _decode_all(self, buf: bytes, at: list[int], decode: Callable[[bytes], Any], out: list[Any],
@@ -211,7 +211,7 @@ class TensorBoardTail:
                 out.extend(results if limit is None else islice(results, max(0, limit - len(out))))
                 break
             except DecodeError:
-                self._report(f"proto:{path.name}", f"{path}: a record that is not a TensorBoard event at byte "
+                self.report(f"proto:{path.name}", f"{path}: a record that is not a TensorBoard event at byte "
                              f"{base + at[1]}; skipped it (and any more such records of this file: counted)")
             except CorruptRecord:
                 raise  # the framing itself is damaged: _read_file stops reading the file there
@@ -219,7 +219,7 @@ class TensorBoardTail:
                 # An event that parses but whose values make no record (a NaN presence mask, DDP JSON
                 # nested past the recursion limit): at[0] is already past it, so skip it and go on;
                 # stopping would meet it again at every later poll. Nothing decoded is ever executed.
-                self._report(f"value:{path.name}", f"{path}: an unreadable step event at byte {base + at[1]} "
+                self.report(f"value:{path.name}", f"{path}: an unreadable step event at byte {base + at[1]} "
                              f"({type(e).__name__}: {str(e)[:200]}); skipped it (and any more such events of "
                              "this file: counted)")
         self.events_read += len(out) - n

@@ -158,6 +158,10 @@ class TensorBoardSource:
         """Points into steps; whether there were any."""
         buf = self._buffer
         for step, wall, tag, value in points:
+            if step < 0:  # no writer counts steps below zero; taken as a step it would look like a restart
+                self.tail.report("negative-step", f"{self.path}: a point at step {step} ({tag!r}): steps are "
+                                  "never negative; skipped it (and any more such points: counted)")
+                continue
             tm = self.tagmap
             if tm is not None and tm.framework is not None and not tm.relevant(tag):
                 continue  # the framework was detected in this poll: its own tags only from here

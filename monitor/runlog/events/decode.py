@@ -188,6 +188,8 @@ class StepDecoder:
         if not ev.HasField("summary"):
             return None
         values = ev.summary.value
+        if ev.step < 0:  # never written: taken as a step, it would supersede the run as a restart
+            raise ValueError(f"step {ev.step}: steps are never negative")
         if values and values[0].tag == STEP_VECTOR_TAG:
             return self._from_vectors(ev, values)
         return self._from_scalars(ev, values)
