@@ -41,6 +41,10 @@ def _doc(default: Any = None, doc: str = "", factory: Any = None) -> Any:
     return dc_field(default=default, metadata={"doc": doc})
 
 
+# The largest step a record can have: TensorBoard stores steps as int64, and readers reject more.
+MAX_STEP = 2**63 - 1
+
+
 @dataclass(slots=True)
 class StepRecord:
     """Everything the monitor knows about one optimizer step of one rank.

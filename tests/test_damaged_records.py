@@ -118,3 +118,14 @@ def test_a_negative_step_in_a_run_directory_is_skipped_and_reported(tmp_path):
     data = read_run(run)
     assert [r.step for r in data.records[0]] == list(range(10))
     assert any("step -1: steps are never negative" in p for p in data.problems), data.problems
+
+
+def test_a_step_past_what_tensorboard_can_store_is_skipped_and_the_report_still_renders(tmp_path):
+    state = {"log_history": [{"step": s, "loss": 3.0, "learning_rate": 1e-4} for s in range(1, 6)]
+             + [{"step": 10**33, "loss": 3.0, "learning_rate": 1e-4}]}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "trainer_state.json").write_text(json.dumps(state))
+    done = CliRunner().invoke(app, ["check", str(tmp_path / "hf"), "--report", str(tmp_path / "r.html")])
+    assert done.exit_code == 3 and "failed unexpectedly" not in done.output, done.output
+    assert "5 step records" in done.output and "log_history[5] is not an entry with a step from 0 to" in done.output
+    assert (tmp_path / "r.html").stat().st_size > 0

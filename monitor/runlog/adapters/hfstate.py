@@ -42,7 +42,7 @@ from typing import Any
 
 from monitor.runlog.adapters.frameworks import HUGGINGFACE, TagMap, validate_mapping
 from monitor.runlog.sources import ProblemLog
-from monitor.schema import RunInfo, StepRecord
+from monitor.schema import MAX_STEP, RunInfo, StepRecord
 
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -261,9 +261,9 @@ class HFStateSource:
         firsts: dict[int, int] = {}
         for i, entry in enumerate(history):
             step = entry.get("step") if isinstance(entry, dict) else None
-            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-                self._report(f"entry:{path}", f"{path}: log_history[{i}] is not an entry with a step "
-                             f"({_canonical(entry)[:80]}); skipped such entries")
+            if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+                self._report(f"entry:{path}", f"{path}: log_history[{i}] is not an entry with a step from 0 to "
+                             f"{MAX_STEP} ({_canonical(entry)[:80]}); skipped such entries")
                 continue
             values = steps.get(step)
             if values is None:
