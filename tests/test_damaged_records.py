@@ -129,3 +129,26 @@ def test_a_step_past_what_tensorboard_can_store_is_skipped_and_the_report_still_
     assert done.exit_code == 3 and "failed unexpectedly" not in done.output, done.output
     assert "5 step records" in done.output and "log_history[5] is not an entry with a step from 0 to" in done.output
     assert (tmp_path / "r.html").stat().st_size > 0
+
+
+VECTORS = [
+    ("a negative mask", [-1.0, 3.0, 1e-4], "presence mask"),
+    ("a mask past every field", [1e300, 3.0, 1e-4], "presence mask"),
+    ("a NaN mask", [math.nan, 3.0, 1e-4], "presence mask"),
+    ("a fractional mask", [1.5, 3.0, 1e-4], "presence mask"),
+    ("a bit no field has", [float(1 | 1 << 19), 3.0, 1e-4], "presence mask"),
+    ("an empty vector", [], "presence mask"),
+    ("fewer values than the mask announces", [float(1 | 2 | 4), 3.0], "fewer than the 4"),
+]
+
+
+@pytest.mark.parametrize("name, vector, named", VECTORS, ids=[v[0] for v in VECTORS])
+def test_a_step_vector_that_does_not_fit_its_mask_is_named(name, vector, named):
+    from monitor.runlog.events import StepDecoder
+
+    data = wire.event(1.8e9, 3, summary=wire.vector_value(STEP_VECTOR_TAG, vector, double=True))
+    with pytest.raises(ValueError, match=named):
+        StepDecoder().decode(data)
+    good = StepDecoder().decode(wire.event(1.8e9, 3, summary=wire.vector_value(STEP_VECTOR_TAG, [1.0, 3.0, 1e-4],
+                                                                               double=True)))
+    assert (good.step, good.loss, good.lr) == (3, 3.0, [1e-4])

@@ -109,6 +109,21 @@ class _Layout:
         self.autocast = "autocast" in self.names
 
 
+_KNOWN_BITS = (1 << len(VECTOR_FIELDS)) - 1 | HAS_MORE
+_MASKS: set[float] = set()  # presence masks seen valid (a run writes a handful)
+
+
+def _mask(vec: tuple[float, ...]) -> int:
+    """The presence mask leading a step vector, checked: a whole number whose bits are fields this version
+    knows (a newer writer's field, or damage, would shift every value after it)."""
+    m = vec[0] if vec else math.nan
+    if not (0 <= m < 2 * HAS_MORE and m == int(m)) or int(m) & ~_KNOWN_BITS:
+        raise ValueError(f"a step vector whose presence mask ({m!r}) is not one this version of trainmon writes")
+    if len(_MASKS) < 1024:
+        _MASKS.add(m)
+    return int(m)
+
+
 def _after(tag: str, prefixes: tuple[str, ...]) -> str | None:
     """The rest of `tag` after the first of `prefixes` it starts with (the current tag, then the old one)."""
     for prefix in prefixes:
@@ -211,8 +226,10 @@ class StepDecoder:
     def _from_vectors(self, ev: event_pb2.Event, values) -> StepRecord:
         content = values[0].tensor.tensor_content
         vec = struct.unpack(f"<{len(content) // 8}d", content)
-        mask = int(vec[0])
+        mask = int(vec[0]) if vec and vec[0] in _MASKS else _mask(vec)
         layout = self._layout(mask)
+        if len(vec) < layout.end:
+            raise ValueError(f"a step vector of {len(vec)} values, fewer than the {layout.end} its mask announces")
         fields = dict(zip(layout.names, vec[1:layout.end]))
         for f in layout.ints:
             v = fields[f]
