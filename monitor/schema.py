@@ -14,7 +14,7 @@ from dataclasses import field as dc_field
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Severity(str, Enum):
@@ -40,6 +40,17 @@ def _doc(default: Any = None, doc: str = "", factory: Any = None) -> Any:
         return dc_field(default_factory=factory, metadata={"doc": doc})
     return dc_field(default=default, metadata={"doc": doc})
 
+
+def _number(x: Any) -> bool:
+    return type(x) in (int, float)  # NaN or inf too: a user's lambda may return them, and the rules compare
+
+
+def _count(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+_SCHEDULE_TYPES = {"source": lambda x: isinstance(x, str), "steps_previewed": _count, "warmup_steps": _count,
+                   "first_multiplier": _number, "peak_multiplier": _number}
 
 # The largest step a record can have: TensorBoard stores steps as int64, and readers reject more.
 MAX_STEP = 2**63 - 1
@@ -251,6 +262,17 @@ class RunInfo(BaseModel):
     # The attention probe at attach (enabled, interval, why it is off) and, at close, its measured cost.
     attention_probe: dict[str, Any] | None = None
     attempts: list[Attempt] = Field(default_factory=list)  # oldest first; empty in directories from before attempts
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_types(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The warmup facts the rules compute with (introspect.schedule_preview writes them) have their types."""
+        if v is None:
+            return v
+        for key, ok in _SCHEDULE_TYPES.items():
+            if key in v and not ok(v[key]):
+                raise ValueError(f"schedule.{key} is {v[key]!r}: not what trainmon writes there")
+        return v
 
     def attempt(self, attempt_id: int) -> Attempt | None:
         """The attempt with this id, None when run.json does not (yet) list it; a directory written

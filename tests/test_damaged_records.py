@@ -152,3 +152,15 @@ def test_a_step_vector_that_does_not_fit_its_mask_is_named(name, vector, named):
     good = StepDecoder().decode(wire.event(1.8e9, 3, summary=wire.vector_value(STEP_VECTOR_TAG, [1.0, 3.0, 1e-4],
                                                                                double=True)))
     assert (good.step, good.loss, good.lr) == (3, 3.0, [1e-4])
+
+
+@pytest.mark.parametrize("key, value", [("first_multiplier", "x"), ("peak_multiplier", None), ("warmup_steps", -2),
+                                        ("warmup_steps", 2.5), ("source", 3)])
+def test_a_schedule_in_run_json_of_the_wrong_types_is_named(tmp_path, key, value):
+    """The warmup rules compute with these at the run's start: a wrong type is damaged input, named."""
+    schedule = {"source": "LambdaLR", "steps_previewed": 100, "first_multiplier": 0.01, "peak_multiplier": 1.0,
+                "warmup_steps": 10}
+    assert RunInfo.model_validate({"run_id": "t", "schedule": schedule}).schedule == schedule
+    assert RunInfo(run_id="t", schedule={**schedule, "first_multiplier": math.nan}).schedule  # a lambda's NaN
+    with pytest.raises(ValueError, match=f"schedule.{key} is"):
+        RunInfo.model_validate({"run_id": "t", "schedule": {**schedule, key: value}})
