@@ -71,7 +71,7 @@ def test_a_finding_that_makes_no_alert_is_counted_and_the_records_after_it_are_j
     assert ("loss.nonfinite", 5) in [(a.rule, a.step) for a in alerts]
 
 
-def test_monitor_check_skips_a_damaged_comparison_and_reports_it(tmp_path):
+def test_monitor_check_skips_a_damaged_comparison_and_reports_it(tmp_path, fault_row):
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text(RUN.model_dump_json())
@@ -86,9 +86,11 @@ def test_monitor_check_skips_a_damaged_comparison_and_reports_it(tmp_path):
     assert "failed unexpectedly" not in out and done.exit_code in (1, 3), out
     assert "rank comparison (trainmon/ddp) has a 'step' of the wrong shape" in out
     assert "loss.nonfinite at step 15" in out and "19 step records" in out
+    fault_row("monitor check: a step event whose rank comparison (trainmon/ddp) has another shape (crafted)",
+              "the event skipped and reported; the records after it judged", "that step's values")
 
 
-def test_a_negative_step_in_a_foreign_tensorboard_log_is_skipped_not_taken_as_a_restart(tmp_path):
+def test_a_negative_step_in_a_foreign_tensorboard_log_is_skipped_not_taken_as_a_restart(tmp_path, fault_row):
     from torch.utils.tensorboard import SummaryWriter
 
     from monitor.runlog.reader import read_run
@@ -104,6 +106,8 @@ def test_a_negative_step_in_a_foreign_tensorboard_log_is_skipped_not_taken_as_a_
     data = read_run(tmp_path / "tb")
     assert [r.step for r in data.records[0]] == list(range(1, 22))
     assert any("step -1" in p and "never negative" in p for p in data.problems), data.problems
+    fault_row("monitor check: a point at a negative step in a TensorBoard log",
+              "the point skipped and reported; the steps before and after it read", "that point")
 
 
 def test_a_negative_step_in_a_run_directory_is_skipped_and_reported(tmp_path):

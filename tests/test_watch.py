@@ -658,7 +658,8 @@ def test_the_daemon_exports_run_info_with_the_version_run_json_names(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [-100, 5, 10**9], ids=["negative", "inside a record", "past the end"])
-def test_saved_read_positions_that_are_not_at_a_record_are_read_again_from_the_start(tmp_path, monkeypatch, bad):
+def test_saved_read_positions_that_are_not_at_a_record_are_read_again_from_the_start(tmp_path, monkeypatch, bad,
+                                                                                     fault_row):
     """A state file whose read offset cannot be where a record begins (damaged or crafted): the run is
     read again from the start, muted as after an unreadable state, so nothing is lost or sent twice."""
     from monitor.runlog.events import EventWriter
@@ -697,3 +698,6 @@ def test_saved_read_positions_that_are_not_at_a_record_are_read_again_from_the_s
     assert [(a.rule, a.step, a.status) for a in sink.alerts] == [("lr.zero", 10, "firing"),
                                                                  ("loss.nonfinite", 55, "resolved")]
     w.close()
+    fault_row("daemon: saved read positions that are not at a record (a damaged or crafted state file: negative, "
+              "inside a record, past the file's end)", "the run read again from the start, muted",
+              "nothing: no alert lost or sent twice")
