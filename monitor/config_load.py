@@ -188,28 +188,87 @@ def format_validation_error(err: ValidationError, source: str, origins: Mapping[
     return f"invalid trainmon config ({source}):\n" + "\n".join(lines)
 
 
+# A quoted part of a parser's message that may be kept: one character (a bracket, a quote: the kind
+# of problem), an escape naming one, or a token's name ('<block end>'). Longer quoted parts (a key, an
+# alias, a tag, a value) are the file's content, which may be a secret: left out.
+_KEEP_QUOTED = re.compile(r".|\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)|<[a-z ]+>", re.DOTALL)
+_QUOTED = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"")
+
+
+def _without_content(text: str) -> str:
+    """A parser's message, first line only, its quoted parts that may be content replaced by '...'."""
+    def keep(m: re.Match[str]) -> str:
+        inner = m.group(1) if m.group(1) is not None else m.group(2)
+        return m.group(0) if _KEEP_QUOTED.fullmatch(inner) else "'...'"
+
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return _QUOTED.sub(keep, line)
+
+
+def _parse_error(path: Path, e: Exception) -> ConfigError:
+    """Where the file could not be parsed and what kind of problem it is, never the file's content:
+    PyYAML's message quotes the offending line (`url: https://...SECRET...`), so it is built from
+    the error's marks and problem text instead; TOML and JSON messages name a position already."""
+    import tomllib
+    import yaml
+
+    why = f"config file {path} could not be parsed"
+    if isinstance(e, yaml.MarkedYAMLError):
+        def at(mark: Any) -> str:
+            return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+        kind = _without_content(e.problem or "") or "invalid YAML"
+        if e.context:  # what the parser was in the middle of, and where that began
+            kind += f" ({_without_content(e.context)}{at(e.context_mark)})"
+        return ConfigError(f"{why}: YAML syntax error{at(e.problem_mark or e.context_mark)}: {kind}")
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow (a control character)
+        what = f"character #x{e.character:04x}" if isinstance(e.character, int) else "character"
+        return ConfigError(f"{why}: YAML: unacceptable {what} at character {e.position + 1} of the file")
+    if isinstance(e, json.JSONDecodeError):
+        return ConfigError(f"{why}: JSON syntax error at line {e.lineno}, column {e.colno}: "
+                           f"{_without_content(e.msg).removesuffix(' at')}")  # its msg ends "at" a position
+    if isinstance(e, tomllib.TOMLDecodeError):  # its message ends "(at line L, column C)"
+        return ConfigError(f"{why}: TOML syntax error: {_without_content(str(e))}")
+    if isinstance(e, RecursionError):
+        return ConfigError(f"{why}: nested too deeply")
+    return ConfigError(f"{why}: {type(e).__name__}: {_without_content(str(e))}")
+
+
+def _read_text(path: Path) -> str:
+    """The file's text (UTF-8); a ConfigError naming the file, and where a byte is not UTF-8."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {path} could not be read: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text: a byte that is not UTF-8 at line {line}, "
+                          f"byte {column} of the line") from None
+
+
 def read_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(f"config file {path}: unsupported extension {suffix!r} (use .yaml, .yml, .toml or .json)")
+    text = _read_text(path)
     try:
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif suffix == ".toml":
+        if suffix == ".toml":
             import tomllib
 
             data = tomllib.loads(text)
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            raise ConfigError(f"config file {path}: unsupported extension {suffix!r} (use .yaml, .yml, .toml or .json)")
-    except ConfigError:
-        raise
+            import yaml
+
+            data = yaml.safe_load(text)
     except Exception as e:  # parse errors of any of the three formats
-        raise ConfigError(f"config file {path} could not be parsed: {e}") from e
+        raise _parse_error(path, e) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

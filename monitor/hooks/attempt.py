@@ -194,8 +194,15 @@ def begin(rundir: RunDir, *, rank: int, store: Any, optimizer: torch.optim.Optim
         history = attempts.history(attempts.read_rank(rundir.path, rank, prior, attempt.id), prior, attempt)
     active: list[Alert] = []
     if prior is not None:
+        try:
+            earlier_alerts = read_alerts(rundir.path)  # damaged lines are skipped; an unreadable file raises
+        except OSError as e:
+            if on_error is None:
+                raise
+            on_error("alerts.jsonl read", e)  # the attempt goes on without the earlier alerts to carry over
+            earlier_alerts = []
         # Setup checks are judged again by every attempt (its own facts), and printed at its attach.
-        active = [a for a in attempts.still_active(read_alerts(rundir.path), rank, attempt.id)
+        active = [a for a in attempts.still_active(earlier_alerts, rank, attempt.id)
                   if not a.rule.startswith("preflight.")]
     return Started(attempt, prior, history, active)
 

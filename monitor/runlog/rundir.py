@@ -37,6 +37,10 @@ _RANK_DIR = re.compile(r"^rank(\d+)$")
 # rename (milliseconds), so a longer wait means a hung network filesystem or a stopped process:
 # `flock` without a timeout would wait forever, and the training process with it.
 LOCK_TIMEOUT_SECONDS = 10.0
+# What parsing a damaged JSON file raises: ValueError (JSONDecodeError, UnicodeDecodeError) and, for
+# arrays or objects nested deeper than the interpreter's recursion limit, RecursionError. Readers
+# catch both alike: a file that is not JSON and one nested too deeply are the same damage.
+JSON_DAMAGE = (ValueError, RecursionError)
 
 
 class RunDirError(OSError):
@@ -138,7 +142,7 @@ class RunDir:
         """A JSON file of the directory as it stands (no lock), or `default` when missing or damaged."""
         try:
             return json.loads((self.path / name).read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, *JSON_DAMAGE):
             return default
 
     def _write_json(self, name: str, data: Any) -> None:
@@ -258,6 +262,18 @@ def _create_readable(directory: Path, prefix: str) -> tuple[int, str]:
             continue
 
 
+def _ends_a_line(path: Path) -> bool:
+    """Whether the file is empty or ends with a newline (unreadable: assumed so, as before this check)."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except OSError:
+        return True
+
+
 class JsonlAlertSink:
     """Appends each alert to alerts.jsonl as one line (O_APPEND: concurrent ranks never interleave a line).
     A write error (a full disk) is the caller's to count; a line cut short by one is ended before the
@@ -266,7 +282,9 @@ class JsonlAlertSink:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._torn = False  # the last write stopped inside its line
+        # The last write stopped inside its line: ours, or (a file that does not end its last line) a
+        # writer that crashed mid-line, whose torn line must not swallow our first alert.
+        self._torn = not _ends_a_line(path)
 
     def emit(self, alert: Alert) -> None:
         data = (alert.model_dump_json() + "\n").encode("utf-8")

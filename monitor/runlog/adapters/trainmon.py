@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from monitor.runlog import attempts
 from monitor.runlog.adapters.tbtail import TensorBoardTail
 from monitor.runlog.events import StepDecoder
-from monitor.runlog.rundir import RUN_JSON, rank_dir, rank_dirs
+from monitor.runlog.rundir import JSON_DAMAGE, RUN_JSON, rank_dir, rank_dirs
 from monitor.runlog.sources import RunReadError, SourceError
 from monitor.schema import Attempt, RunInfo, StepRecord
 
@@ -33,7 +33,7 @@ def read_run_info(run_dir: Path) -> RunInfo:
         return RunInfo.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise RunReadError(f"{run_dir}: not a trainmon run directory (no {RUN_JSON})") from None
-    except (ValueError, ValidationError) as e:
+    except (*JSON_DAMAGE, ValidationError) as e:  # not JSON, not UTF-8, nested too deeply, not a RunInfo
         raise RunReadError(f"{path}: unreadable run.json: {e}") from None
 
 
