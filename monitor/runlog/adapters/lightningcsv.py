@@ -26,8 +26,12 @@ order, then appends: a changed header line makes the file be read again from its
 rows already read (checked: the old columns are all still there and the last row read is still at its
 place), so no step is read twice or lost. A file caught mid-rewrite (fewer rows than were read) is read
 again at the next poll that finds it changed; one that stays shorter, or whose rows differ, is another
-run's file: reported in `problems`, and read again from its start. A bad cell (not a number) is reported
-and left out. Rows are parsed with `csv`, one per line (metric names hold no newlines).
+run's file: reported in `problems`, and read again from its start. A bad cell (not a number in ASCII
+syntax: "3_0", "١٢", " 3 " are not) is reported and left out; a row whose step is not a whole number
+in ASCII digits, or is negative, is reported and skipped. Rows are parsed with `csv`, one per line
+(metric names hold no newlines). A UTF-8 byte order mark before the header (a file saved by Excel) is
+not part of the first column's name; of columns sharing a name the first is read (reported). Only a
+regular file is read: a FIFO or device (which would block the reader) is refused with SourceError.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ import csv
 import dataclasses
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from monitor.runlog.adapters.frameworks import LIGHTNING, StepBuffer, TagMap, validate_mapping
-from monitor.runlog.sources import ProblemLog
-from monitor.schema import RunInfo, StepRecord
+from monitor.runlog.adapters.strict import ascii_float, ascii_int, not_regular
+from monitor.runlog.sources import ProblemLog, SourceError
+from monitor.schema import MAX_STEP, RunInfo, StepRecord
 
 METRICS_CSV = "metrics.csv"
 HPARAMS_YAML = "hparams.yaml"
@@ -49,6 +55,7 @@ SETTLE_S = 2.0
 ROW_BYTES = 512  # about what a row takes: the read size per record of a limit
 # Without an `epoch` column a bare `loss` column is nobody's in particular (see frameworks.LIGHTNING.weak).
 _NO_BARE_LOSS = dataclasses.replace(LIGHTNING, tags={**LIGHTNING.tags, "loss": ("train_loss", "train_loss_step")})
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark, which Excel writes before a CSV's header
 
 
 def _cells(line: bytes) -> list[str]:
@@ -66,6 +73,12 @@ class LightningCSVSource:
                  settle_s: float | None = None, clock=time.monotonic) -> None:
         self.path = Path(path)
         self.file = self.path if self.path.suffix == ".csv" and not self.path.is_dir() else self.path / METRICS_CSV
+        try:  # a FIFO or device would block open() or never end: refused before it is opened
+            kind = not_regular(os.stat(self.file).st_mode)
+        except OSError:
+            kind = None  # missing or unreadable: poll() reports it (a run's file may come later)
+        if kind is not None:
+            raise SourceError(f"{self.file}: {kind}, not a regular file: a metrics CSV is read from a file")
         d = self.file.parent
         self.info = RunInfo(run_id=d.name or d.resolve().name, source="lightning", created=0.0)
         self.mapping = validate_mapping(mapping)
@@ -127,7 +140,10 @@ class LightningCSVSource:
             self._report("stat", f"{self.file}: unreadable: {e.strerror or e}")
             return out
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if key != self._seen:
+        kind = not_regular(st.st_mode)
+        if kind is not None:  # replaced by a FIFO or a device since: reading it could block
+            self._report("special", f"{self.file}: {kind} now, not a regular file; not read (counted)")
+        elif key != self._seen:
             try:
                 with open(self.file, "rb") as f:
                     self._read(f, st, key, out, limit)
@@ -152,7 +168,7 @@ class LightningCSVSource:
         lines = data[:end].split(b"\n")[:-1]
         if not lines:
             return  # not even a whole header yet (being written)
-        header = _cells(lines[0])
+        header = _cells(lines[0].removeprefix(_BOM))
         rows = lines[1:]
         if self.header is not None and self.rows:
             wider = set(self.header) <= set(header)
@@ -173,6 +189,10 @@ class LightningCSVSource:
             self.header = None  # read again from the start when the file changes: its columns may come
             return
         self.header = header
+        twice = [c for c, n in Counter(header).items() if n > 1]
+        if twice:
+            self._report("twice", f"{self.file}: the header names {', '.join(repr(c) for c in twice[:5])} more than "
+                         "once; read the first column of each such name, left out the others")
         self._header_len = len(lines[0]) + 1
         self._header_line = data[: self._header_len].decode("utf-8", "replace")
         if not self.info.created:
@@ -259,19 +279,26 @@ class LightningCSVSource:
                 self._report("width", f"{self.file}: row {self.rows} has {len(cells)} cells, the header "
                              f"{len(header)}; skipped it (and any more such rows)")
                 continue
-            row = dict(zip(header, cells))
+            row: dict[str, str] = {}
+            for col, cell in zip(header, cells):
+                row.setdefault(col, cell)  # of columns sharing a name, the first (reported with the header)
             try:
-                step = int(row.get("step", ""))
-            except ValueError:
+                step = ascii_int(row.get("step", ""))
+            except ValueError:  # more digits than int() converts
+                step = None
+            if step is None:
                 self._report("step", f"{self.file}: row {self.rows} has no whole-number step "
                              f"({row.get('step', '')[:40]!r}); skipped it (and any more such rows)")
+                continue
+            if not 0 <= step <= MAX_STEP:
+                self._report("negative", f"{self.file}: row {self.rows} has a step outside 0..{MAX_STEP} "
+                             f"({str(step)[:40]}); skipped it (and any more such rows)")
                 continue
             for col, cell in row.items():
                 if cell == "" or col == "step" or not tagmap.relevant(col):
                     continue
-                try:
-                    value = float(cell)
-                except ValueError:
+                value = ascii_float(cell)
+                if value is None:
                     self._report(f"cell:{col}", f"{self.file}: row {self.rows}: {col}={cell[:40]!r} is not a "
                                  f"number; left out (and any more such cells of {col!r})")
                     continue

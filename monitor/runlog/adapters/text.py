@@ -23,157 +23,50 @@ time when the line was read (text logs carry no per-step time; an old log thus n
 A line ends at a newline or a carriage return (progress output); a partial last line is left for the
 next poll. A line that does not parse (an iteration number int() refuses, say) is skipped and reported
 once (counted), and the lines after it are read: parsing is line by line from a byte offset, so no line
-is met twice. `poll(limit)` stops after the line that completes its `limit`-th record. The format is
-sniffed from the file's first 64 KiB.
+is met twice. A value that is not in ASCII numeric syntax ("1_000", "١٢") is left out of its record and
+reported; a step so spelled makes its line not parse. A line longer than CHUNK_BYTES is skipped and
+reported. Lines are split, and parsed (`textformats`), in time linear in their length. `poll(limit)` stops
+after the line that completes its `limit`-th record. The format is sniffed from the file's first 64 KiB.
+Only a regular file is read: a FIFO or device (which would block the reader) is refused with SourceError.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from monitor.runlog.adapters.frameworks import json_float
+from monitor.runlog.adapters.strict import not_regular
+from monitor.runlog.adapters.textformats import BY_NAME, TEXT_FORMATS, Parsed, TextFormat
 from monitor.runlog.sources import ProblemLog
 from monitor.schema import RunInfo, StepRecord
 
 HEAD_BYTES = 64 * 1024
 CHUNK_BYTES = 8 * 1024 * 1024  # read at a time without a limit; a longer line is skipped
 LINE_BYTES = 1024  # about what a line takes (Megatron's ~500 bytes): the read size per record of a limit
-_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)")  # a whole line with its end
-MAX_EXTRA_SCALARS = 12
 _SIGNAL_FIELDS = ("loss", "lr", "grad_norm", "loss_scale", "skipped", "step_time", "tokens")
 
 
-@dataclass
-class Parsed:
-    step: int
-    fields: dict[str, Any] = field(default_factory=dict)
-    scalars: dict[str, float] = field(default_factory=dict)
-    closes: bool = True  # the line completes its step
-    max_steps: int | None = None
-    time: float | None = None
-    consumed_tokens: float | None = None
-
-
-def _num(s: str) -> float | None:
-    try:
-        return float(s)
-    except ValueError:
-        return None
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
-
-
-class TextFormat:
-    name = ""
-    description = ""
-
-    def sniff(self, head: str) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def parse(self, line: str) -> Parsed | None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
-_STAMP = re.compile(r"\[(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d)(?:[.,]\d+)?\]")
-
-
-def _stamp(line: str, end: int) -> float | None:
-    m = _STAMP.search(line, 0, end)
-    if m is None:
-        return None
-    try:
-        return time.mktime(time.strptime(m.group(1).replace("T", " "), "%Y-%m-%d %H:%M:%S"))
-    except (ValueError, OverflowError):
-        return None
-
-
-class MegatronText(TextFormat):
-    name = "megatron-text"
-    description = "Megatron-LM 'iteration N/ M | ... |' lines"
-    _iter = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|")
-    _field = re.compile(r"\|\s*([^|:]+?)\s*:\s*([-+]?(?:nan|inf|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))\s*(?=\||$)", re.I)
-    _args = re.compile(r"-{8,} arguments -{8,}")
-
-    def sniff(self, head: str) -> bool:
-        return self._iter.search(head) is not None or self._args.search(head) is not None
-
-    def parse(self, line: str) -> Parsed | None:
-        m = self._iter.search(line)
-        if m is None:
-            return None
-        p = Parsed(step=int(m.group(1)), max_steps=int(m.group(2)) or None, time=_stamp(line, m.start()))
-        f = p.fields
-        loss_key = None
-        for km in self._field.finditer(line, m.end() - 1):
-            name, value = km.group(1).strip().lower(), _num(km.group(2))
-            if value is None:
-                continue
-            if name == "learning rate":
-                f["lr"] = [value]
-            elif name in ("lm loss", "loss") and loss_key in (None, "loss"):
-                f["loss"], loss_key = value, name
-            elif name == "loss scale":
-                f["loss_scale"] = value
-            elif name == "grad norm":
-                f["grad_norm"] = value
-            elif name.startswith("elapsed time per iteration"):
-                f["step_time"] = value / 1000.0 if "(ms)" in name else value
-            elif name == "number of skipped iterations":
-                f["skipped"] = value > 0
-                p.scalars["skipped_iterations"] = value
-            elif name == "number of nan iterations":
-                p.scalars["nan_iterations"] = value
-            elif name == "consumed tokens":
-                p.consumed_tokens = value
-            elif len(p.scalars) < MAX_EXTRA_SCALARS:
-                p.scalars[_key(name)] = value
-        return p
-
-
-class LlmcText(TextFormat):
-    name = "llmc"
-    description = "llm.c 's:STEP trl:LOSS lr:LR norm:NORM' lines"
-    _line = re.compile(r"(?:^|\s)s:(\d+)((?:\s+[A-Za-z_]+:\S+)+)\s*$")
-    _sniff = re.compile(r"(?:^|\s)s:\d+\s+(?:trl|tel):\S", re.M)
-    _keys = {"trl": "loss", "lr": "lr", "norm": "grad_norm"}
-
-    def sniff(self, head: str) -> bool:
-        return self._sniff.search(head) is not None
-
-    def parse(self, line: str) -> Parsed | None:
-        m = self._line.search(line)
-        if m is None:
-            return None
-        p = Parsed(step=int(m.group(1)), closes=False)
-        for token in m.group(2).split():
-            k, _, v = token.partition(":")
-            x = _num(v)
-            if x is None:
-                continue
-            field_name = self._keys.get(k)
-            if field_name == "lr":
-                p.fields["lr"] = [x]
-            elif field_name is not None:
-                p.fields[field_name] = x
-            elif k == "tel":
-                p.scalars["val_loss"] = x
-            elif len(p.scalars) < MAX_EXTRA_SCALARS:
-                p.scalars[k] = x
-            if k == "trl":
-                p.closes = True  # llm.c writes the training line last in a step
-        return p
-
-
-TEXT_FORMATS: tuple[TextFormat, ...] = (MegatronText(), LlmcText())
-BY_NAME = {f.name: f for f in TEXT_FORMATS}
+def line_ends(buf: bytes) -> Iterator[int]:
+    r"""The end (past its \n, \r or \r\n) of each whole line of `buf`, in order; bytes after the last are a
+    partial line. Linear in len(buf): each byte is looked at by one bytes.find of each end character (a
+    regex such as [^\r\n]*\n, tried again at every byte of an unterminated tail, is quadratic in it)."""
+    nl, cr = buf.find(b"\n"), buf.find(b"\r")  # the next of each at or after `start`; -1: none to the end
+    start = 0
+    while nl >= 0 or cr >= 0:
+        if cr < 0 or 0 <= nl < cr:
+            start = nl + 1
+        else:
+            start = cr + 2 if cr + 1 == nl else cr + 1  # \r\n is one end
+        yield start
+        if 0 <= nl < start:
+            nl = buf.find(b"\n", start)
+        if 0 <= cr < start:
+            cr = buf.find(b"\r", start)
 
 
 def read_head(path: Path, n: int = HEAD_BYTES) -> str:
@@ -209,6 +102,14 @@ class TextLogSource:
         from monitor.runlog.sources import SourceError
 
         self.path = Path(path)
+        try:  # a FIFO or device would block open() or never end: refused before it is opened
+            kind = not_regular(os.stat(self.path).st_mode)
+        except FileNotFoundError:
+            kind = None  # with a format given, poll() reports it missing; sniffing (below) raises
+        except OSError as e:
+            raise SourceError(f"{self.path}: unreadable: {e.strerror or e}") from None
+        if kind is not None:
+            raise SourceError(f"{self.path}: {kind}, not a regular file: a text log is read from a file")
         if isinstance(fmt, str):
             fmt = BY_NAME[fmt]
         if fmt is None:
@@ -250,6 +151,10 @@ class TextLogSource:
         except OSError as e:
             self._report("stat", f"{self.path}: unreadable: {e.strerror or e}")
             return out
+        kind = not_regular(st.st_mode)
+        if kind is not None:  # replaced by a FIFO or a device since: reading it could block
+            self._report("special", f"{self.path}: {kind} now, not a regular file; not read (counted)")
+            return out
         if (self._ino is not None and st.st_ino != self._ino) or st.st_size < self.offset:
             self._report("restart", f"{self.path}: the file was truncated or replaced; reading it again from the "
                          "start (and at each later such change: counted)")
@@ -278,8 +183,9 @@ class TextLogSource:
                     elif size < CHUNK_BYTES:
                         size = CHUNK_BYTES  # a line longer than a limit's read
                     else:
-                        self._report("long", f"{self.path}: a line longer than {CHUNK_BYTES} bytes at byte "
-                                     f"{self.offset}; skipped it (and any more such lines: counted)")
+                        if not self._skipping:  # (a line of several chunks is one line skipped)
+                            self._report("long", f"{self.path}: a line longer than {CHUNK_BYTES} bytes at byte "
+                                         f"{self.offset}; skipped it (and any more such lines: counted)")
                         self.offset += len(chunk)
                         self._skipping = True
         except OSError as e:
@@ -290,14 +196,14 @@ class TextLogSource:
         """The records of the whole lines of `buf` (read at self.offset) into `out`, up to `limit`;
         returns the bytes of the lines taken."""
         used = 0
-        for m in _LINE.finditer(buf):
+        for end in line_ends(buf):
             if limit is not None and len(out) >= limit:
                 break
             if self._skipping:  # the rest of a line too long to read
                 self._skipping = False
-            elif not self._line(m.group(), mtime, out, limit, self.offset + used):
+            elif not self._line(buf[used:end], mtime, out, limit, self.offset + used):
                 break  # the limit was reached before this line: the next poll reads it again
-            used = m.end()
+            used = end
         return used
 
     def _line(self, raw: bytes, mtime: float, out: list[StepRecord], limit: int | None, at: int) -> bool:
@@ -315,6 +221,9 @@ class TextLogSource:
                 self._emit(q, out)
                 if limit is not None and len(out) >= limit:
                     return False
+            if p.bad:  # the line's other values still make its record
+                self._report("value", f"{self.path}: values that are not numbers in the line at byte {at} "
+                             f"({', '.join(p.bad[:3])}); left them out (and any more such values: counted)")
             self._note(p, mtime)
             self._take(p, out)
         except Exception as e:
