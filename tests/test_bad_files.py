@@ -230,3 +230,18 @@ def test_a_run_that_has_not_written_yet_or_keeps_no_event_files_is_not_damaged(f
     # The intact run: its records read, nothing reported.
     data = read_run(finished)
     assert data.problems == [] and len(data.records[0]) == 8
+
+
+def test_monitor_watch_reports_a_closed_run_whose_records_are_gone_once(finished, tmp_path):
+    from monitor.config import MonitorConfig
+    from monitor.watch.daemon import Watcher
+
+    (tmp_path / "runs").mkdir()
+    run_dir = _only_run_json(finished, tmp_path / "runs" / "run")
+    events: list[str] = []
+    watcher = Watcher([tmp_path / "runs"], MonitorConfig(), on_event=events.append)
+    watcher.scan()
+    watcher.poll()
+    watcher.poll()
+    said = [e for e in events if "none could be read" in e]
+    assert len(said) == 1 and said[0].startswith("warning:") and str(run_dir / RUN_JSON) in said[0], events

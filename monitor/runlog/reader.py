@@ -62,9 +62,6 @@ def read_source(path: str | Path, mapping: dict[str, str] | None = None) -> tupl
     info = source.info
     data = RunData(path=Path(path), info=info, records={rank: attempts.lineage(rs, info) for rank, rs in stream.items()},
                    problems=list(source.problems), stream=stream)
-    missing = unread_records(data.path, info, stream)
-    if missing:
-        data.problems.append(missing)
     return data, source
 
 

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from monitor.runlog import attempts
 from monitor.runlog.adapters.tbtail import TensorBoardTail
 from monitor.runlog.events import StepDecoder
+from monitor.runlog.reader import unread_records
 from monitor.runlog.rundir import JSON_DAMAGE, RUN_JSON, rank_dir, rank_dirs
 from monitor.runlog.sources import RunReadError, SourceError
 from monitor.schema import Attempt, RunInfo, StepRecord
@@ -85,6 +86,12 @@ class TrainmonSource:
             if tail is None:
                 tail = self._tails[rank] = TensorBoardTail(d, self.problems, order=attempts.file_order)
             out += tail.poll_decoded(self._decoder(rank), None if limit is None else limit - len(out))
+        if limit is None or len(out) < limit:  # read to the end: a closed run with nothing ever read is damaged
+            rank0 = self._tails.get(0)
+            if rank0 is None or not any(rank0.offsets.values()):
+                missing = unread_records(self.path, self.info, {})
+                if missing:
+                    self._report("unread", missing)
         return out
 
     def _decoder(self, rank: int) -> Callable[[str], Callable[[bytes], StepRecord | None]]:
