@@ -32,8 +32,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import run_child, write_results  # noqa: E402
-from hostcost_versions import commit  # noqa: E402
+from _common import write_results  # noqa: E402
+from hostcost_versions import commit, run_version  # noqa: E402
 
 FIELDS = {"direct_us": "inside the hooks", "direct_typical_us": "hooks, typical step",
           "uncommon_us": "hooks, uncommon steps amortised", "publisher_cpu_us": "publisher CPU",
@@ -205,10 +205,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {str(d): [] for d in depths}
     for k in range(a.rounds):
         for d in depths[k % len(depths):] + depths[:k % len(depths)]:
-            r = run_child([__file__, "--child", "--layers", str(d), "--steps", str(a.steps), "--warmup",
-                           str(a.warmup)], pythonpath=a.checkout)
-            if Path(r.pop("monitor")).resolve() != (Path(a.checkout) / "monitor").resolve():
-                raise SystemExit(f"{a.checkout}: the run imported another monitor")
+            r = run_version(a.checkout, argparse.Namespace(layers=d, steps=a.steps, warmup=a.warmup), __file__)
             runs[str(d)].append(r)
             print(f"round {k + 1}/{a.rounds}, {d} layers: hooks {r['direct_us']:.0f} us (typical step "
                   f"{r['direct_typical_us']:.0f}), canary {r['canary_us']:.1f} us, publisher "

@@ -60,8 +60,9 @@ def commit(path: str) -> str:
     return (head or "?") + ("+changes" if dirty else "")
 
 
-def run_version(path: str, a: argparse.Namespace) -> dict:
-    r = run_child([__file__, "--child", "--layers", str(a.layers), "--steps", str(a.steps), "--warmup",
+def run_version(path: str, a: argparse.Namespace, script: str = __file__) -> dict:
+    """`script --child` (this file's child, or another benchmark's of the same arguments) on the checkout."""
+    r = run_child([script, "--child", "--layers", str(a.layers), "--steps", str(a.steps), "--warmup",
                    str(a.warmup)], pythonpath=path)
     where = r.pop("monitor")
     if Path(where).resolve() != (Path(path) / "monitor").resolve():  # the checkout asked for, not an installed one
