@@ -76,6 +76,7 @@ class StepCollector:
         self._global = options.global_stats
         self._handoff = handoff
         self._guard = guard
+        self._refused: set[str] = set()  # mon.log names whose value was refused (warned once each)
         self._halt_check = halt_check
         self.sampler = sampler
         self.norms = GradNorms(self.params, options.param_norms_every, global_stats=options.global_stats,
@@ -389,18 +390,20 @@ class StepCollector:
         fp_every = self._opt.fingerprint_every
         # One read of the weights every few steps, for the cross-rank comparison.
         fp = fingerprint(self._fp_tensors) if fp_every and self.step % fp_every == 0 else []
-        packet = assemble(s, self.norms, step=self.step, scale=scale, found_inf=found_inf, attention=attention,
-                          local_sq=self.local_sq, fingerprint=fp, staging=self.staging, end=now, start=start,
-                          memory=memory, phases=self.phases.clock.step_end(now),
-                          scheduler_steps=self._scheduler_steps.since_last())
-        self.step += 1
-        self._reset()
+        try:
+            packet = assemble(s, self.norms, step=self.step, scale=scale, found_inf=found_inf, attention=attention,
+                              local_sq=self.local_sq, fingerprint=fp, staging=self.staging, end=now, start=start,
+                              memory=memory, phases=self.phases.clock.step_end(now),
+                              scheduler_steps=self._scheduler_steps.since_last())
+        finally:  # the step is over even when its record could not be made (that error is counted)
+            self.step += 1
+            self._reset()
         self._handoff(packet)
 
     # -- explicit API -------------------------------------------------------------------------
 
     def log(self, loss: Any = None, tokens: int | None = None, **scalars: Any) -> None:
         try:
-            self.s.log(loss, tokens, scalars)
+            self.s.log(loss, tokens, scalars, warned=self._refused)
         except Exception as e:
             self._guard.record("mon.log", e)

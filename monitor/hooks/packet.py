@@ -11,6 +11,7 @@ here reads a device tensor on the host.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ LOSS_SOURCES = {"log": "mean", "shares": "sum", "training_step": "mean", "loss_f
                 "scaler": "mean"}
 
 
+log = logging.getLogger("trainmon")
 _PLAIN_NUMBERS = frozenset((float, int))
 
 
@@ -89,14 +91,67 @@ class StepState:
         self.autocast: str | None = None
         self.batch: int | None = None  # the per-device batch seen this step (run.json's batch facts)
 
-    def log(self, loss: Any, tokens: int | None, scalars: dict[str, Any]) -> None:
-        """mon.log(): an explicit loss (the first source), tokens, named scalars (tensors stay on the device)."""
+    def log(self, loss: Any, tokens: int | None, scalars: dict[str, Any], warned: set[str] | None = None
+            ) -> list[tuple[str, str]]:
+        """mon.log(): an explicit loss (the first source), tokens, named scalars (tensors stay on the device).
+        Returns what was refused, as (name, why): nothing of a refused value is kept. It is the caller's
+        value, not the monitor's fault: a warning names it, once per name in `warned` (no internal error)."""
+        refused: list[tuple[str, str]] = []
         if loss is not None:
-            self.losses.setdefault("log", []).append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
+            value = loggable(loss)
+            if isinstance(value, str):
+                refused.append(("loss", value))
+            else:
+                self.losses.setdefault("log", []).append(value)
         if tokens is not None:
-            self.logged_tokens = (self.logged_tokens or 0) + int(tokens)
+            n = _count(tokens)
+            if n is None:
+                refused.append(("tokens", f"must be a whole number of tokens, 0 or more; got {_shown(tokens)}"))
+            else:
+                self.logged_tokens = (self.logged_tokens or 0) + n
         for k, v in scalars.items():
-            self.scalars[k] = v.detach() if isinstance(v, torch.Tensor) else float(v)
+            value = loggable(v)
+            if isinstance(value, str):
+                refused.append((k, value))
+            else:
+                self.scalars[k] = value
+        if warned is not None:
+            for name, why in refused:
+                if name not in warned:
+                    warned.add(name)
+                    log.warning("trainmon: mon.log(%s=...) %s; left out (said once for this name)", name, why)
+        return refused
+
+
+def _shown(v: Any) -> str:
+    return f"{type(v).__name__} {str(v)[:40]!r}" if isinstance(v, (str, bytes)) else type(v).__name__
+
+
+def _count(v: Any) -> int | None:
+    """A token count: a whole number (int, or a tensor or numpy value holding one), 0 or more."""
+    if isinstance(v, (str, bytes, float)) or isinstance(v, torch.Tensor) and (v.numel() != 1 or v.is_floating_point()):
+        return None
+    try:
+        n = int(v)  # (a one-value tensor: on CUDA a host sync, as the int() the caller's value asks for)
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        return None
+    return n if n >= 0 else None
+
+
+def loggable(v: Any) -> float | torch.Tensor | str:
+    """What mon.log keeps of a value: a real number as a float, a tensor of one real value detached (it stays
+    on its device, staged with the step), or, for anything else, a string saying why it is refused."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.is_complex() or v.layout != torch.strided or v.device.type == "meta":
+            return (f"must be a real number or a tensor of one real value; got a {v.device.type} tensor of shape "
+                    f"{list(v.shape)}, {v.dtype}" + ("" if v.layout == torch.strided else f", {v.layout}"))
+        return v.detach()
+    if isinstance(v, (str, bytes, complex)) or v is None:
+        return f"must be a real number or a tensor of one real value; got {_shown(v)}"
+    try:
+        return float(v)
+    except (TypeError, ValueError, OverflowError) as e:
+        return f"must be a real number or a tensor of one real value; got {_shown(v)} ({e})"
 
 
 @dataclass(slots=True)
