@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from monitor.schema import no_bool_for_a_number
+
 log = logging.getLogger("trainmon")
 
 
@@ -30,6 +32,7 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _numbers = field_validator("*", mode="before")(classmethod(no_bool_for_a_number))
 
 
 class MetricsConfig(_Section):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import time as _time
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from dataclasses import field as dc_field
@@ -51,6 +52,17 @@ def _count(x: Any) -> bool:
 
 _SCHEDULE_TYPES = {"source": lambda x: isinstance(x, str), "steps_previewed": _count, "warmup_steps": _count,
                    "first_multiplier": _number, "peak_multiplier": _number}
+
+def no_bool_for_a_number(cls: type[BaseModel], v: Any, info: Any) -> Any:
+    """A `field_validator("*", mode="before")` for settings: true/false where a number is wanted is a mistake
+    (pydantic would take True as 1: a port, a window of one step), not a value."""
+    if isinstance(v, bool):
+        ann = cls.model_fields[info.field_name].annotation
+        kinds = typing.get_args(ann) or (ann,)
+        if bool not in kinds and any(k in (int, float) for k in kinds):
+            raise ValueError("must be a number, not true/false")
+    return v
+
 
 # The largest step a record can have: TensorBoard stores steps as int64, and readers reject more.
 MAX_STEP = 2**63 - 1

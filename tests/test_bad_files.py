@@ -245,3 +245,19 @@ def test_monitor_watch_reports_a_closed_run_whose_records_are_gone_once(finished
     watcher.poll()
     said = [e for e in events if "none could be read" in e]
     assert len(said) == 1 and said[0].startswith("warning:") and str(run_dir / RUN_JSON) in said[0], events
+
+
+@pytest.mark.parametrize("config, key", [({"metrics": {"port": True}}, "metrics.port"),
+                                         ({"collector": {"param_norms_every": False}}, "collector.param_norms_every"),
+                                         ({"rules": {"loss.spike": {"window": True}}}, "rules.loss.spike.window")])
+def test_true_or_false_where_a_number_is_wanted_is_named(config, key):
+    """pydantic would take True as 1 (a port, a window of one step): a mistake, named."""
+    with pytest.raises(ConfigError, match=rf"{key}: .*must be a number, not true/false"):
+        load_config(config, environ={})
+    assert load_config({"console": {"enabled": True}, "metrics": {"port": 9741}}, environ={}).metrics.port == 9741
+
+
+def test_a_run_dir_with_a_nul_byte_is_named(tmp_path):
+    model = TinyLM()
+    with pytest.raises(ValueError, match="`run_dir` holds a NUL byte"):
+        monitor.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=str(tmp_path / "a\0b"))

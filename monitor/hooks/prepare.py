@@ -42,6 +42,8 @@ def check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, ma
         raise bad("loss_fn", "a torch.nn.Module (e.g. nn.CrossEntropyLoss()) or None", loss_fn)
     if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
         raise bad("run_dir", "a path (str or os.PathLike) or None", run_dir)
+    if run_dir is not None and "\0" in str(os.fspath(run_dir)):
+        raise ValueError(f"monitor.attach: `run_dir` holds a NUL byte, which no path can: {str(run_dir)!r}")
     if config is not None and not isinstance(config, (MonitorConfig, Mapping, str, os.PathLike)):
         raise bad("config", "a MonitorConfig, a dict, a YAML/TOML path or None", config)
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)):

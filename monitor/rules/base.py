@@ -15,15 +15,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from monitor.schema import RunInfo, Severity, StepRecord
+from monitor.schema import RunInfo, Severity, StepRecord, no_bool_for_a_number
 
 
 class RuleConfig(BaseModel):
     """Options every rule has. Rules subclass this to add their thresholds."""
 
     model_config = ConfigDict(extra="forbid")
+    _numbers = field_validator("*", mode="before")(classmethod(no_bool_for_a_number))
 
     enabled: bool = Field(True, description="Evaluate this rule.")
     severity: Severity | None = Field(None, description="Override the rule's default severity.")
