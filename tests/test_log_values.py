@@ -68,7 +68,10 @@ def test_the_values_mon_log_keeps():
     assert s.scalars["i"] == 3.0 and s.scalars["b"] == 1.0 and s.scalars["one"] is not one
     assert s.scalars["n"] != s.scalars["n"]  # NaN is a real number: recorded, the rules judge it
     assert s.log(None, torch.tensor(5), {}) == [] and s.logged_tokens == 12
-    assert [k for k, _ in s.log(None, 2.5, {})] == ["tokens"] and s.logged_tokens == 12
+    assert s.log(None, 8.0, {}) == [] and s.log(None, torch.tensor(4.0), {}) == [] and s.logged_tokens == 24
+    for bad in (2.5, -1, float("inf"), "7", torch.ones(2), [3]):
+        assert [k for k, _ in s.log(None, bad, {})] == ["tokens"], bad
+    assert s.logged_tokens == 24
 
 
 def test_a_step_whose_record_cannot_be_made_still_ends(tmp_path):

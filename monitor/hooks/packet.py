@@ -12,6 +12,7 @@ here reads a device tensor on the host.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -128,14 +129,18 @@ def _shown(v: Any) -> str:
 
 
 def _count(v: Any) -> int | None:
-    """A token count: a whole number (int, or a tensor or numpy value holding one), 0 or more."""
-    if isinstance(v, (str, bytes, float)) or isinstance(v, torch.Tensor) and (v.numel() != 1 or v.is_floating_point()):
+    """A token count: a whole number 0 or more (an int, a float or numpy value holding one, a one-value tensor)."""
+    if isinstance(v, (str, bytes)):
         return None
     try:
-        n = int(v)  # (a one-value tensor: on CUDA a host sync, as the int() the caller's value asks for)
+        # (a one-value tensor: on CUDA a host sync, as the int() the caller's value asks for)
+        x = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+        f = float(x)
     except (TypeError, ValueError, OverflowError, RuntimeError):
         return None
-    return n if n >= 0 else None
+    if not (math.isfinite(f) and f.is_integer() and f >= 0):
+        return None
+    return x if isinstance(x, int) else int(f)
 
 
 def loggable(v: Any) -> float | torch.Tensor | str:
