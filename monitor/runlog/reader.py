@@ -15,11 +15,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from monitor.runlog import attempts
-from monitor.runlog.rundir import ALERTS_JSONL, RUN_JSON
+from monitor.runlog.rundir import ALERTS_JSONL
 from monitor.runlog.sources import RunReadError, SourceError
 from monitor.schema import Alert, RunInfo, StepRecord
 
-__all__ = ["RunData", "RunReadError", "read_alerts", "read_run", "read_source", "unread_records"]
+__all__ = ["RunData", "RunReadError", "read_alerts", "read_run", "read_source"]
 
 
 @dataclass
@@ -63,24 +63,6 @@ def read_source(path: str | Path, mapping: dict[str, str] | None = None) -> tupl
     data = RunData(path=Path(path), info=info, records={rank: attempts.lineage(rs, info) for rank, rs in stream.items()},
                    problems=list(source.problems), stream=stream)
     return data, source
-
-
-def unread_records(path: Path, info: RunInfo, stream: dict[int, list[StepRecord]]) -> str | None:
-    """The problem of a trainmon run directory whose run.json says rank 0 published records (the end
-    summary's `records_published`, written when an attempt closes) of which none could be read: the
-    event files are missing or empty. None otherwise: a run that has not closed yet and has written
-    nothing says nothing of the kind (a live run not yet at its first record is no damage), nor does
-    a run whose config turned the event files off (`tensorboard.enabled: false`)."""
-    if info.source != "trainmon" or stream.get(0):
-        return None
-    published = (info.model_extra or {}).get("records_published")
-    if not isinstance(published, int) or isinstance(published, bool) or published <= 0:
-        return None
-    tensorboard = info.config.get("tensorboard")
-    if isinstance(tensorboard, dict) and tensorboard.get("enabled") is False:
-        return None
-    return (f"{path / RUN_JSON} records {published} published step record(s) (rank 0's) and none could be read: "
-            "the event files are missing or empty")
 
 
 def read_alerts(run_dir: str | Path) -> list[Alert]:

@@ -22,7 +22,6 @@ from pydantic import ValidationError
 from monitor.runlog import attempts
 from monitor.runlog.adapters.tbtail import TensorBoardTail
 from monitor.runlog.events import StepDecoder
-from monitor.runlog.reader import unread_records
 from monitor.runlog.rundir import JSON_DAMAGE, RUN_JSON, rank_dir, rank_dirs
 from monitor.runlog.sources import RunReadError, SourceError
 from monitor.schema import Attempt, RunInfo, StepRecord
@@ -36,6 +35,24 @@ def read_run_info(run_dir: Path) -> RunInfo:
         raise RunReadError(f"{run_dir}: not a trainmon run directory (no {RUN_JSON})") from None
     except (*JSON_DAMAGE, ValidationError) as e:  # not JSON, not UTF-8, nested too deeply, not a RunInfo
         raise RunReadError(f"{path}: unreadable run.json: {e}") from None
+
+
+def unread_records(path: Path, info: RunInfo) -> str | None:
+    """The problem of a trainmon run directory none of whose records could be read (the caller knows that:
+    its source read nothing of rank 0) while run.json says rank 0 published some (the end summary's
+    `records_published`, written when an attempt closes): the event files are missing or empty. None when
+    run.json says nothing of the kind: a run that has not closed yet (a live run not yet at its first
+    record is no damage), or whose config turned the event files off (`tensorboard.enabled: false`)."""
+    if info.source != "trainmon":
+        return None
+    published = (info.model_extra or {}).get("records_published")
+    if not isinstance(published, int) or isinstance(published, bool) or published <= 0:
+        return None
+    tensorboard = info.config.get("tensorboard")
+    if isinstance(tensorboard, dict) and tensorboard.get("enabled") is False:
+        return None
+    return (f"{path / RUN_JSON} records {published} published step record(s) (rank 0's) and none could be read: "
+            "the event files are missing or empty")
 
 
 class TrainmonSource:
@@ -89,7 +106,7 @@ class TrainmonSource:
         if limit is None or len(out) < limit:  # read to the end: a closed run with nothing ever read is damaged
             rank0 = self._tails.get(0)
             if rank0 is None or not any(rank0.offsets.values()):
-                missing = unread_records(self.path, self.info, {})
+                missing = unread_records(self.path, self.info)
                 if missing:
                     self._report("unread", missing)
         return out
