@@ -55,7 +55,7 @@ def test_a_value_mon_log_cannot_record_is_left_out_once_named_and_the_steps_go_o
     named = ["bad", "tokens"] + (["loss"] if value is not None else [])  # loss=None is no loss: the default
     assert sorted(m.split("=")[0] for m in warned) == sorted(f"trainmon: mon.log({n}" for n in named), warned
     assert all(said in m for m in warned if "tokens" not in m), warned
-    assert "0 or more; got int" in next(m for m in warned if "tokens" in m)
+    assert "0 or more (a number, or a CPU tensor: a device tensor would make the monitor wait for it); got int" in next(m for m in warned if "tokens" in m)
     assert "internal error" not in caplog.text
 
 
@@ -69,7 +69,7 @@ def test_the_values_mon_log_keeps():
     assert s.scalars["n"] != s.scalars["n"]  # NaN is a real number: recorded, the rules judge it
     assert s.log(None, torch.tensor(5), {}) == [] and s.logged_tokens == 12
     assert s.log(None, 8.0, {}) == [] and s.log(None, torch.tensor(4.0), {}) == [] and s.logged_tokens == 24
-    for bad in (2.5, -1, float("inf"), "7", torch.ones(2), [3]):
+    for bad in (2.5, -1, float("inf"), "7", torch.ones(2), [3], torch.tensor(4, device="meta")):
         assert [k for k, _ in s.log(None, bad, {})] == ["tokens"], bad
     assert s.logged_tokens == 24
 

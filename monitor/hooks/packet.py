@@ -107,7 +107,8 @@ class StepState:
         if tokens is not None:
             n = _count(tokens)
             if n is None:
-                refused.append(("tokens", f"must be a whole number of tokens, 0 or more; got {_shown(tokens)}"))
+                refused.append(("tokens", "must be a whole number of tokens, 0 or more (a number, or a CPU tensor: "
+                                          f"a device tensor would make the monitor wait for it); got {_shown(tokens)}"))
             else:
                 self.logged_tokens = (self.logged_tokens or 0) + n
         for k, v in scalars.items():
@@ -129,14 +130,18 @@ def _shown(v: Any) -> str:
 
 
 def _count(v: Any) -> int | None:
-    """A token count: a whole number 0 or more (an int, a float or numpy value holding one, a one-value tensor)."""
+    """A token count: a whole number 0 or more (an int, a float or numpy value holding one, a one-value CPU
+    tensor; a device tensor is not read: that would wait for the device)."""
     if isinstance(v, (str, bytes)):
         return None
+    x = v
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.device.type != "cpu":
+            return None
+        x = float(v) if v.is_floating_point() else int(v)
     try:
-        # (a one-value tensor: on CUDA a host sync, as the int() the caller's value asks for)
-        x = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
         f = float(x)
-    except (TypeError, ValueError, OverflowError, RuntimeError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if not (math.isfinite(f) and f.is_integer() and f >= 0):
         return None
