@@ -7,8 +7,8 @@ A `Monitor` owns the pieces and the threads they run on:
   coordination, attention sampler, rank exchange, run.json facts) and outputs (TensorBoard writer,
   Prometheus metrics, rules engine); the rules' alerts go through the AlertFanout (hooks/alerts.py)
   to the sinks, the HaltController among them;
-- watchdog thread: asks the publisher thread to run the clock rules (run.stalled) even while the
-  training loop is stuck.
+- watchdog thread: runs the clock rules (run.stalled) even while the training loop or the publisher
+  is stuck; the rules engine is shared under one lock (hooks/judge.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,6 +32,7 @@ from monitor.hooks.alerts import AlertFanout, OnAlert, StackDump
 from monitor.hooks.collector import CollectorOptions, Hooked, StepCollector
 from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.halt import HaltController, TrainingHalted
+from monitor.hooks.judge import Judge
 from monitor.hooks.publisher import Decoded, Publisher
 from monitor.hooks.sampler import AttentionSampler, check_call
 from monitor.rules.engine import RulesEngine
@@ -119,9 +119,7 @@ class Monitor:
             self._exchange = ddp.RankExchange(store, self.rank, self.world_size, cfg.ddp.exchange_every,
                                               cfg.ddp.exchange_timeout)
         self._facts_written = False
-        self._watchdog: threading.Thread | None = None
-        self._watchdog_stop = threading.Event()
-        self._engine_lock = threading.Lock()  # the publisher's records and the watchdog's clock rules
+        self._judge: Judge | None = None  # the rules engine, shared by the publisher, the watchdog and close()
         install_console_handler()
         try:
             self._start(cfg, Hooked(model, optimizer, params, scaler=scaler, scheduler=scheduler, loss_fn=loss_fn,
@@ -154,6 +152,7 @@ class Monitor:
         self.engine = RulesEngine(self.info, cfg.rules, sinks=[self._alerts], on_error=self.guard.record,
                                   completions=completions)
         self._alerts.active_source = self.engine.active  # read on the publisher thread, kept for the others
+        self._judge = Judge(self.engine, self.guard)
         # Preflight: the checklist verdicts that need no step; they are printed now and kept in run.json.
         # A resumed attempt's rules first replay the records it builds on (warm start), delivering nothing.
         # The earlier attempts' alerts still firing are carried over or resolved, as monitor watch does.
@@ -199,9 +198,7 @@ class Monitor:
             handoff=self._publisher.submit, guard=self.guard, halt_check=self.halt.check, sampler=sampler,
         )
         if cfg.watchdog.enabled:
-            self._watchdog = threading.Thread(target=self._watch, args=(cfg.watchdog.interval_seconds,),
-                                              name="trainmon-watchdog", daemon=True)
-            self._watchdog.start()
+            self._judge.start_watchdog(cfg.watchdog.interval_seconds)
 
     def _try(self, where: str, fn: Callable[[], Any]) -> Any:
         """fn(), or None with the error counted: for what the run can go on without."""
@@ -233,7 +230,7 @@ class Monitor:
         if self._events is not None:
             outputs.append(("tensorboard writer", self._events.write))
             idle.insert(0, ("event file flush", self._events.maybe_flush))
-        outputs += [("prometheus metrics", self.metrics.observe), ("rules engine", self._judge, self._judge_many)]
+        outputs += [("prometheus metrics", self.metrics.observe), ("rules engine", self._judge.observe, self._judge.observe_many)]
         return Publisher(rank=self.rank, param_names=names, stages=stages, outputs=outputs, guard=self.guard,
                          queue_size=cfg.collector.queue_size, on_drop=self.metrics.count_dropped, idle=idle,
                          attempt=self.attempt.id)
@@ -249,27 +246,6 @@ class Monitor:
             facts["per_device_batch"] = step.batch_size
             facts["effective_batch_size"] = step.batch_size * self.world_size * rec.micro_batches
         self.rundir.update_json("run.json", lambda old: {**(old or {}), **facts}, {})
-
-    def _judge(self, record: Any) -> None:
-        """The rules engine's output on the publisher thread (the watchdog shares the engine: its lock)."""
-        with self._engine_lock:
-            self.engine.observe(record)
-
-    def _judge_many(self, records: list[Any]) -> None:
-        """`_judge` for a batch of records (the publisher's batches): the lock once, the engine's batch path."""
-        with self._engine_lock:
-            self.engine.observe_many(records)
-
-    def _watch(self, interval: float) -> None:
-        """The watchdog: runs the clock rules (run.stalled, its stack dump) itself, on its own thread, so
-        they fire while the loop is stuck and also while the publisher is (waiting on a hung kernel's
-        event, say: it holds no lock while it waits)."""
-        while not self._watchdog_stop.wait(interval):
-            try:
-                with self._engine_lock:
-                    self.engine.tick(time.time())
-            except Exception as e:
-                self.guard.record("clock rules", e)
 
     @property
     def halt_requested(self) -> str | None:

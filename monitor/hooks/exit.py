@@ -66,11 +66,10 @@ def teardown(mon: Monitor) -> None:
 
     if getattr(mon, "rundir", None) is not None:
         mon.rundir.deadline = deadline  # lock waits end with the close
-    mon._watchdog_stop.set()
+    if mon._judge is not None:
+        step("watchdog", lambda: mon._judge.stop(min(5.0, left())))
     if mon._heartbeat is not None:
         step("attempt heartbeat", lambda: mon._heartbeat.stop(min(5.0, left())))
-    if mon._watchdog is not None:
-        step("watchdog", lambda: mon._watchdog.join(timeout=min(5.0, left())))
     if mon._collector is not None:
         step("removing hooks", mon._collector.remove)
     if mon._publisher is not None:
@@ -106,8 +105,7 @@ def _last_exchange(mon: Monitor, timeout: float) -> None:
         return
     for outcome in mon._exchange.finish(timeout):
         record = StepRecord(step=outcome["step"], rank=mon.rank, attempt=mon.attempt.id, ddp=outcome)
-        with mon._engine_lock:
-            mon.engine.observe_field(record, "ddp")
+        mon._judge.observe_field(record, "ddp")
 
 
 def _write_end(mon: Monitor) -> None:
