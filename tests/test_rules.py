@@ -526,7 +526,7 @@ def test_sorted_window_median_is_the_plain_median_of_its_finite_values(size):
 
 
 def test_param_baseline_fast_fold_matches_the_plain_fold():
-    from monitor.rules.stats import ParamBaseline
+    from monitor.rules.trackers import ParamBaseline
 
     names = [f"p{i}" for i in range(20)]
     fast, plain = ParamBaseline(), {}
@@ -650,7 +650,7 @@ def test_rules_that_need_a_field_do_nothing_without_it(cls):
 
 
 def test_param_baselines_share_folds_of_the_same_vector_only_when_equal():
-    from monitor.rules.stats import ParamBaseline
+    from monitor.rules.trackers import ParamBaseline
 
     names = [f"p{i}" for i in range(6)]
     a, b, c, odd, plain, odd_plain = (ParamBaseline() for _ in range(6))
@@ -672,7 +672,7 @@ def test_param_baselines_share_folds_across_a_chunk_fed_rule_by_rule():
     """The engine feeds a chunk of records to one rule, then the next: the second baseline still finds
     the first one's folds of the whole chunk."""
     from monitor.rules.engine import _CHUNK
-    from monitor.rules.stats import _FOLDS, _FOLDS_KEPT, ParamBaseline
+    from monitor.rules.trackers import _FOLDS, _FOLDS_KEPT, ParamBaseline
 
     vecs = [{"a": 1.0 + 0.1 * math.sin(s), "b": 2.0} for s in range(_CHUNK)]
     first, second = ParamBaseline(), ParamBaseline()

@@ -15,7 +15,8 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
-from monitor.rules.stats import Ema, LrTrace
+from monitor.rules.stats import Ema
+from monitor.rules.trackers import LrTrace
 from monitor.schema import Severity, StepRecord
 
 

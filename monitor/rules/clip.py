@@ -10,7 +10,8 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig, ongoing
 from monitor.rules.registry import register
-from monitor.rules.stats import LrTrace, SortedWindow
+from monitor.rules.stats import SortedWindow
+from monitor.rules.trackers import LrTrace
 from monitor.schema import Severity, StepRecord
 
 _isfinite = math.isfinite

@@ -9,7 +9,8 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
-from monitor.rules.stats import ParamBaseline, Recurrence, RobustWindow, describe_movers, top_movers
+from monitor.rules.stats import RobustWindow
+from monitor.rules.trackers import ParamBaseline, Recurrence, describe_movers, top_movers
 from monitor.schema import Severity, StepRecord
 
 _INF, _log = math.inf, math.log

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
-from monitor.rules.stats import LrTrace
+from monitor.rules.trackers import LrTrace
 from monitor.schema import Severity, StepRecord
 
 

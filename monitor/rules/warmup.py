@@ -6,7 +6,7 @@ from pydantic import Field
 
 from monitor.rules.base import Finding, Rule, RuleConfig
 from monitor.rules.registry import register
-from monitor.rules.stats import EarlyInstability, LrTrace
+from monitor.rules.trackers import EarlyInstability, LrTrace
 from monitor.schema import Severity, StepRecord
 
 
