@@ -274,7 +274,7 @@ class Watcher:
             if paused:
                 gc.enable()
         self.health.poll.observe(time.perf_counter() - t0)
-        self._count_states(now)
+        self.health.count_runs(self.runs.values())
         return total
 
     def _poll_run(self, run: WatchedRun, now: float) -> int:
@@ -353,21 +353,13 @@ class Watcher:
                 engine.observe_many(records[i + before:j])
             i = j
 
-    def _count_states(self, now: float) -> None:
-        counts = {"live": 0, "finished": 0, "idle": 0}
-        for run in self.runs.values():
-            state = "finished" if run.finished else "live" if run.live else "idle"
-            counts[state] += 1
-        for state, n in counts.items():
-            self.health.runs.labels(state).set(n)
-
     # -- state ----------------------------------------------------------------------------------
 
     def save(self) -> None:
         if self.state is None:
             return
         with self._lock:
-            runs = {k: self._saved_run(r) for k, r in self.runs.items()}
+            runs = {k: r.saved_state(self.clock()) for k, r in self.runs.items()}
         # Runs not seen this time (unmounted filesystem, slow discovery) keep their saved state.
         for k, saved in self._saved.items():
             runs.setdefault(k, saved)
@@ -375,16 +367,6 @@ class Watcher:
             self.state.save(runs)
         except Exception as e:
             self._error("saving state", e)
-
-    def _saved_run(self, r: WatchedRun) -> SavedRun:
-        if r.saved is not None:  # still replaying after a restart: what was saved then still holds
-            return SavedRun(judged=dict(r.saved.judged), active=list(r.saved.active), live=r.saved.live,
-                            seen=self.clock(), positions=r.saved.positions, judged_at=dict(r.saved.judged_at))
-        # The older of the last two marks (REPLAY_STEPS records per rank lie after it), else the position
-        # this daemon started from, else none (replay from the start).
-        positions, judged_at = r.marks[0] if len(r.marks) == 2 else r.replay_from or (None, {})
-        return SavedRun(judged=dict(r.judged), active=r.engine.active(), live=r.live, seen=self.clock(),
-                        positions=positions, judged_at=dict(judged_at))
 
     # -- the loop -------------------------------------------------------------------------------
 

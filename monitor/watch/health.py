@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -18,6 +20,14 @@ class WatchHealth:
         self.errors = Counter("trainmon_watch_errors", "Errors caught in the daemon (never fatal).", registry=registry)
         self.poll = Histogram("trainmon_watch_poll_seconds", "Time of one pass over all runs.", registry=registry,
                               buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+
+    def count_runs(self, runs: Iterable[Any]) -> None:
+        """The watched runs by state: finished (its end seen), live (a step arrived while watched), idle."""
+        counts = {"live": 0, "finished": 0, "idle": 0}
+        for run in runs:
+            counts["finished" if run.finished else "live" if run.live else "idle"] += 1
+        for state, n in counts.items():
+            self.runs.labels(state).set(n)
 
 
 def tune_gc() -> None:

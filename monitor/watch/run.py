@@ -85,6 +85,18 @@ class WatchedRun:
         self.resolved: set[tuple[str, int]] = set()  # (rule, rank) resolved and delivered during that pass
         self.sink: Any = None  # its only sink in the engine (a RunAlertSink, set by Watcher._add)
 
+    def saved_state(self, now: float) -> SavedRun:
+        """What the state file keeps of this run, `now` being when it was last seen."""
+        if self.saved is not None:  # still replaying after a restart: what was saved then still holds
+            s = self.saved
+            return SavedRun(judged=dict(s.judged), active=list(s.active), live=s.live, seen=now,
+                            positions=s.positions, judged_at=dict(s.judged_at))
+        # The older of the last two marks (REPLAY_STEPS records per rank lie after it), else the position
+        # this daemon started from, else none (replay from the start).
+        positions, judged_at = self.marks[0] if len(self.marks) == 2 else self.replay_from or (None, {})
+        return SavedRun(judged=dict(self.judged), active=self.engine.active(), live=self.live, seen=now,
+                        positions=positions, judged_at=dict(judged_at))
+
 
 class RunAlertSink:
     """The run's only sink in its engine: the daemon's own state (metrics, the view's alert log, health
