@@ -152,8 +152,9 @@ class LlmcText(TextFormat):
         start = len(tokens)
         while start > 0 and _is_pair(tokens[start - 1]):
             start -= 1
+        # A signed step ("s:-1") is found too, so that _whole refuses it by name (the reader reports it).
         at = next((i for i in range(start, len(tokens) - 1)
-                   if tokens[i].startswith("s:") and tokens[i][2:].isdecimal()), None)
+                   if tokens[i].startswith("s:") and tokens[i][2:].lstrip("+-").isdecimal()), None)
         if at is None:
             return None
         p = Parsed(step=_whole(tokens[at][2:], "step"), closes=False)
