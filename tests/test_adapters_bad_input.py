@@ -178,6 +178,9 @@ TEXT_NUMBERS = {
         "step '99999999999999999999' is outside 0..9223372036854775807"),
     "llmc: a negative step": (
         [b"s:-1 trl:1.0 lr:0.1 norm:1\n", llmc(6)], [(6, 2.0, [1e-3])], "step '-1' is outside 0..9223372036854775807"),
+    "megatron: a negative iteration": (
+        [b" iteration -3/ 10 | lm loss: 2.0 |\n", megatron(6)], [(6, 1.94, [1e-3])],
+        "iteration '-3' is outside 0..9223372036854775807"),
     "megatron: an extra field that is text is no problem": (
         [b" iteration 5/ 10 | lm loss: 2.0 | mode: train |\n"], [(5, 2.0, [])], None),
 }

@@ -75,8 +75,9 @@ def _stamp(line: str, end: int) -> float | None:
 class MegatronText(TextFormat):
     name = "megatron-text"
     description = "Megatron-LM 'iteration N/ M | ... |' lines"
-    # \d is any script's digit here so that such an iteration is found, then refused by _whole (reported).
-    _iter = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|")
+    # \d is any script's digit here, and a sign is taken, so that such an iteration is found, then refused
+    # by _whole (reported).
+    _iter = re.compile(r"\biteration\s+([+-]?\d+)\s*/\s*([+-]?\d+)\s*\|")
     # Bounded dashes: "-{8,}" would retry every length of a long run of dashes at each of its bytes.
     _args = re.compile(r"-{8} arguments -{8}")
     # Fields whose value must be a number (the others, extras, may be text: left out without a report).
