@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime, timezone
+from urllib.parse import urlsplit, urlunsplit
 
 from monitor.exporters.delivery import DeliveryMetrics, HttpDelivery
 from monitor.exporters.promrules_model import runbook_url
@@ -38,6 +39,15 @@ def am_alert(alert: Alert, extra_labels: dict[str, str] | None = None, ends: flo
     return out
 
 
+def api_endpoint(url: str) -> str:
+    """The v2 alerts API under the base `url`, its query (a proxy's token, say) kept after the path."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL: the delivery counts it as failed, naming it invalid (never quoting it)
+        return url
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/api/v2/alerts"))
+
+
 class AlertmanagerSink:
     """Alerts at or above `min_severity` POSTed to Alertmanager, active ones re-posted (a `Sink`)."""
 
@@ -45,7 +55,7 @@ class AlertmanagerSink:
                  labels: dict[str, str] | None = None, timeout: float = 5.0, retries: int = 3, backoff: float = 1.0,
                  queue_size: int = 256, metrics: DeliveryMetrics | None = None,
                  runbook_base: str | None = None) -> None:
-        self.endpoint = url.rstrip("/") + "/api/v2/alerts"
+        self.endpoint = api_endpoint(url)
         self.runbook_base = runbook_base
         self.min_severity = Severity(min_severity)
         self.resend_seconds = resend_seconds

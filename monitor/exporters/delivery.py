@@ -8,6 +8,11 @@ puts its token in the path): they are only ever logged redacted, and exception m
 may quote them, are never logged. Credentials in a URL (`https://user:pass@host/...`) are sent
 as HTTP basic authentication.
 
+A receiver cannot hold the worker or its memory: `timeout` bounds a whole attempt (a reply that
+trickles in a byte at a time is cut off, not only a silent one), a reply's body is never read, and
+redirects are not followed (urllib would re-send the credentials to wherever the Location points
+and turn the POST into a bodiless GET counted as sent): a 3xx is a failed delivery.
+
 Each delivery (one POST, retries included) ends `sent`, `failed` or `dropped`, counted on the
 `HttpDelivery` (`sent`, `failed`, `dropped`) and, given a `DeliveryMetrics`, in the Prometheus
 counters `trainmon_alert_deliveries_total{sink, outcome}` and
@@ -21,6 +26,7 @@ import http.client
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 import urllib.error
@@ -101,6 +107,71 @@ def _request_parts(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])), headers
 
 
+class _Deadline:
+    """Bounds one attempt in time: its socket is shut down when `seconds` have passed. The socket
+    timeout alone bounds each read, not a reply that trickles in a byte at a time."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._timer: threading.Timer | None = None
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            if self._timer is None:
+                self._timer = threading.Timer(self.seconds, self._expire)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns: the attempt fails
+                except OSError:
+                    pass
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._sock = None
+
+
+class _Watched:
+    """An HTTP(S) handler whose connections put their socket under the current attempt's `_Deadline`."""
+
+    deadline: _Deadline | None = None
+
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        handler = self
+
+        class Connection(http_class):  # type: ignore[misc, valid-type]
+            def connect(self) -> None:
+                super().connect()
+                if handler.deadline is not None:
+                    handler.deadline.watch(self.sock)
+
+        return super().do_open(Connection, req, **kwargs)  # type: ignore[misc]
+
+
+class _WatchedHTTP(_Watched, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPS(_Watched, urllib.request.HTTPSHandler):
+    pass
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # urllib raises the 3xx as an HTTPError: not followed, a failed delivery
+
+
 def _failure(e: BaseException) -> tuple[str, str]:
     """(reason label, words for the log) of a failed attempt. Never the exception's message: it may
     quote the URL (InvalidURL, ValueError); an OSError's strerror comes from the OS."""
@@ -132,6 +203,8 @@ class HttpDelivery:
         self._idle_seconds = idle_seconds
         self._reported: set[str] = set()
         self._stop = threading.Event()
+        self._handlers = (_WatchedHTTP(), _WatchedHTTPS())  # the worker's only: one attempt at a time
+        self._opener = urllib.request.build_opener(*self._handlers, _NoRedirect())
         self._thread = threading.Thread(target=self._run, name=f"trainmon-{name}", daemon=True)
         self._thread.start()
 
@@ -223,10 +296,15 @@ class HttpDelivery:
         target, headers = _request_parts(url)
         delay = self.backoff
         for attempt in range(self.retries + 1):
+            deadline = _Deadline(self.timeout)
+            for h in self._handlers:
+                h.deadline = deadline
             try:
                 req = urllib.request.Request(target, data=body, method="POST", headers=headers)
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    resp.read()
+                with self._opener.open(req, timeout=self.timeout):
+                    pass  # the status is the answer: the body is never read (a huge or endless one costs nothing)
+                if deadline.expired:  # headers cut off at the deadline may still parse as a whole reply
+                    raise TimeoutError
                 self._count("sent")
                 return
             except urllib.error.HTTPError as e:
@@ -234,12 +312,17 @@ class HttpDelivery:
                 self._error("http_status")
                 if e.code != 429 and e.code < 500:
                     self._count("failed")
-                    self._warn_once(f"http {e.code}", f"{self.name}: {redact(url)} answered {e.code}; not retried")
+                    moved = " (a redirect: not followed; configure the URL it points to)" if 300 <= e.code < 400 else ""
+                    self._warn_once(f"http {e.code}", f"{self.name}: {redact(url)} answered {e.code}{moved}; "
+                                                      "not retried")
                     return
                 why = f"HTTP {e.code}"
             except Exception as e:  # connection errors, timeouts, a reply that is not HTTP, anything else
-                reason, why = _failure(e)
+                reason, why = ("timeout", "TimeoutError: no complete reply within the timeout") if deadline.expired \
+                    else _failure(e)
                 self._error(reason)
+            finally:
+                deadline.cancel()
             if attempt < self.retries and not self._stop.wait(delay):
                 delay *= 2
                 continue
