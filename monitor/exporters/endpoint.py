@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import errno
 import hashlib
 import hmac
@@ -21,7 +22,7 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -133,6 +134,43 @@ class BasicAuth:
         return guarded
 
 
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+class _Encodable:
+    """A registry as a scrape reads it, with text UTF-8 cannot encode replaced ("?"): a lone surrogate
+    from a run.json ("\\ud800") or a file name that is not UTF-8, in one label value, must not fail every
+    scrape (prometheus_client encodes the whole page at once)."""
+
+    def __init__(self, registry: Any) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        for metric in self._registry.collect():
+            clean = copy.copy(metric)
+            clean.documentation = _utf8(metric.documentation)
+            clean.samples = [s._replace(labels={k: _utf8(v) for k, v in s.labels.items()}) for s in metric.samples]
+            yield clean
+
+    def restricted_registry(self, names: Any) -> _Encodable:
+        return _Encodable(self._registry.restricted_registry(names))
+
+
+def metrics_app(registry: CollectorRegistry) -> Callable:
+    """prometheus_client's WSGI app, that never fails a scrape on text it cannot encode: the page is
+    made again with that text replaced (only then: a scrape pays nothing for it otherwise)."""
+    app, fallback = make_wsgi_app(registry), make_wsgi_app(_Encodable(registry))
+
+    def serve_metrics(environ: dict[str, Any], start_response: Callable) -> list[bytes]:
+        try:
+            return app(environ, start_response)  # (start_response is called once the page is made)
+        except UnicodeEncodeError:
+            return fallback(environ, start_response)
+
+    return serve_metrics
+
+
 class _QuietHandler(WSGIRequestHandler):
     timeout = 30  # seconds a connection may sit idle: a stuck client cannot hold a thread for ever
 
@@ -146,6 +184,7 @@ class _Server(ThreadingWSGIServer):
 
     ssl_context: ssl.SSLContext | None = None
     handshake_timeout = 10.0
+    request_queue_size = 128  # socketserver's 5 drops the connections of a burst: each waits 1 s to retry SYN
 
     def get_request(self) -> tuple[Any, Any]:
         conn, addr = super().get_request()
@@ -209,7 +248,7 @@ def _start(registry: CollectorRegistry, host: str, port: int, ctx: ssl.SSLContex
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     Server.address_family, addr = infos[0][0], infos[0][4][0]
     Server.ssl_context = ctx
-    app = make_wsgi_app(registry)
+    app = metrics_app(registry)
     server = make_server(addr, port, auth.wrap(app) if auth else app, Server, handler_class=_QuietHandler)
     thread = threading.Thread(target=server.serve_forever, name="trainmon-metrics", daemon=True)
     thread.start()
