@@ -10,6 +10,7 @@ error of trainmon itself (check: one line naming it on stderr), never 1.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +27,8 @@ from monitor.cli.common import (
     crash_exit,
     fail,
     mapping_from,
+    one_line,
+    os_message,
 )
 from monitor.cli.export_cmd import export_app
 from monitor.config import MonitorConfig
@@ -88,10 +91,10 @@ def _check(run_dir: Path, cfg: MonitorConfig, mapping: dict[str, str] | None, *,
 
     try:
         result = examine_run(run_dir, cfg, mapping)
-    except SourceError as e:
-        raise fail(str(e)) from None
+    except SourceError as e:  # (a pydantic error about run.json spans lines)
+        raise fail(one_line(str(e))) from None
     except OSError as e:  # a file of the run the readers do not guard (run.json's permissions, say)
-        raise fail(f"{run_dir}: unreadable: {e}") from None
+        raise fail(f"{run_dir}: unreadable: {os_message(e)}") from None
     data, alerts = result.data, result.alerts
     for p in result.damage:
         typer.echo(f"warning: {p}", err=True)
@@ -100,9 +103,9 @@ def _check(run_dir: Path, cfg: MonitorConfig, mapping: dict[str, str] | None, *,
     if report is not None:
         from monitor.exporters.report import render_report
 
-        try:
+        try:  # text UTF-8 cannot hold (a lone surrogate in run.json, a file name that is not UTF-8) replaced
             report.write_text(render_report(data.info, data.records, alerts, problems=result.damage + result.notes),
-                              encoding="utf-8")
+                              encoding="utf-8", errors="replace")
         except OSError as e:
             raise fail(f"cannot write the report {report}: {e.strerror or e}") from None
         typer.echo(f"report written to {report}", err=True)
@@ -335,6 +338,11 @@ def watch(
     from monitor.cli.watch import run_watch
     from monitor.watch.state import default_state_dir
 
+    for name, seconds in (("--poll", poll), ("--discover", discover)):
+        if not (math.isfinite(seconds) and seconds > 0):  # 0, negative or NaN: a busy loop; inf: a crash
+            raise fail(f"{name} must be a number of seconds > 0, got {seconds}")
+    if not -1 <= metrics_port <= 65535:
+        raise fail(f"--metrics-port must be a port in 0..65535 (0: any free port) or -1 (off), got {metrics_port}")
     cfg = config_from(config)
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -345,7 +353,7 @@ def watch(
                   port=None if metrics_port < 0 else metrics_port, mapping=mapping, plain=plain, poll=poll,
                   discover=discover, once=once)
     except OSError as e:
-        raise fail(str(e)) from None
+        raise fail(os_message(e)) from None
 
 
 app.add_typer(export_app, name="export")

@@ -23,6 +23,18 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
+def one_line(message: str) -> str:
+    """A message whose lines (a pydantic error's, say) are joined: one error, one line on stderr."""
+    return " ".join(message.split())
+
+
+def os_message(e: OSError) -> str:
+    """An OSError in words, without Python's "[Errno N]" prefix: the file it names, then the OS's reason."""
+    if e.strerror is None:
+        return str(e)
+    return f"{e.filename}: {e.strerror}" if e.filename is not None else e.strerror
+
+
 @contextmanager
 def crash_exit(command: str) -> Iterator[None]:
     """An unexpected exception inside: one line naming it on stderr and EXIT_CRASH, never the findings code.

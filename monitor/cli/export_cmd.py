@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from monitor.cli.common import ConfigOpt, config_from, fail
+from monitor.cli.common import ConfigOpt, config_from, fail, os_message
 
 export_app = typer.Typer(help="Prometheus rules, a scrape config and Grafana dashboards, generated from the rules.",
                          no_args_is_help=True)
@@ -17,6 +18,38 @@ JobOpt = Annotated[str, typer.Option(help="Prometheus job name of the per-rank e
 RunbookOpt = Annotated[str, typer.Option(
     "--runbook-base", help="Where the alerts' runbook_url points: docs/rules.md as a path or URL (e.g. the "
     "repository's https://.../blob/main/docs/rules.md), each rule's section appended as an anchor.")]
+
+
+# Prometheus's duration syntax (model.ParseDuration): what it refuses at config load is refused here.
+_DURATION = re.compile(r"(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?")
+
+
+def _job(job: str) -> str:
+    """The job name goes into PromQL selectors (job="..."): a quote, a backslash or a line break in it
+    would break, or rewrite, every exported expression."""
+    if not job or any(c in job for c in '"\\') or not job.isprintable():
+        raise fail(f"--job {job!r}: a Prometheus job name without quotes, backslashes or control characters")
+    return job
+
+
+def _duration(option: str, value: str) -> str:
+    if not value or not _DURATION.fullmatch(value):
+        raise fail(f"{option} {value!r}: not a Prometheus duration (e.g. 15s, 1m, 1h30m)")
+    return value
+
+
+def _address(option: str, value: str | None) -> str | None:
+    from monitor.exporters.endpoint import split_hostport
+
+    if not value:  # none: not scraped, not alerted to
+        return value
+    try:
+        port = split_hostport(value)[1]
+    except ValueError as e:
+        raise fail(f"{option} {e}") from None
+    if port is None:
+        raise fail(f"{option} {value!r}: expected HOST:PORT")
+    return value
 
 
 @export_app.command("prometheus-rules")
@@ -28,9 +61,11 @@ def export_prometheus_rules_cmd(out: OutOpt = None, config: ConfigOpt = None, jo
 
     cfg = config_from(config)
     try:
-        export_prometheus_rules(out, cfg, job=job, runbook_base=runbook_base)
+        export_prometheus_rules(out, cfg, job=_job(job), runbook_base=runbook_base)
     except ValueError as e:
         raise fail(str(e)) from None
+    except OSError as e:  # --out a directory, or under a file
+        raise fail(f"cannot write {out}: {os_message(e)}") from None
 
 
 @export_app.command("scrape-config")
@@ -56,13 +91,16 @@ def export_scrape_config_cmd(
     from monitor.cli.export import export_scrape_config
 
     cfg = config_from(config) if config is not None else None
+    checked = dict(job=_job(job), interval=_duration("--interval", interval), daemon=_address("--daemon", daemon),
+                   alertmanagers=[_address("--alertmanager", a) for a in alertmanager or []] or None,
+                   refresh_interval=_duration("--refresh-interval", refresh_interval))
     try:
-        export_scrape_config(out, runs, job=job, interval=interval, daemon=daemon, rule_files=rule_file,
-                             alertmanagers=alertmanager, config=cfg, password_file=password_file,
-                             client_cert_file=client_cert_file, client_key_file=client_key_file,
-                             refresh_interval=refresh_interval)
+        export_scrape_config(out, runs, rule_files=rule_file, config=cfg, password_file=password_file,
+                             client_cert_file=client_cert_file, client_key_file=client_key_file, **checked)
     except ValueError as e:
         raise fail(str(e)) from None
+    except OSError as e:  # --out a directory, or under a file
+        raise fail(f"cannot write {out}: {os_message(e)}") from None
 
 
 @export_app.command("grafana")
@@ -81,8 +119,11 @@ def export_grafana_cmd(
     cfg = config_from(config)
     kwargs = {"prometheus_url": prometheus_url} if prometheus_url else {}
     try:
-        written = export_grafana(out_dir, cfg, daemon=daemon, alertmanager=alertmanager, job=job,
+        written = export_grafana(out_dir, cfg, daemon=_address("--daemon", daemon),
+                                 alertmanager=_address("--alertmanager", alertmanager), job=_job(job),
                                  runbook_base=runbook_base, **kwargs)
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         raise fail(str(e)) from None
+    except OSError as e:
+        raise fail(f"cannot write under {out_dir}: {os_message(e)}") from None
     typer.echo(f"wrote {len(written)} files under {out_dir}", err=True)

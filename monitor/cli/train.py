@@ -60,6 +60,13 @@ def check_launch(cfg, nproc: int) -> None:
         raise ValueError("--nproc launches torchrun; this process already is a torchrun rank (drop --nproc)")
     world = nproc if nproc > 1 else env_world_size()
     check_world(parse_faults(cfg.faults), world)
+    if cfg.checkpoint_dir:  # a file in the way: found now, not at the first checkpoint, after training
+        path = Path(cfg.checkpoint_dir)
+        there = next(d for d in (path, *path.parents) if d.exists())
+        if not there.is_dir():
+            raise ValueError(f"--checkpoint-dir {path}: {there} is not a directory")
+        if not os.access(there, os.W_OK | os.X_OK):
+            raise ValueError(f"--checkpoint-dir {path}: {there} is not writable")
     if cfg.ddp_backend == "nccl" and not cfg.device.startswith("cuda"):
         raise ValueError("--ddp-backend nccl needs --device cuda; gloo runs on CPU")
     if cfg.device.startswith("cuda"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from monitor.cli.common import fail
 from monitor.config import MonitorConfig
 from monitor.exporters.endpoint import basic_auth_of, serve
 from monitor.exporters.sinks import build_http_sinks
@@ -20,7 +21,11 @@ from monitor.watch.view import make_view
 
 def run_watch(paths: list[Path], cfg: MonitorConfig, *, state_dir: Path, host: str, port: int | None,
               mapping: dict[str, str] | None, plain: bool | None, poll: float, discover: float, once: bool) -> None:
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # which runs exist and where: private
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # which runs exist and where: private
+    except OSError as e:
+        why = "not a directory" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or str(e)
+        raise fail(f"--state-dir {state_dir}: {why}") from None
     try:  # before anything is written there
         check_private(state_dir)
         check_private(state_dir / STATE_FILE)
