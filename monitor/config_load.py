@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from monitor import jsontext
 from monitor.config import ConfigError, MonitorConfig
 
 log = logging.getLogger("trainmon")
@@ -39,7 +40,7 @@ _SERVICE_LINK = re.compile(r".*_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT|PORT_\d+_
 
 def _parse_env_value(raw: str) -> Any:
     try:
-        return json.loads(raw)
+        return jsontext.loads(raw)
     except ValueError:
         return raw
 
@@ -262,11 +263,11 @@ def read_file(path: Path) -> dict[str, Any]:
 
             data = tomllib.loads(text)
         elif suffix == ".json":
-            data = json.loads(text)
+            data = jsontext.loads(text)
         else:
             import yaml
 
-            data = yaml.safe_load(text)
+            data = jsontext.clean(yaml.safe_load(text))
     except Exception as e:  # parse errors of any of the three formats
         raise _parse_error(path, e) from None
     if data is None:

@@ -261,3 +261,34 @@ def test_a_run_dir_with_a_nul_byte_is_named(tmp_path):
     model = TinyLM()
     with pytest.raises(ValueError, match="`run_dir` holds a NUL byte"):
         monitor.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=str(tmp_path / "a\0b"))
+
+
+# -- lone surrogates: JSON's "\ud800" escape decodes to a str no UTF-8 writer takes ----------------------
+
+LONE = '"x\\ud800y\\udc00"'  # JSON text: a lone high and a lone low surrogate
+
+
+def test_a_lone_surrogate_in_run_json_is_replaced_where_it_is_read(finished, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    info = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))
+    text = json.dumps({**info, "run_id": "PLACEHOLDER"}).replace('"PLACEHOLDER"', LONE)
+    (run_dir / RUN_JSON).write_text(text, encoding="utf-8")
+    data = read_run(run_dir)
+    assert data.info.run_id == "x\ufffdy\ufffd" and len(data.records[0]) == 8
+    # What is written from it again works: an alert naming the run, the report, the JSON output.
+    sink = JsonlAlertSink(tmp_path / ALERTS_JSONL)
+    sink.emit(Alert(rule="loss.spike", severity=Severity.warning, step=3, run=data.info.run_id, message="m", hint="h"))
+    sink.close()
+    assert read_alerts(tmp_path)[0].run == "x\ufffdy\ufffd"
+    result = runner.invoke(app, ["check", str(run_dir), "--json", "--report", str(tmp_path / "r.html")])
+    assert result.exit_code in (0, 1), result.output  # (1: findings)
+    assert isinstance(json.loads(result.stdout), list)
+    assert "x\ufffdy\ufffd" in (tmp_path / "r.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name, text", [("c.json", '{"run_name": ' + LONE + "}"), ("c.yaml", "run_name: " + LONE)])
+def test_a_lone_surrogate_in_a_config_file_is_replaced(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    assert load_config(path, environ={}).run_name == "x\ufffdy\ufffd"

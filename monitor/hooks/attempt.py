@@ -16,7 +16,6 @@ The loop's step index of a resume, in order of trust:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from monitor import jsontext
 from monitor.config import AttemptsConfig
 from monitor.hooks import ddp, introspect
 from monitor.runlog import attempts
@@ -52,7 +52,7 @@ class Started:
 
 def _prior_info(path: Path) -> RunInfo | None:
     try:
-        return RunInfo.model_validate(json.loads((path / RUN_JSON).read_text(encoding="utf-8")))
+        return RunInfo.model_validate(jsontext.loads((path / RUN_JSON).read_text(encoding="utf-8")))
     except FileNotFoundError:
         return None
     except Exception as e:  # damaged: the attempt starts as if the directory were new, and says so

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from monitor import jsontext
 from monitor.schema import Alert, Endpoint, RunInfo
 
 RUN_JSON = "run.json"
@@ -141,7 +142,7 @@ class RunDir:
     def read_json(self, name: str, default: Any) -> Any:
         """A JSON file of the directory as it stands (no lock), or `default` when missing or damaged."""
         try:
-            return json.loads((self.path / name).read_text(encoding="utf-8"))
+            return jsontext.loads((self.path / name).read_text(encoding="utf-8"))
         except (FileNotFoundError, *JSON_DAMAGE):
             return default
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monitor import jsontext
 from monitor.schema import Alert
 
 log = logging.getLogger("trainmon.watch")
@@ -113,7 +114,7 @@ class WatchState:
         if not self.path.exists():
             return []
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = jsontext.loads(self.path.read_text(encoding="utf-8"))
             if not isinstance(data, dict) or data.get("version") != VERSION:
                 version = data.get("version") if isinstance(data, dict) else None
                 raise ValueError(f"state version {version!r}, expected {VERSION}")

@@ -40,6 +40,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from monitor import jsontext
 from monitor.runlog.adapters.frameworks import HUGGINGFACE, TagMap, validate_mapping
 from monitor.runlog.sources import ProblemLog
 from monitor.schema import MAX_STEP, RunInfo, StepRecord
@@ -185,7 +186,7 @@ class HFStateSource:
         except OSError as e:
             return self._fail(f"read:{path}:{st.st_mtime_ns}", f"{path}: unreadable: {e.strerror or e}")
         try:
-            state = json.loads(data)
+            state = jsontext.loads(data)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             return self._fail(f"json:{path}:{st.st_mtime_ns}:{len(data)}",
                               f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:120]}; caught mid-rewrite, or "

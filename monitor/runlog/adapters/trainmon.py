@@ -11,7 +11,6 @@ This is how `monitor check`, `monitor watch` and `monitor.runlog.reader.read_run
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from monitor import jsontext
 from monitor.runlog import attempts
 from monitor.runlog.adapters.tbtail import TensorBoardTail
 from monitor.runlog.events import StepDecoder
@@ -30,7 +30,7 @@ from monitor.schema import Attempt, RunInfo, StepRecord
 def read_run_info(run_dir: Path) -> RunInfo:
     path = run_dir / RUN_JSON
     try:
-        return RunInfo.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        return RunInfo.model_validate(jsontext.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise RunReadError(f"{run_dir}: not a trainmon run directory (no {RUN_JSON})") from None
     except (*JSON_DAMAGE, ValidationError) as e:  # not JSON, not UTF-8, nested too deeply, not a RunInfo

@@ -9,7 +9,6 @@ rank 0's DDP comparison.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Iterable, Mapping
@@ -17,6 +16,7 @@ from typing import Any
 
 from tensorboard.compat.proto import event_pb2, tensor_pb2, types_pb2
 
+from monitor import jsontext
 from monitor.runlog.events.tags import (
     ATTENTION_TAGS,
     AUTOCAST_NAMES,
@@ -170,7 +170,7 @@ def rank_comparison(raw: Any) -> dict | None:
     what is wrong (the reader then skips the event and reports it)."""
     if not raw:
         return None
-    ex = json.loads(raw[0])
+    ex = jsontext.loads(raw[0])
     checks = {"step": _whole, "world": _whole, "reported": lambda v: isinstance(v, list) and all(map(_whole, v)),
               "busy": _by_rank, "phases": lambda v: isinstance(v, dict) and all(map(_by_rank, v.values())),
               "desync": lambda v: isinstance(v, list) and all(map(_desync, v))}
