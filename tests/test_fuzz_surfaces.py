@@ -235,7 +235,7 @@ def test_check_report_of_a_run_whose_name_utf8_cannot_hold(tmp_path):
     result = runner.invoke(app, ["check", str(run), "--report", str(report)])
     assert result.exit_code == 0, result.output  # was 4: "failed unexpectedly: UnicodeEncodeError"
     html = report.read_text(encoding="utf-8")
-    assert "x?&lt;script&gt;" in html and "<script" not in html
+    assert "x\ufffd&lt;script&gt;" in html and "<script" not in html  # replaced where run.json is read
 
 
 def test_check_names_an_invalid_run_json_on_one_line(tmp_path):
@@ -280,3 +280,14 @@ def test_train_refuses_a_checkpoint_dir_that_is_a_file_before_training(tmp_path)
     result = runner.invoke(app, ["train", "--steps", "1", "--no-monitor", "--no-progress", "--checkpoint-dir",
                                  str(tmp_path / "ckpt" / "sub")])
     _one_line_error(result, "--checkpoint-dir", "is not a directory")
+
+
+@pytest.mark.parametrize("job", ['x"} or vector(1) #', "a\\b", "line\nbreak", ""])
+def test_the_export_api_refuses_a_job_that_cannot_go_into_a_selector(tmp_path, job):
+    """The Python API, not only the CLI: every exported expression selects job="<job>"."""
+    from monitor.exporters import grafana_dashboards, promrules, scrape
+
+    for make in (lambda: promrules.prometheus_rules(None, job), lambda: grafana_dashboards.dashboards(None, job),
+                 lambda: scrape.scrape_config([tmp_path], job, daemon="127.0.0.1:9739")):
+        with pytest.raises(ValueError, match=r"job .*without quotes, backslashes or control characters"):
+            make()

@@ -25,11 +25,12 @@ _DURATION = re.compile(r"(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?")
 
 
 def _job(job: str) -> str:
-    """The job name goes into PromQL selectors (job="..."): a quote, a backslash or a line break in it
-    would break, or rewrite, every exported expression."""
-    if not job or any(c in job for c in '"\\') or not job.isprintable():
-        raise fail(f"--job {job!r}: a Prometheus job name without quotes, backslashes or control characters")
-    return job
+    from monitor.exporters.promrules_model import check_job
+
+    try:
+        return check_job(job)
+    except ValueError as e:
+        raise fail(f"--{e}") from None
 
 
 def _duration(option: str, value: str) -> str:

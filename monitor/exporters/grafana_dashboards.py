@@ -33,6 +33,7 @@ from monitor.exporters.grafana_panels import (
     variables,
 )
 from monitor.exporters.promrules import JOB
+from monitor.exporters.promrules_model import check_job
 from monitor.exporters.ruleconfig import rule_config
 
 
@@ -255,6 +256,7 @@ DASHBOARDS = {"overview": overview, "alerts": alerts, "attention": attention, "d
 
 
 def dashboards(options: Any = None, job: str = JOB) -> dict[str, dict[str, Any]]:
-    """Every dashboard by file stem."""
+    """Every dashboard by file stem. ValueError naming a `job` that cannot go into a PromQL selector."""
+    check_job(job)
     return {name: build(options, job) for name, build in DASHBOARDS.items()}
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from monitor.exporters.generated import dump_yaml, write
 from monitor.exporters.promrules_alerts import BUILDERS
-from monitor.exporters.promrules_model import RUNBOOK_BASE, AlertDef, heading_anchor, runbook_url
+from monitor.exporters.promrules_model import RUNBOOK_BASE, AlertDef, check_job, heading_anchor, runbook_url
 from monitor.exporters.ruleconfig import rule_config, rule_fix
 
 __all__ = ["JOB", "RULES_FILE", "RUNBOOK_BASE", "TESTS_FILE", "AlertDef", "alert_definitions", "heading_anchor",
@@ -46,7 +46,9 @@ GROUP = "trainmon"
 
 
 def alert_definitions(options: Any = None, job: str = JOB) -> list[AlertDef]:
-    """Every exported alert (those of disabled rules left out), thresholds from the rules' configs."""
+    """Every exported alert (those of disabled rules left out), thresholds from the rules' configs.
+    ValueError naming a `job` that cannot go into a PromQL selector."""
+    check_job(job)
     return [d for d in (build(options, job) for build in BUILDERS) if d is not None]
 
 

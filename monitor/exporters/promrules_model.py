@@ -22,6 +22,14 @@ from typing import Any
 RUNBOOK_BASE = "docs/rules.md"
 
 
+def check_job(job: str) -> str:
+    """`job`, the scrape job's name, which goes into every exported PromQL selector (job="..."); ValueError
+    naming it when a quote, a backslash or a control character in it would break, or rewrite, them."""
+    if not isinstance(job, str) or not job or any(c in job for c in '"\\') or not job.isprintable():
+        raise ValueError(f"job {job!r}: a Prometheus job name without quotes, backslashes or control characters")
+    return job
+
+
 def heading_anchor(heading: str) -> str:
     """The anchor GitHub generates for a Markdown heading: lower case, punctuation other than '-' and '_'
     dropped, spaces as '-' ("## grad_norm.spike" -> "grad_normspike"). Headings are unique here."""

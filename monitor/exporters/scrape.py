@@ -26,6 +26,7 @@ from typing import Any
 
 from monitor.exporters.generated import dump_yaml
 from monitor.exporters.promrules import JOB
+from monitor.exporters.promrules_model import check_job
 from monitor.runlog.rundir import RUN_JSON, SHARED_TARGETS_DIR, TARGETS_JSON
 
 DAEMON_PORT = 9739  # `monitor watch --metrics-port` default
@@ -88,8 +89,9 @@ def scrape_config(
     file) and `alertmanagers` ("host:port") make it a Prometheus that evaluates the exported alerts
     and sends them on. Prometheus re-reads the target files every `refresh_interval` as well as on
     change: inotify does not see files that other hosts write on NFS and most shared filesystems.
-    Raises ValueError when there is nothing to scrape.
+    Raises ValueError when there is nothing to scrape, or naming a `job` the exported rules could not select.
     """
+    check_job(job)
     files = file_sd_files(run_dirs_globs)
     if not files and not daemon:
         raise ValueError(f"no trainmon run directory (holding {TARGETS_JSON} or {RUN_JSON}) in {run_dirs_globs!r}, "
