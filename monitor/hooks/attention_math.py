@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -52,11 +53,17 @@ def _cut(m: torch.Tensor, seqs: slice, rows: torch.Tensor | None, heads: slice) 
 
 def exact(device_type: str) -> contextlib.AbstractContextManager:
     """no_grad with autocast off: inside an autocast region the recomputed projections and logits
-    would otherwise be fp16/bf16 again (and overflow where the model's fused kernel does not)."""
+    would otherwise be fp16/bf16 again (and overflow where the model's fused kernel does not).
+    Nothing stays entered when it raises (a device type autocast does not know: meta): a no_grad left
+    on would turn off autograd in the training loop."""
     stack = contextlib.ExitStack()
-    stack.enter_context(torch.no_grad())
-    if torch.is_autocast_enabled(device_type):
-        stack.enter_context(torch.autocast(device_type, enabled=False))
+    try:
+        stack.enter_context(torch.no_grad())
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    except BaseException:
+        stack.close()
+        raise
     return stack
 
 
@@ -102,7 +109,7 @@ def _stats(
             q, k = q.flatten(0, q.dim() - 4), k.flatten(0, k.dim() - 4)
         b, h, lq, d = q.shape
         hk, lk = k.shape[-3], k.shape[-2]
-        if hk == 0 or h % hk:
+        if hk == 0 or h % hk or d == 0:
             return None
         device = q.device
     else:
@@ -110,6 +117,8 @@ def _stats(
             logits = logits[None, None]
         elif logits.dim() == 3:
             logits, three_d = logits[:, None], True
+        elif logits.dim() > 4:  # (batch..., heads, queries, keys), as q and k may be
+            logits = logits.flatten(0, logits.dim() - 4)
         b, h, lq, lk = logits.shape
         device = logits.device
     if lk == 0 or lq == 0 or b == 0:
@@ -243,6 +252,54 @@ def mha_stats(args: tuple, kwargs: dict, rows: int, batch: int, offset: float = 
         kpm = kpm[seqs, None, None, :]
         masks.append((kpm, "drop" if kpm.dtype == torch.bool else "add"))
     return attention_stats(q, k, masks=masks, is_causal=bool(a.get("is_causal")) and am is None, rows=rows, batch=nb)
+
+
+def unmeasurable(q: torch.Tensor | None, k: torch.Tensor | None, logits: torch.Tensor | None,
+                 mask: torch.Tensor | None, scale: Any = None) -> str | None:
+    """Why the tensors of one reported attention call (`mon.observe_attention`) are not what SDPA takes,
+    or None. Measuring them anyway would be a guess (a batch or head count read from the wrong dimension,
+    a complex value cast to real): the caller is told instead. Reads shapes only (no device sync)."""
+    def dense_float(name: str, t: torch.Tensor) -> str | None:
+        if t.layout != torch.strided or t.device.type == "meta":
+            return f"`{name}` must be a dense tensor holding data, got a {t.layout} tensor on {t.device}"
+        if not t.is_floating_point():
+            return f"`{name}` must be a floating-point tensor, got {t.dtype}"
+        return None
+
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor))
+                              or isinstance(scale, torch.Tensor) and scale.numel() != 1):
+        return f"`scale` must be a number or None, got {type(scale).__name__}"
+    if logits is not None:
+        shape = tuple(logits.shape)
+        if (why := dense_float("logits", logits)) or logits.dim() < 2:
+            return why or f"`logits` must be (batch, heads, queries, keys), got shape {list(shape)}"
+        lead, rest = shape[:-2], shape[-2:]
+    else:
+        if q is None or k is None:
+            return "pass `q` and `k` tensors, or `logits`"
+        if why := dense_float("q", q) or dense_float("k", k):
+            return why
+        qs, ks = tuple(q.shape), tuple(k.shape)
+        bad = (q.dim() < 2 or q.dim() != k.dim() or qs[:-3] != ks[:-3] or qs[-1] != ks[-1]
+               or q.dim() == 3 and qs[0] != ks[0] or q.dim() >= 4 and (ks[-3] == 0 or qs[-3] % ks[-3]))
+        if bad:
+            return (f"`q` {list(qs)} and `k` {list(ks)} are not (batch, heads, queries, dim) and (batch, kv_heads, "
+                    "keys, dim) with the same batch and dim and heads a multiple of kv_heads")
+        lead, rest = qs[:-2], (qs[-2], ks[-2])
+    if mask is None:
+        return None
+    if mask.layout != torch.strided or mask.device.type == "meta" or not (
+            mask.dtype == torch.bool or mask.is_floating_point()):
+        return f"`mask` must be a dense bool or floating-point tensor, got {mask.dtype} ({mask.layout})"
+    full = (math.prod(lead[:-1]) if len(lead) > 1 else 1 if not lead else lead[0],
+            lead[-1] if len(lead) > 1 else 1, *rest)
+    m4 = tuple(_as4d(mask, len(lead) == 1).shape) if mask.dim() <= 4 else tuple(mask.shape)
+    try:
+        fits = torch.broadcast_shapes(m4, full) == full
+    except RuntimeError:
+        fits = False
+    return None if fits else (f"`mask` of shape {list(mask.shape)} does not broadcast to the attention's (batch, "
+                              f"heads, queries, keys) {list(full)}")
 
 
 def sdpa_masks(mask: torch.Tensor | None) -> list[Mask]:

@@ -13,6 +13,7 @@ the next probe forward, an int store the training thread reads at its next step.
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -22,7 +23,7 @@ import torch
 
 from monitor.hooks import compiled, introspect
 from monitor.hooks.attention import AttentionProbe, ProbeSchedule
-from monitor.hooks.attention_math import attention_stats, sdpa_masks
+from monitor.hooks.attention_math import attention_stats, sdpa_masks, unmeasurable
 from monitor.hooks.guard import ErrorGuard
 
 log = logging.getLogger("trainmon")
@@ -32,8 +33,14 @@ EMPTY_PROBES = 3
 NO_STATS: Mapping[str, torch.Tensor] = MappingProxyType({})  # an unsampled step's (no allocation per step)
 
 
-def check_call(q, k, layer, logits, mask) -> None:
+def check_call(q, k, layer, logits, mask, *, is_causal: Any = False, scale: Any = None) -> None:
     """TypeError naming a wrong argument of `mon.observe_attention` (checked on every rank)."""
+    if not isinstance(is_causal, bool) and type(is_causal).__name__ not in ("bool", "bool_"):  # numpy's bool passes
+        # bool() of a string is True; of a device tensor, a wait for the device.
+        raise TypeError(f"observe_attention: `is_causal` must be a bool, got {type(is_causal).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor))
+                              or isinstance(scale, torch.Tensor) and scale.numel() != 1):
+        raise TypeError(f"observe_attention: `scale` must be a float or None, got {type(scale).__name__}")
     if layer is not None and (not isinstance(layer, str) or not layer):
         raise TypeError(f"observe_attention: `layer` must be a non-empty str or None, got {layer!r}")
     if logits is None and not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
@@ -65,6 +72,7 @@ class AttentionSampler:
         self._fwd_t0: float | None = None
         self._generator = torch.Generator().manual_seed(1)  # observe_attention's own (CPU) generator
         self._calls = 0  # observe_attention calls without a layer name, in this forward
+        self._refused: set[str] = set()  # layers whose observe_attention values were refused (said once each)
         self._new_step()
 
     def _new_step(self) -> None:
@@ -142,6 +150,13 @@ class AttentionSampler:
             return
         t0 = time.perf_counter()
         try:
+            why = unmeasurable(q, k, logits, mask, scale)
+            if why is not None:  # the caller's values, not the monitor's fault: said once, not counted
+                if layer not in self._refused:
+                    self._refused.add(layer)
+                    log.warning("trainmon: mon.observe_attention(layer=%r): %s; not measured (said once for this "
+                                "layer)", layer, why)
+                return
             if self._offset is None:  # one position per step, as the probe draws one per forward
                 self._offset = float(torch.rand((), generator=self._generator))
             t = logits if logits is not None else q
