@@ -36,7 +36,8 @@ def check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, ma
         raise bad("optimizer", "a torch.optim.Optimizer", optimizer)
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise bad("scaler", "a torch.amp.GradScaler or None", scaler)
-    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+    if scheduler is not None and (isinstance(scheduler, torch.optim.Optimizer)
+                                  or not callable(getattr(scheduler, "step", None))):
         raise bad("scheduler", "an LR scheduler (an object with a step() method) or None", scheduler)
     if loss_fn is not None and not isinstance(loss_fn, torch.nn.Module):
         raise bad("loss_fn", "a torch.nn.Module (e.g. nn.CrossEntropyLoss()) or None", loss_fn)
@@ -44,6 +45,10 @@ def check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, ma
         raise bad("run_dir", "a path (str or os.PathLike) or None", run_dir)
     if run_dir is not None and "\0" in str(os.fspath(run_dir)):
         raise ValueError(f"monitor.attach: `run_dir` holds a NUL byte, which no path can: {str(run_dir)!r}")
+    if run_dir is not None and not str(os.fspath(run_dir)):
+        # Path("") is the working directory: the run's files would land among the user's own.
+        raise ValueError(f"monitor.attach: `run_dir` is empty ({str(run_dir)!r}); pass a directory, or None for "
+                         "a new one under runs/")
     if config is not None and not isinstance(config, (MonitorConfig, Mapping, str, os.PathLike)):
         raise bad("config", "a MonitorConfig, a dict, a YAML/TOML path or None", config)
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)):
@@ -56,6 +61,11 @@ def check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, ma
         raise ValueError(f"monitor.attach: `resume_step` must be >= 0, got {resume_step}")
     if not any(True for g in optimizer.param_groups for _ in g["params"]):
         raise ValueError("monitor.attach: `optimizer` has no parameters")
+    owned = {id(p) for p in model.parameters()}
+    if not any(id(p) in owned for g in optimizer.param_groups for p in g["params"]):
+        # A notebook's new model with the old optimizer: nothing the loop computes reaches the optimizer.
+        raise ValueError(f"monitor.attach: none of the parameters of `optimizer` ({type(optimizer).__name__}) is a "
+                         f"parameter of `model` ({type(model).__name__}); pass the model the optimizer trains")
 
 
 def replace_earlier(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -107,6 +117,9 @@ def agree_on_run_dir(run_dir: str | os.PathLike[str] | None, dist: introspect.Di
                      runs_root: str | os.PathLike[str] | None) -> Path:
     if run_dir is not None:
         return Path(run_dir)
+    if runs_root is not None and not isinstance(runs_root, (str, os.PathLike)):
+        raise TypeError(f"monitor.attach: `runs_root` must be a path (str or os.PathLike) or None, got "
+                        f"{type(runs_root).__name__}")
     path = default_run_dir(parent=runs_root)
     if dist.world_size > 1 and store is not None and "MONITOR_RUN_DIR" not in os.environ:
         # Ranks start at slightly different times: rank 0's name wins, through the job's store (no

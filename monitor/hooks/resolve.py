@@ -51,18 +51,10 @@ def check_not_deepspeed(*objects: Any) -> None:
 def resolve(optimizer: Any, scheduler: Any) -> Resolved:
     """The optimizer and scheduler to hook, and the GradScaler a wrapper holds.
 
-    Raises TypeError when `optimizer` is not a torch optimizer (or a wrapper of one).
+    Raises TypeError when `optimizer` is not a torch optimizer (or a wrapper of one), ValueError when the
+    scheduler steps another optimizer.
     """
-    scaler = None
-    for _ in range(4):  # wrappers of wrappers (Accelerate inside Lightning) are a few levels at most
-        inner = next((getattr(optimizer, a) for a in _INNER_OPTIMIZER
-                      if isinstance(getattr(optimizer, a, None), torch.optim.Optimizer)), None)
-        if inner is None or inner is optimizer:
-            break
-        found = getattr(optimizer, "scaler", None)
-        if scaler is None and isinstance(found, torch.amp.GradScaler):
-            scaler = found
-        optimizer = inner
+    optimizer, scaler = _unwrap(optimizer)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"monitor.attach: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     per_step = 1
@@ -73,4 +65,24 @@ def resolve(optimizer: Any, scheduler: Any) -> Resolved:
             state = sys.modules.get("accelerate.state")
             per_step = int(getattr(state.AcceleratorState(), "num_processes", 1) or 1) if state else 1
         scheduler = scheduler.scheduler
+    stepped = getattr(scheduler, "optimizer", None)
+    if isinstance(stepped, torch.optim.Optimizer) and _unwrap(stepped)[0] is not optimizer:
+        # Its warmup and step count would be read as this optimizer's schedule.
+        raise ValueError(f"monitor.attach: `scheduler` ({type(scheduler).__name__}) schedules another optimizer "
+                         f"than `optimizer` ({type(optimizer).__name__}); pass the scheduler of the optimizer")
     return Resolved(optimizer, scaler, scheduler, per_step)
+
+
+def _unwrap(optimizer: Any) -> tuple[Any, torch.amp.GradScaler | None]:
+    """The optimizer inside wrappers of wrappers, and the first GradScaler a wrapper holds."""
+    scaler = None
+    for _ in range(4):  # wrappers of wrappers (Accelerate inside Lightning) are a few levels at most
+        inner = next((getattr(optimizer, a) for a in _INNER_OPTIMIZER
+                      if isinstance(getattr(optimizer, a, None), torch.optim.Optimizer)), None)
+        if inner is None or inner is optimizer:
+            break
+        found = getattr(optimizer, "scaler", None)
+        if scaler is None and isinstance(found, torch.amp.GradScaler):
+            scaler = found
+        optimizer = inner
+    return optimizer, scaler
