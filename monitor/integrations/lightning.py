@@ -62,13 +62,20 @@ class TrainmonCallback(Attached, *_callback_bases()):  # type: ignore[misc]
         super().__init__(config, run_dir)
         self._autocast: str | None = None
         self._unnormalize = 1
+        self._losses = True  # the backward losses are the monitored optimizer's
 
     def on_train_start(self, trainer, pl_module) -> None:
         from monitor.hooks.attach import Monitor
 
-        if len(trainer.optimizers) > 1:
-            log.info("trainmon: %d optimizers; monitoring the first", len(trainer.optimizers))
-        configs = [c for c in trainer.lr_scheduler_configs if c.interval == "step" and c.frequency == 1]
+        # With more optimizers, a backward's loss may belong to any of them: the first one's is not known.
+        self._losses = len(trainer.optimizers) <= 1
+        if not self._losses:
+            log.info("trainmon: %d optimizers; monitoring the first. Its loss is not known (the backward losses of "
+                     "the others cannot be told apart): report it with callback.monitor.log(loss=...)",
+                     len(trainer.optimizers))
+        first = trainer.optimizers[0] if trainer.optimizers else None
+        configs = [c for c in trainer.lr_scheduler_configs if c.interval == "step" and c.frequency == 1
+                   and getattr(c.scheduler, "optimizer", first) is first]  # the first optimizer's own
         max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         if max_steps is None and math.isfinite(trainer.estimated_stepping_batches):
             max_steps = int(trainer.estimated_stepping_batches)
@@ -94,8 +101,9 @@ class TrainmonCallback(Attached, *_callback_bases()):  # type: ignore[misc]
         mon = self._live()
         if mon is not None:
             mon._collector.end_forward()
-            loss = closure_loss * self._unnormalize if self._unnormalize != 1 else closure_loss
-            mon._collector.add_loss("training_step", loss)
+            if self._losses:
+                loss = closure_loss * self._unnormalize if self._unnormalize != 1 else closure_loss
+                mon._collector.add_loss("training_step", loss)
         return original(closure_loss, *args, **kwargs)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
