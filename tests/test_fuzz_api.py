@@ -68,12 +68,16 @@ def test_a_runs_root_that_is_not_a_path_is_named(tmp_path):
         monitor.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), runs_root=3, config=CFG)
 
 
-def test_is_causal_and_scale_of_the_wrong_type_are_named():
+def test_is_causal_and_scale_of_the_wrong_type_are_named(tmp_path):
     q = torch.randn(1, 1, 4, 8)
-    with pytest.raises(TypeError, match="`is_causal` must be a bool, got str"):
-        check_call(q, q, None, None, None, is_causal="no")  # bool("no") would be True
-    with pytest.raises(TypeError, match="`scale` must be a float or None, got str"):
-        check_call(q, q, None, None, None, scale="0.5")
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with monitor.attach(model, opt, run_dir=tmp_path / "run", config=CFG) as mon:
+        with pytest.raises(TypeError, match="`is_causal` must be a bool, got str"):
+            mon.observe_attention(q, q, is_causal="no")  # bool("no") would be True
+        with pytest.raises(TypeError, match="`scale` must be a float or None, got str"):
+            mon.observe_attention(q, q, scale="0.5")
+        mon.observe_attention(q, q, is_causal=True, scale=0.5)
     check_call(q, q, None, None, None, is_causal=True, scale=0.5)
 
 
@@ -118,7 +122,6 @@ REFUSED = {
     "5-d mask": dict(q=Q, k=Q, mask=torch.ones(1, 1, 1, 5, 5, dtype=torch.bool)),
     "1-d logits": dict(logits=torch.randn(5)),
     "sparse": dict(q=Q.to_sparse(), k=Q.to_sparse()),
-    "str scale": dict(q=Q, k=Q, scale="x"),
 }
 
 
@@ -224,3 +227,28 @@ def test_lightning_single_optimizer_losses_are_still_recorded(tmp_path):
                         callbacks=[cb])
     trainer.fit(module, torch.utils.data.DataLoader(list(batches(2)), batch_size=None))
     assert [r.loss for r in read_run(cb.monitor.run_dir).records[0]] == pytest.approx(module.losses, rel=1e-6)
+
+
+def test_a_grad_scaler_shared_with_another_optimizer_gives_the_monitored_ones_loss(tmp_path):
+    """A GAN's loop: D's loss scaled and stepped, then G's (computed outside G's forward, so the scaler is the
+    loss's only source). G's record holds G's loss, not the mean with D's."""
+    torch.manual_seed(0)
+    g, d = nn.Linear(4, 4), nn.Linear(4, 1)
+    opt_g, opt_d = torch.optim.SGD(g.parameters(), lr=0.01), torch.optim.SGD(d.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    want = []
+    with monitor.attach(g, opt_g, scaler=scaler, run_dir=tmp_path / "run", config=CFG):
+        for _ in range(3):
+            x = torch.randn(8, 4)
+            loss_d = 100 * d(x).pow(2).mean()
+            scaler.scale(loss_d).backward()
+            scaler.step(opt_d)
+            opt_d.zero_grad()
+            loss_g = g(x).pow(2).mean()
+            scaler.scale(loss_g).backward()
+            scaler.step(opt_g)
+            scaler.update()
+            opt_g.zero_grad()
+            want.append(loss_g.item())
+    got = [r.loss for r in read_run(tmp_path / "run").records[0]]
+    assert got == pytest.approx(want, rel=1e-6)

@@ -316,7 +316,7 @@ class Monitor:
                 compiled.observe_in_graph(c, self.config.attention.batch, q, k, logits, mask, layer, bool(is_causal),
                                           scale)
             return
-        check_call(q, k, layer, logits, mask)
+        check_call(q, k, layer, logits, mask, is_causal=is_causal, scale=scale)
         if self._collector is not None and not self._closed:
             self._collector.observe_attention(q, k, layer, logits, mask, bool(is_causal), scale)
 
