@@ -340,6 +340,8 @@ class StepCollector:
 
     def _scaler_step(self, original, optimizer, *args, **kwargs):
         if optimizer is not self.optimizer:
+            # Another optimizer's step (a GAN's discriminator): the losses scaled so far were its own.
+            self.s.losses.pop("scaler", None)
             return original(optimizer, *args, **kwargs)
         self._halt_check()
         self._in_scaler_step = True
