@@ -252,3 +252,28 @@ def test_a_grad_scaler_shared_with_another_optimizer_gives_the_monitored_ones_lo
             want.append(loss_g.item())
     got = [r.loss for r in read_run(tmp_path / "run").records[0]]
     assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_param_groups_added_after_attach_are_in_the_gradient_norm(tmp_path, caplog):
+    """A loop that adds a param group after attach (unfreezing layers in stages): its gradients count in the
+    pre-clip norm from then on; per-parameter norms stop, their names were fixed at attach."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.SGD([model.emb.weight], lr=0.1)
+    want = []
+    cfg = {**CFG, "collector": {"param_norms_every": 1}}
+    with caplog.at_level(logging.INFO, logger="trainmon"):
+        with monitor.attach(model, opt, run_dir=tmp_path / "run", config=cfg):
+            for i, (x, y) in enumerate(batches(4)):
+                if i == 2:
+                    opt.add_param_group({"params": [*model.norm.parameters(), *model.head.parameters()]})
+                model(x, y)[1].backward()
+                trained = [p for g in opt.param_groups for p in g["params"]]
+                want.append(torch.nn.utils.get_total_norm([p.grad for p in trained]).item())
+                opt.step()
+                opt.zero_grad()
+    recs = read_run(tmp_path / "run").records[0]
+    assert [r.grad_norm for r in recs] == pytest.approx(want, rel=1e-5)
+    assert want[2] > 2 * want[1]  # the new groups' gradients are most of it
+    assert [r.param_norms is not None for r in recs] == [True, True, False, False]
+    assert any("param groups now" in r.getMessage() for r in caplog.records)

@@ -80,7 +80,7 @@ class StepCollector:
         self._halt_check = halt_check
         self.sampler = sampler
         self.norms = GradNorms(self.params, options.param_norms_every, global_stats=options.global_stats,
-                               sharded=options.sharded)
+                               sharded=options.sharded, groups=len(self.optimizer.param_groups))
         self._fp_tensors = [*self.params, *[b for b in self.model.buffers() if b.is_floating_point()]]
         self.staging = Staging(self._device)  # the step's values to the host: planned once per layout
         self.local_sq: list[torch.Tensor] = []  # squared bucket norms from the DDP communication hook
@@ -357,7 +357,9 @@ class StepCollector:
 
     def _read_lrs(self) -> None:
         if self.s.lrs is None:
-            self.s.lrs = [g["lr"] for g in self.optimizer.param_groups] if self._global else []
+            self.s.lrs = lrs = [g["lr"] for g in self.optimizer.param_groups] if self._global else []
+            if len(lrs) != self.norms.groups and self._global:
+                self.norms.regroup(self.optimizer)
 
     def _measure(self, in_optimizer: bool) -> None:
         divide_by = None

@@ -10,6 +10,7 @@ change.
 
 from __future__ import annotations
 
+import logging
 from itertools import repeat
 from operator import attrgetter, is_
 from typing import Any
@@ -21,6 +22,7 @@ from monitor.hooks import clip as clip_patch
 from monitor.hooks.clip import StepClips, covers
 
 _GRAD = attrgetter("grad")
+log = logging.getLogger("trainmon")
 
 
 class GradNorms:
@@ -34,12 +36,24 @@ class GradNorms:
     """
 
     def __init__(self, params: list[torch.Tensor], every: int, *, global_stats: bool = True,
-                 sharded: bool = False) -> None:
+                 sharded: bool = False, groups: int = 1) -> None:
         self.params = params
         self._ids = {id(p) for p in params}
         self.every = every if global_stats else 0  # per-parameter norms every this many steps; 0: never
         self.global_stats, self.sharded = global_stats, sharded
+        self.groups = groups  # the optimizer's param groups `params` came from
         self.reset()
+
+    def regroup(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer's param groups changed since (add_param_group after attach): the norms cover its
+        parameters as they are now. Per-parameter norms stop: their names were fixed at attach."""
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._ids = {id(p) for p in self.params}
+        self.groups = len(optimizer.param_groups)
+        if self.every:
+            self.every = 0
+            log.info("trainmon: the optimizer has %d param groups now (add_param_group): gradient norms cover "
+                     "them; per-parameter norms stop (their names were fixed at attach)", self.groups)
 
     def reset(self) -> None:
         self.clips = StepClips()
