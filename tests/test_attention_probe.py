@@ -262,11 +262,12 @@ def test_probe_sees_sdpa_and_mha_with_module_path_names_and_changes_nothing():
     assert probe.results == {}
 
 
-def test_errors_inside_the_probe_are_reported_and_the_forward_goes_on(monkeypatch):
+@pytest.mark.parametrize("part", ["sdpa_call", "measure_calls"])  # at the call, at the forward's end
+def test_errors_inside_the_probe_are_reported_and_the_forward_goes_on(monkeypatch, part):
     def broken(*args, **kwargs):
         raise ValueError("boom")
 
-    monkeypatch.setattr(att, "attention_stats", broken)
+    monkeypatch.setattr(att, part, broken)
     errors = []
     probe = AttentionProbe({}, on_error=lambda where, e: errors.append((where, str(e))))
     q, k = _qk()

@@ -2,12 +2,20 @@
 
 Models compute attention with F.scaled_dot_product_attention, nn.MultiheadAttention
 (F.multi_head_attention_forward) or fused kernels that never materialise the weights. On a
-sampled step the probe enters a TorchFunctionMode around the model's forward: each SDPA or MHA
-call runs unchanged, and then, under no_grad, the probe recomputes the attention of a small
-subsample (hooks/attention_math.py) at a position drawn from the probe's own generator. Neither
-the run's random stream nor anything the model computes is touched: a probed run is bitwise the
-run without it. Statistics stay on the device (no host sync); the collector ships them with the
-step's other values.
+sampled step the probe sees each SDPA or MHA call of the model's forward: the call runs
+unchanged, and the probe keeps a small subsample of its queries and keys (hooks/attention_math.py)
+at a position drawn from the probe's own generator. When the forward ends, the attention of every
+call kept is recomputed under no_grad, calls of one shape together (a few tensor ops for all the
+layers, not a few dozen per layer). Neither the run's random stream nor anything the model
+computes is touched: a probed run is bitwise the run without it. Statistics stay on the device (no
+host sync); the collector ships them with the step's other values.
+
+How the calls are seen: a TorchFunctionMode around the forward sees every call, however the
+model reached the function, but every other torch call of the forward pays for passing through it;
+so it is used for the first probe only, which counts the calls. Later probes replace the two
+functions in torch.nn.functional for the forward's duration (where models look them up), and a probe
+that sees fewer calls than the mode did (a model that bound the function under another name) goes
+back to the mode for good.
 
 Layers are named by module path (`blocks.3.attn`): a call belongs to the innermost module of the
 model whose method is running, read from the Python stack at the call. Anything else
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -30,6 +39,7 @@ from monitor.hooks import attention_math
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _MHA = F.multi_head_attention_forward
+_PATCHED = {"scaled_dot_product_attention": False, "multi_head_attention_forward": True}  # name -> is MHA
 
 
 class _Interceptor(TorchFunctionMode):
@@ -41,17 +51,66 @@ class _Interceptor(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)  # the model's own call, unchanged (this mode is off inside it)
         if func in _SDPA or func is _MHA:
-            self.probe._measure(func, args, kwargs)
+            self.probe._keep(func is _MHA, args, kwargs)
         return out
+
+
+class _Patch:
+    """torch.nn.functional's SDPA and MHA wrapped while some thread's probed forward runs (`active`:
+    thread id -> its probe); other threads' calls go straight through. What is wrapped is what is
+    there (another library's replacement included) and is put back, unless something replaced the
+    wrapper since. A call inside a measured one (MHA's own SDPA) is not measured again, as under the
+    mode."""
+
+    lock = threading.Lock()
+    active: dict[int, AttentionProbe] = {}
+    wrapped: dict[str, Callable] = {}  # name -> what the wrapper calls
+
+    @classmethod
+    def add(cls, probe: AttentionProbe) -> None:
+        with cls.lock:
+            if not cls.active:
+                for name, mha in _PATCHED.items():
+                    cls.wrapped[name] = current = getattr(F, name)
+                    setattr(F, name, cls._wrap(current, mha))
+            cls.active[threading.get_ident()] = probe
+
+    @classmethod
+    def remove(cls) -> None:
+        with cls.lock:
+            cls.active.pop(threading.get_ident(), None)
+            if not cls.active:
+                for name, current in cls.wrapped.items():
+                    if getattr(getattr(F, name), "__wrapped__", None) is current:
+                        setattr(F, name, current)
+                cls.wrapped.clear()
+
+    @classmethod
+    def _wrap(cls, function: Callable, mha: bool) -> Callable:
+        def wrapper(*args, **kwargs):
+            probe = cls.active.get(threading.get_ident())
+            if probe is None or probe.inside:
+                return function(*args, **kwargs)
+            probe.inside = True
+            try:
+                out = function(*args, **kwargs)
+            finally:
+                probe.inside = False
+            probe._keep(mha, args, kwargs)
+            return out
+
+        wrapper.__wrapped__ = function
+        return wrapper
 
 
 class AttentionProbe:
     """Collects per-layer statistics during one forward pass; begin() and end() bracket it.
 
-    begin() enters the TorchFunctionMode, end() leaves it (also after a forward that raised).
-    Outside begin()/end() nothing of the probe is installed, so unsampled steps pay nothing. A
-    call's layer is the innermost module of the model whose method is on the Python stack at the
-    call (`blocks.3.attn`): found by walking the caller's frames, only when attention is called.
+    begin() starts seeing the attention calls, end() stops (also after a forward that raised) and
+    measures what was kept. Outside begin()/end() nothing of the probe is installed, so unsampled
+    steps pay nothing. A call's layer is the innermost module of the model whose method is on the
+    Python stack at the call (`blocks.3.attn`): found by walking the caller's frames, only when
+    attention is called.
     """
 
     def __init__(self, names: dict[int, str], *, rows: int = 64, batch: int = 2, seed: int = 0,
@@ -61,7 +120,12 @@ class AttentionProbe:
         self.on_error = on_error
         self.results: dict[str, torch.Tensor] = {}
         self.seconds = 0.0  # host time spent measuring during the last probed forward
+        self.inside = False  # in an intercepted call (patched functions)
+        self.mode_calls: int | None = None  # calls the mode saw in its last probe; None: none yet
+        self.wrapping = True  # later probes wrap the functions; False once a wrapped probe saw fewer calls
         self._mode: _Interceptor | None = None
+        self._patched = False
+        self._kept: list[tuple[str, attention_math.Call]] = []
         # Which sequences of the batch to measure: a random position per probed forward (the same for
         # every layer of it), from the probe's own generator: the run's RNG stream is not touched.
         self.generator = torch.Generator().manual_seed(seed)
@@ -69,16 +133,21 @@ class AttentionProbe:
 
     @property
     def active(self) -> bool:
-        return self._mode is not None
+        return self._mode is not None or self._patched
 
     def begin(self) -> None:
-        if self._mode is not None:
+        if self.active:
             return
         self.results = {}
+        self._kept = []
         self.seconds = 0.0
         self.offset = self.draw()
-        self._mode = _Interceptor(self)
-        self._mode.__enter__()
+        if self.mode_calls is None or not self.wrapping:
+            self._mode = _Interceptor(self)
+            self._mode.__enter__()
+        else:
+            _Patch.add(self)
+            self._patched = True
 
     def draw(self) -> float:
         """A position in [0, 1) from the probe's generator (a CPU tensor: no device sync)."""
@@ -88,6 +157,23 @@ class AttentionProbe:
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
+            self.mode_calls = len(self._kept)
+        elif self._patched:
+            self._patched = False
+            _Patch.remove()
+            if len(self._kept) < (self.mode_calls or 0):  # calls it cannot see: the mode from now on
+                self.wrapping = False
+        kept, self._kept = self._kept, []
+        if kept:
+            t0 = time.perf_counter()
+            try:
+                for (layer, _), stats in zip(kept, attention_math.measure_calls([c for _, c in kept])):
+                    self.record(layer, stats)
+            except Exception as e:  # the probe never breaks a forward pass
+                if self.on_error is not None:
+                    self.on_error("attention probe", e)
+            finally:
+                self.seconds += time.perf_counter() - t0
         return self.results
 
     def _layer(self) -> str:
@@ -112,16 +198,20 @@ class AttentionProbe:
             name, n = f"{layer}#{n}", n + 1
         self.results[name] = stats
 
-    def _measure(self, func, args: tuple, kwargs: dict) -> None:
+    def _keep(self, mha: bool, args: tuple, kwargs: dict) -> None:
+        """One call seen (`mha`: F.multi_head_attention_forward's, else SDPA's): its subsample kept, measured
+        at end()."""
         t0 = time.perf_counter()
         try:
-            if func is _MHA:
+            if mha:
                 query = kwargs.get("query", args[0] if args else None)
                 with attention_math.exact(query.device.type):  # the projections too, not only the logits
-                    stats = attention_math.mha_stats(args, kwargs, self.rows, self.batch, self.offset)
+                    call = attention_math.mha_call(args, kwargs, self.rows, self.batch, self.offset)
             else:
-                stats = attention_math.sdpa_stats(args, kwargs, self.rows, self.batch, self.offset)
-            self.record(self._layer(), stats)
+                with torch.no_grad():  # slices kept: no autograd history for them
+                    call = attention_math.sdpa_call(args, kwargs, self.rows, self.batch, self.offset)
+            if call is not None:
+                self._kept.append((self._layer(), call))
         except Exception as e:  # the probe never breaks a forward pass
             if self.on_error is not None:
                 self.on_error("attention probe", e)

@@ -1,10 +1,14 @@
-"""Attention statistics of one call: entropy and logit statistics of a subsample, computed exactly.
+"""Attention statistics of a call: entropy and logit statistics of a subsample, computed exactly.
 
 For `batch` consecutive sequences at a given position in the batch, up to `rows` evenly spaced
 query rows, all keys and heads, the attention softmax(q·kᵀ·scale + masks) is recomputed in
 float32 under no_grad with autocast off, and four numbers are kept: the normalised entropy
 (entropy / log of the visible keys) averaged over heads and its lowest head, the largest logit
 and the largest probability. Statistics stay on the device (no host sync).
+
+In two parts: `prepare` keeps what a call's statistics need (a `Call`: slices of its queries and
+keys), `measure_calls` computes them, calls of one shape together, their tensors stacked along a
+first dimension: the same few dozen tensor ops for all the layers of a forward, not for each.
 
 Used by the probe (hooks/attention.py), which reads the arguments of F.scaled_dot_product_attention
 and F.multi_head_attention_forward calls, and by `Monitor.observe_attention` (hooks/sampler.py).
@@ -15,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +35,9 @@ Mask = tuple[torch.Tensor, str]
 MASKED_BELOW = -1e4
 # Logits held at once, per chunk of heads: bounds the probe's memory on long sequences.
 CHUNK_ELEMENTS = 1 << 24
+# On CPU, calls measured together hold at most this many logits: past it the ops' fixed cost is small
+# beside their work, and larger tensors fall out of the caches (measuring them together got slower).
+BATCH_ELEMENTS = 1 << 16
 
 
 def _as4d(m: torch.Tensor, heads_first: bool) -> torch.Tensor:
@@ -67,14 +74,32 @@ def exact(device_type: str) -> contextlib.AbstractContextManager:
     return stack
 
 
+class Call(NamedTuple):
+    """One attention call, kept to be measured: the probed sequences and query rows, in the model's dtype
+    (views where they are slices), and what decides how they are measured."""
+
+    qs: torch.Tensor | None  # (nb, heads, rows, dim)
+    ks: torch.Tensor | None  # (nb, kv_heads, keys, dim)
+    logits: torch.Tensor | None  # (batch, heads, queries, keys): the caller's logits instead of qs and ks
+    masks: tuple[Mask, ...]  # 4-d, cut to the sequences, rows and heads when measured
+    seqs: slice
+    rows: torch.Tensor | None  # the query rows measured (None: all)
+    is_causal: bool
+    scale: Any  # a number, or a one-value tensor (SDPA takes either)
+    versions: tuple[int, ...] | None  # the kept tensors' version counters: written in place since, not measured
+    key: tuple  # calls with equal keys are measured together
+
+
 def attention_stats(q: torch.Tensor | None, k: torch.Tensor | None, **kw: Any) -> torch.Tensor | None:
-    """`_stats` (below) computed exactly: float32, no autograd, autocast off."""
+    """[entropy_ratio, entropy_min, max_logit, max_prob] of one call (arguments as `prepare`'s), computed
+    exactly: float32, no autograd, autocast off."""
     t = kw.get("logits") if kw.get("logits") is not None else q
     with exact(t.device.type if isinstance(t, torch.Tensor) else "cpu"):
-        return _stats(q, k, **kw)
+        call = prepare(q, k, **kw)
+        return _measure([call])[0] if call is not None else None
 
 
-def _stats(
+def prepare(
     q: torch.Tensor | None,
     k: torch.Tensor | None,
     *,
@@ -85,17 +110,13 @@ def _stats(
     rows: int = 64,
     batch: int = 2,
     offset: float = 0.0,
-) -> torch.Tensor | None:
-    """[entropy_ratio, entropy_min, max_logit, max_prob] of the attention softmax(q·kᵀ·scale + masks).
+) -> Call | None:
+    """The part of an attention call that is measured, as a `Call`; None when nothing is measurable.
 
     q: (batch..., heads, queries, dim), k: (batch..., kv_heads, keys, dim), or `logits`
-    (batch, heads, queries, keys) instead of both. Grouped-query attention (fewer key heads) repeats
-    them as SDPA's enable_gqa does. The ratio is the entropy of a row over log of its visible keys
-    (1: uniform, 0: one-hot), averaged over rows and sequences per head; `entropy_ratio` is the mean
-    over heads and `entropy_min` the lowest head. Rows with a single visible key have no choice to
-    make and are left out. `batch` consecutive sequences are measured, starting at `offset` (in
-    [0, 1)) of the way through the batch. Returns a float32 tensor on the inputs' device (no host sync), or None
-    when nothing is measurable.
+    (batch, heads, queries, keys) instead of both. `batch` consecutive sequences are measured,
+    starting at `offset` (in [0, 1)) of the way through the batch, and up to `rows` evenly spaced
+    query rows of them, against all keys and heads.
     """
     three_d = False
     if logits is None:
@@ -129,34 +150,92 @@ def _stats(
     rows_idx = None
     if lq > rows:  # evenly spaced rows: deterministic, no RNG drawn
         rows_idx = torch.linspace(0, lq - 1, rows, device=device).round().long()
-    nrows = rows if rows_idx is not None else lq
+    masks4 = tuple((_as4d(m, three_d), kind) for m, kind in masks)
+    if logits is not None:
+        return Call(None, None, logits, masks4, seqs, rows_idx, is_causal, 1.0, _versions(logits), (id(logits),))
+    qs = q[seqs]
+    if rows_idx is not None:
+        qs = qs.index_select(2, rows_idx)
+    ks = k[seqs]
+    sc = scale if scale is not None else 1.0 / math.sqrt(d)
+    # Equal shapes, dtypes, masks (the same tensors), scale, rows and sequences: one computation for all.
+    key = (tuple(qs.shape), tuple(ks.shape), qs.dtype, ks.dtype, device, lq, is_causal,
+           sc if isinstance(sc, (int, float)) else id(sc), start, three_d, tuple((id(m), kind) for m, kind in masks))
+    return Call(qs, ks, None, masks4, seqs, rows_idx, is_causal, sc, _versions(qs, ks), key)
+
+
+def _versions(*tensors: torch.Tensor) -> tuple[int, ...] | None:
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:  # inference tensors keep no version counter (nor can they be written outside it)
+        return None
+
+
+def measure_calls(calls: list[Call]) -> list[torch.Tensor | None]:
+    """Each call's statistics (None: written in place since it was kept, so not what the model saw), calls
+    of one key together, as many at a time as BATCH_ELEMENTS allows; on the calls' device, exactly."""
+    out: list[torch.Tensor | None] = [None] * len(calls)
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(calls):
+        src = (c.qs, c.ks) if c.logits is None else (c.logits,)
+        if c.versions is None or _versions(*src) == c.versions:
+            groups.setdefault(c.key, []).append(i)
+    for idx in groups.values():
+        c = calls[idx[0]]
+        if c.logits is None:
+            size = c.qs.shape[0] * c.qs.shape[1] * c.qs.shape[2] * c.ks.shape[2]  # logits of one call
+            device = c.qs.device
+        else:
+            size, device = BATCH_ELEMENTS, c.logits.device
+        n = max(1, BATCH_ELEMENTS // size) if device.type == "cpu" else max(1, CHUNK_ELEMENTS // size)
+        with exact(device.type):
+            for j in range(0, len(idx), n):
+                part = idx[j:j + n]
+                for i, stats in zip(part, _measure([calls[i] for i in part])):
+                    out[i] = stats
+    return out
+
+
+def _measure(calls: list[Call]) -> torch.Tensor:
+    """(len(calls), 4): [entropy_ratio, entropy_min, max_logit, max_prob] of calls of one key.
+
+    The attention softmax(q·kᵀ·scale + masks) in float32. Grouped-query attention (fewer key heads)
+    repeats them as SDPA's enable_gqa does. The ratio is the entropy of a row over log of its visible
+    keys (1: uniform, 0: one-hot), averaged over rows and sequences per head; `entropy_ratio` is the
+    mean over heads and `entropy_min` the lowest head. Rows with a single visible key have no choice
+    to make and are left out. Every tensor carries the calls as its first dimension.
+    """
+    c = calls[0]
+    rows_idx, seqs, masks4, is_causal = c.rows, c.seqs, c.masks, c.is_causal
+    if c.logits is None:
+        q = torch.stack([x.qs for x in calls]) if len(calls) > 1 else c.qs[None]
+        k = torch.stack([x.ks for x in calls]) if len(calls) > 1 else c.ks[None]
+        q, k = q.float(), k.float()
+        nb, h, nrows, _ = c.qs.shape
+        lk = c.ks.shape[2]
+        if h > k.shape[2]:  # grouped-query attention: query head i reads key head i // group
+            k = k.repeat_interleave(h // k.shape[2], dim=2)
+        device = q.device
+    else:
+        _, h, lq, lk = c.logits.shape
+        nb = seqs.stop - seqs.start
+        nrows = rows_idx.numel() if rows_idx is not None else lq
+        device = c.logits.device
     visible0 = torch.ones((nrows, lk), dtype=torch.bool, device=device)
     if is_causal:  # SDPA's is_causal: the top-left aligned lower triangle
-        qi = rows_idx if rows_idx is not None else torch.arange(lq, device=device)
+        qi = rows_idx if rows_idx is not None else torch.arange(nrows, device=device)
         visible0 = torch.arange(lk, device=device)[None, :] <= qi[:, None]
-    masks4 = [(_as4d(m, three_d), kind) for m, kind in masks]
-    group = 1
-    if logits is None:
-        qs = q[seqs]
-        if rows_idx is not None:
-            qs = qs.index_select(2, rows_idx)
-        qs = qs.float()
-        ks = k[seqs].float()
-        group = h // hk
-        if group > 1:  # grouped-query attention: query head i reads key head i // group
-            ks = ks.repeat_interleave(group, dim=1)
-        sc = scale if scale is not None else 1.0 / math.sqrt(d)
-    hc = max(1, min(h, CHUNK_ELEMENTS // max(1, nb * nrows * lk)))
+    hc = max(1, min(h, CHUNK_ELEMENTS // max(1, len(calls) * nb * nrows * lk)))
     ent_sum, ent_n, maxes, pmaxes, nans = [], [], [], [], []
     for h0 in range(0, h, hc):
         heads = slice(h0, min(h, h0 + hc))
-        if logits is None:
-            lg = torch.matmul(qs[:, heads], ks[:, heads].transpose(-1, -2)) * sc
+        if c.logits is None:
+            lg = torch.matmul(q[:, :, heads], k[:, :, heads].transpose(-1, -2)) * c.scale
         else:
-            lg = logits[seqs, heads]
+            lg = c.logits[seqs, heads]
             if rows_idx is not None:
                 lg = lg.index_select(2, rows_idx)
-            lg = lg.float()
+            lg = lg.float()[None]
         if masks4:
             visible = visible0.expand(lg.shape).clone()
             for m, kind in masks4:
@@ -171,15 +250,15 @@ def _stats(
                     visible &= sub > MASKED_BELOW
         else:
             visible = visible0  # (rows, keys), broadcast: no copy per head and sequence
-        if masks4 or logits is not None:
+        if masks4 or c.logits is not None:
             # -inf may come from an additive mask or the caller's logits: such keys are not visible.
             # NaN logits (a diverged run) must still make max_logit NaN once masked away here.
-            nans.append(lg.isnan().any())
+            nans.append(lg.isnan().flatten(1).any(1))
             visible = visible & (lg > float("-inf"))
         if not (visible is visible0 and not is_causal):
             lg = lg.masked_fill(~visible, float("-inf"))
         top = lg.amax(-1, keepdim=True)
-        maxes.append(top.amax())  # NaN propagates; -inf where nothing is visible
+        maxes.append(top.flatten(1).amax(1))  # NaN propagates; -inf where nothing is visible
         # Entropy from logits shifted by their row maximum: H = log Z - sum(e * s) / Z with s = lg -
         # max <= 0 and e = exp(s), without the cancellation of log Z - sum(p * lg) when logits are
         # large and H small. The largest probability of a row is exp(0) / Z. Hidden keys give
@@ -187,31 +266,32 @@ def _stats(
         sh = lg - top
         e = sh.exp()
         z = e.sum(-1)
-        entropy = z.log() - (e * sh).nansum(-1) / z  # (nb, hc, rows)
-        n_visible = visible.sum(-1)  # (rows,) when broadcast, else (nb, hc, rows)
+        entropy = z.log() - (e * sh).nansum(-1) / z  # (calls, nb, hc, rows)
+        n_visible = visible.sum(-1)  # (rows,) when broadcast, else (calls, nb, hc, rows)
         unusable = (n_visible < 2).expand(entropy.shape)  # one visible key: nothing to choose
         ratio = (entropy / n_visible.clamp(min=2).log()).masked_fill(unusable, 0.0)
-        ent_sum.append(ratio.sum(dim=(0, 2)))
-        ent_n.append(entropy.shape[0] * entropy.shape[2] - unusable.sum(dim=(0, 2)))
-        pmaxes.append(z.reciprocal().masked_fill(unusable, 0.0).amax())
-    n = torch.cat(ent_n)
+        ent_sum.append(ratio.sum(dim=(1, 3)))
+        ent_n.append(entropy.shape[1] * entropy.shape[3] - unusable.sum(dim=(1, 3)))
+        pmaxes.append(z.reciprocal().masked_fill(unusable, 0.0).flatten(1).amax(1))
+    n = torch.cat(ent_n, dim=1)  # (calls, heads)
     if len(maxes) > 1:
-        max_logit, max_prob = torch.stack(maxes).amax(), torch.stack(pmaxes).amax()
+        max_logit, max_prob = torch.stack(maxes, 1).amax(1), torch.stack(pmaxes, 1).amax(1)
     else:
         max_logit, max_prob = maxes[0], pmaxes[0]
     if nans:
-        max_logit = max_logit.masked_fill(torch.stack(nans).any(), float("nan"))
+        max_logit = max_logit.masked_fill(torch.stack(nans, 1).any(1), float("nan"))
     # Heads with no usable row (everything masked) are left out of the mean and the minimum; with
     # none at all both are NaN.
-    per_head = torch.cat(ent_sum) / n
+    per_head = torch.cat(ent_sum, dim=1) / n
     none = n == 0
-    mean = per_head.masked_fill(none, 0.0).sum() / (n.numel() - none.sum())
-    low = per_head.masked_fill(none, float("inf")).amin()
-    return torch.stack([mean, low.masked_fill(low == float("inf"), float("nan")), max_logit, max_prob])
+    mean = per_head.masked_fill(none, 0.0).sum(1) / (h - none.sum(1))
+    low = per_head.masked_fill(none, float("inf")).amin(1)
+    return torch.stack([mean, low.masked_fill(low == float("inf"), float("nan")), max_logit, max_prob], dim=1)
 
 
-def mha_stats(args: tuple, kwargs: dict, rows: int, batch: int, offset: float = 0.0) -> torch.Tensor | None:
-    """Statistics of one F.multi_head_attention_forward call, from its packed or separate projections."""
+def mha_call(args: tuple, kwargs: dict, rows: int, batch: int, offset: float = 0.0) -> Call | None:
+    """One F.multi_head_attention_forward call, prepared from its packed or separate projections (computed
+    now, in float32: call under `exact`)."""
     names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",
              "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
              "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
@@ -251,7 +331,7 @@ def mha_stats(args: tuple, kwargs: dict, rows: int, batch: int, offset: float = 
     if kpm is not None:
         kpm = kpm[seqs, None, None, :]
         masks.append((kpm, "drop" if kpm.dtype == torch.bool else "add"))
-    return attention_stats(q, k, masks=masks, is_causal=bool(a.get("is_causal")) and am is None, rows=rows, batch=nb)
+    return prepare(q, k, masks=masks, is_causal=bool(a.get("is_causal")) and am is None, rows=rows, batch=nb)
 
 
 def unmeasurable(q: torch.Tensor | None, k: torch.Tensor | None, logits: torch.Tensor | None,
@@ -307,10 +387,11 @@ def sdpa_masks(mask: torch.Tensor | None) -> list[Mask]:
     return [(mask, "keep" if mask.dtype == torch.bool else "add")] if mask is not None else []
 
 
-def sdpa_stats(args: tuple, kwargs: dict, rows: int, batch: int, offset: float = 0.0) -> torch.Tensor | None:
+def sdpa_call(args: tuple, kwargs: dict, rows: int, batch: int, offset: float = 0.0) -> Call | None:
+    """One F.scaled_dot_product_attention call, prepared (call under no_grad: the slices are kept)."""
     q, k = kwargs.get("query", args[0] if args else None), kwargs.get("key", args[1] if len(args) > 1 else None)
     mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
     is_causal = kwargs.get("is_causal", args[5] if len(args) > 5 else False)
     scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
-    return attention_stats(q, k, masks=sdpa_masks(mask), is_causal=bool(is_causal), scale=scale, rows=rows, batch=batch,
-                           offset=offset)
+    return prepare(q, k, masks=sdpa_masks(mask), is_causal=bool(is_causal), scale=scale, rows=rows, batch=batch,
+                   offset=offset)

@@ -111,7 +111,7 @@ class StepCollector:
             self._handles.append(m.register_forward_pre_hook(self._forward_pre, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._forward_post_model))
             if self.sampler is not None:
-                # always_call: a forward that raises still leaves the probe's mode.
+                # always_call: a forward that raises still ends the probe's interception.
                 self._handles.append(m.register_forward_hook(self._forward_end, always_call=True))
         if loss_fn is not None:
             self._handles.append(loss_fn.register_forward_hook(self._forward_post_loss_fn))

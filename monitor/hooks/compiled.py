@@ -6,9 +6,9 @@
   reorderable logging, which it calls with the real tensors after the graph ran (wrapped in
   torch.compiler.disable, so that call is not compiled in turn). The graph gains no break, no
   guard that changes from step to step, and no op.
-- The attention probe's TorchFunctionMode around a compiled forward would be traced and guarded
-  on, and recompile whenever it comes and goes: `compiled_reason` tells the probe, before it enters
-  the mode, that some of the model runs compiled (the whole model wrapped by torch.compile before
+- The attention probe's interception (a TorchFunctionMode, or wrapped torch.nn.functional functions)
+  around a compiled forward would be traced and guarded on, and recompile whenever it comes and goes:
+  `compiled_reason` tells the probe, before it begins, that some of the model runs compiled (the whole model wrapped by torch.compile before
   or after attach, `model.compile()`, or blocks compiled one by one), and it stays off.
 - `mon.observe_attention` inside compiled code slices a few sequences in the graph and passes them
   to a custom op (`trainmon::observe_attention`) whose implementation decides, as the graph runs,

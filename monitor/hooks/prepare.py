@@ -102,7 +102,7 @@ def replace_writer_of(run_dir: Path) -> None:
 
 
 def probe_allowed(model: torch.nn.Module, cfg: MonitorConfig) -> tuple[bool, str | None]:
-    """Whether the attention probe may enter its TorchFunctionMode around this model's forward."""
+    """Whether the attention probe may intercept attention in this model's forward."""
     if not cfg.attention.enabled:
         return False, "attention.enabled is false"
     # torch.compile's OptimizedModule holds the original as submodule `_orig_mod` (checked by name:

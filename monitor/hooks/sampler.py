@@ -28,7 +28,7 @@ from monitor.hooks.guard import ErrorGuard
 
 log = logging.getLogger("trainmon")
 
-# Probed forwards in a row without an SDPA or MHA call after which the probe stops entering its mode.
+# Probed forwards in a row without an SDPA or MHA call after which the probe stops beginning.
 EMPTY_PROBES = 3
 NO_STATS: Mapping[str, torch.Tensor] = MappingProxyType({})  # an unsampled step's (no allocation per step)
 
@@ -54,7 +54,7 @@ def check_call(q, k, layer, logits, mask, *, is_causal: Any = False, scale: Any 
 class AttentionSampler:
     def __init__(self, cfg: Any, start_step: int, *, model: torch.nn.Module, probe_model: bool, guard: ErrorGuard,
                  on_probe: Callable[[float, int], None] | None = None) -> None:
-        """`cfg`: the `attention` config section. `probe_model`: the probe may enter its mode around this
+        """`cfg`: the `attention` config section. `probe_model`: the probe may intercept attention in this
         model's forward (else only mon.observe_attention reports)."""
         self.model = model
         self.rows, self.batch = cfg.rows, cfg.batch
@@ -100,17 +100,18 @@ class AttentionSampler:
         try:
             if self._fwd_t0 is None:
                 return
+            probe = self.probe
+            probed = probe is not None and probe.active
+            results = probe.end() if probed else None  # (the kept calls are measured now: part of the forward's cost)
             seconds = time.perf_counter() - self._fwd_t0
             self._fwd_t0 = None
-            probe = self.probe
-            if probe is not None and probe.active:
-                results = probe.end()
+            if probed:
                 for layer, stats in results.items():
                     self.results.setdefault(layer, stats)
                 self._empty_probes = 0 if results else self._empty_probes + 1
                 self._probed = True
-                # The cost is what the probed forward took beyond a plain one (the mode's dispatch of
-                # every op included), at least the measured recomputation itself.
+                # The cost is what the probed forward took beyond a plain one (the interception of
+                # its calls included), at least the measured recomputation itself.
                 plain = self.schedule.forward_seconds
                 extra = seconds - plain if plain is not None else probe.seconds
                 self._cost += max(probe.seconds, extra)
@@ -120,7 +121,7 @@ class AttentionSampler:
             self._guard.record("attention probe", e)
 
     def _runs_eagerly(self) -> bool:
-        """Before a sampled forward: the probe's mode would be traced into compiled code and make it
+        """Before a sampled forward: the probe's interception would be traced into compiled code and make it
         recompile, so on a model (or part of one) that runs compiled it turns off, saying so once."""
         why = compiled.compiled_reason(self.model)
         if why is not None:
@@ -199,7 +200,7 @@ class AttentionSampler:
 
     def close(self) -> None:
         if self.probe is not None:
-            self.probe.end()  # a forward that never ended (a framework's step that raised) leaves its mode
+            self.probe.end()  # a forward that never ended (a framework's step that raised) leaves its interception
 
     # -- publisher thread -------------------------------------------------------------------------
 
