@@ -250,9 +250,23 @@ def _read_text(path: Path) -> str:
                           f"byte {column} of the line") from None
 
 
+MAX_CONFIG_BYTES = 16 << 20  # far past any config; a bigger file is not one (read whole, it could fill memory)
+
+
 def read_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    from monitor.runlog.adapters.strict import not_regular
+
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:  # a loop of symlinks, a name too long, a directory it may not look into
+        raise ConfigError(f"config file {path} could not be read: {e.strerror or e}") from None
+    kind = not_regular(st.st_mode)
+    if kind is not None:  # a FIFO would block the read for ever, a device never end it
+        raise ConfigError(f"config file {path} is {kind}, not a file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} holds {st.st_size} bytes: more than a config ({MAX_CONFIG_BYTES})")
     suffix = path.suffix.lower()
     if suffix not in (".yaml", ".yml", ".toml", ".json"):
         raise ConfigError(f"config file {path}: unsupported extension {suffix!r} (use .yaml, .yml, .toml or .json)")

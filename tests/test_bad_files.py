@@ -11,6 +11,8 @@ own writers, the CLI through typer's CliRunner.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -292,3 +294,15 @@ def test_a_lone_surrogate_in_a_config_file_is_replaced(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     assert load_config(path, environ={}).run_name == "x\ufffdy\ufffd"
+
+
+@pytest.mark.parametrize("kind, make", [("a directory", lambda p: p.mkdir()),
+                                        ("a FIFO (named pipe)", lambda p: os.mkfifo(p))])
+def test_a_config_path_that_is_not_a_file_is_named_and_never_read(tmp_path, kind, make):
+    """A FIFO would block the read for ever; both said to be "not found" although they exist."""
+    path = tmp_path / "c.yaml"
+    make(path)
+    with pytest.raises(ConfigError, match=rf"config file .*c.yaml is {re.escape(kind)}, not a file"):
+        load_config(path, environ={})
+    result = runner.invoke(app, ["check", str(tmp_path), "-c", str(path)])
+    assert result.exit_code == 2 and kind in result.output
