@@ -29,9 +29,10 @@ from monitor.exporters.prometheus import TrainMetrics
 from monitor.exporters.sinks import build_http_sinks
 from monitor.hooks import attempt, compiled, ddp, exit, introspect, prepare, resolve
 from monitor.hooks.alerts import AlertFanout, OnAlert, StackDump
-from monitor.hooks.collector import CollectorOptions, Hooked, StepCollector
+from monitor.hooks.collector import StepCollector
 from monitor.hooks.guard import ErrorGuard
 from monitor.hooks.halt import HaltController, TrainingHalted
+from monitor.hooks.hooked import CollectorOptions, Hooked
 from monitor.hooks.judge import Judge
 from monitor.hooks.publisher import Decoded, Publisher
 from monitor.hooks.sampler import AttentionSampler, check_call
