@@ -449,10 +449,10 @@ def test_training_thread_modules_have_no_host_sync_calls():
     import ast
     import inspect
 
-    from monitor.hooks import collector, norms, packet, sampler
+    from monitor.hooks import attention, attention_math, collector, evalmode, norms, packet, sampler
 
     syncing = {"item", "tolist", "cpu", "numpy", "synchronize", "wait"}
-    for module in (collector, norms, packet, sampler):
+    for module in (attention, attention_math, collector, evalmode, norms, packet, sampler):
         tree = ast.parse(inspect.getsource(module))
         calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
         assert not syncing & calls, (module.__name__, syncing & calls)

@@ -277,3 +277,36 @@ def test_param_groups_added_after_attach_are_in_the_gradient_norm(tmp_path, capl
     assert want[2] > 2 * want[1]  # the new groups' gradients are most of it
     assert [r.param_norms is not None for r in recs] == [True, True, False, False]
     assert any("param groups now" in r.getMessage() for r in caplog.records)
+
+
+def test_a_loop_training_in_eval_mode_is_told_and_its_steps_recorded(tmp_path, caplog):
+    """model.train() not called after an evaluation: every record was empty, nothing said. Now the first step
+    finds it out (its record stays empty: its forwards were taken for an evaluation), the next ones count."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    want = []
+    with caplog.at_level(logging.WARNING, logger="trainmon"):
+        with monitor.attach(model, opt, run_dir=tmp_path / "run", config=CFG):
+            model.eval()
+            for x, y in batches(4):
+                loss = model(x, y)[1]
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                want.append(loss.item())
+            model.train()  # back in train mode: an evaluation with autograd on is not a step's forward again
+            for i, (x, y) in enumerate(batches(2, seed=1)):
+                model.eval()
+                model(x, y)  # an evaluation pass (autograd on)
+                model.train()
+                loss = model(x, y)[1]
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                want.append(loss.item())
+    recs = read_run(tmp_path / "run").records[0]
+    assert recs[0].loss is None and [r.loss for r in recs[1:]] == pytest.approx(want[1:], rel=1e-6)
+    assert [r.micro_batches for r in recs] == [0, 1, 1, 1, 1, 1]
+    said = [r.getMessage() for r in caplog.records if "eval mode" in r.getMessage()]
+    assert len(said) == 1 and "model.train()" in said[0]

@@ -18,47 +18,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from monitor.hooks import clip as clip_patch
 from monitor.hooks import compiled
+from monitor.hooks.evalmode import EvalModeTraining
 from monitor.hooks.guard import ErrorGuard
+from monitor.hooks.hooked import CollectorOptions, Hooked
 from monitor.hooks.intercept import intercept
 from monitor.hooks.introspect import SchedulerSteps
 from monitor.hooks.norms import GradNorms, fingerprint, scaler_state
 from monitor.hooks.packet import Packet, Staging, StepState, assemble, count_tokens, find_loss
 from monitor.hooks.phases import PhaseHooks
 from monitor.hooks.sampler import NO_STATS, AttentionSampler
-
-
-@dataclass(frozen=True)
-class Hooked:
-    """The user's objects the collector hooks, as found inside their wrappers."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    params: list[torch.Tensor]  # the optimizer's parameters, in order
-    scaler: Any | None = None
-    scheduler: Any | None = None
-    loss_fn: torch.nn.Module | None = None
-    scheduler_steps_per_step: int = 1  # scheduler.step() calls a wrapper makes per optimizer step (Accelerate)
-
-
-@dataclass(frozen=True)
-class CollectorOptions:
-    start_step: int = 0  # the index of the next optimizer step
-    param_norms_every: int = 0  # per-parameter gradient norms every this many steps (0: never)
-    count_tokens: bool = True
-    # Gradients, LRs and loss scale are the same on every rank after the all-reduce: only rank 0
-    # computes them; every rank reports its own loss, timing and local gradient norm.
-    global_stats: bool = True
-    fingerprint_every: int = 0  # the weight fingerprint for the rank exchange (0: never)
-    local_grad_norm: bool = True
-    forward_hooks: bool = True  # False: a framework integration reports micro-batches itself
-    sharded: bool = False  # FSDP: a local norm is not the global one, and the monitor runs no collective
 
 
 class StepCollector:
@@ -88,6 +62,7 @@ class StepCollector:
         self._undo: list[Callable[[], None]] = []
         self._in_scaler_step = False
         self._prev_end: float | None = None
+        self._eval = EvalModeTraining()  # a loop training on eval-mode forwards (model.train() not called)
         self._scheduler_steps = SchedulerSteps(hooked.scheduler, hooked.scheduler_steps_per_step)
         self.compiled_key = compiled.register(self)
         self.token = torch.zeros(1, device=self._device)  # what the compiled observe_attention op "writes"
@@ -149,10 +124,10 @@ class StepCollector:
 
     # -- forwards (training thread) ------------------------------------------------------------
 
-    @staticmethod
-    def _training(module: torch.nn.Module) -> bool:
-        # Evaluation passes (model.eval() or no_grad) are not part of the step.
-        return module.training and torch.is_grad_enabled()
+    def _training(self, module: torch.nn.Module) -> bool:
+        # Evaluation passes (model.eval() or no_grad) are not part of the step, unless the loop trains on
+        # eval-mode forwards (found at a step boundary: hooks/evalmode.py).
+        return (module.training or self._eval.on) and torch.is_grad_enabled()
 
     def _forward_pre(self, module, args, kwargs):
         if torch.compiler.is_compiling():  # traced into a compiled graph: reported after it ran (hooks/compiled.py)
@@ -160,7 +135,11 @@ class StepCollector:
             compiled.forward_began(self.compiled_key, ids, self._training(module))
             return None
         if self._training(module):
+            if self._eval.on and module.training:
+                self._train_mode_again()
             self.begin_forward(args, kwargs)
+        elif torch.is_grad_enabled():  # eval mode, autograd on: an evaluation, or training in eval mode
+            self._eval.forwards += 1
         return None
 
     def begin_forward(self, args: tuple, kwargs: dict, autocast: str | None = None, timed: bool = True) -> None:
@@ -381,6 +360,8 @@ class StepCollector:
 
     def _finalize(self, found_inf: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
         s = self.s
+        if self._eval.forwards:
+            self._eval.step_end(s.micro)
         if s.lrs is None:
             self._read_lrs()
             self._measure(in_optimizer=False)
@@ -403,6 +384,15 @@ class StepCollector:
             self.step += 1
             self._reset()
         self._handoff(packet)
+
+    def _train_mode_again(self) -> None:
+        """The model is back in train mode: this step's eval-mode forwards so far were evaluations."""
+        self._eval.on = False
+        s = self.s
+        for source in ("model", "loss_fn", "scaler"):
+            s.losses.pop(source, None)
+        s.tokens, s.micro, s.batch, s.t_fwd_end = 0, 0, None, None
+        self._clock.valid = False  # the step's phases included an evaluation
 
     # -- explicit API -------------------------------------------------------------------------
 
