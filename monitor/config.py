@@ -287,9 +287,9 @@ class AttentionConfig(_Section):
     every: int = Field(10, ge=1, description="Probe one optimizer step in this many (its first micro-batch).")
     max_every: int = Field(1000, ge=1, description="The longest interval the cost control may stretch `every` to.")
     budget: float = Field(
-        0.005, gt=0, le=1, description="Share of training time the probe may take (its measured cost / "
+        0.0025, gt=0, le=1, description="Share of training time the probe may take (its measured cost / "
         "(interval x step time)); above it the interval doubles, well below it the interval shrinks back to "
-        "`every`. Half of the 1% the defaults may add in all: the hooks take the rest.",
+        "`every`. A quarter of the 1% the defaults may add in all: the hooks take the rest.",
     )
     rows: int = Field(64, ge=1, description="Query rows recomputed per call (evenly spaced, all keys and heads).")
     batch: int = Field(2, ge=1, description="Sequences of the batch recomputed per call.")

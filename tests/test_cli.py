@@ -247,7 +247,7 @@ def test_config_prints_the_effective_configuration_or_names_the_bad_key(tmp_path
     assert result.exit_code == 0, result.output
     effective = yaml.safe_load(result.stdout)
     assert effective["halt_on"] == "critical" and effective["attention"]["every"] == 20
-    assert effective["attention"]["budget"] == 0.005  # a default, filled in
+    assert effective["attention"]["budget"] == 0.0025  # a default, filled in
     assert effective["metrics"]["port"] == 9800  # the environment wins over the file
     assert effective["rules"] == {"loss.spike": {"z_critical": 9}}
     bad = tmp_path / "bad.yaml"
