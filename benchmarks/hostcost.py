@@ -204,7 +204,9 @@ def solo(cfg: TrainConfig, a: argparse.Namespace, run_dir: Path) -> dict[str, fl
             # The attention probe's cost, amortised: what its schedule measured for the probes in the window
             # (its budget is a share of the step time, which this run's back-to-back steps give truly).
             probes = (sched.samples - probes0) if sched is not None else 0
-            probe_s = sum(sched.costs[-probes:]) if probes else 0.0
+            # (the schedule keeps its last 16 costs: past that many probes, their median stands for each)
+            each = statistics.median(sched.costs[-probes:]) if probes else 0.0
+            probe_s = sum(sched.costs[-probes:]) if 0 < probes <= len(sched.costs) else each * probes
     finally:
         mon.close()
     assert mon.internal_errors == 0 and mon.dropped_records == 0, (mon.internal_errors, mon.dropped_records)
@@ -212,6 +214,7 @@ def solo(cfg: TrainConfig, a: argparse.Namespace, run_dir: Path) -> dict[str, fl
     return {"publisher_cpu_us": (p1 - p0) / n * 1e6, "other_threads_cpu_us": (o1 - o0) / n * 1e6,
             "direct_us": direct / n * 1e6, "direct_typical_us": statistics.median(per_step) * 1e6,
             "solo_step_ms": wall / n * 1e3, "probe_us": probe_s / n * 1e6, "probes": probes,
+            "probe_each_us": each * 1e6,
             "param_tensors": len(list(run.model.parameters()))}
 
 

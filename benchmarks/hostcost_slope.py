@@ -37,7 +37,8 @@ from hostcost_versions import commit, run_version  # noqa: E402
 
 FIELDS = {"direct_us": "inside the hooks", "direct_typical_us": "hooks, typical step",
           "uncommon_us": "hooks, uncommon steps amortised", "publisher_cpu_us": "publisher CPU",
-          "probe_us": "attention probe", "host_us": "**host us/step**", "canary_us": "canary (constant work)"}
+          "probe_us": "attention probe", "probe_each_us": "one probe (median)", "host_us": "**host us/step**",
+          "canary_us": "canary (constant work)"}
 TARGET = 0.1  # us per extra parameter tensor (issue 13)
 
 

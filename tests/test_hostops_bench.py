@@ -66,7 +66,8 @@ def test_the_slope_is_the_median_of_each_rounds_difference_per_extra_tensor():
     def run(tensors, typical, uncommon, pub, canary):
         hooks = typical + uncommon
         return {"param_tensors": tensors, "direct_us": hooks, "direct_typical_us": typical, "uncommon_us": uncommon,
-                "publisher_cpu_us": pub, "probe_us": 0.0, "host_us": hooks + pub, "canary_us": canary}
+                "publisher_cpu_us": pub, "probe_us": 0.0, "probe_each_us": 0.0, "host_us": hooks + pub,
+                "canary_us": canary}
 
     # The VM slows down over the rounds, both depths alike; the deep model's typical step is 43.2 us
     # heavier (0.1 us per each of its 432 extra tensors) and its uncommon steps 21.6 us (0.05); the
