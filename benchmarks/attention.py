@@ -6,7 +6,7 @@ unmonitored step of its round. Configurations:
 
 - `probe off`: the monitor with `attention.enabled: false` (everything else at defaults);
 - `probe every step`: `attention.every: 1` with an unlimited budget, so every step is a sampled step;
-- `defaults`: the probe at its defaults (every 10 steps, 1% budget, the interval the budget keeps).
+- `defaults`: the probe at its defaults (every 10 steps, `attention.budget`, the interval the budget keeps).
 
 Reported: the sampled-step cost (median paired difference `probe every step` - `probe off`, in ms
 and as a share of the unmonitored step), the amortised cost (that difference divided by the
@@ -98,7 +98,7 @@ def main() -> None:
         f"the unmonitored step (median paired difference, probe every step vs probe off).",
         f"- **Amortised** at the interval a run alone keeps with the defaults ({every} steps: the probe's schedule "
         f"fed the unmonitored step and the sampled-step cost): {result['amortised_cost_ms']:.3f} ms per step, "
-        f"{result['amortised_share'] * 100:.3f}% (budget: {AttentionConfig().budget:.1%}). The `defaults` run here kept "
+        f"{result['amortised_share'] * 100:.3f}% (budget: {AttentionConfig().budget:.2%}). The `defaults` run here kept "
         f"{kept}: its clock sees "
         "a whole round of interleaved steps as one step.",
         f"- The probe's own measurement of a sampled step: "

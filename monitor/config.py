@@ -183,6 +183,15 @@ class _HttpSink(_Section):
             raise ValueError("is redacted (run.json and `monitor config` hide it): give the URL itself")
         if not url.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        from urllib.parse import urlsplit
+
+        try:  # the URL's parts as delivery reads them; the error never quotes it (it may hold a token)
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (parsed when read: a port that is no number raises here)
+        except ValueError:
+            raise ValueError("is not a valid URL (a bracketed IPv6 host not closed, a port that is no number?)") from None
+        if not parts.hostname:
+            raise ValueError("has no host")
         return v
 
 

@@ -127,3 +127,16 @@ def test_config_object_keeps_callback():
     cfg = MonitorConfig(on_alert=seen.append, halt_on="warning")
     out = load_config(cfg, environ={})
     assert out.on_alert == seen.append and out.halt_on == "warning"
+
+
+@pytest.mark.parametrize("url, why", [
+    ("https://user:s3cret@[::1/hook", "is not a valid URL"),  # an IPv6 host never closed
+    ("http://host:s3cret/hook", "is not a valid URL"),  # a port that is no number
+    ("http:///s3cret", "has no host"),
+    ("ftp://host/s3cret", "must be an http:// or https:// URL"),
+])
+def test_a_sink_url_delivery_could_not_use_is_refused_without_quoting_it(url, why):
+    for sink in ("webhook", "alertmanager"):
+        with pytest.raises(ConfigError, match=rf"sinks.{sink}.url: {why}") as e:
+            load_config({"sinks": {sink: {"url": url}}}, environ={})
+        assert "s3cret" not in str(e.value)
