@@ -306,3 +306,14 @@ def test_a_config_path_that_is_not_a_file_is_named_and_never_read(tmp_path, kind
         load_config(path, environ={})
     result = runner.invoke(app, ["check", str(tmp_path), "-c", str(path)])
     assert result.exit_code == 2 and kind in result.output
+
+
+@pytest.mark.parametrize("kind, make", [("a directory", lambda p: p.mkdir()),
+                                        ("a FIFO (named pipe)", lambda p: os.mkfifo(p))])
+def test_a_run_json_that_is_not_a_file_is_named_for_what_it_is(tmp_path, kind, make):
+    """It was "no run.json" although one is there; a FIFO is never opened (a read would block)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    make(run_dir / RUN_JSON)
+    result = runner.invoke(app, ["check", str(run_dir)])
+    assert result.exit_code == 2 and f"run.json is {kind}, not a file" in result.output

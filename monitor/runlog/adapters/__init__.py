@@ -27,6 +27,7 @@ from pathlib import Path
 from monitor.runlog.adapters.frameworks import SIGNALS, MappingError, validate_mapping
 from monitor.runlog.adapters.hfstate import CHECKPOINT_DIR, TRAINER_STATE, HFStateSource, is_hf_output
 from monitor.runlog.adapters.lightningcsv import HPARAMS_YAML, METRICS_CSV, LightningCSVSource
+from monitor.runlog.adapters.strict import not_regular
 from monitor.runlog.adapters.tbtail import TensorBoardTail, event_file_names, is_event_file
 from monitor.runlog.adapters.tensorboard import TensorBoardSource
 from monitor.runlog.adapters.text import HEAD_BYTES, TextLogSource, sniff_file
@@ -42,6 +43,17 @@ __all__ = [
 
 TEXT_SUFFIXES = (".log", ".txt", ".out")
 SKIP_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "dist-packages"})
+
+
+def _not_a_file(path: Path) -> None:
+    """SourceError when `path` exists but is not a regular file (a directory, a FIFO that a read would
+    block on): named for what it is, rather than said to be missing."""
+    try:
+        kind = not_regular(path.stat().st_mode)
+    except OSError:
+        return
+    if kind is not None:
+        raise SourceError(f"{path} is {kind}, not a file: unreadable")
 
 
 def open_source(path: str | os.PathLike[str], mapping: dict[str, str] | None = None, *,
@@ -74,6 +86,7 @@ def open_source(path: str | os.PathLike[str], mapping: dict[str, str] | None = N
             return HFStateSource(p, mapping)
         if (p / METRICS_CSV).is_file():
             return LightningCSVSource(p, mapping, settle_s=settle_s)
+        _not_a_file(p / RUN_JSON)
         below = [q for q in discover([p], max_depth=3) if q != p]
         hint = ""
         if below:
