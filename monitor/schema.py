@@ -153,6 +153,16 @@ def step_fields() -> dict[str, str]:
 PHASES = {"input": "input_time", "compute": "compute_time", "collective_wait": "collective_wait_time"}
 
 
+# C0 and C1 control characters and DEL, as the \n, \x1b ... a Python literal would show.
+_ESCAPED = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal or a log line: control characters escaped (a line break, a colour code in a
+    name read from a file cannot make a line that looks like another)."""
+    return text.translate(_ESCAPED)
+
+
 class Alert(BaseModel):
     """One finding of a rule. ``hint`` is the fix, in one sentence."""
 
@@ -172,12 +182,13 @@ class Alert(BaseModel):
     attempt: int | None = None  # the run's attempt whose records raised it (run.json `attempts`)
 
     def line(self) -> str:
-        """The one-line console form."""
+        """The one-line console form. Control characters (a line break in a layer or run name the message
+        quotes) are escaped: one alert, one line, none that looks like another."""
         head = f"[trainmon] {self.severity.value.upper()} {self.rule}"
         where = f"step {self.step}" + (f" rank {self.rank}" if self.rank else "")
         if self.status == "resolved":
             return f"{head} resolved at {where}"
-        return f"{head} at {where}: {self.message} Fix: {self.hint}"
+        return printable(f"{head} at {where}: {self.message} Fix: {self.hint}")
 
 
 class ParamGroupInfo(BaseModel):

@@ -317,3 +317,15 @@ def test_a_run_json_that_is_not_a_file_is_named_for_what_it_is(tmp_path, kind, m
     make(run_dir / RUN_JSON)
     result = runner.invoke(app, ["check", str(run_dir)])
     assert result.exit_code == 2 and f"run.json is {kind}, not a file" in result.output
+
+
+def test_a_name_with_control_characters_cannot_forge_a_console_line():
+    """A layer or run name read from a file, quoted in an alert: a line break in it made a second line that
+    looked like another alert, a colour code recoloured the terminal."""
+    alert = Alert(rule="attention.collapse", severity=Severity.warning, step=3, hint="h", run="r\n[trainmon] x",
+                  message='layer "a\n[trainmon] CRITICAL loss.nan at step 3: fake\x1b[31m" collapsed.')
+    line = alert.line()
+    assert "\n" not in line and "\x1b" not in line and "\\n[trainmon] CRITICAL" in line and "\\x1b[31m" in line
+    from monitor.schema import printable
+
+    assert printable(alert.run) == "r\\n[trainmon] x" and printable("ok ü") == "ok ü"

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from monitor.schema import Alert, RunInfo, Severity
+from monitor.schema import Alert, RunInfo, Severity, printable
 from monitor.watch.daemon import Watcher
 from monitor.watch.run import RunView
 
@@ -54,7 +54,7 @@ class PlainView:
         self._write(f"{time.strftime('%H:%M:%S')} {line}")
 
     def emit(self, alert: Alert) -> None:  # an alert sink
-        self.event(f"{alert.run}: {alert.line()}")
+        self.event(f"{printable(alert.run)}: {alert.line()}")
 
     def restore(self, alert: Alert) -> None:
         """Shown in the alert log by the watcher itself (Watcher.alert_log)."""
@@ -114,7 +114,7 @@ class LiveView(PlainView):
                           _attention(v), _num(v.steps_per_second, ".2f"), alerts)
         log = Table.grid()
         for a in list(w.alert_log)[-8:]:
-            log.add_row(Text(f"{a.run}: {a.line()}", style=STYLE[a.severity] if a.status == "firing" else "green"))
+            log.add_row(Text(f"{printable(a.run)}: {a.line()}", style=STYLE[a.severity] if a.status == "firing" else "green"))
         for e in self._events:
             log.add_row(Text(e, style="dim"))
         return Group(table, log)
