@@ -163,3 +163,18 @@ def test_a_probe_whose_cost_cannot_be_bounded_is_switched_off(max_every, cost, o
     if off:
         assert not sched.due(10**6) and "attention.max_every" in sched.off
         assert sched.samples == ProbeSchedule.OVER_BUDGET + sched.samples - ProbeSchedule.OVER_BUDGET
+
+
+def test_a_mask_is_cut_to_the_sequences_only_along_its_batch_dimension():
+    """observe_attention inside a graph slices the first sequences: a (heads, queries, keys) mask beside a
+    4-d q broadcasts over the batch, and cutting its first dimension cut heads."""
+    from monitor.hooks.compiled import mask_head
+
+    q = torch.randn(4, 3, 5, 8)
+    per_head = torch.rand(3, 5, 5) > 0.5
+    per_seq = torch.rand(4, 1, 5, 5) > 0.5
+    assert mask_head(per_head, q, 2) is per_head
+    assert torch.equal(mask_head(per_seq, q, 2), per_seq[:2])
+    three_d = torch.randn(4, 5, 8)  # (batch, queries, dim): its 3-d mask is (batch, queries, keys)
+    assert mask_head(torch.ones(4, 5, 5), three_d, 2).shape == (2, 5, 5)
+    assert mask_head(torch.ones(5, 5), q, 2).shape == (5, 5)

@@ -150,6 +150,15 @@ def head(t: Any, n: int) -> Any:
     return t
 
 
+def mask_head(mask: Any, ref: Any, n: int) -> Any:
+    """An attention mask cut as `head` cuts `ref` (its q or logits): only where its first dimension is the
+    batch, i.e. it has as many dimensions as `ref`; with fewer it broadcasts from the right (SDPA's
+    (heads, queries, keys) beside a 4-d q), and is passed whole."""
+    if isinstance(mask, torch.Tensor) and isinstance(ref, torch.Tensor) and mask.dim() >= ref.dim() >= 3:
+        return mask[:n]
+    return mask
+
+
 @torch.library.custom_op("trainmon::observe_attention", mutates_args=("token",))
 def _observe_op(token: torch.Tensor, key: int, layer: str, q: torch.Tensor | None, k: torch.Tensor | None,
                 logits: torch.Tensor | None, mask: torch.Tensor | None, is_causal: bool, scale: float | None,
@@ -169,7 +178,8 @@ def observe_in_graph(collector: Any, n: int, q: Any, k: Any, logits: Any, mask: 
                      is_causal: bool, scale: Any) -> None:
     """Traced: the first `n` sequences of one attention call to the custom op ("": unnamed)."""
     _observe_op(collector.token, collector.compiled_key, layer or "", head(q, n), head(k, n), head(logits, n),
-                head(mask, n), is_causal, None if scale is None else float(scale), torch.is_grad_enabled())
+                mask_head(mask, q if logits is None else logits, n), is_causal,
+                None if scale is None else float(scale), torch.is_grad_enabled())
 
 
 # Traced code calls these names; ensure_registered() replaces them by their registered eager versions.
