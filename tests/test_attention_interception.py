@@ -152,3 +152,34 @@ def test_low_precision_calls_measured_together_are_measured_in_float32(dtype):
     assert all(r.dtype == torch.float32 for r in results.values())
     q, k = model.seen[0]
     assert torch.equal(results["model"], attention_stats(q, k, is_causal=True, batch=2, offset=probe.offset))
+
+
+def test_two_threads_probing_at_once_each_see_their_own_calls():
+    """Two monitored models trained in two threads: the wrappers go in with the first probe, out with the
+    last, and each probe keeps its own thread's calls."""
+    torch.manual_seed(5)
+    models = [Stack(n=2), Stack(n=3)]
+    probes = [_probe(m) for m in models]
+    x = torch.randn(2, 5, 16)
+    for p, m in zip(probes, models):
+        _probed(p, m, x)  # the mode's probes: the next ones wrap
+    inside = threading.Barrier(2)
+    done: dict[int, dict] = {}
+
+    def train(i: int) -> None:
+        probes[i].begin()
+        try:
+            inside.wait(timeout=30)  # both probes begun before either forward
+            models[i](x)
+            inside.wait(timeout=30)  # both forwards done before either probe ends
+        finally:
+            done[i] = probes[i].end()
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert set(done[0]) == {"model", "model#2", "mha"} and set(done[1]) == {"model", "model#2", "model#3", "mha"}
+    assert all(not p.active for p in probes)
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
