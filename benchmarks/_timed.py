@@ -44,29 +44,19 @@ class Timed:
     def __enter__(self) -> Timed:
         import importlib
 
-        for table, wrap in ((ENTRY_POINTS, self._wrap), (PROBE_PARTS, self._exclude)):
+        for table, sign in ((ENTRY_POINTS, 1), (PROBE_PARTS, -1)):
             for where, names in table.items():
                 mod, cls_name = where.split(":")
                 cls = getattr(importlib.import_module(mod), cls_name)
                 for name in names:
                     if name in vars(cls):
                         self._undo.append((cls, name, vars(cls)[name]))
-                        setattr(cls, name, wrap(vars(cls)[name]))
+                        setattr(cls, name, self._wrap(vars(cls)[name], sign))
         return self
 
-    def _exclude(self, fn):
-        clock = time.thread_time
-
-        def excluded(*args, **kwargs):
-            t0 = clock()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.total -= clock() - t0  # (inside a timed entry point: its time came in with it)
-
-        return excluded
-
-    def _wrap(self, fn):
+    def _wrap(self, fn, sign: int):
+        """`fn` timed: its time added (an entry point, a call counted), or taken away (-1: a probe part, inside
+        an entry point whose time brought it in)."""
         clock = time.thread_time
 
         def timed(*args, **kwargs):
@@ -74,8 +64,8 @@ class Timed:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.total += clock() - t0
-                self.calls += 1
+                self.total += sign * (clock() - t0)
+                self.calls += sign > 0
 
         return timed
 
