@@ -296,7 +296,7 @@ def test_a_loop_training_in_eval_mode_is_told_and_its_steps_recorded(tmp_path, c
                 opt.zero_grad()
                 want.append(loss.item())
             model.train()  # back in train mode: an evaluation with autograd on is not a step's forward again
-            for i, (x, y) in enumerate(batches(2, seed=1)):
+            for x, y in batches(2, seed=1):
                 model.eval()
                 model(x, y)  # an evaluation pass (autograd on)
                 model.train()
