@@ -183,3 +183,16 @@ def test_two_threads_probing_at_once_each_see_their_own_calls():
     assert set(done[0]) == {"model", "model#2", "mha"} and set(done[1]) == {"model", "model#2", "model#3", "mha"}
     assert all(not p.active for p in probes)
     assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+
+
+def test_a_probe_ended_on_another_thread_takes_its_wrappers_out():
+    """A close at exit (SIGTERM's thread) ends a probe whose forward never ended on the training thread."""
+    model, x = Stack(n=1), torch.randn(2, 5, 16)
+    probe = _probe(model)
+    _probed(probe, model, x)
+    probe.begin()
+    assert F.scaled_dot_product_attention is not torch._C._nn.scaled_dot_product_attention  # wrapped
+    closer = threading.Thread(target=probe.end)
+    closer.start()
+    closer.join(timeout=30)
+    assert not probe.active and F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention

@@ -67,18 +67,22 @@ class _Patch:
     wrapped: dict[str, Callable] = {}  # name -> what the wrapper calls
 
     @classmethod
-    def add(cls, probe: AttentionProbe) -> None:
+    def add(cls, probe: AttentionProbe) -> int:
+        """The calling thread's calls go to `probe`; returns the thread's id, for `remove`."""
         with cls.lock:
             if not cls.active:
                 for name, mha in _PATCHED.items():
                     cls.wrapped[name] = current = getattr(F, name)
                     setattr(F, name, cls._wrap(current, mha))
-            cls.active[threading.get_ident()] = probe
+            thread = threading.get_ident()
+            cls.active[thread] = probe
+            return thread
 
     @classmethod
-    def remove(cls) -> None:
+    def remove(cls, thread: int) -> None:
+        """The probe of thread `thread` ends (end() may run on another thread: a close at exit)."""
         with cls.lock:
-            cls.active.pop(threading.get_ident(), None)
+            cls.active.pop(thread, None)
             if not cls.active:
                 for name, current in cls.wrapped.items():
                     if getattr(getattr(F, name), "__wrapped__", None) is current:
@@ -124,7 +128,7 @@ class AttentionProbe:
         self.mode_calls: int | None = None  # calls the mode saw in its last probe; None: none yet
         self.wrapping = True  # later probes wrap the functions; False once a wrapped probe saw fewer calls
         self._mode: _Interceptor | None = None
-        self._patched = False
+        self._patched: int | None = None  # the thread whose calls go to this probe through the wrappers
         self._kept: list[tuple[str, attention_math.Call]] = []
         # Which sequences of the batch to measure: a random position per probed forward (the same for
         # every layer of it), from the probe's own generator: the run's RNG stream is not touched.
@@ -133,7 +137,7 @@ class AttentionProbe:
 
     @property
     def active(self) -> bool:
-        return self._mode is not None or self._patched
+        return self._mode is not None or self._patched is not None
 
     def begin(self) -> None:
         if self.active:
@@ -146,8 +150,7 @@ class AttentionProbe:
             self._mode = _Interceptor(self)
             self._mode.__enter__()
         else:
-            _Patch.add(self)
-            self._patched = True
+            self._patched = _Patch.add(self)
 
     def draw(self) -> float:
         """A position in [0, 1) from the probe's generator (a CPU tensor: no device sync)."""
@@ -158,9 +161,9 @@ class AttentionProbe:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
             self.mode_calls = len(self._kept)
-        elif self._patched:
-            self._patched = False
-            _Patch.remove()
+        elif self._patched is not None:
+            _Patch.remove(self._patched)
+            self._patched = None
             if len(self._kept) < (self.mode_calls or 0):  # calls it cannot see: the mode from now on
                 self.wrapping = False
         kept, self._kept = self._kept, []
