@@ -25,6 +25,7 @@ k, ...)`, which uses the same computation.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -91,6 +92,7 @@ class _Patch:
 
     @classmethod
     def _wrap(cls, function: Callable, mha: bool) -> Callable:
+        @functools.wraps(function)  # its name and docstring, for code that looks (and __wrapped__)
         def wrapper(*args, **kwargs):
             probe = cls.active.get(threading.get_ident())
             if probe is None or probe.inside:
@@ -103,7 +105,6 @@ class _Patch:
             probe._keep(mha, args, kwargs)
             return out
 
-        wrapper.__wrapped__ = function
         return wrapper
 
 
