@@ -334,6 +334,12 @@ def mha_call(args: tuple, kwargs: dict, rows: int, batch: int, offset: float = 0
     return prepare(q, k, masks=masks, is_causal=bool(a.get("is_causal")) and am is None, rows=rows, batch=nb)
 
 
+def scale_ok(scale: Any) -> bool:
+    """Whether `scale` is what SDPA takes: None, a number (not a bool) or a one-value tensor."""
+    return scale is None or (not isinstance(scale, bool) and isinstance(scale, (numbers.Real, torch.Tensor))
+                             and not (isinstance(scale, torch.Tensor) and scale.numel() != 1))
+
+
 def unmeasurable(q: torch.Tensor | None, k: torch.Tensor | None, logits: torch.Tensor | None,
                  mask: torch.Tensor | None, scale: Any = None) -> str | None:
     """Why the tensors of one reported attention call (`mon.observe_attention`) are not what SDPA takes,
@@ -346,8 +352,7 @@ def unmeasurable(q: torch.Tensor | None, k: torch.Tensor | None, logits: torch.T
             return f"`{name}` must be a floating-point tensor, got {t.dtype}"
         return None
 
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor))
-                              or isinstance(scale, torch.Tensor) and scale.numel() != 1):
+    if not scale_ok(scale):
         return f"`scale` must be a number or None, got {type(scale).__name__}"
     if logits is not None:
         shape = tuple(logits.shape)

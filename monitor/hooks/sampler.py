@@ -13,7 +13,6 @@ the next probe forward, an int store the training thread reads at its next step.
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -23,7 +22,7 @@ import torch
 
 from monitor.hooks import compiled, introspect
 from monitor.hooks.attention import AttentionProbe, ProbeSchedule
-from monitor.hooks.attention_math import attention_stats, sdpa_masks, unmeasurable
+from monitor.hooks.attention_math import attention_stats, scale_ok, sdpa_masks, unmeasurable
 from monitor.hooks.guard import ErrorGuard
 
 log = logging.getLogger("trainmon")
@@ -38,8 +37,7 @@ def check_call(q, k, layer, logits, mask, *, is_causal: Any = False, scale: Any 
     if not isinstance(is_causal, bool) and type(is_causal).__name__ not in ("bool", "bool_"):  # numpy's bool passes
         # bool() of a string is True; of a device tensor, a wait for the device.
         raise TypeError(f"observe_attention: `is_causal` must be a bool, got {type(is_causal).__name__}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor))
-                              or isinstance(scale, torch.Tensor) and scale.numel() != 1):
+    if not scale_ok(scale):
         raise TypeError(f"observe_attention: `scale` must be a float or None, got {type(scale).__name__}")
     if layer is not None and (not isinstance(layer, str) or not layer):
         raise TypeError(f"observe_attention: `layer` must be a non-empty str or None, got {layer!r}")
