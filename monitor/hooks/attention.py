@@ -212,8 +212,7 @@ class AttentionProbe:
                 with attention_math.exact(query.device.type):  # the projections too, not only the logits
                     call = attention_math.mha_call(args, kwargs, self.rows, self.batch, self.offset)
             else:
-                with torch.no_grad():  # slices kept: no autograd history for them
-                    call = attention_math.sdpa_call(args, kwargs, self.rows, self.batch, self.offset)
+                call = attention_math.sdpa_call(args, kwargs, self.rows, self.batch, self.offset)
             if call is not None:
                 self._kept.append((self._layer(), call))
         except Exception as e:  # the probe never breaks a forward pass

@@ -153,10 +153,10 @@ def prepare(
     masks4 = tuple((_as4d(m, three_d), kind) for m, kind in masks)
     if logits is not None:
         return Call(None, None, logits, masks4, seqs, rows_idx, is_causal, 1.0, _versions(logits), (id(logits),))
-    qs = q[seqs]
+    qs = q.detach()[seqs]  # kept without autograd history (detach shares the version counter)
     if rows_idx is not None:
         qs = qs.index_select(2, rows_idx)
-    ks = k[seqs]
+    ks = k.detach()[seqs]
     sc = scale if scale is not None else 1.0 / math.sqrt(d)
     # Equal shapes, dtypes, masks (the same tensors), scale, rows and sequences: one computation for all.
     key = (tuple(qs.shape), tuple(ks.shape), qs.dtype, ks.dtype, device, lq, is_causal,
@@ -393,7 +393,7 @@ def sdpa_masks(mask: torch.Tensor | None) -> list[Mask]:
 
 
 def sdpa_call(args: tuple, kwargs: dict, rows: int, batch: int, offset: float = 0.0) -> Call | None:
-    """One F.scaled_dot_product_attention call, prepared (call under no_grad: the slices are kept)."""
+    """One F.scaled_dot_product_attention call, prepared."""
     q, k = kwargs.get("query", args[0] if args else None), kwargs.get("key", args[1] if len(args) > 1 else None)
     mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
     is_causal = kwargs.get("is_causal", args[5] if len(args) > 5 else False)
