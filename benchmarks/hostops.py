@@ -114,6 +114,7 @@ def main() -> None:
         rows.append({"layers": layers, **c})
         print(f"{layers} layers: {c['opcodes']:.0f} opcodes, {c['calls']:.1f} calls per step on the training thread, "
               f"{c['publisher']['opcodes']:.0f} and {c['publisher']['calls']:.1f} on the publisher", flush=True)
+    labels.pop(a.label, None)  # a label counted again goes last: the latest is the last row
     labels[a.label] = {"note": a.note, "steps": a.steps, "rows": rows}
     md = ["# Python work per optimizer step on the training thread and the publisher (counted)", "",
           (__doc__ or "").split("\n\n")[1].replace("\n", " "), "",
