@@ -172,7 +172,7 @@ def test_the_ddp_hook_capture_stops_on_close_and_follows_a_new_monitor(tmp_path)
         assert len(first) == 1 and len(second) == 1
     finally:
         # The DDP reducer goes before its process group: freed after it, its destructor hung once joining a
-        # gloo thread (under load, after the trainer and framework tests had run in this process; not seen again).
+        # gloo thread (after the trainer and framework tests had run in this process; not seen again).
         del ddp
         gc.collect()
         dist.destroy_process_group()
