@@ -19,6 +19,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
 from monitor.hooks import clip as clip_patch
+from monitor.hooks import introspect
 from monitor.hooks.clip import StepClips, covers
 
 _GRAD = attrgetter("grad")
@@ -47,7 +48,7 @@ class GradNorms:
     def regroup(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer's param groups changed since (add_param_group after attach): the norms cover its
         parameters as they are now. Per-parameter norms stop: their names were fixed at attach."""
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.params = introspect.optimizer_params(optimizer)
         self._ids = {id(p) for p in self.params}
         self.groups = len(optimizer.param_groups)
         if self.every:

@@ -62,7 +62,7 @@ def check_args(model, optimizer, scaler, scheduler, loss_fn, run_dir, config, ma
     if not any(True for g in optimizer.param_groups for _ in g["params"]):
         raise ValueError("monitor.attach: `optimizer` has no parameters")
     owned = {id(p) for p in model.parameters()}
-    if not any(id(p) in owned for g in optimizer.param_groups for p in g["params"]):
+    if not any(id(p) in owned for p in introspect.optimizer_params(optimizer)):
         # A notebook's new model with the old optimizer: nothing the loop computes reaches the optimizer.
         raise ValueError(f"monitor.attach: none of the parameters of `optimizer` ({type(optimizer).__name__}) is a "
                          f"parameter of `model` ({type(model).__name__}); pass the model the optimizer trains")
